@@ -1,0 +1,297 @@
+"""Config as data: a typed schema, YAML files, dotted ``key=value`` overrides.
+
+Every stage takes ``--config FILE`` plus overrides such as ``train.lr=3e-4``. Values are parsed as YAML
+(``false``, ``0.5``, ``[0, 1]``) and the merged result is validated against the schema below: an unknown
+key or a wrong type fails at once with a message naming the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_CONFIG = "configs/hpa_nasnet512.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ExtraSource(Section):
+    """An extra training source (e.g. the external HPAv18 set): its own csv and image folder."""
+
+    csv: str
+    images: str
+
+
+class DataConfig(Section):
+    dir: str = "input/hpa"
+    train_csv: str = "train.csv"
+    sample_submission: str = "sample_submission.csv"
+    train_images: str = "train"
+    test_images: str = "test"
+    extra: list[ExtraSource] = []
+    num_classes: int = Field(28, ge=1)
+    image_size: int = Field(512, ge=8)
+    # Stored image side length; None means "whatever most images of a source have".
+    source_size: int | None = None
+
+
+class FoldsConfig(Section):
+    n_splits: int = Field(5, ge=2)
+    seed: int = 42
+    path: str = "input/folds.csv"
+    group_duplicates: bool = False
+    # Max Hamming distance between perceptual hashes of the green channel that counts as a duplicate.
+    duplicate_distance: int = Field(4, ge=0)
+    # What to do with a class that has fewer samples than folds: fail, or keep going and warn.
+    rare_classes: Literal["error", "warn"] = "error"
+
+
+class ModifierConfig(Section):
+    """The feature modifier between backbone and head (learned gating plus feature dropout)."""
+
+    gate_reduction: int = Field(4, ge=1)
+    feature_dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+class ModelConfig(Section):
+    backbone: str = "nasnetalarge"
+    # false: random init; true: timm's hub weights; a path: a local weights file.
+    pretrained: bool | str = False
+    in_chans: int = Field(4, ge=1)
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    modifier: ModifierConfig = ModifierConfig()
+    channels_last: bool = False
+    grad_checkpointing: bool = False
+
+
+class AugmentConfig(Section):
+    """A 4-channel-safe albumentations policy; probabilities of 0 switch a transform off."""
+
+    d4: float = Field(1.0, ge=0.0, le=1.0)
+    shift_scale_rotate: float = Field(0.5, ge=0.0, le=1.0)
+    brightness_contrast: float = Field(0.3, ge=0.0, le=1.0)
+    gamma: float = Field(0.3, ge=0.0, le=1.0)
+    crop_scale: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=1)
+    accum_steps: int = Field(8, ge=1)
+    lr: float = Field(3e-4, gt=0.0)
+    # Learning rate of the backbone; None means train.lr.
+    backbone_lr: float | None = None
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    clip_grad: float | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(4, ge=0)
+    seed: int = 42
+    resume: bool = False
+    ema: bool = False
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    monitor: Literal["macro_f1", "macro_f1_tuned", "val_loss"] = "macro_f1_tuned"
+    # Also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only).
+    checkpoint_every_steps: int = Field(0, ge=0)
+    # Stop after this many optimizer steps in total (for smoke runs; None: train all epochs).
+    max_steps: int | None = None
+    augment: AugmentConfig = AugmentConfig()
+
+
+class LossConfig(Section):
+    # A loss name or a weighted mix, e.g. "bce", "soft_f1", "bce+soft_f1", "0.5*bce+soft_f1".
+    name: str = "bce+soft_f1"
+    focal_gamma: float = Field(2.0, ge=0.0)
+
+
+class RunConfig(Section):
+    dir: str = "runs/hpa_nasnet512"
+
+
+class RunRef(Section):
+    """One experiment of an ensemble: its run folder and its weight."""
+
+    dir: str
+    weight: float = Field(1.0, gt=0.0)
+
+
+class PredictConfig(Section):
+    # Experiments to ensemble; empty means just run.dir.
+    runs: list[RunRef] = []
+    # Fold numbers to use; None means every fold checkpoint found.
+    folds: list[int] | None = None
+    checkpoint: Literal["best", "last"] = "best"
+    # D4 views: identity, rot90, rot180, rot270, flip, flip_rot90, flip_rot180, flip_rot270.
+    tta: list[str] = ["identity", "flip"]
+    tta_reduce: Literal["mean", "max"] = "mean"
+    threshold: Literal["fixed", "oof_f1", "rate", "global_oof"] = "oof_f1"
+    fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    # oof_f1: final = shrink * tuned + (1 - shrink) * fixed_threshold; below 1 it guards against overfitting
+    # the tuned thresholds to a small OOF set (2nd place HPA shrank with 0.7).
+    shrink: float = Field(1.0, gt=0.0, le=1.0)
+    # oof_f1: classes with fewer OOF positives than this use fixed_threshold.
+    min_positives: int = Field(5, ge=1)
+    # rate: csv "class,rate" overriding the train label rates.
+    rate_table: str | None = None
+    batch_size: int = Field(16, ge=1)
+
+
+class SubmissionConfig(Section):
+    path: str = "submissions/submission.csv"
+
+
+class WandbConfig(Section):
+    mode: Literal["disabled", "offline", "online"] = "offline"
+    project: str = "multilabel-pipeline"
+    entity: str | None = None
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    folds: FoldsConfig = FoldsConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    loss: LossConfig = LossConfig()
+    run: RunConfig = RunConfig()
+    predict: PredictConfig = PredictConfig()
+    submission: SubmissionConfig = SubmissionConfig()
+    wandb: WandbConfig = WandbConfig()
+
+
+class PipelineError(Exception):
+    """A problem the user can fix (bad config, bad data): shown as one message, exit code 2."""
+
+
+class ConfigError(PipelineError):
+    """A config file or override that does not fit the schema."""
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_valid_keys(annotation, key + "."))
+    return keys
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, _valid_keys(Config), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown config key '{key}'{hint}"
+    return f"config key '{key}': {error['msg']} (got {error.get('input')!r})"
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["train.lr=1e-3", "model.pretrained=false"]`` into a nested dict of YAML-typed values."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(tree: dict) -> Config:
+    """Validate a nested dict against the schema; all problems are reported at once."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe(error) for error in exc.errors())
+        raise ConfigError(f"invalid config:\n  {problems}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Schema defaults <- YAML file <- dotted overrides, validated."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return build_config(tree)
+
+
+def override(cfg: Config, **changes: Any) -> Config:
+    """A copy of ``cfg`` with dotted keys changed, e.g. ``override(cfg, **{"train.epochs": 1})``."""
+    tree = cfg.model_dump()
+    for key, value in changes.items():
+        _set_dotted(tree, key, value)
+    return build_config(tree)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically), so every output says how it was made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def cli_parser(description: str) -> argparse.ArgumentParser:
+    """The argument parser every stage starts from: ``--config FILE`` and ``key=value`` overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a stage's CLI: a user-fixable problem prints one clear line and exits 2, no traceback."""
+    try:
+        main()
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,324 @@
+"""The data layer: the only module that knows file formats.
+
+HPA layout under ``data.dir``::
+
+    train.csv               Id,Target          (Target: space-separated class indices, may be empty)
+    sample_submission.csv   Id,Predicted
+    train/<Id>_<red|green|blue|yellow>.png     8-bit grayscale, one file per channel
+    test/<Id>_<channel>.png
+
+Images are stacked in RGBY order into H x W x 4 uint8 arrays. Samples are described by a table with one
+row per image (``Id``, ``labels`` as a tuple of ints, ``image_dir``, ``source``) so that extra sources,
+and later other formats, only add rows.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from src.config import AugmentConfig, DataConfig, PipelineError
+
+CHANNELS = ("red", "green", "blue", "yellow")
+_ID_RE = re.compile(r"^[A-Za-z0-9_\-.]+$")
+
+cv2.setNumThreads(0)  # DataLoader workers parallelise; OpenCV's own threads would oversubscribe the cores
+
+
+class DataError(PipelineError):
+    """The dataset on disk is not what the pipeline expects; the message names the file and row."""
+
+
+@dataclass
+class Problem:
+    """One thing wrong with the dataset, located precisely enough to fix by hand."""
+
+    where: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}"
+
+
+@dataclass
+class LabelTable:
+    """A parsed label csv: the good rows and every problem met on the way."""
+
+    frame: pd.DataFrame
+    problems: list[Problem] = field(default_factory=list)
+
+
+def channel_paths(image_dir: str | Path, sample_id: str) -> list[Path]:
+    """The four per-channel PNG paths of one sample, in RGBY order."""
+    return [Path(image_dir) / f"{sample_id}_{channel}.png" for channel in CHANNELS]
+
+
+def id_problem(sample_id: str) -> str | None:
+    """Why an Id is unsafe to turn into a file name, or None if it is fine."""
+    if not sample_id:
+        return "empty Id"
+    if "/" in sample_id or "\\" in sample_id or ".." in sample_id:
+        return f"Id {sample_id!r} contains a path separator or '..'"
+    if not _ID_RE.match(sample_id):
+        return f"Id {sample_id!r} has characters other than letters, digits, '_', '-', '.'"
+    return None
+
+
+def parse_target(raw: object, num_classes: int) -> tuple[tuple[int, ...], str | None]:
+    """Parse a Target cell ("0 5 27", "" or NaN) into sorted class indices, or say what is wrong."""
+    if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+        return (), None
+    labels = []
+    for token in str(raw).split():
+        if not re.fullmatch(r"\d+", token):
+            return (), f"label {token!r} is not a non-negative integer"
+        label = int(token)
+        if label >= num_classes:
+            return (), f"label {label} is outside [0, {num_classes})"
+        labels.append(label)
+    return tuple(sorted(set(labels))), None
+
+
+def read_label_table(
+    csv_path: str | Path, num_classes: int, label_column: str = "Target", image_dir: str | Path = ""
+) -> LabelTable:
+    """Read an ``Id,<label_column>`` csv; rows with problems are reported and left out."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        return LabelTable(_empty_frame(), [Problem(str(csv_path), "file not found")])
+    try:
+        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        return LabelTable(_empty_frame(), [Problem(str(csv_path), f"not a readable csv ({exc})")])
+    missing = [col for col in ("Id", label_column) if col not in raw.columns]
+    if missing:
+        return LabelTable(
+            _empty_frame(), [Problem(str(csv_path), f"missing column(s) {missing}; has {list(raw.columns)}")]
+        )
+    problems: list[Problem] = []
+    rows = []
+    seen: dict[str, int] = {}
+    for row_number, (sample_id, target) in enumerate(zip(raw["Id"], raw[label_column]), start=2):
+        where = f"{csv_path} row {row_number}"
+        sample_id = sample_id.strip()
+        why = id_problem(sample_id)
+        if why:
+            problems.append(Problem(where, why))
+            continue
+        if sample_id in seen:
+            problems.append(Problem(where, f"duplicate Id {sample_id!r} (first on row {seen[sample_id]})"))
+            continue
+        seen[sample_id] = row_number
+        labels, why = parse_target(target, num_classes) if label_column == "Target" else ((), None)
+        if why:
+            problems.append(Problem(where, why))
+            continue
+        rows.append((sample_id, labels, str(image_dir)))
+    frame = pd.DataFrame(rows, columns=["Id", "labels", "image_dir"])
+    frame["source"] = str(csv_path)
+    return LabelTable(frame, problems)
+
+
+def _empty_frame() -> pd.DataFrame:
+    return pd.DataFrame(columns=["Id", "labels", "image_dir", "source"])
+
+
+def train_sources(cfg: DataConfig) -> list[tuple[Path, Path]]:
+    """(csv, image folder) of the main training set and each extra source."""
+    root = Path(cfg.dir)
+    sources = [(root / cfg.train_csv, root / cfg.train_images)]
+    sources += [(Path(extra.csv), Path(extra.images)) for extra in cfg.extra]
+    return sources
+
+
+def read_train_labels(cfg: DataConfig) -> LabelTable:
+    """All training sources in one table; an Id present in two sources is a problem."""
+    tables = [read_label_table(csv, cfg.num_classes, "Target", images) for csv, images in train_sources(cfg)]
+    frame = pd.concat([t.frame for t in tables], ignore_index=True)
+    problems = [p for t in tables for p in t.problems]
+    dup = frame["Id"].duplicated(keep="first")
+    for sample_id, source in zip(frame.loc[dup, "Id"], frame.loc[dup, "source"]):
+        problems.append(Problem(source, f"duplicate Id {sample_id!r} (also in an earlier training source)"))
+    return LabelTable(frame[~dup].reset_index(drop=True), problems)
+
+
+def read_test_ids(cfg: DataConfig) -> LabelTable:
+    """The test Ids in sample_submission order."""
+    root = Path(cfg.dir)
+    return read_label_table(root / cfg.sample_submission, cfg.num_classes, "Predicted", root / cfg.test_images)
+
+
+def _raise_on(table: LabelTable, what: str) -> pd.DataFrame:
+    if table.problems:
+        shown = "\n  ".join(str(p) for p in table.problems[:20])
+        more = f"\n  ... and {len(table.problems) - 20} more" if len(table.problems) > 20 else ""
+        raise DataError(f"{what} has {len(table.problems)} problem(s):\n  {shown}{more}\n"
+                        "Run `python -m src.validate` for a full report.")
+    return table.frame
+
+
+def load_train_table(cfg: DataConfig) -> pd.DataFrame:
+    """Training samples of all sources; raises DataError naming each bad row."""
+    return _raise_on(read_train_labels(cfg), "training data")
+
+
+def load_test_table(cfg: DataConfig) -> pd.DataFrame:
+    """Test samples in sample_submission order; raises DataError naming each bad row."""
+    return _raise_on(read_test_ids(cfg), "sample submission")
+
+
+def label_matrix(labels: pd.Series | list, num_classes: int) -> np.ndarray:
+    """Multi-hot uint8 matrix (n x num_classes) from per-sample label tuples."""
+    matrix = np.zeros((len(labels), num_classes), dtype=np.uint8)
+    for row, sample_labels in enumerate(labels):
+        matrix[row, list(sample_labels)] = 1
+    return matrix
+
+
+def read_rgby(image_dir: str | Path, sample_id: str, size: int | None = None) -> np.ndarray:
+    """Load one sample as H x W x 4 uint8 (RGBY), resized to ``size`` when given."""
+    planes = []
+    for path in channel_paths(image_dir, sample_id):
+        plane = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if plane is None:
+            raise DataError(f"{path}: missing or unreadable image")
+        planes.append(plane)
+    image = np.stack(planes, axis=-1)
+    if size is not None and image.shape[:2] != (size, size):
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    return image
+
+
+def write_rgby(image_dir: str | Path, sample_id: str, image: np.ndarray) -> None:
+    """Write an H x W x 4 uint8 array as four grayscale PNGs (the HPA layout)."""
+    for path, plane in zip(channel_paths(image_dir, sample_id), np.moveaxis(image, -1, 0)):
+        if not cv2.imwrite(str(path), np.ascontiguousarray(plane)):
+            raise DataError(f"{path}: could not write image")
+
+
+def build_augment(cfg: AugmentConfig, image_size: int) -> A.Compose:
+    """A 4-channel-safe training policy: D4, affine jitter, brightness/contrast (per image and per
+    channel), gamma, crop."""
+    transforms: list = []
+    if cfg.d4 > 0:
+        transforms.append(A.D4(p=cfg.d4))
+    if cfg.shift_scale_rotate > 0:
+        transforms.append(
+            A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-45, 45),
+                     border_mode=cv2.BORDER_REFLECT_101, p=cfg.shift_scale_rotate)
+        )
+    if cfg.brightness_contrast > 0:
+        transforms.append(A.RandomBrightnessContrast(0.1, 0.1, p=cfg.brightness_contrast))
+        # Per-channel intensity: each of R, G, B, Y scaled by its own factor (stain strength varies).
+        transforms.append(A.MultiplicativeNoise((0.9, 1.1), per_channel=True, elementwise=False,
+                                                p=cfg.brightness_contrast))
+    if cfg.gamma > 0:
+        transforms.append(A.RandomGamma((80, 120), p=cfg.gamma))
+    if cfg.crop_scale < 1.0:
+        transforms.append(A.RandomResizedCrop((image_size, image_size), scale=(cfg.crop_scale, 1.0)))
+    return A.Compose(transforms)
+
+
+class RGBYDataset(Dataset):
+    """Samples of a table as (uint8 C x H x W tensor, multi-hot float target).
+
+    Items are addressed by ``(index, seed)`` pairs from :class:`EpochSampler` (or a plain index, for
+    evaluation). The seed reseeds the augmentation pipeline for that one sample: albumentations keeps a
+    private RNG that DataLoader workers do not reseed, so without this every worker and every epoch would
+    repeat one augmentation sequence. Per-sample seeds also make a run independent of the worker count and
+    let a resumed run replay exactly.
+    """
+
+    def __init__(self, table: pd.DataFrame, num_classes: int, image_size: int,
+                 augment: A.Compose | None = None, view: str = "identity"):
+        self.ids = table["Id"].tolist()
+        self.image_dirs = table["image_dir"].tolist()
+        self.labels = table["labels"].tolist() if "labels" in table else [()] * len(table)
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.augment = augment
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image = read_rgby(self.image_dirs[index], self.ids[index], self.image_size)
+        if self.augment is not None:
+            if seed is not None:
+                self.augment.set_random_seed(seed)
+            image = self.augment(image=image)["image"]
+        image = d4_view(image, self.view)
+        target = torch.zeros(self.num_classes, dtype=torch.float32)
+        target[list(self.labels[index])] = 1.0
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target
+
+
+D4_VIEWS = ("identity", "rot90", "rot180", "rot270", "flip", "flip_rot90", "flip_rot180", "flip_rot270")
+
+
+def d4_view(image: np.ndarray, view: str) -> np.ndarray:
+    """One of the 8 dihedral views of an H x W x C image (used for test-time augmentation)."""
+    if view not in D4_VIEWS:
+        raise PipelineError(f"unknown TTA view {view!r}; choose from {list(D4_VIEWS)}")
+    if view.startswith("flip"):
+        image = image[:, ::-1]
+    turns = {"rot90": 1, "rot180": 2, "rot270": 3}.get(view.replace("flip_", ""), 0)
+    return np.rot90(image, turns) if turns else image
+
+
+class EpochSampler(Sampler):
+    """A seeded permutation per epoch, yielding ``(index, augmentation_seed)`` pairs.
+
+    Everything random about the data order and augmentations comes from one ``torch.Generator`` whose
+    state at the start of the epoch is checkpointed: a run resumed mid-epoch regenerates the same
+    permutation and seeds and skips the ``skip`` samples already trained on. ``rank``/``world_size``
+    shard the permutation for distributed training (padded so every rank sees the same count).
+    """
+
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.num_samples = num_samples
+        self.rank = rank
+        self.world_size = world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_state = self.generator.get_state()
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.world_size) - self.skip
+
+    def start_epoch(self, state: torch.Tensor | None = None, skip: int = 0) -> None:
+        """Begin an epoch (from a saved generator state when resuming), skipping ``skip`` samples."""
+        if state is not None:
+            self.generator.set_state(state)
+        self.epoch_state = self.generator.get_state()
+        order = torch.randperm(self.num_samples, generator=self.generator)
+        seeds = torch.randint(0, 2**31 - 1, (self.num_samples,), generator=self.generator)
+        per_rank = math.ceil(self.num_samples / self.world_size)
+        padded = torch.cat([order, order[: per_rank * self.world_size - self.num_samples]])
+        mine = padded[self.rank :: self.world_size]
+        self._pairs = [(int(i), int(seeds[i])) for i in mine][skip:]
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self._pairs)
+
+
+def worker_init(worker_id: int) -> None:
+    """Seed numpy and random in each DataLoader worker from torch's per-worker seed."""
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
