@@ -103,8 +103,9 @@ class TrainConfig(Section):
     monitor: Literal["macro_f1", "macro_f1_tuned", "val_loss"] = "macro_f1_tuned"
     # Also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only).
     checkpoint_every_steps: int = Field(0, ge=0)
-    # Stop after this many optimizer steps in total (for smoke runs; None: train all epochs).
-    max_steps: int | None = None
+    # Stop after this many optimizer steps in total, as if interrupted: last.pt is written and
+    # train.resume=true continues from there (smoke runs, and the resume tests). None: run all epochs.
+    stop_after_steps: int | None = Field(None, ge=1)
     augment: AugmentConfig = AugmentConfig()
 
 

@@ -1,0 +1,151 @@
+"""Backbone + feature modifier + head, built from config; parameter groups for one optimizer.
+
+The backbone is any timm model created with ``in_chans=4`` (timm adapts the first convolution of
+pretrained weights to the extra channel) and ``num_classes=0`` (it returns pooled features). The feature
+modifier is a module of its own that reshapes those features before the head: a learned gate per
+feature (squeeze-excitation style) and feature dropout. One optimizer updates all three, with a
+learning rate for the backbone and one for modifier and head.
+
+Images enter the network as uint8 (4x less host->device traffic than float) and are normalised on the
+device by the network itself.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from src.config import Config, ModelConfig, PipelineError, TrainConfig
+
+
+class FeatureModifier(nn.Module):
+    """Learned per-feature gating of the pooled backbone features, then feature dropout."""
+
+    def __init__(self, num_features: int, gate_reduction: int = 4, feature_dropout: float = 0.2):
+        super().__init__()
+        hidden = max(8, num_features // gate_reduction)
+        self.gate = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden, num_features))
+        nn.init.zeros_(self.gate[2].weight)
+        nn.init.zeros_(self.gate[2].bias)  # the gate starts as the identity: 2 * sigmoid(0) = 1
+        self.dropout = nn.Dropout(feature_dropout)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.dropout(features * 2 * torch.sigmoid(self.gate(features)))
+
+
+class Net(nn.Module):
+    """uint8 N x C x H x W images -> normalise -> backbone -> feature modifier -> head."""
+
+    def __init__(self, backbone: nn.Module, modifier: nn.Module, head: nn.Module,
+                 mean: list[float], std: list[float]):
+        super().__init__()
+        self.backbone = backbone
+        self.modifier = modifier
+        self.head = head
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        return self.head(self.modifier(self.backbone(x)))
+
+
+def _channel_stats(values: tuple[float, ...], in_chans: int) -> list[float]:
+    """Extend RGB normalisation stats to ``in_chans`` (extra channels get the RGB mean)."""
+    values = list(values)[:in_chans]
+    return values + [float(np.mean(values))] * (in_chans - len(values))
+
+
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """A timm backbone with ``cfg.in_chans`` inputs and pooled features out (``num_classes=0``)."""
+    kwargs = dict(in_chans=cfg.in_chans, num_classes=0, drop_rate=cfg.drop_rate)
+    pretrained = cfg.pretrained
+    try:
+        if isinstance(pretrained, str):
+            if not Path(pretrained).is_file():
+                raise PipelineError(f"model.pretrained: weights file not found: {pretrained}")
+            # timm loads the file through its usual path: 4-channel conv adaptation, classifier dropped.
+            return timm.create_model(cfg.backbone, pretrained=True,
+                                     pretrained_cfg_overlay=dict(file=str(pretrained)), **kwargs)
+        return timm.create_model(cfg.backbone, pretrained=bool(pretrained), **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            close = timm.list_models(f"*{cfg.backbone[:6]}*")[:5]
+            raise PipelineError(f"model.backbone: unknown timm model {cfg.backbone!r}"
+                                + (f" (similar: {close})" if close else "")) from None
+        raise
+
+
+def build_model(cfg: Config, out_dim: int | None = None) -> Net:
+    """The network of ``cfg.model`` with a head of ``out_dim`` outputs (default: number of classes)."""
+    backbone = create_backbone(cfg.model)
+    if cfg.model.grad_checkpointing:
+        try:
+            backbone.set_grad_checkpointing(True)
+        except (AssertionError, NotImplementedError) as exc:
+            raise PipelineError(f"model.grad_checkpointing: {cfg.model.backbone} does not support it") from exc
+    num_features = backbone.num_features
+    modifier = FeatureModifier(num_features, cfg.model.modifier.gate_reduction, cfg.model.modifier.feature_dropout)
+    head = nn.Linear(num_features, out_dim or cfg.data.num_classes)
+    data_cfg = backbone.pretrained_cfg
+    mean = _channel_stats(data_cfg.get("mean", (0.485, 0.456, 0.406)), cfg.model.in_chans)
+    std = _channel_stats(data_cfg.get("std", (0.229, 0.224, 0.225)), cfg.model.in_chans)
+    return Net(backbone, modifier, head, mean, std)
+
+
+def param_groups(model: Net, cfg: TrainConfig) -> list[dict]:
+    """Optimizer groups: backbone at ``backbone_lr``, modifier + head at ``lr``; no weight decay on
+    norms and biases (1-d parameters)."""
+    groups = []
+    for name, modules, lr in (("backbone", [model.backbone], cfg.backbone_lr or cfg.lr),
+                              ("modifier+head", [model.modifier, model.head], cfg.lr)):
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups.append({"name": name, "params": decay, "lr": lr, "weight_decay": cfg.weight_decay})
+        groups.append({"name": f"{name} (no decay)", "params": no_decay, "lr": lr, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda when present; asking for cuda without one is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("train.device=cuda but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """The mixed-precision context: nothing for fp32, ``torch.autocast`` for bf16/fp16."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def infer(model: nn.Module, loader, device: torch.device, precision: str, loss_fn: nn.Module | None = None,
+          channels_last: bool = False, desc: str = "infer", progress: bool = True
+          ) -> tuple[np.ndarray, float | None]:
+    """Raw outputs (n x out_dim, float32) of ``model`` over ``loader``, and the mean loss if asked."""
+    model.eval()
+    outputs, total_loss, count = [], 0.0, 0
+    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            batch_out = model(images)
+        batch_out = batch_out.float()
+        if loss_fn is not None:
+            total_loss += float(loss_fn(batch_out, targets.to(device))) * len(images)
+            count += len(images)
+        outputs.append(batch_out.cpu().numpy())
+    return np.concatenate(outputs), (total_loss / count if count else None)

@@ -1,0 +1,108 @@
+"""Stage 1a: check the whole dataset before any work, and report every problem (not just the first).
+
+    python -m src.validate [--config FILE] [--deep] [key=value ...]
+
+Checks: label csvs (readable, columns, Ids safe as file names, no duplicate Id within or across sources,
+labels integers in [0, num_classes)), and for every train and test sample its four channel PNGs
+(present, readable, 8-bit single-channel, one size per sample and per source). By default a PNG's
+header is read; ``--deep`` also verifies every chunk's checksum (finds truncated files; reads all bytes).
+Exits 1 when anything is wrong; writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from src.config import Config, PipelineError, cli_parser, config_from_args, run_cli
+from src.data import CHANNELS, Problem, channel_paths, read_test_ids, read_train_labels
+
+
+class ValidationFailed(PipelineError):
+    """The dataset has problems; ``problems`` lists them all."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        shown = "\n  ".join(str(p) for p in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(f"dataset has {len(problems)} problem(s):\n  {shown}{more}")
+
+
+def _inspect_png(path: Path, deep: bool) -> tuple[tuple[int, int] | None, str | None]:
+    """(width, height) of a PNG, or why it cannot be used."""
+    if not path.is_file():
+        return None, "missing image"
+    try:
+        with Image.open(path) as image:
+            size, mode, fmt = image.size, image.mode, image.format
+            if deep:
+                image.verify()
+    except Exception as exc:  # PIL raises many types for corrupt files; all mean "unreadable"
+        return None, f"unreadable image ({type(exc).__name__}: {exc})"
+    if fmt != "PNG":
+        return None, f"not a PNG (format {fmt})"
+    if mode != "L":
+        bands = len(Image.new(mode, (1, 1)).getbands()) if mode not in ("I;16", "I;16B") else 1
+        return None, f"expected 8-bit grayscale (1 channel), found mode {mode} with {bands} channel(s)"
+    return size, None
+
+
+def check_images(table: pd.DataFrame, split: str, expected_size: int | None, deep: bool = False,
+                 progress: bool = True) -> list[Problem]:
+    """Check the four channel PNGs of every sample of ``table``; sizes must agree per sample and source."""
+    paths = [(sample_id, path) for sample_id, image_dir in zip(table["Id"], table["image_dir"])
+             for path in channel_paths(image_dir, sample_id)]
+    workers = min(16, (os.cpu_count() or 1) * 4)  # file reads wait on disk, so threads overlap well
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(tqdm(pool.map(lambda item: _inspect_png(item[1], deep), paths), total=len(paths),
+                            desc=f"checking {split} images", disable=not progress, mininterval=1.0))
+    problems = [Problem(str(path), why) for (_, path), (_, why) in zip(paths, results) if why]
+    sizes = [size for size, _ in results]
+    known = [size for size in sizes if size is not None]
+    if not known:
+        return problems
+    reference = (expected_size, expected_size) if expected_size else Counter(known).most_common(1)[0][0]
+    for (_, path), size in zip(paths, sizes):
+        if size is not None and size != reference:
+            problems.append(Problem(str(path), f"wrong size {size[0]}x{size[1]}, expected "
+                                               f"{reference[0]}x{reference[1]}"))
+    return problems
+
+
+def validate(cfg: Config, deep: bool = False, progress: bool = True) -> list[Problem]:
+    """Every problem of the dataset described by ``cfg.data``; an empty list means it is usable."""
+    train = read_train_labels(cfg.data)
+    test = read_test_ids(cfg.data)
+    problems = train.problems + test.problems
+    for source, rows in train.frame.groupby("source", sort=False):
+        problems += check_images(rows, f"train ({Path(source).name})", cfg.data.source_size, deep, progress)
+    problems += check_images(test.frame, "test", cfg.data.source_size, deep, progress)
+    return problems
+
+
+def require_valid(cfg: Config, deep: bool = False, progress: bool = True) -> None:
+    """Raise :class:`ValidationFailed` listing every problem, or return quietly."""
+    problems = validate(cfg, deep, progress)
+    if problems:
+        raise ValidationFailed(problems)
+
+
+def main() -> None:
+    parser = cli_parser(__doc__.splitlines()[0])
+    parser.add_argument("--deep", action="store_true", help="also verify PNG checksums (reads every byte)")
+    args = parser.parse_args()
+    cfg = config_from_args(args)
+    require_valid(cfg, deep=args.deep)
+    train, test = read_train_labels(cfg.data).frame, read_test_ids(cfg.data).frame
+    print(f"dataset OK: {len(train)} training samples, {len(test)} test samples, "
+          f"{len(CHANNELS)} channels, {cfg.data.num_classes} classes")
+
+
+if __name__ == "__main__":
+    run_cli(main)
