@@ -296,3 +296,23 @@ def run_cli(main: Callable[[], Any]) -> None:
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    parser = cli_parser("Print the resolved config (or one key of it).")
+    parser.add_argument("--get", metavar="KEY", help="print only this dotted key's value")
+    args = parser.parse_args()
+    cfg = config_from_args(args)
+    if args.get:
+        value = cfg.model_dump()
+        for part in args.get.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise ConfigError(f"unknown config key '{args.get}'")
+            value = value[part]
+        print(value)
+    else:
+        print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), end="")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -240,14 +240,13 @@ class RGBYDataset(Dataset):
     """
 
     def __init__(self, table: pd.DataFrame, num_classes: int, image_size: int,
-                 augment: A.Compose | None = None, view: str = "identity"):
+                 augment: A.Compose | None = None):
         self.ids = table["Id"].tolist()
         self.image_dirs = table["image_dir"].tolist()
         self.labels = table["labels"].tolist() if "labels" in table else [()] * len(table)
         self.num_classes = num_classes
         self.image_size = image_size
         self.augment = augment
-        self.view = view
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -259,23 +258,9 @@ class RGBYDataset(Dataset):
             if seed is not None:
                 self.augment.set_random_seed(seed)
             image = self.augment(image=image)["image"]
-        image = d4_view(image, self.view)
         target = torch.zeros(self.num_classes, dtype=torch.float32)
         target[list(self.labels[index])] = 1.0
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target
-
-
-D4_VIEWS = ("identity", "rot90", "rot180", "rot270", "flip", "flip_rot90", "flip_rot180", "flip_rot270")
-
-
-def d4_view(image: np.ndarray, view: str) -> np.ndarray:
-    """One of the 8 dihedral views of an H x W x C image (used for test-time augmentation)."""
-    if view not in D4_VIEWS:
-        raise PipelineError(f"unknown TTA view {view!r}; choose from {list(D4_VIEWS)}")
-    if view.startswith("flip"):
-        image = image[:, ::-1]
-    turns = {"rot90": 1, "rot180": 2, "rot270": 3}.get(view.replace("flip_", ""), 0)
-    return np.rot90(image, turns) if turns else image
 
 
 class EpochSampler(Sampler):

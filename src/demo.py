@@ -25,20 +25,17 @@ from src.data import write_rgby
 GLYPH = 5  # glyph side in cells
 
 
-def class_glyphs(num_classes: int, rng: np.random.Generator) -> np.ndarray:
-    """One distinct random binary GLYPH x GLYPH pattern per class."""
+def class_glyphs(num_classes: int, rng: np.random.Generator, min_distance: int = 7) -> np.ndarray:
+    """One random binary GLYPH x GLYPH pattern per class, any two differing in >= ``min_distance`` cells."""
     glyphs: list[np.ndarray] = []
-    seen: set[bytes] = set()
     while len(glyphs) < num_classes:
         glyph = rng.random((GLYPH, GLYPH)) < 0.5
-        if glyph.sum() < 8 or glyph.tobytes() in seen:
-            continue
-        seen.add(glyph.tobytes())
-        glyphs.append(glyph)
+        if glyph.sum() >= 8 and all((glyph != other).sum() >= min_distance for other in glyphs):
+            glyphs.append(glyph)
     return np.stack(glyphs)
 
 
-def label_rates(num_classes: int, top_rate: float = 0.4, exponent: float = 1.1) -> np.ndarray:
+def label_rates(num_classes: int, top_rate: float = 0.4, exponent: float = 0.8) -> np.ndarray:
     """Power-law label frequencies: class 0 is common, the last classes are rare."""
     return top_rate / np.arange(1, num_classes + 1) ** exponent
 
@@ -70,10 +67,10 @@ def _blobs(plane: np.ndarray, count: int, rng: np.random.Generator) -> None:
 
 def render_image(labels: list[int], glyphs: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """One H x W x 4 uint8 image whose green channel encodes ``labels``."""
-    scale = max(1, size // 40)
+    scale = max(1, size // 26)
     image = rng.integers(0, 40, (size, size, 4), dtype=np.uint8)
     for label in labels:
-        for _ in range(rng.integers(1, 3)):
+        for _ in range(rng.integers(2, 4)):
             _stamp(image[..., 1], glyphs[label], scale, rng, int(rng.integers(170, 256)))
     for channel in (0, 2, 3):  # distractors: the same glyph family, outside the green channel
         _blobs(image[..., channel], 3, rng)

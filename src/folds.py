@@ -107,8 +107,13 @@ def make_folds(cfg: Config, progress: bool = True) -> pd.DataFrame:
     path = Path(cfg.folds.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    result.to_csv(tmp, index=False)
-    tmp.replace(path)
+    try:
+        result.to_csv(tmp, index=False)
+        tmp.replace(path)
+    except OSError as exc:
+        raise PipelineError(f"cannot write folds file {path}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write must not leave a partial file behind
     if progress:
         print(fold_table(labels, folds).to_string())
         print(f"wrote {path} ({len(result)} samples, {cfg.folds.n_splits} folds)")
@@ -124,7 +129,9 @@ def load_folds(cfg: Config, table: pd.DataFrame) -> np.ndarray:
     folds = pd.read_csv(path, dtype={"Id": str})
     if list(folds.columns[:2]) != ["Id", "fold"]:
         raise PipelineError(f"{path}: expected columns Id,fold, found {list(folds.columns)}")
-    by_id = dict(zip(folds["Id"], folds["fold"]))
+    # An empty or non-numeric fold cell counts as no fold (it would otherwise fail as a bare ValueError).
+    fold_numbers = pd.to_numeric(folds["fold"], errors="coerce")
+    by_id = {sample_id: int(fold) for sample_id, fold in zip(folds["Id"], fold_numbers) if pd.notna(fold)}
     missing = [sample_id for sample_id in table["Id"] if sample_id not in by_id]
     if missing:
         raise PipelineError(f"{path}: {len(missing)} training Id(s) have no fold (e.g. {missing[:3]}); "

@@ -71,7 +71,7 @@ def parse_mix(name: str) -> list[tuple[float, str]]:
     """``"0.5*bce+soft_f1"`` -> ``[(0.5, "bce"), (1.0, "soft_f1")]``; unknown names are an error."""
     terms = []
     for part in name.replace(" ", "").split("+"):
-        match = re.fullmatch(r"(?:([0-9.eE+-]+)\*)?([a-z_0-9]+)", part)
+        match = re.fullmatch(r"(?:((?:\d+\.?\d*|\.\d+)(?:[eE]-?\d+)?)\*)?([a-z_0-9]+)", part)
         if not match or match.group(2) not in LOSSES:
             raise ConfigError(f"loss.name: {part!r} in {name!r} is not a loss; choose from {sorted(LOSSES)}, "
                               "optionally weighted and mixed, e.g. '0.5*bce+soft_f1'")

@@ -212,9 +212,9 @@ class Trainer:
     def train_epoch(self, tracker: Tracker | None = None) -> bool:
         """Train the rest of ``state.epoch``; returns False when ``train.stop_after_steps`` stopped it."""
         tc, state = self.cfg.train, self.state
-        mid_epoch = state.batches_done > 0
-        self.sampler.start_epoch(self.sampler.epoch_state if mid_epoch else None,
-                                 skip=state.batches_done * tc.batch_size)
+        # Always from the saved epoch-start state: after a resume from an end-of-epoch checkpoint the
+        # sampler's generator is freshly seeded, and drawing from it would replay epoch 1's order.
+        self.sampler.start_epoch(self.sampler.epoch_state, skip=state.batches_done * tc.batch_size)
         loader = self._loader(self.train_set, self.sampler)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)

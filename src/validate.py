@@ -6,7 +6,7 @@ Checks: label csvs (readable, columns, Ids safe as file names, no duplicate Id w
 labels integers in [0, num_classes)), and for every train and test sample its four channel PNGs
 (present, readable, 8-bit single-channel, one size per sample and per source). By default a PNG's
 header is read; ``--deep`` also verifies every chunk's checksum (finds truncated files; reads all bytes).
-Exits 1 when anything is wrong; writes nothing.
+Exits 2 (like every stage on a user-fixable problem) when anything is wrong; writes nothing.
 """
 
 from __future__ import annotations

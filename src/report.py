@@ -1,0 +1,124 @@
+"""The prediction report: strategy comparison, per-class table and the plots a person looks at.
+
+Only this module draws (matplotlib, headless). Written under ``run.dir/report/``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from src.metrics import f1_curves  # noqa: E402
+
+MAX_CLASSES_PLOTTED = 28  # many-label sets: the most frequent classes only
+
+
+def strategy_table(results: dict[str, dict], chosen: str) -> pd.DataFrame:
+    rows = [{"strategy": name, "oof_macro_f1_in_sample": r["in_sample"], "oof_macro_f1_cross_fold": r["cross_fold"],
+             "chosen": "<-" if name == chosen else ""} for name, r in results.items()]
+    return pd.DataFrame(rows)
+
+
+def class_table(results: dict[str, dict], chosen: str, support: np.ndarray, train_rate: np.ndarray,
+                test_rate: np.ndarray) -> pd.DataFrame:
+    r = results[chosen]
+    frame = pd.DataFrame({"class": np.arange(len(support)), "support": support, "threshold": r["thresholds"],
+                          "f1": r["per_class_f1"], "true_rate": train_rate, "oof_pred_rate": r["predicted_rate"],
+                          "test_pred_rate": test_rate})
+    for name, other in results.items():
+        if name != chosen:
+            frame[f"f1_{name}"] = other["per_class_f1"]
+    return frame
+
+
+def _plotted_classes(support: np.ndarray) -> np.ndarray:
+    if len(support) <= MAX_CLASSES_PLOTTED:
+        return np.arange(len(support))
+    return np.sort(np.argsort(-support, kind="stable")[:MAX_CLASSES_PLOTTED])
+
+
+def plot_per_class_f1(results: dict[str, dict], support: np.ndarray, path: Path) -> Path:
+    """Grouped bars: OOF F1 of each class under each strategy, support under the class number."""
+    classes = _plotted_classes(support)
+    names = list(results)
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(10, 0.55 * len(classes)), 4.5))
+    for i, name in enumerate(names):
+        ax.bar(np.arange(len(classes)) + i * width, results[name]["per_class_f1"][classes], width,
+               label=f"{name} (macro {results[name]['in_sample']:.3f})")
+    ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2,
+                  [f"{c}\n{int(support[c])}" for c in classes], fontsize=7)
+    ax.set_xlabel("class (OOF positives)")
+    ax.set_ylabel("OOF F1")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncols=len(names))
+    ax.set_title("Per-class F1 on out-of-fold predictions, by threshold strategy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_f1_vs_threshold(oof_true: np.ndarray, oof_scores: np.ndarray, results: dict[str, dict], chosen: str,
+                         path: Path) -> Path:
+    """Small multiples: F1 of each class as its threshold moves; the chosen threshold marked."""
+    support = oof_true.sum(axis=0)
+    classes = _plotted_classes(support)
+    grid = np.linspace(0.0, 1.0, 101)
+    curves = f1_curves(oof_true, oof_scores, grid)
+    cols = 7
+    rows = math.ceil(len(classes) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows), sharex=True, sharey=True, squeeze=False)
+    for ax, c in zip(axes.flat, classes):
+        ax.plot(grid, curves[:, c], lw=1.2)
+        ax.axvline(results[chosen]["thresholds"][c], color="crimson", lw=0.9, ls="--")
+        ax.set_title(f"class {c} (n={int(support[c])})", fontsize=8)
+        ax.set_ylim(0, 1)
+    for ax in list(axes.flat)[len(classes):]:
+        ax.axis("off")
+    fig.supxlabel("threshold")
+    fig.supylabel("OOF F1")
+    fig.suptitle(f"F1 vs threshold per class (dashed: {chosen})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_strategies(table: pd.DataFrame, path: Path) -> Path:
+    """Macro-F1 of each strategy: fitted and scored in-sample vs cross-fold (the honest estimate)."""
+    x = np.arange(len(table))
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.bar(x - 0.2, table["oof_macro_f1_in_sample"], 0.4, label="in-sample (optimistic)")
+    ax.bar(x + 0.2, table["oof_macro_f1_cross_fold"], 0.4, label="cross-fold (honest)")
+    for xi, value in zip(x, table["oof_macro_f1_cross_fold"]):
+        ax.text(xi + 0.2, value + 0.01, f"{value:.3f}", ha="center", fontsize=8)
+    ax.set_xticks(x, table["strategy"])
+    ax.set_ylabel("OOF macro-F1")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("Threshold strategies on out-of-fold predictions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_markdown(path: Path, header: str, strategies: pd.DataFrame, classes: pd.DataFrame,
+                   plots: dict[str, Path]) -> Path:
+    """report.md: the two tables as fixed-width text and the plots inline."""
+    def block(frame: pd.DataFrame) -> str:
+        return "```\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.4f}") + "\n```\n"
+
+    text = [f"# Prediction report\n\n{header}\n", "## Threshold strategies (OOF macro-F1)\n", block(strategies),
+            "## Per class (chosen strategy)\n", block(classes), "## Plots\n"]
+    text += [f"![{name}]({plot.name})\n" for name, plot in plots.items()]
+    path.write_text("\n".join(text))
+    return path

@@ -1,0 +1,36 @@
+"""Shared fixtures: the real demo generator and the real demo config, shrunk to a tiny CPU run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from src.config import Config, load_config
+from src.demo import make_demo_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_CLASSES = 6
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A tiny HPA-format dataset (48 train, 12 test, 32 px, 6 classes) from the demo generator."""
+    return make_demo_dataset(tmp_path_factory.mktemp("tiny") / "data", n_train=48, n_test=12, size=32,
+                             num_classes=TINY_CLASSES, seed=0, progress=False)
+
+
+def tiny_config(data_dir: Path, work_dir: Path, *overrides: str) -> Config:
+    """configs/demo.yaml shrunk to seconds on a CPU: tiny timm test model, 2 folds, W&B off."""
+    return load_config(REPO_ROOT / "configs" / "demo.yaml", [
+        f"data.dir={data_dir}", f"data.num_classes={TINY_CLASSES}", "data.image_size=32",
+        f"folds.path={work_dir / 'folds.csv'}", "folds.n_splits=2", "folds.rare_classes=warn",
+        "model.backbone=test_resnet", "train.epochs=1", "train.batch_size=8", "train.accum_steps=1",
+        "train.num_workers=0", "train.device=cpu", "train.warmup_steps=0", "wandb.mode=disabled",
+        f"run.dir={work_dir / 'run'}", f"submission.path={work_dir / 'submission.csv'}", *overrides,
+    ])
+
+
+@pytest.fixture
+def tiny_cfg(tiny_data, tmp_path) -> Config:
+    return tiny_config(tiny_data, tmp_path)

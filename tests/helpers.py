@@ -1,0 +1,58 @@
+"""Helpers shared by the training tests (plain functions; the fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from src.config import Config
+from src.data import load_train_table
+
+
+def write_folds(cfg: Config, n_train: int) -> tuple[list[str], list[str]]:
+    """Write ``cfg.folds.path`` so that fold 0 trains on exactly the first ``n_train`` samples and
+    validates on the rest; returns (train Ids, validation Ids).
+
+    Fixing the split by hand keeps step counts and the short last batch independent of how the demo
+    generator and the stratifier happen to split the tiny data set.
+    """
+    ids = load_train_table(cfg.data)["Id"].tolist()
+    assert 0 < n_train < len(ids), f"the tiny data set has {len(ids)} samples"
+    path = Path(cfg.folds.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"Id": ids, "fold": [1] * n_train + [0] * (len(ids) - n_train)}).to_csv(path, index=False)
+    return ids[:n_train], ids[n_train:]
+
+
+def assert_same(actual, expected, where: str = "") -> None:
+    """Exact equality of nested dicts/lists/tuples of tensors and plain values (tensors: torch.equal)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), where
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape, where
+        assert torch.equal(actual, expected), f"{where}: tensors differ"
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), f"{where}: keys differ"
+        for key in expected:
+            assert_same(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), f"{where}: lengths differ"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same(a, e, f"{where}[{i}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch ops on one thread. On a small shared CPU box, OpenMP threads that spin-wait for each
+    other make tiny models 10-50x slower under load; one thread is fast and just as deterministic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

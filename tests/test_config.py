@@ -1,0 +1,167 @@
+"""Config as data: both shipped YAML files validate, overrides are YAML-typed, and every mistake a user
+can make (unknown key, wrong type, malformed override, missing file) fails with a message naming it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from src.config import Config, ConfigError, load_config, save_config
+from tests.conftest import REPO_ROOT
+
+CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+def test_both_shipped_configs_are_found():
+    assert {path.name for path in CONFIGS} >= {"demo.yaml", "hpa_nasnet512.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
+def test_shipped_config_validates_and_keeps_its_values(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    # Every value written in the file reached the validated config (nothing silently dropped).
+    written = yaml.safe_load(path.read_text())
+    dumped = cfg.model_dump()
+    for section, values in written.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                for sub_key, sub_value in value.items():
+                    assert dumped[section][key][sub_key] == sub_value, f"{section}.{key}.{sub_key}"
+            else:
+                assert dumped[section][key] == value, f"{section}.{key}"
+
+
+@pytest.mark.parametrize(
+    ("override", "section", "key", "expected"),
+    [
+        ("train.lr=1e-3", "train", "lr", 1e-3),
+        ("train.epochs=3", "train", "epochs", 3),
+        ("model.pretrained=false", "model", "pretrained", False),
+        ("model.pretrained=true", "model", "pretrained", True),
+        ("model.pretrained=weights.pth", "model", "pretrained", "weights.pth"),
+        ("predict.tta=[identity, rot90]", "predict", "tta", ["identity", "rot90"]),
+        ("predict.folds=[0, 2]", "predict", "folds", [0, 2]),
+        ("train.clip_grad=null", "train", "clip_grad", None),
+    ],
+)
+def test_override_values_are_typed_by_yaml(override, section, key, expected):
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [override])
+    value = getattr(getattr(cfg, section), key)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+def test_nested_override_reaches_a_subsection_and_keeps_its_siblings():
+    cfg = load_config(REPO_ROOT / "configs" / "hpa_nasnet512.yaml", ["model.modifier.gate_reduction=8"])
+    assert cfg.model.modifier.gate_reduction == 8
+    assert cfg.model.modifier.feature_dropout == 0.2  # from the YAML, untouched by the override
+
+
+def test_later_override_wins():
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", ["train.epochs=2", "train.epochs=5"])
+    assert cfg.train.epochs == 5
+
+
+@pytest.mark.parametrize(
+    ("override", "unknown", "suggestion"),
+    [
+        ("train.lrr=1", "train.lrr", "train.lr"),
+        ("trian.lr=1", "trian", "train"),
+        ("folds.n_split=3", "folds.n_split", "folds.n_splits"),
+        ("model.modifer.gate_reduction=2", "model.modifer", "model.modifier"),
+    ],
+)
+def test_unknown_key_names_the_key_and_the_closest_valid_one(override, unknown, suggestion):
+    with pytest.raises(ConfigError) as raised:
+        load_config(REPO_ROOT / "configs" / "demo.yaml", [override])
+    message = str(raised.value)
+    assert f"unknown config key '{unknown}'" in message
+    assert f"did you mean '{suggestion}'" in message
+
+
+def test_unknown_key_in_a_yaml_file_is_caught_too(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  batch_sise: 4\n")
+    with pytest.raises(ConfigError, match=r"'train\.batch_sise'.*did you mean 'train\.batch_size'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.epochs=abc", "train.epochs"),
+        ("train.lr=-1", "train.lr"),  # a constraint, not just a type
+        ("train.precision=fp8", "train.precision"),
+        ("model.modifier.feature_dropout=1.5", "model.modifier.feature_dropout"),
+    ],
+)
+def test_wrong_value_names_the_key_and_the_value(override, key):
+    with pytest.raises(ConfigError) as raised:
+        load_config(REPO_ROOT / "configs" / "demo.yaml", [override])
+    message = str(raised.value)
+    assert f"config key '{key}'" in message
+    assert override.split("=", 1)[1] in message  # the offending value is shown
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as raised:
+        load_config(REPO_ROOT / "configs" / "demo.yaml", ["train.lrr=1", "train.epochs=abc"])
+    assert "train.lrr" in str(raised.value)
+    assert "train.epochs" in str(raised.value)
+
+
+@pytest.mark.parametrize("override", ["train.lr", "=3", ""])
+def test_malformed_override_is_named(override):
+    with pytest.raises(ConfigError, match="not of the form key=value") as raised:
+        load_config(REPO_ROOT / "configs" / "demo.yaml", [override])
+    assert f"'{override}'" in str(raised.value)
+
+
+def test_override_below_a_value_is_refused_naming_the_value_key():
+    with pytest.raises(ConfigError, match=r"config key 'train\.lr'.*valid number"):
+        load_config(REPO_ROOT / "configs" / "demo.yaml", ["train.lr.x=1"])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="config file not found") as raised:
+        load_config(missing)
+    assert str(missing) in str(raised.value)
+
+
+def test_config_file_that_is_not_a_mapping_is_refused(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
+def test_save_config_round_trips(path, tmp_path):
+    cfg = load_config(path, ["model.pretrained=weights.pth", "train.backbone_lr=1e-5",
+                             "data.extra=[{csv: extra.csv, images: extra}]"])
+    saved = save_config(cfg, tmp_path / "nested" / "config.yaml")
+    assert saved.is_file()
+    assert not list(saved.parent.glob("*.tmp"))
+    reloaded = load_config(saved)
+    assert reloaded == cfg
+    assert reloaded.model.pretrained == "weights.pth"
+    assert reloaded.data.extra[0].csv == "extra.csv"
+
+
+def test_cli_reports_unknown_key_in_one_line_without_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "src.folds", "--config", "configs/demo.yaml", "train.lrr=1"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    assert "unknown config key 'train.lrr'" in result.stderr
+    assert "did you mean 'train.lr'" in result.stderr
+    assert result.stdout == ""

@@ -1,0 +1,117 @@
+"""Losses: soft macro-F1 against sklearn, gradients through the real model, fp32 under autocast, mixes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+
+from src.config import ConfigError, LossConfig
+from src.losses import LOSSES, FocalLoss, SoftMacroF1Loss, build_loss, parse_mix
+from src.model import build_model
+from tests.helpers import one_torch_thread
+
+HARD_LOGIT = 50.0  # sigmoid(+-50) is 0/1 to well within float32 tolerance
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with one_torch_thread():
+        yield
+
+
+def hard_logits(predictions: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.where(predictions, HARD_LOGIT, -HARD_LOGIT).astype(np.float32))
+
+
+def random_case(seed: int, n: int = 16, m: int = 6, absent_class: int | None = None):
+    rng = np.random.default_rng(seed)
+    truth = rng.random((n, m)) < 0.3
+    predicted = rng.random((n, m)) < 0.3
+    if absent_class is not None:
+        truth[:, absent_class] = False
+    return truth, predicted
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_soft_f1_on_hard_predictions_equals_one_minus_sklearn_macro_f1(seed):
+    truth, predicted = random_case(seed, absent_class=seed % 6)
+    expected = 1 - f1_score(truth, predicted, average="macro", zero_division=0)
+    loss = SoftMacroF1Loss()(hard_logits(predicted), torch.from_numpy(truth.astype(np.float32)))
+    assert float(loss) == pytest.approx(expected, abs=1e-5)
+
+
+def test_soft_f1_class_absent_and_never_predicted_counts_as_zero():
+    # A class with no positives and no predictions scores 0 (zero_division=0), not 1: the loss of
+    # otherwise perfect predictions is then 1/m, as sklearn says.
+    truth, _ = random_case(0, absent_class=2)
+    truth[:, 0] = True  # make sure every other class has positives
+    expected = 1 - f1_score(truth, truth, average="macro", zero_division=0)
+    assert expected == pytest.approx(1 / truth.shape[1])
+    loss = SoftMacroF1Loss()(hard_logits(truth), torch.from_numpy(truth.astype(np.float32)))
+    assert float(loss) == pytest.approx(expected, abs=1e-5)
+
+
+def test_soft_f1_gradient_reaches_head_and_backbone(tiny_cfg):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg)
+    images = torch.randint(0, 256, (8, 4, 32, 32), dtype=torch.uint8)
+    targets = (torch.rand(8, tiny_cfg.data.num_classes) < 0.4).float()
+    SoftMacroF1Loss()(model(images), targets).backward()
+    first_conv = next(m for m in model.backbone.modules() if isinstance(m, nn.Conv2d))
+    for name, grad in (("head.weight", model.head.weight.grad), ("head.bias", model.head.bias.grad),
+                       ("first backbone conv", first_conv.weight.grad)):
+        assert grad is not None, name
+        assert torch.isfinite(grad).all(), name
+        assert grad.abs().sum() > 0, name
+
+
+def test_soft_f1_is_float32_under_bf16_autocast(tiny_cfg):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg).eval()
+    images = torch.randint(0, 256, (8, 4, 32, 32), dtype=torch.uint8)
+    targets = (torch.rand(8, tiny_cfg.data.num_classes) < 0.4).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images)
+        loss = SoftMacroF1Loss()(logits, targets)
+    assert logits.dtype == torch.bfloat16  # else the test would not exercise the autocast path
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, SoftMacroF1Loss()(logits.float(), targets))
+
+
+def test_parse_mix_reads_names_and_weights():
+    assert parse_mix("bce+soft_f1") == [(1.0, "bce"), (1.0, "soft_f1")]
+    assert parse_mix("0.5*bce + 2*focal") == [(0.5, "bce"), (2.0, "focal")]
+    assert parse_mix("soft_f1") == [(1.0, "soft_f1")]
+    assert parse_mix("1e-1*bce+.5*soft_f1") == [(0.1, "bce"), (0.5, "soft_f1")]
+
+
+def test_build_loss_applies_the_weights_of_a_mix():
+    torch.manual_seed(0)
+    logits = torch.randn(10, 6)
+    targets = (torch.rand(10, 6) < 0.3).float()
+    bce = nn.BCEWithLogitsLoss()(logits, targets)
+    focal = FocalLoss(gamma=1.5)(logits, targets)
+    soft_f1 = SoftMacroF1Loss()(logits, targets)
+    mixed = build_loss(LossConfig(name="0.5*bce+2*focal", focal_gamma=1.5))(logits, targets)
+    torch.testing.assert_close(mixed, 0.5 * bce + 2 * focal)
+    torch.testing.assert_close(build_loss(LossConfig(name="bce+soft_f1"))(logits, targets), bce + soft_f1)
+    torch.testing.assert_close(build_loss(LossConfig(name="bce"))(logits, targets), bce)
+
+
+@pytest.mark.parametrize("name", ["dice", "bce+dice", "bce+", "2**bce", "1.2.3*bce", "e*bce", "-1*bce", ""])
+def test_unknown_or_malformed_loss_is_a_config_error_listing_the_choices(name):
+    with pytest.raises(ConfigError) as error:
+        build_loss(LossConfig(name=name))
+    for choice in LOSSES:
+        assert choice in str(error.value)
+
+
+def test_focal_loss_with_gamma_zero_is_bce():
+    torch.manual_seed(0)
+    logits = torch.randn(12, 6) * 3
+    targets = (torch.rand(12, 6) < 0.3).float()
+    torch.testing.assert_close(FocalLoss(gamma=0.0)(logits, targets), nn.BCEWithLogitsLoss()(logits, targets))
