@@ -25,17 +25,25 @@ from src.data import write_rgby
 GLYPH = 5  # glyph side in cells
 
 
-def class_glyphs(num_classes: int, rng: np.random.Generator, min_distance: int = 7) -> np.ndarray:
-    """One random binary GLYPH x GLYPH pattern per class, any two differing in >= ``min_distance`` cells."""
+def d4_orbit(glyph: np.ndarray) -> list[np.ndarray]:
+    """The 8 rotations and reflections of a glyph."""
+    return [np.rot90(g, k) for g in (glyph, glyph[:, ::-1]) for k in range(4)]
+
+
+def class_glyphs(num_classes: int, rng: np.random.Generator, min_distance: int = 3) -> np.ndarray:
+    """One random binary GLYPH x GLYPH pattern per class. Microscopy has no up or right, so the
+    pipeline augments with rotations and flips: any two glyphs differ in >= ``min_distance`` cells under
+    every rotation and reflection, so that a class stays recognisable after augmentation."""
     glyphs: list[np.ndarray] = []
     while len(glyphs) < num_classes:
         glyph = rng.random((GLYPH, GLYPH)) < 0.5
-        if glyph.sum() >= 8 and all((glyph != other).sum() >= min_distance for other in glyphs):
+        if glyph.sum() >= GLYPH * GLYPH // 3 and all(
+                (variant != other).sum() >= min_distance for other in glyphs for variant in d4_orbit(glyph)):
             glyphs.append(glyph)
     return np.stack(glyphs)
 
 
-def label_rates(num_classes: int, top_rate: float = 0.4, exponent: float = 0.8) -> np.ndarray:
+def label_rates(num_classes: int, top_rate: float = 0.4, exponent: float = 0.6) -> np.ndarray:
     """Power-law label frequencies: class 0 is common, the last classes are rare."""
     return top_rate / np.arange(1, num_classes + 1) ** exponent
 
@@ -48,11 +56,21 @@ def sample_labels(rates: np.ndarray, rng: np.random.Generator) -> list[int]:
     return sorted(int(label) for label in labels)
 
 
-def _stamp(plane: np.ndarray, glyph: np.ndarray, scale: int, rng: np.random.Generator, value: int) -> None:
+def _cell_origins(size: int, side: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Top-left corners of non-overlapping side x side cells, in random order (jittered inside a cell)."""
+    cell = side + max(2, side // 3)
+    per_row = size // cell
+    origins = []
+    for index in rng.permutation(per_row * per_row):
+        y, x = divmod(int(index), per_row)
+        jitter = rng.integers(0, cell - side + 1, size=2)
+        origins.append((y * cell + int(jitter[0]), x * cell + int(jitter[1])))
+    return origins
+
+
+def _stamp(plane: np.ndarray, glyph: np.ndarray, scale: int, origin: tuple[int, int], value: int) -> None:
     big = np.kron(glyph, np.ones((scale, scale), dtype=bool))
-    side = big.shape[0]
-    y, x = rng.integers(0, plane.shape[0] - side), rng.integers(0, plane.shape[1] - side)
-    region = plane[y : y + side, x : x + side]
+    region = plane[origin[0] : origin[0] + big.shape[0], origin[1] : origin[1] + big.shape[1]]
     region[big] = np.maximum(region[big], value)
 
 
@@ -66,16 +84,18 @@ def _blobs(plane: np.ndarray, count: int, rng: np.random.Generator) -> None:
 
 
 def render_image(labels: list[int], glyphs: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One H x W x 4 uint8 image whose green channel encodes ``labels``."""
-    scale = max(1, size // 26)
+    """One H x W x 4 uint8 image whose green channel encodes ``labels``: each label's glyph once or twice,
+    in cells that do not overlap (as many as fit)."""
+    scale = max(1, size // 20)
+    side = GLYPH * scale
     image = rng.integers(0, 40, (size, size, 4), dtype=np.uint8)
-    for label in labels:
-        for _ in range(rng.integers(2, 4)):
-            _stamp(image[..., 1], glyphs[label], scale, rng, int(rng.integers(170, 256)))
-    for channel in (0, 2, 3):  # distractors: the same glyph family, outside the green channel
+    stamps = [label for label in labels for _ in range(rng.integers(1, 3))]
+    for label, origin in zip(stamps, _cell_origins(size, side, rng)):
+        _stamp(image[..., 1], glyphs[label], scale, origin, int(rng.integers(170, 256)))
+    for channel in (0, 2, 3):  # distractors: cell-like blobs and glyphs of random classes
         _blobs(image[..., channel], 3, rng)
-        for label in rng.choice(len(glyphs), size=3):
-            _stamp(image[..., channel], glyphs[label], scale, rng, int(rng.integers(170, 256)))
+        for label, origin in zip(rng.choice(len(glyphs), size=3), _cell_origins(size, side, rng)):
+            _stamp(image[..., channel], glyphs[label], scale, origin, int(rng.integers(170, 256)))
     return image
 
 

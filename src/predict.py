@@ -148,16 +148,17 @@ def format_labels(predicted: np.ndarray) -> list[str]:
 
 def validate_submission(frame: pd.DataFrame, expected_ids: list[str], num_classes: int) -> None:
     """Every expected Id exactly once, in order; labels integers in range; nothing empty or NaN."""
-    problems = []
     if list(frame.columns) != ["Id", "Predicted"]:
-        problems.append(f"columns are {list(frame.columns)}, expected ['Id', 'Predicted']")
+        raise PipelineError(f"submission columns are {list(frame.columns)}, expected ['Id', 'Predicted']; "
+                            "nothing written")
+    problems = []
     if frame.isna().any().any():
         problems.append(f"{int(frame.isna().any(axis=1).sum())} row(s) hold NaN")
     if frame["Id"].tolist() != list(expected_ids):
         dup = frame["Id"][frame["Id"].duplicated()].tolist()
         missing = sorted(set(expected_ids) - set(frame["Id"]))
         problems.append(f"Ids differ from sample_submission (duplicates {dup[:5]}, missing {missing[:5]})")
-    for row, value in enumerate(frame["Predicted"].astype(str), start=2):
+    for row, value in enumerate(frame["Predicted"].fillna("").astype(str), start=2):
         tokens = value.split()
         if not tokens or not all(t.isdigit() and int(t) < num_classes for t in tokens):
             problems.append(f"row {row}: labels {value!r} are not class indices in [0, {num_classes})")

@@ -146,7 +146,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(cfg.loss).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, tc), lr=tc.lr)
-        batches = math.ceil(len(self.train_table) / tc.batch_size)
+        batches = len(self.train_table) // tc.batch_size
         self.steps_per_epoch = math.ceil(batches / tc.accum_steps)
         self.total_steps = tc.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -159,7 +159,13 @@ class Trainer:
         self.train_set = RGBYDataset(self.train_table, n_classes, cfg.data.image_size, augment)
         self.val_set = RGBYDataset(self.val_table, n_classes, cfg.data.image_size)
         self.sampler = EpochSampler(len(self.train_set), tc.seed)
-        self.window_sizes = window_sizes(len(self.train_set), tc.batch_size, tc.accum_steps)
+        # Full batches only (drop_last): BatchNorm cannot train on a batch of one sample, and a tiny last
+        # batch would give noisy statistics. The permutation changes every epoch, so every sample is used.
+        usable = len(self.train_set) - len(self.train_set) % tc.batch_size
+        if usable == 0:
+            raise PipelineError(f"fold {fold} has {len(self.train_set)} training samples, fewer than "
+                                f"train.batch_size={tc.batch_size}")
+        self.window_sizes = window_sizes(usable, tc.batch_size, tc.accum_steps)
         self.state = TrainState()
         self.history: list[dict] = []
 
@@ -168,6 +174,7 @@ class Trainer:
         tc = self.cfg.train
         return DataLoader(
             dataset, batch_size=batch_size or tc.batch_size, sampler=sampler, shuffle=False,
+            drop_last=sampler is not None,
             num_workers=tc.num_workers, pin_memory=self.device.type == "cuda", worker_init_fn=worker_init,
             # Its own generator: creating an iterator must not draw from the global torch RNG, or a
             # run resumed mid-epoch would see different dropout masks than an uninterrupted one.

@@ -1,9 +1,13 @@
 """Gradient accumulation through the real loop: K micro-batches of B update like one batch of K*B.
 
-Two Trainers are made comparable: fp32, plain SGD (lr 1, no momentum or decay) at a constant rate, no
+Trainers are made comparable: fp32, plain SGD (lr 1, no momentum or decay) at a constant rate, no
 augmentation, no dropout, BatchNorm in eval mode (batch statistics of a micro-batch are not those of
 the union), and a per-sample loss (BCE/focal; soft macro-F1 is a batch statistic and does not
 decompose over micro-batches). Everything else is Trainer.train_epoch as it runs in training.
+
+Two references: a second Trainer with batch K*B and no accumulation (where both see the same windows),
+and, for every optimizer step including a short last window, the gradient of one forward/backward
+over all the samples of that window at the parameters the step started from.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import pytest
 import torch
 from torch import nn
 
+from torch.utils.data import default_collate
+
+from src.model import build_model
 from src.train import Trainer, window_sizes
 from tests.conftest import tiny_config
 from tests.helpers import one_torch_thread, write_folds
@@ -67,15 +74,17 @@ def check_window_shares(num_samples: int, batch_size: int, accum_steps: int) -> 
 
 # -- through Trainer.train_epoch ------------------------------------------------------------------
 class RecordingSGD(torch.optim.SGD):
-    """Plain SGD that keeps a copy of the gradients it steps with (one entry per optimizer step)."""
+    """Plain SGD that keeps, for every step, the parameters it started from and the gradients it used."""
 
     def __init__(self, params, lr: float):
         super().__init__(params, lr=lr, momentum=0.0, weight_decay=0.0)
+        self.step_params: list[list[torch.Tensor]] = []
         self.step_grads: list[list[torch.Tensor]] = []
 
     def step(self, closure=None):
-        self.step_grads.append([torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                                for group in self.param_groups for p in group["params"]])
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.step_params.append([p.detach().clone() for p in params])
+        self.step_grads.append([torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params])
         return super().step(closure)
 
 
@@ -105,56 +114,94 @@ def comparable_trainer(tiny_data, work_dir, n_train: int, batch_size: int, accum
     return trainer
 
 
-def train_pair(tiny_data, tmp_path, n_train, batch_size, accum_steps, loss="bce"):
-    accumulated = comparable_trainer(tiny_data, tmp_path / "accumulated", n_train, batch_size, accum_steps, loss)
-    one_batch = comparable_trainer(tiny_data, tmp_path / "one_batch", n_train, batch_size * accum_steps, 1, loss)
-    # Same seed: same initial weights and the same sample order (EpochSampler draws from the seed).
-    for p, q in zip(accumulated.model.parameters(), one_batch.model.parameters()):
-        assert torch.equal(p, q)
-    accumulated.sampler.start_epoch(accumulated.sampler.epoch_state)
-    one_batch.sampler.start_epoch(one_batch.sampler.epoch_state)
-    assert list(accumulated.sampler) == list(one_batch.sampler)
-    assert accumulated.train_epoch() and one_batch.train_epoch()
-    return accumulated, one_batch
+def epoch_order(trainer: Trainer) -> list[tuple[int, int]]:
+    """The (index, seed) pairs the coming epoch will train on, in order."""
+    trainer.sampler.start_epoch(trainer.sampler.epoch_state)  # train_epoch restarts from this same state
+    return list(trainer.sampler)
+
+
+def step_windows(trainer: Trainer) -> list[int]:
+    """Samples per optimizer step of one epoch, from the trainer's own micro-batch plan."""
+    accum = trainer.cfg.train.accum_steps
+    return trainer.window_sizes[::accum]
+
+
+def union_batch_gradients(trainer: Trainer, order: list[tuple[int, int]]) -> list[list[torch.Tensor]]:
+    """For each step the trainer took: the gradient of one batch made of all the samples of its window,
+    at the parameters that step started from."""
+    reference = build_model(trainer.cfg)
+    reference.load_state_dict(trainer.model.state_dict())  # BN running statistics (unchanged in eval)
+    reference.eval()  # BatchNorm on running statistics, as in the trainer; dropout is 0 anyway
+    gradients, first = [], 0
+    for params, size in zip(trainer.optimizer.step_params, step_windows(trainer)):
+        with torch.no_grad():
+            for p, value in zip(reference.parameters(), params):
+                p.copy_(value)
+        images, targets = default_collate([trainer.train_set[pair] for pair in order[first : first + size]])
+        reference.zero_grad(set_to_none=True)
+        trainer.loss_fn(reference(images).float(), targets).backward()
+        gradients.append([p.grad.clone() for p in reference.parameters()])
+        first += size
+    return gradients
+
+
+def assert_close_gradients(actual: list[list[torch.Tensor]], expected: list[list[torch.Tensor]]) -> None:
+    assert len(actual) == len(expected)
+    for step, (grads, reference) in enumerate(zip(actual, expected)):
+        assert any(r.abs().sum() > 0 for r in reference), f"step {step}: zero gradient, nothing tested"
+        for g, r in zip(grads, reference):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step}: {m}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n_train, batch_size, accum_steps", [
-    (24, 4, 3),  # exact: 2 windows of 3 x 4
-    (22, 4, 3),  # micro-batches 4,4,4 | 4,4,2: short last batch in a short last window
-    (22, 5, 2),  # 5,5 | 5,5 | 2: the last window is one short batch
-    (23, 4, 4),  # 4,4,4,4 | 4,3
+@pytest.mark.parametrize("n_train, batch_size, accum_steps, loss", [
+    (24, 4, 3, "bce"),  # windows of exactly 3 x 4
+    (20, 4, 2, "bce"),  # 5 micro-batches: the last window holds one of them
+    (22, 4, 3, "bce"),  # a short last window (and a partial batch of 2 the loader may drop)
+    (23, 4, 4, "bce"),
+    (22, 5, 3, "focal"),
 ])
-def test_accumulated_micro_batches_update_like_one_big_batch(tiny_data, tmp_path, n_train, batch_size,
-                                                             accum_steps):
-    accumulated, one_batch = train_pair(tiny_data, tmp_path, n_train, batch_size, accum_steps)
+def test_each_step_uses_the_gradient_of_one_batch_of_its_window(tiny_data, tmp_path, n_train, batch_size,
+                                                               accum_steps, loss):
+    trainer = comparable_trainer(tiny_data, tmp_path, n_train, batch_size, accum_steps, loss)
+    order = epoch_order(trainer)
+    assert trainer.train_epoch()
 
-    n_windows = math.ceil(math.ceil(n_train / batch_size) / accum_steps)
-    assert accumulated.state.step == one_batch.state.step == n_windows == accumulated.steps_per_epoch
-    assert len(accumulated.optimizer.step_grads) == n_windows
-    for step, (grads, reference) in enumerate(zip(accumulated.optimizer.step_grads, one_batch.optimizer.step_grads)):
-        assert any(g.abs().sum() > 0 for g in reference)
-        for g, r in zip(grads, reference):
-            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step}: {m}")
+    windows = step_windows(trainer)
+    assert windows[0] == batch_size * accum_steps
+    assert trainer.state.step == len(windows) == trainer.steps_per_epoch == len(trainer.optimizer.step_grads)
+    if n_train % (batch_size * accum_steps):
+        assert windows[-1] < batch_size * accum_steps  # the case really has a short last window
+    assert_close_gradients(trainer.optimizer.step_grads, union_batch_gradients(trainer, order))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size, accum_steps", [(4, 3), (3, 4), (2, 6)])
+def test_accumulated_run_ends_where_the_big_batch_run_ends(tiny_data, tmp_path, batch_size, accum_steps):
+    n_train = 24  # both runs see the same two windows of 12
+    accumulated = comparable_trainer(tiny_data, tmp_path / "accumulated", n_train, batch_size, accum_steps)
+    one_batch = comparable_trainer(tiny_data, tmp_path / "one_batch", n_train, batch_size * accum_steps, 1)
+    # Same seed: same initial weights and the same sample order.
+    for p, q in zip(accumulated.model.parameters(), one_batch.model.parameters()):
+        assert torch.equal(p, q)
+    assert epoch_order(accumulated) == epoch_order(one_batch)
+    assert accumulated.train_epoch() and one_batch.train_epoch()
+
+    assert accumulated.state.step == one_batch.state.step == 2
+    assert_close_gradients(accumulated.optimizer.step_grads, one_batch.optimizer.step_grads)
     for (name, p), q in zip(accumulated.model.named_parameters(), one_batch.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.slow
-def test_accumulation_with_focal_loss(tiny_data, tmp_path):
-    accumulated, one_batch = train_pair(tiny_data, tmp_path, 22, 4, 3, loss="focal")
-    for p, q in zip(accumulated.model.parameters(), one_batch.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.slow
 def test_the_comparison_detects_an_undivided_loss(tiny_data, tmp_path):
-    # Control: scale each micro-batch as if it were a whole window (the classic bug: K x the gradient,
-    # and a short last window over-weighted). The same comparison must then fail.
-    accumulated = comparable_trainer(tiny_data, tmp_path / "accumulated", 22, 4, 3)
-    one_batch = comparable_trainer(tiny_data, tmp_path / "one_batch", 22, 12, 1)
-    accumulated.window_sizes = [4] * len(accumulated.window_sizes)
-    accumulated.train_epoch()
-    one_batch.train_epoch()
-    first_step = zip(accumulated.optimizer.step_grads[0], one_batch.optimizer.step_grads[0])
-    assert any(not torch.allclose(g, r, rtol=1e-5, atol=1e-6) for g, r in first_step)
+    # Control: scale each micro-batch as if it were a whole window (the classic bug: K x the gradient).
+    # The same comparison must then fail.
+    trainer = comparable_trainer(tiny_data, tmp_path, 22, 4, 3)
+    order = epoch_order(trainer)
+    planned = trainer.window_sizes
+    trainer.window_sizes = [4] * len(planned)
+    trainer.train_epoch()
+    trainer.window_sizes = planned
+    with pytest.raises(AssertionError):
+        assert_close_gradients(trainer.optimizer.step_grads, union_batch_gradients(trainer, order))

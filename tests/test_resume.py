@@ -22,6 +22,7 @@ from tests.helpers import assert_same, one_torch_thread, write_folds
 pytestmark = pytest.mark.slow
 
 N_TRAIN = 24  # fold 0 trains on 24 samples: 3 optimizer steps per epoch at batch 8 (or 4 x 2 accumulated)
+STEPS_PER_EPOCH = 3
 EPOCHS = 2
 VARIANTS = {
     "plain": (),
@@ -53,6 +54,10 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def without_seconds(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
 def assert_same_checkpoint(path: Path, reference_path: Path) -> None:
     """Equal training state: every tensor with torch.equal; the history up to its wall-clock seconds."""
     ckpt, reference = load(path), load(reference_path)
@@ -61,8 +66,7 @@ def assert_same_checkpoint(path: Path, reference_path: Path) -> None:
         if key == "config":  # run.dir, resume and stop_after_steps legitimately differ
             continue
         if key == "history":
-            strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
-            assert_same(strip(ckpt[key]), strip(reference[key]), key)
+            assert_same(without_seconds(ckpt[key]), without_seconds(reference[key]), key)
         else:
             assert_same(ckpt[key], reference[key], key)
 
@@ -76,7 +80,7 @@ def reference_run(tiny_data, tmp_path_factory):
         if variant not in done:
             cfg = run_config(tiny_data, tmp_path_factory.mktemp(f"reference-{variant.replace('+', '-')}"), variant)
             result = train(cfg, 0, progress=False)
-            assert result["steps"] == EPOCHS * 3 and not result["stopped_early"]
+            assert result["steps"] == EPOCHS * STEPS_PER_EPOCH and not result["stopped_early"]
             done[variant] = fold_dir(cfg)
         return done[variant]
 
@@ -96,19 +100,21 @@ def reference_run(tiny_data, tmp_path_factory):
 def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tiny_data, tmp_path, reference_run, capsys,
                                                              variant, stop_after):
     reference = reference_run(variant)
-    stopped = train(run_config(tiny_data, tmp_path, variant, f"train.stop_after_steps={stop_after}"), 0,
-                    progress=False)
-    cfg = run_config(tiny_data, tmp_path, variant, "train.resume=true")
+    stopping = run_config(tiny_data, tmp_path, variant, f"train.stop_after_steps={stop_after}")
+    stopped = train(stopping, 0, progress=False)
     assert stopped["stopped_early"] and stopped["steps"] == stop_after
-    state = load(fold_dir(cfg) / "last.pt")["state"]
-    accum = int(dict(o.split("=") for o in VARIANTS[variant]).get("train.accum_steps", 1))
-    assert (state["step"], state["epoch"], state["batches_done"]) == (stop_after, stop_after // 3,
-                                                                     (stop_after % 3) * accum)
+    state = load(fold_dir(stopping) / "last.pt")["state"]
+    micro_batches_done = (stop_after % STEPS_PER_EPOCH) * stopping.train.accum_steps
+    assert (state["step"], state["epoch"], state["batches_done"]) == (
+        stop_after, stop_after // STEPS_PER_EPOCH, micro_batches_done)
+    assert micro_batches_done > 0  # really mid-epoch
+
+    cfg = run_config(tiny_data, tmp_path, variant, "train.resume=true")
 
     capsys.readouterr()
     finished = train(cfg, 0, progress=False)
     assert f"optimizer step {stop_after}" in capsys.readouterr().out  # it did resume, not start over
-    assert finished["steps"] == EPOCHS * 3 and not finished["stopped_early"]
+    assert finished["steps"] == EPOCHS * STEPS_PER_EPOCH and not finished["stopped_early"]
     assert_same_checkpoint(fold_dir(cfg) / "last.pt", reference / "last.pt")
     assert_same_checkpoint(fold_dir(cfg) / "best.pt", reference / "best.pt")
     assert (fold_dir(cfg) / "oof.csv").read_bytes() == (reference / "oof.csv").read_bytes()
@@ -130,7 +136,7 @@ def test_resume_from_an_end_of_epoch_checkpoint(tiny_data, tmp_path, reference_r
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     state = load(fold_dir(cfg) / "last.pt")["state"]
-    assert (state["epoch"], state["batches_done"], state["step"]) == (1, 0, 3)
+    assert (state["epoch"], state["batches_done"], state["step"]) == (1, 0, STEPS_PER_EPOCH)
 
     train(run_config(tiny_data, tmp_path, "plain", "train.resume=true"), 0, progress=False)
     assert_same_checkpoint(fold_dir(cfg) / "last.pt", reference_run("plain") / "last.pt")
@@ -140,11 +146,11 @@ def test_resume_without_last_checkpoint_starts_fresh(tiny_data, tmp_path, refere
     cfg = run_config(tiny_data, tmp_path, "plain", "train.resume=true")
     result = train(cfg, 0, progress=False)
     assert "starting fresh" in capsys.readouterr().out
-    assert result["steps"] == EPOCHS * 3
+    assert result["steps"] == EPOCHS * STEPS_PER_EPOCH
     assert_same_checkpoint(fold_dir(cfg) / "last.pt", reference_run("plain") / "last.pt")
 
 
-def test_training_writes_its_outputs(tiny_data, reference_run):
+def test_training_writes_its_outputs(reference_run):
     folder = reference_run("plain")
     work_dir = folder.parent.parent
     for name in ("best.pt", "last.pt", "oof.csv", "history.csv", "config.yaml"):
@@ -156,7 +162,7 @@ def test_training_writes_its_outputs(tiny_data, reference_run):
         ckpt = torch.load(folder / name, map_location="cpu", weights_only=True)
         assert {"model", "optimizer", "scheduler", "state", "rng", "config"} <= ckpt.keys()
         assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
-    assert load(folder / "last.pt")["state"]["step"] == EPOCHS * 3
+    assert load(folder / "last.pt")["state"]["step"] == EPOCHS * STEPS_PER_EPOCH
 
     cfg = load_config(folder / "config.yaml")
     assert cfg.run.dir == str(folder.parent) and cfg.train.epochs == EPOCHS
@@ -164,14 +170,15 @@ def test_training_writes_its_outputs(tiny_data, reference_run):
 
     oof = pd.read_csv(folder / "oof.csv", dtype={"Id": str})
     assert list(oof.columns) == ["Id"] + [str(c) for c in range(TINY_CLASSES)]
-    _, validation_ids = write_folds(cfg, N_TRAIN)
-    assert oof["Id"].tolist() == validation_ids
+    folds = pd.read_csv(cfg.folds.path, dtype={"Id": str})
+    assert oof["Id"].tolist() == folds.loc[folds["fold"] == 0, "Id"].tolist()
+    assert len(oof) == len(folds) - N_TRAIN
     probs = oof.drop(columns="Id").to_numpy()
     assert np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()
 
     history = pd.read_csv(folder / "history.csv")
     assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
-    assert history["step"].tolist() == [3 * e for e in range(1, EPOCHS + 1)]
+    assert history["step"].tolist() == [STEPS_PER_EPOCH * e for e in range(1, EPOCHS + 1)]
     assert history["best"].any()
 
 
@@ -186,9 +193,15 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path)
         return loss if len(calls) == 1 else loss * math.nan  # NaN from the second optimizer step on
 
     trainer.loss_fn = loss_fn
-    saved: list[bytes] = []
+    saved: list[bytes] = []  # the bytes of every checkpoint written
     save = trainer.save
-    trainer.save = lambda name: saved.append(save(name).read_bytes()) or fold_dir(cfg) / name
+
+    def recording_save(name: str) -> Path:
+        path = save(name)
+        saved.append(path.read_bytes())
+        return path
+
+    trainer.save = recording_save
 
     with pytest.raises(TrainingDiverged) as error:
         trainer.fit()

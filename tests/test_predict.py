@@ -1,0 +1,127 @@
+"""The prediction stage end to end on a tiny trained run, and submission validation."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from src.config import PipelineError, override
+from src.predict import d4_view, predict, validate_submission
+from src.train import train
+from tests.conftest import TINY_CLASSES, tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """Both folds of the tiny config trained for one epoch (shared by this module's tests)."""
+    work = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(tiny_data, work)
+    for fold in range(cfg.folds.n_splits):
+        train(cfg, fold, progress=False)
+    return cfg
+
+
+def read_submission(cfg):
+    return pd.read_csv(cfg.submission.path, dtype=str, keep_default_na=False)
+
+
+@pytest.mark.slow
+def test_predict_writes_valid_submission_and_report(trained):
+    path = predict(trained, progress=False)
+    submission = read_submission(trained)
+    sample = pd.read_csv(f"{trained.data.dir}/sample_submission.csv", dtype=str)
+    assert submission["Id"].tolist() == sample["Id"].tolist()
+    labels = [list(map(int, p.split())) for p in submission["Predicted"]]
+    assert all(1 <= len(row) and all(0 <= c < TINY_CLASSES for c in row) for row in labels)
+    run = trained.run.dir
+    probs = pd.read_csv(f"{run}/test_probs.csv", dtype={"Id": str})
+    assert probs["Id"].tolist() == sample["Id"].tolist() and probs.shape[1] == TINY_CLASSES + 1
+    assert probs.iloc[:, 1:].to_numpy().min() >= 0 and probs.iloc[:, 1:].to_numpy().max() <= 1
+    strategies = pd.read_csv(f"{run}/report/strategies.csv")
+    assert strategies["strategy"].tolist() == ["fixed", "oof_f1", "rate", "global_oof"]
+    assert strategies["oof_macro_f1_in_sample"].between(0, 1).all()
+    per_class = pd.read_csv(f"{run}/report/per_class.csv")
+    assert len(per_class) == TINY_CLASSES
+    for png in ("strategies.png", "per_class_f1.png", "f1_vs_threshold.png"):
+        assert (f"{run}/report/{png}", open(f"{run}/report/{png}", "rb").read(8)) == \
+            (f"{run}/report/{png}", b"\x89PNG\r\n\x1a\n")
+    assert "oof_f1" in open(f"{run}/report/report.md").read()
+    assert str(path) == trained.submission.path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fixed", "oof_f1", "rate", "global_oof"])
+def test_each_strategy_gives_a_valid_submission(trained, strategy, tmp_path):
+    cfg = override(trained, **{"predict.threshold": strategy, "submission.path": str(tmp_path / "s.csv"),
+                               "predict.tta": ["identity"]})
+    predict(cfg, progress=False)
+    assert len(read_submission(cfg)) == 12
+
+
+@pytest.mark.slow
+def test_ensemble_of_experiments_and_fold_subset(trained, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained.run.dir, copy)
+    cfg = override(trained, **{
+        "predict.runs": [{"dir": trained.run.dir, "weight": 1.0}, {"dir": str(copy), "weight": 3.0}],
+        "predict.folds": [0], "run.dir": str(tmp_path / "ensemble"), "submission.path": str(tmp_path / "e.csv")})
+    predict(cfg, progress=False)
+    alone = override(trained, **{"predict.folds": [0], "predict.runs": [{"dir": trained.run.dir}],
+                                 "run.dir": str(tmp_path / "alone"),
+                                 "submission.path": str(tmp_path / "a.csv")})
+    predict(alone, progress=False)
+    # Two copies of one experiment, however weighted, equal the experiment alone.
+    a = pd.read_csv(tmp_path / "ensemble" / "test_probs.csv").iloc[:, 1:].to_numpy()
+    b = pd.read_csv(tmp_path / "alone" / "test_probs.csv").iloc[:, 1:].to_numpy()
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_missing_fold_checkpoint_is_a_clear_error(trained, tmp_path):
+    cfg = override(trained, **{"predict.folds": [0, 7], "submission.path": str(tmp_path / "x.csv")})
+    with pytest.raises(PipelineError, match=r"fold\(s\) \[7\]"):
+        predict(cfg, progress=False)
+    assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.slow
+def test_missing_sample_submission_is_a_clear_error(trained, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(trained.data.dir, data)
+    (data / "sample_submission.csv").unlink()
+    cfg = override(trained, **{"data.dir": str(data), "submission.path": str(tmp_path / "x.csv")})
+    with pytest.raises(PipelineError, match="sample_submission.csv"):
+        predict(cfg, progress=False)
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_unknown_tta_view_is_rejected(tiny_cfg):
+    cfg = override(tiny_cfg, **{"predict.tta": ["identity", "rot45"]})
+    with pytest.raises(PipelineError, match="rot45"):
+        predict(cfg, progress=False)
+
+
+def test_d4_views_are_the_eight_symmetries():
+    image = torch.arange(9.0).view(1, 1, 3, 3)
+    views = {v: d4_view(image, v) for v in ("identity", "rot90", "rot180", "rot270", "flip", "flip_rot90",
+                                            "flip_rot180", "flip_rot270")}
+    assert len({tuple(v.flatten().tolist()) for v in views.values()}) == 8
+    assert torch.equal(views["rot180"], d4_view(views["rot90"], "rot90"))
+    assert torch.equal(views["flip"], torch.flip(image, dims=[3]))
+
+
+@pytest.mark.parametrize("frame, message", [
+    (pd.DataFrame({"Id": ["a", "a"], "Predicted": ["0", "1"]}), "duplicates"),
+    (pd.DataFrame({"Id": ["a"], "Predicted": ["0"]}), "missing"),
+    (pd.DataFrame({"Id": ["a", "b"], "Predicted": ["0", "9"]}), "row 3"),
+    (pd.DataFrame({"Id": ["a", "b"], "Predicted": ["0", ""]}), "row 3"),
+    (pd.DataFrame({"Id": ["a", "b"], "Predicted": ["0", None]}), "NaN"),
+    (pd.DataFrame({"Id": ["a", "b"], "Labels": ["0", "1"]}), "columns"),
+])
+def test_validate_submission_failures(frame, message):
+    with pytest.raises(PipelineError, match=message):
+        validate_submission(frame, ["a", "b"], num_classes=6)
