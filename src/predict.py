@@ -27,8 +27,14 @@ from src.config import Config, PipelineError, RunRef, cli_parser, config_from_ar
 from src.data import RGBYDataset, label_matrix, load_test_table, load_train_table
 from src.metrics import decide
 from src.model import autocast, build_model, resolve_device
-from src.report import (class_table, plot_f1_vs_threshold, plot_per_class_f1, plot_strategies, strategy_table,
-                        write_markdown)
+from src.report import (
+    class_table,
+    plot_f1_vs_threshold,
+    plot_per_class_f1,
+    plot_strategies,
+    strategy_table,
+    write_markdown,
+)
 from src.thresholds import STRATEGIES, ThresholdInputs, compare_strategies, thresholds_for
 from src.tracking import Tracker
 from src.train import load_checkpoint

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from src.config import Config, load_config
 from src.demo import make_demo_dataset
@@ -34,3 +35,13 @@ def tiny_config(data_dir: Path, work_dir: Path, *overrides: str) -> Config:
 @pytest.fixture
 def tiny_cfg(tiny_data, tmp_path) -> Config:
     return tiny_config(tiny_data, tmp_path)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Run torch ops on one thread. On a small shared CPU box, OpenMP threads that spin-wait for each
+    other make tiny models 10-50x slower under load; one thread is fast and just as deterministic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -44,15 +42,3 @@ def assert_same(actual, expected, where: str = "") -> None:
             assert_same(a, e, f"{where}[{i}]")
     else:
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run torch ops on one thread. On a small shared CPU box, OpenMP threads that spin-wait for each
-    other make tiny models 10-50x slower under load; one thread is fast and just as deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

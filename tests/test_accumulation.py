@@ -18,25 +18,18 @@ import math
 import pytest
 import torch
 from torch import nn
-
 from torch.utils.data import default_collate
 
 from src.model import build_model
 from src.train import Trainer, window_sizes
 from tests.conftest import tiny_config
-from tests.helpers import one_torch_thread, write_folds
+from tests.helpers import write_folds
 
 COMPARABLE = (
     "train.precision=fp32", "train.clip_grad=null", "train.weight_decay=0",
     "train.augment.d4=0", "train.augment.shift_scale_rotate=0", "train.augment.brightness_contrast=0",
     "train.augment.gamma=0", "model.modifier.feature_dropout=0", "model.drop_rate=0",
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
 
 
 # -- window_sizes ---------------------------------------------------------------------------------

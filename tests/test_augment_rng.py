@@ -17,17 +17,10 @@ from src.config import AugmentConfig
 from src.data import EpochSampler, RGBYDataset, build_augment, load_train_table, worker_init
 from src.train import Trainer
 from tests.conftest import tiny_config
-from tests.helpers import one_torch_thread
 
 IMAGE_SIZE = 32
 N_COPIES = 16
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
 
 
 def collate_with_worker(batch):

@@ -11,16 +11,9 @@ from torch import nn
 from src.config import ConfigError, LossConfig
 from src.losses import LOSSES, FocalLoss, SoftMacroF1Loss, build_loss, parse_mix
 from src.model import build_model
-from tests.helpers import one_torch_thread
 
 HARD_LOGIT = 50.0  # sigmoid(+-50) is 0/1 to well within float32 tolerance
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
 
 
 def hard_logits(predictions: np.ndarray) -> torch.Tensor:

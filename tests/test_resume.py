@@ -17,7 +17,7 @@ import torch
 from src.config import load_config
 from src.train import Trainer, TrainingDiverged, train
 from tests.conftest import TINY_CLASSES, tiny_config
-from tests.helpers import assert_same, one_torch_thread, write_folds
+from tests.helpers import assert_same, write_folds
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +31,6 @@ VARIANTS = {
     "accumulation": ("train.batch_size=4", "train.accum_steps=2"),
 }
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
 
 
 def run_config(tiny_data, work_dir: Path, variant: str, *overrides: str):
