@@ -4,7 +4,7 @@ Each class owns a small random glyph. An image's labels decide which glyphs tile
 *green* channel (the protein channel in HPA; a class is a repeated pattern, as a protein localisation
 is). The red, blue and yellow channels carry cell-like blobs and the patterns of random other classes
 as distractors, so a model must learn to read the green channel. Label frequencies follow a power law
-(like HPA's: a few common classes, many rare ones; 1.6 labels per image), so a constant predictor scores
+(like HPA's: a few common classes, many rare ones; about 1.6 labels per image), so a constant predictor scores
 badly on macro-F1. Everything is decided by the seed.
 
     python -m src.demo --out input/demo --train 2000 --test 300 --size 64
