@@ -110,9 +110,15 @@ class TrainConfig(Section):
 
 
 class LossConfig(Section):
-    # A loss name or a weighted mix, e.g. "bce", "soft_f1", "bce+soft_f1", "0.5*bce+soft_f1".
+    # A loss name or a weighted mix, e.g. "bce", "soft_f1", "bce+soft_f1", "0.5*bce+soft_f1";
+    # or "label_embedding" alone: PMI -> SVD label vectors, cosine-proximity regression, nearest-label decoding.
     name: str = "bce+soft_f1"
     focal_gamma: float = Field(2.0, ge=0.0)
+    # label_embedding: embedding dimension k (capped at the number of classes), positive PMI (negative and
+    # never-co-occurring pairs set to 0), and a pseudo-count added to each label's count (rare labels).
+    embedding_dim: int = Field(300, ge=2)
+    pmi_positive: bool = True
+    pmi_smoothing: float = Field(0.0, ge=0.0)
 
 
 class RunConfig(Section):

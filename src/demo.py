@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from src.config import run_cli
+from src.config import PipelineError, run_cli
 from src.data import write_rgby
 
 GLYPH = 3  # glyph side in cells
@@ -32,16 +32,22 @@ def d4_orbit(glyph: np.ndarray) -> list[np.ndarray]:
 
 
 def class_glyphs(num_classes: int, rng: np.random.Generator, min_distance: int = 2) -> np.ndarray:
-    """One random binary GLYPH x GLYPH pattern per class. Microscopy has no up or right, so the
-    pipeline augments with rotations and flips: any two glyphs differ in >= ``min_distance`` cells under
-    every rotation and reflection, so that a class stays recognisable after augmentation."""
+    """One binary GLYPH x GLYPH pattern per class. Microscopy has no up or right, so the pipeline
+    augments with rotations and flips: two glyphs differ in >= ``min_distance`` cells under every
+    rotation and reflection (where too few such patterns exist, in >= 1: still distinct after
+    augmentation). All patterns are tried in random order, so this always ends."""
+    cells = GLYPH * GLYPH
+    codes = rng.permutation(2**cells)
     glyphs: list[np.ndarray] = []
-    while len(glyphs) < num_classes:
-        glyph = rng.random((GLYPH, GLYPH)) < 0.5
-        if glyph.sum() >= GLYPH * GLYPH // 3 and all(
-                (variant != other).sum() >= min_distance for other in glyphs for variant in d4_orbit(glyph)):
-            glyphs.append(glyph)
-    return np.stack(glyphs)
+    for distance in sorted({min_distance, 1}, reverse=True):
+        for code in codes:
+            glyph = ((int(code) >> np.arange(cells)) & 1).astype(bool).reshape(GLYPH, GLYPH)
+            if glyph.sum() >= cells // 3 and all(
+                    (variant != other).sum() >= distance for other in glyphs for variant in d4_orbit(glyph)):
+                glyphs.append(glyph)
+                if len(glyphs) == num_classes:
+                    return np.stack(glyphs)
+    raise PipelineError(f"the demo generator has only {len(glyphs)} distinct patterns; ask for fewer classes")
 
 
 def label_rates(num_classes: int, top_rate: float = 0.4, exponent: float = 1.0) -> np.ndarray:

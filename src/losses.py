@@ -74,7 +74,7 @@ def parse_mix(name: str) -> list[tuple[float, str]]:
         match = re.fullmatch(r"(?:((?:\d+\.?\d*|\.\d+)(?:[eE]-?\d+)?)\*)?([a-z_0-9]+)", part)
         if not match or match.group(2) not in LOSSES:
             raise ConfigError(f"loss.name: {part!r} in {name!r} is not a loss; choose from {sorted(LOSSES)}, "
-                              "optionally weighted and mixed, e.g. '0.5*bce+soft_f1'")
+                              "optionally weighted and mixed, e.g. '0.5*bce+soft_f1', or 'label_embedding' alone")
         terms.append((float(match.group(1) or 1.0), match.group(2)))
     return terms
 

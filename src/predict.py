@@ -15,6 +15,7 @@ Writes ``submission.path`` (validated, atomic), ``run.dir/test_probs.csv`` (for 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from src.config import Config, PipelineError, RunRef, cli_parser, config_from_args, load_config, run_cli
+from src.config import Config, PipelineError, RunRef, cli_parser, config_from_args, load_config, override, run_cli
 from src.data import RGBYDataset, label_matrix, load_test_table, load_train_table
 from src.metrics import decide
 from src.model import autocast, build_model, resolve_device
@@ -37,7 +38,7 @@ from src.report import (
 )
 from src.thresholds import STRATEGIES, ThresholdInputs, compare_strategies, thresholds_for
 from src.tracking import Tracker
-from src.train import load_checkpoint
+from src.train import load_checkpoint, output_scorer
 
 D4_VIEWS = ("identity", "rot90", "rot180", "rot270", "flip", "flip_rot90", "flip_rot180", "flip_rot270")
 
@@ -58,8 +59,9 @@ def check_views(views: list[str]) -> None:
 
 @torch.no_grad()
 def tta_scores(model: torch.nn.Module, loader: DataLoader, device: torch.device, precision: str,
-               views: list[str], reduce: str, desc: str, progress: bool = True) -> np.ndarray:
-    """Sigmoid scores (n x m) under each TTA view, reduced over views by mean or max. Views are made
+               views: list[str], reduce: str, to_scores: Callable[[np.ndarray], np.ndarray], desc: str,
+               progress: bool = True) -> np.ndarray:
+    """Per-class scores (n x m) under each TTA view, reduced over views by mean or max. Views are made
     on the device from one loaded batch, so images are read and decoded once."""
     model.eval()
     batches = []
@@ -68,9 +70,10 @@ def tta_scores(model: torch.nn.Module, loader: DataLoader, device: torch.device,
         per_view = []
         for view in views:
             with autocast(device, precision):
-                per_view.append(torch.sigmoid(model(d4_view(images, view)).float()))
-        stacked = torch.stack(per_view)
-        batches.append((stacked.mean(0) if reduce == "mean" else stacked.amax(0)).cpu().numpy())
+                outputs = model(d4_view(images, view))
+            per_view.append(to_scores(outputs.float().cpu().numpy()))
+        stacked = np.stack(per_view)
+        batches.append(stacked.mean(0) if reduce == "mean" else stacked.max(0))
     return np.concatenate(batches)
 
 
@@ -97,7 +100,8 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, device: torc
                 progress: bool = True) -> tuple[np.ndarray, pd.DataFrame]:
     """Test scores of one experiment (mean over its folds) and its OOF scores (with a ``fold`` column)."""
     run_dir = Path(ref.dir)
-    run_cfg = load_config(run_dir / "config.yaml")  # the experiment's own backbone, size and loss
+    # The experiment's own backbone, size and loss; never fetch pretrained weights (the checkpoint has them).
+    run_cfg = override(load_config(run_dir / "config.yaml"), **{"model.pretrained": False})
     if run_cfg.data.num_classes != cfg.data.num_classes:
         raise PipelineError(f"{run_dir}: trained for {run_cfg.data.num_classes} classes, "
                             f"this config has {cfg.data.num_classes}")
@@ -106,10 +110,12 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, device: torc
                         pin_memory=device.type == "cuda")
     fold_scores, oof_parts = [], []
     for fold, path in fold_checkpoints(run_dir, cfg.predict.folds, cfg.predict.checkpoint):
-        model = build_model(run_cfg).to(device)
-        model.load_state_dict(model_weights(load_checkpoint(path)))
+        weights = model_weights(load_checkpoint(path))
+        model = build_model(run_cfg, out_dim=weights["head.weight"].shape[0]).to(device)
+        model.load_state_dict(weights)
+        to_scores = output_scorer(run_cfg, path.parent)
         fold_scores.append(tta_scores(model, loader, device, cfg.train.precision, cfg.predict.tta,
-                                      cfg.predict.tta_reduce, f"{run_dir.name} fold {fold}", progress))
+                                      cfg.predict.tta_reduce, to_scores, f"{run_dir.name} fold {fold}", progress))
         oof_path = path.parent / "oof.csv"
         if not oof_path.is_file():
             raise PipelineError(f"{oof_path} not found: fold {fold} of {run_dir} has no OOF predictions")

@@ -18,12 +18,14 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import expit
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
@@ -32,10 +34,21 @@ from tqdm import tqdm
 from src.config import Config, PipelineError, cli_parser, config_from_args, run_cli, save_config
 from src.data import EpochSampler, RGBYDataset, build_augment, label_matrix, load_train_table, worker_init
 from src.folds import load_folds
+from src.label_embedding import LabelEmbedding, plot_label_map, plot_similarity_heatmap
 from src.losses import build_loss
 from src.metrics import best_thresholds, decide, f1_per_class
 from src.model import autocast, build_model, infer, param_groups, resolve_device
 from src.tracking import Tracker
+
+EMBEDDING_FILE = "label_embedding.npz"
+
+
+def output_scorer(cfg: Config, fold_dir: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Raw network outputs -> per-class scores in [0, 1]: the sigmoid, or for ``loss.name=label_embedding``
+    cosine similarity to every label vector of the fold's saved embedding, mapped to [0, 1]."""
+    if cfg.loss.name == "label_embedding":
+        return LabelEmbedding.load(fold_dir / EMBEDDING_FILE).decode
+    return expit
 
 
 class TrainingDiverged(PipelineError):
@@ -141,10 +154,16 @@ class Trainer:
         self.train_table = table[folds != fold].reset_index(drop=True)
         self.val_table = table[folds == fold].reset_index(drop=True)
 
-        self.model = build_model(cfg).to(self.device)
+        self.embedding = None
+        if cfg.loss.name == "label_embedding":
+            # Fitted on the training folds only: the validation fold's labels stay unseen.
+            self.embedding = LabelEmbedding.fit(
+                self.train_table["labels"], cfg.data.num_classes, dim=min(cfg.loss.embedding_dim, cfg.data.num_classes),
+                positive=cfg.loss.pmi_positive, smoothing=cfg.loss.pmi_smoothing, seed=tc.seed, verbose=progress)
+        self.model = build_model(cfg, self.embedding.embedding.shape[1] if self.embedding else None).to(self.device)
         if cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = build_loss(cfg.loss).to(self.device)
+        self.loss_fn = (self.embedding.loss() if self.embedding else build_loss(cfg.loss)).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, tc), lr=tc.lr)
         batches = len(self.train_table) // tc.batch_size
         self.steps_per_epoch = math.ceil(batches / tc.accum_steps)
@@ -291,9 +310,9 @@ class Trainer:
         """Validation loss, macro-F1 at 0.5 and at per-class best thresholds, per-class F1, probabilities."""
         tc = self.cfg.train
         loader = self._loader(self.val_set, batch_size=tc.batch_size * 2)
-        logits, val_loss = infer(self.eval_model(), loader, self.device, tc.precision, self.loss_fn,
-                                 self.cfg.model.channels_last, desc="validating", progress=self.progress)
-        probs = 1 / (1 + np.exp(-logits))
+        outputs, val_loss = infer(self.eval_model(), loader, self.device, tc.precision, self.loss_fn,
+                                  self.cfg.model.channels_last, desc="validating", progress=self.progress)
+        probs = self.embedding.decode(outputs) if self.embedding else expit(outputs)
         truth = label_matrix(self.val_table["labels"], self.cfg.data.num_classes)
         thresholds, tuned_f1 = best_thresholds(truth, probs)
         f1_half = f1_per_class(truth, decide(probs, 0.5))
@@ -325,6 +344,13 @@ class Trainer:
         save_config(self.cfg, Path(self.cfg.run.dir) / "config.yaml")
         tracker = Tracker(self.cfg, self.fold_dir, name=f"{Path(self.cfg.run.dir).name}-fold{self.fold}",
                           group=Path(self.cfg.run.dir).name)
+        if self.embedding:
+            self.embedding.save(self.fold_dir / EMBEDDING_FILE)
+            E, support = self.embedding.embedding, self.embedding.support
+            tracker.log_images({
+                "label_embedding/similarity": plot_similarity_heatmap(E, self.fold_dir / "label_similarity.png",
+                                                                      support=support),
+                "label_embedding/map": plot_label_map(E, self.fold_dir / "label_map.png", support=support)})
         stopped = False
         try:
             while self.state.epoch < tc.epochs and not stopped:

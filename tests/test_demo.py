@@ -18,7 +18,7 @@ NUM_CLASSES = 28
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n_train=400, n_test=50, size=32,
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n_train=400, n_test=300, size=32,
                              num_classes=NUM_CLASSES, seed=3, progress=False)
 
 

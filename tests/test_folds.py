@@ -25,7 +25,7 @@ N_SPLITS = 3  # as configs/demo.yaml
 @pytest.fixture(scope="module")
 def fresh_data(tmp_path_factory) -> Path:
     """Never to be modified: tests that break it work on a copy (``data``)."""
-    return make_demo_dataset(tmp_path_factory.mktemp("fresh") / "data", n_train=300, n_test=10, size=32,
+    return make_demo_dataset(tmp_path_factory.mktemp("fresh") / "data", n_train=800, n_test=10, size=32,
                              num_classes=NUM_CLASSES, seed=7, progress=False)
 
 

@@ -125,3 +125,21 @@ def test_d4_views_are_the_eight_symmetries():
 def test_validate_submission_failures(frame, message):
     with pytest.raises(PipelineError, match=message):
         validate_submission(frame, ["a", "b"], num_classes=6)
+
+
+@pytest.mark.slow
+def test_label_embedding_run_trains_and_decodes_into_a_valid_submission(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, "loss.name=label_embedding", "loss.embedding_dim=4")
+    for fold in range(cfg.folds.n_splits):
+        train(cfg, fold, progress=False)
+    fold_dir = tmp_path / "run" / "fold0"
+    for name in ("label_embedding.npz", "label_similarity.png", "label_map.png"):
+        assert (fold_dir / name).is_file(), name
+    state = torch.load(fold_dir / "best.pt", weights_only=True)["model"]
+    assert state["head.weight"].shape[0] == 4  # the head regresses onto the k-dim label embedding
+    oof = pd.read_csv(fold_dir / "oof.csv").iloc[:, 1:].to_numpy()
+    assert oof.shape[1] == TINY_CLASSES and oof.min() >= 0 and oof.max() <= 1  # decoded per-class scores
+    predict(cfg, progress=False)
+    submission = read_submission(cfg)
+    assert len(submission) == 12
+    assert all(p.split() and all(0 <= int(c) < TINY_CLASSES for c in p.split()) for p in submission["Predicted"])

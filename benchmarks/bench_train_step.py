@@ -1,0 +1,291 @@
+"""Training-step throughput: this pipeline's loop (``Trainer.train_epoch``) vs a timm-style loop.
+
+    .venv/bin/python benchmarks/bench_train_step.py [--precision bf16] [--breakdown] [key=value ...]
+
+Both sides run the same network (``src.model.build_model``: backbone, feature modifier, head, uint8 input
+normalised on the device), the same loss, the same AdamW over the same parameter groups, at the same
+batch, image size and precision, on the same uint8 batches already on the device: data loading is
+excluded from both.
+
+- "pipeline loop": the real ``Trainer.train_epoch``, built from ``--config``, its loader replaced by the
+  in-memory batches; everything else as in training: autocast, fp32 loss scaled to the accumulation
+  window, grad scaler, clipping, scheduler, EMA (as the config sets them), divergence check, tqdm bar
+  (written to a temp file) and per-step ``Tracker.log`` (W&B mode of the config).
+- "timm-style": what timm's ``benchmark.py`` ``TrainBenchmarkRunner`` times: forward under autocast,
+  loss, backward, optimizer step (optimizer step every ``accum_steps`` micro-batches, as the loop does;
+  a GradScaler only for fp16). It synchronises only at the end, where timm synchronises every step,
+  so it is a slightly stricter baseline.
+
+The two are measured alternately (A B, B A, ...) and the medians are compared, to cancel drift on a shared
+machine. Target: the pipeline loop at most 5% slower.
+
+``--breakdown`` says where a difference comes from: it adds to the alternation the loop with tracker,
+tqdm, EMA and clipping all off, and the baseline with the loop's per-step ``float(loss)`` (a host-device
+sync on CUDA); then it times each per-optimizer-step extra of the loop in isolation (ms per call and
+share of the step).
+
+Defaults: on CPU the tiny ``test_efficientnet`` at 256 px; on CUDA the config's backbone and image size.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `src` and `benchmarks` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import contextlib
+import tempfile
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from benchmarks.common import (REPO_ROOT, describe_device, feed, median, spread, synthetic_batches,
+                               timed, trainer_config)
+from src.config import load_config, run_cli
+from src.losses import build_loss
+from src.model import autocast, build_model, param_groups, resolve_device
+from src.tracking import Tracker
+from src.train import Trainer
+
+TARGET_SLOWDOWN = 0.05
+
+
+class TimmStyleLoop:
+    """The minimal loop timm's benchmark.py times, on the pipeline's network, loss and optimizer."""
+
+    def __init__(self, trainer: Trainer):
+        cfg = trainer.cfg
+        self.device, self.precision = trainer.device, cfg.train.precision
+        self.accum_steps, self.channels_last = cfg.train.accum_steps, cfg.model.channels_last
+        self.model = build_model(cfg).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.load_state_dict(trainer.model.state_dict())  # same weights as the loop's network
+        self.loss_fn = build_loss(cfg.loss).to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.train), lr=cfg.train.lr)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+    def run(self, batches, sync_loss: bool = False) -> None:
+        """One pass over ``batches``; ``sync_loss`` adds the pipeline's per-step ``float(loss)``."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        for index, (images, targets) in enumerate(batches):
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.precision):
+                outputs = self.model(images)
+            loss = self.loss_fn(outputs.float(), targets) / self.accum_steps
+            if self.scaler:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            if (index + 1) % self.accum_steps and index + 1 < len(batches):
+                continue
+            if sync_loss:
+                float(loss.detach())
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+class PipelineLoop:
+    """``Trainer.train_epoch`` over in-memory batches, with parts optionally switched off."""
+
+    def __init__(self, trainer: Trainer, tracker: Tracker | None, progress_file):
+        self.trainer, self.tracker, self.progress_file = trainer, tracker, progress_file
+
+    def run(self, batches, tracker: bool = True, progress: bool = True, ema: bool = True, clip: bool = True) -> None:
+        trainer = self.trainer
+        saved = trainer.progress, trainer.ema, trainer.cfg.train.clip_grad
+        trainer.progress = progress
+        trainer.ema = trainer.ema if ema else None
+        trainer.cfg.train.clip_grad = trainer.cfg.train.clip_grad if clip else None
+        feed(trainer, batches)
+        try:
+            with contextlib.redirect_stderr(self.progress_file):  # the tqdm bar goes to a log file
+                trainer.train_epoch(self.tracker if tracker else None)
+        finally:
+            trainer.progress, trainer.ema, trainer.cfg.train.clip_grad = saved
+
+
+def component_costs(trainer: Trainer, tracker: Tracker, batch, progress_file, repeats: int = 30) -> dict[str, float]:
+    """Seconds per call of each thing ``train_epoch`` does once per optimizer step on top of a minimal loop,
+    timed alone on the trainer's own objects after a real backward (so gradients exist). Run last: it
+    advances the EMA, the scheduler and the W&B step."""
+    tc, device = trainer.cfg.train, trainer.device
+    images, targets = batch
+    if trainer.cfg.model.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    trainer.model.train()
+    with autocast(device, tc.precision):
+        outputs = trainer.model(images)
+    loss = trainer.loss_fn(outputs.float(), targets)
+    loss.backward()
+    window_loss = loss.detach()
+    bar = tqdm(total=10**9, file=progress_file, desc="bench")
+    step = [trainer.state.step + 10]
+    lr = trainer.optimizer.param_groups[-1]["lr"]
+
+    def log() -> None:
+        step[0] += 1
+        tracker.log({"train/loss": 0.5, "train/lr": lr, "train/images_per_s": 80.0, "train/epoch": 1.0}, step=step[0])
+
+    parts = {
+        "float(window_loss) (divergence check)": lambda: float(window_loss),
+        "scheduler.step()": trainer.scheduler.step,
+        "tqdm set_postfix (redraws every step)": lambda: bar.set_postfix(loss=f"{0.5:.4f}", lr=f"{lr:.2e}",
+                                                                         img_s=f"{80.0:.1f}"),
+        f"tracker.log (W&B {trainer.cfg.wandb.mode})": log,
+    }
+    if tc.clip_grad:
+        params = list(trainer.model.parameters())
+        parts["clip_grad_norm_ (unscale_ not incl.)"] = lambda: nn.utils.clip_grad_norm_(params, tc.clip_grad)
+    if trainer.ema:
+        parts["EMA update"] = lambda: trainer.ema.update(trainer.model, step=step[0])
+    costs = {}
+    for name, fn in parts.items():
+        fn()
+        costs[name] = timed(lambda: [fn() for _ in range(repeats)], device) / repeats
+    bar.close()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return costs
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "hpa_nasnet512.yaml"))
+    parser.add_argument("--backbone", help="timm model (default: test_efficientnet on CPU, the config's on CUDA)")
+    parser.add_argument("--image-size", type=int, help="default: 256 on CPU, the config's on CUDA")
+    parser.add_argument("--batch-size", type=int, help="default: the config's")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: the config's")
+    parser.add_argument("--accum-steps", type=int, default=1,
+                        help="micro-batches per optimizer step (default 1: per-step overheads at their largest)")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--steps", type=int, help="micro-batches per timed pass (default: 20 on CPU, 50 on CUDA)")
+    parser.add_argument("--warmup", type=int, help="untimed micro-batches per side first (default: 3 CPU, 10 CUDA)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timed passes per side")
+    parser.add_argument("--no-ema", action="store_true", help="switch the config's EMA off")
+    parser.add_argument("--no-clip", action="store_true", help="switch the config's gradient clipping off")
+    parser.add_argument("--wandb", choices=["disabled", "offline"], help="tracker mode (default: the config's)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the loop without tracker / tqdm / EMA / clip, and the baseline with float(loss)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1; 0: torch's default). On a small shared CPU box, "
+                             "OpenMP threads spin-waiting for each other make steps several times slower "
+                             "and far noisier; one thread measures the loop reliably")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark=True (both sides)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads and not torch.cuda.is_available():
+        torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    device = resolve_device("auto")
+    on_cpu = device.type == "cpu"
+    overrides = ["train.device=auto", "model.pretrained=false", f"train.accum_steps={args.accum_steps}"]
+    if args.backbone or on_cpu:
+        overrides.append(f"model.backbone={args.backbone or 'test_efficientnet'}")
+    if args.image_size or on_cpu:
+        overrides.append(f"data.image_size={args.image_size or 256}")
+    if args.batch_size:
+        overrides.append(f"train.batch_size={args.batch_size}")
+    if args.precision:
+        overrides.append(f"train.precision={args.precision}")
+    if args.channels_last:
+        overrides.append("model.channels_last=true")
+    if args.no_ema:
+        overrides.append("train.ema=false")
+    if args.no_clip:
+        overrides.append("train.clip_grad=null")
+    if args.wandb:
+        overrides.append(f"wandb.mode={args.wandb}")
+    steps = args.steps or (20 if on_cpu else 50)
+    warmup = args.warmup if args.warmup is not None else (3 if on_cpu else 10)
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
+        work_dir = Path(tmp)
+        cfg = trainer_config(args.config, work_dir, overrides + args.overrides)
+        checkpoint_every = load_config(args.config, args.overrides).train.checkpoint_every_steps
+        tc = cfg.train
+        trainer = Trainer(cfg, fold=0, progress=True)
+        trainer.fold_dir.mkdir(parents=True, exist_ok=True)
+        tracker = Tracker(cfg, trainer.fold_dir, name="bench_train_step")
+        baseline = TimmStyleLoop(trainer)
+        batches = synthetic_batches(steps, tc.batch_size, cfg.model.in_chans, cfg.data.image_size,
+                                    cfg.data.num_classes, device)
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        print(f"device      {describe_device(device)}; torch {torch.__version__}")
+        print(f"model       {cfg.model.backbone} ({n_params / 1e6:.2f} M params) + modifier + head, "
+              f"{cfg.model.in_chans} channels, {cfg.data.image_size} px, "
+              f"{'channels_last' if cfg.model.channels_last else 'NCHW'}")
+        print(f"training    batch {tc.batch_size} x accum {tc.accum_steps}, {tc.precision}, loss {cfg.loss.name}, "
+              f"AdamW, clip {tc.clip_grad}, EMA {tc.ema}, W&B {cfg.wandb.mode}")
+        print(f"timing      {steps} micro-batches per pass after {warmup} warm-up, {args.rounds} rounds, "
+              f"alternating; data loading excluded", flush=True)
+
+        progress_log = open(work_dir / "tqdm.log", "w")
+        loop = PipelineLoop(trainer, tracker, progress_log)
+        variants = {"pipeline loop": lambda b: loop.run(b), "timm-style": lambda b: baseline.run(b)}
+        if args.breakdown:
+            variants |= {
+                "loop -log-tqdm-EMA-clip": lambda b: loop.run(b, tracker=False, progress=False, ema=False, clip=False),
+                "timm-style + float(loss)": lambda b: baseline.run(b, sync_loss=True),
+            }
+        names = list(variants)
+        for name in names:  # warm-up: allocator, autotuning, first-call costs
+            variants[name](batches[:warmup] or batches[:1])
+
+        images_per_pass = steps * tc.batch_size
+        speeds: dict[str, list[float]] = {name: [] for name in names}
+        print(f"\n{'round':<6}" + "".join(f"{name:>26}" for name in names) + "   (images/s)")
+        for round_index in range(args.rounds):
+            shift = round_index % len(names)  # rotate the order: A B, B A, ...
+            order = names[shift:] + names[:shift] if len(names) > 2 else names[::1 if round_index % 2 == 0 else -1]
+            for name in order:
+                speeds[name].append(images_per_pass / timed(lambda: variants[name](batches), device))
+            print(f"{round_index + 1:<6}" + "".join(f"{speeds[name][-1]:>26.2f}" for name in names), flush=True)
+
+        base = speeds["timm-style"]
+        print(f"\n{'':<26}{'images/s (median)':>18}{'min..max':>16}{'vs timm-style':>15}{'paired ratio':>14}")
+        for name in names:
+            paired = median([s / b for s, b in zip(speeds[name], base)])
+            print(f"{name:<26}{median(speeds[name]):>18.2f}{spread(speeds[name]):>16}"
+                  f"{median(speeds[name]) / median(base):>15.3f}{paired:>14.3f}")
+        paired = median([s / b for s, b in zip(speeds["pipeline loop"], base)])
+        slowdown = 1 - paired
+        verdict = "met" if slowdown <= TARGET_SLOWDOWN else "NOT met"
+        print(f"\npipeline loop {median(speeds['pipeline loop']):.2f} images/s, timm-style {median(base):.2f} images/s: "
+              f"ratio {paired:.3f} (median of paired rounds), the loop is {100 * slowdown:+.1f}% slower; "
+              f"target <= {100 * TARGET_SLOWDOWN:.0f}% slower: {verdict}")
+
+        # Periodic checkpoints are not in the figures above; say what they add at the config's interval.
+        if checkpoint_every:
+            save_seconds = timed(lambda: trainer.save("last.pt"), device)
+            step_seconds = tc.accum_steps * tc.batch_size / median(speeds["pipeline loop"])
+            share = save_seconds / (save_seconds + checkpoint_every * step_seconds)
+            print(f"checkpoint  last.pt every {checkpoint_every} optimizer steps (not timed above): "
+                  f"{save_seconds:.2f} s per save, {100 * share:.2f}% of training time at this step time")
+        if args.breakdown:
+            step_seconds = tc.accum_steps * tc.batch_size / median(speeds["pipeline loop"])
+            print(f"\nper optimizer step extras of the loop, each timed alone ({step_seconds * 1e3:.1f} ms per step):")
+            total = 0.0
+            for name, seconds in component_costs(trainer, tracker, batches[0], progress_log).items():
+                total += seconds
+                print(f"  {name:<40}{seconds * 1e3:>9.3f} ms{100 * seconds / step_seconds:>8.2f}%")
+            print(f"  {'sum':<40}{total * 1e3:>9.3f} ms{100 * total / step_seconds:>8.2f}%")
+        progress_log.close()
+        tracker.finish()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,95 @@
+"""Pieces the benchmark scripts share: synthetic batches, a real Trainer fed from memory, timing.
+
+The training benchmarks time ``Trainer.train_epoch`` itself with data loading excluded: the Trainer is
+built from a config over a tiny demo dataset (its images are never read) and its ``_loader`` is replaced
+by a list of uint8 batches already in memory, so what is timed is the loop: autocast, fp32 loss,
+accumulation bookkeeping, grad scaler, clipping, scheduler, EMA, tqdm and logging.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from src.config import Config, load_config, override
+from src.demo import make_demo_dataset
+from src.train import Trainer, window_sizes
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock intervals cover it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds ``fn()`` takes, queued GPU work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def synthetic_batches(count: int, batch_size: int, in_chans: int, image_size: int, num_classes: int,
+                      device: torch.device, distinct: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` (uint8 N x C x H x W images, multi-hot float targets) batches, as the DataLoader yields
+    them, already on ``device``. Only ``distinct`` different batches are made and then repeated: the
+    content does not change the cost of a step, and big GPU batches stay cheap to hold."""
+    generator = torch.Generator().manual_seed(seed)
+    made = []
+    for _ in range(min(count, distinct)):
+        images = torch.randint(0, 256, (batch_size, in_chans, image_size, image_size), generator=generator,
+                               dtype=torch.uint8)
+        targets = (torch.rand(batch_size, num_classes, generator=generator) < 0.1).float()
+        made.append((images.to(device), targets.to(device)))
+    return [made[i % len(made)] for i in range(count)]
+
+
+def trainer_config(config: str | Path, work_dir: Path, overrides: list[str]) -> Config:
+    """``config`` with ``overrides``, pointed at a tiny demo dataset, fold file and run folder under
+    ``work_dir``. The dataset only lets the Trainer be constructed: batches come from memory."""
+    cfg = load_config(config, overrides)
+    n_samples = cfg.train.batch_size + 2  # one full training batch, two validation samples
+    data_dir = make_demo_dataset(work_dir / "data", n_train=n_samples, n_test=2, size=32,
+                                 num_classes=cfg.data.num_classes, seed=0, progress=False)
+    ids = pd.read_csv(data_dir / "train.csv", dtype={"Id": str})["Id"]
+    folds_path = work_dir / "folds.csv"
+    pd.DataFrame({"Id": ids, "fold": [1] * (len(ids) - 2) + [0, 0]}).to_csv(folds_path, index=False)
+    return override(cfg, **{
+        "data.dir": str(data_dir), "folds.path": str(folds_path), "run.dir": str(work_dir / "run"),
+        "train.num_workers": 0, "train.resume": False, "train.stop_after_steps": None,
+        # Periodic checkpoints are timed separately (a file write every N steps is not the step loop).
+        "train.checkpoint_every_steps": 0,
+    })
+
+
+def feed(trainer: Trainer, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Make the Trainer's next ``train_epoch`` run over exactly ``batches``, straight from memory."""
+    trainer._loader = lambda *args, **kwargs: batches
+    batch_size = len(batches[0][0])
+    trainer.window_sizes = window_sizes(batch_size * len(batches), batch_size, trainer.cfg.train.accum_steps)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"cuda: {props.name}, {props.total_memory / 2**30:.1f} GiB"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: list[float]) -> str:
+    """min..max of a list of figures, for judging the noise next to a median."""
+    return f"{min(values):.1f}..{max(values):.1f}" if values else "-"
