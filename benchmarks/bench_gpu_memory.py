@@ -183,6 +183,9 @@ def summarise(results: list[tuple[Layout, int, dict | str]]) -> None:
             reasons = {r for layout, _, r in results if layout.name == name}
             say(f"  {name:<22} {', '.join(sorted(reasons))}")
             continue
+        if not any("allocated_gib" in r for r in measured):
+            say(f"  {name:<22} no GPU memory figures (measured on the CPU)")
+            continue
         best = max(fitting) if fitting else None
         verdict = "met" if best and best >= TARGET_BATCH else "NOT met"
         say(f"  {name:<22} largest measured batch under {TARGET_GIB:.0f} GiB: {best or 'none'} -> {verdict}")

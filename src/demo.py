@@ -23,7 +23,7 @@ from tqdm import tqdm
 from src.config import PipelineError, run_cli
 from src.data import write_rgby
 
-GLYPH = 3  # glyph side in cells
+GLYPH_SIDES = ((90, 3), (10_000, 4))  # glyph side in cells: 3 x 3 has 90 usable patterns, 4 x 4 thousands
 
 
 def d4_orbit(glyph: np.ndarray) -> list[np.ndarray]:
@@ -32,16 +32,17 @@ def d4_orbit(glyph: np.ndarray) -> list[np.ndarray]:
 
 
 def class_glyphs(num_classes: int, rng: np.random.Generator, min_distance: int = 2) -> np.ndarray:
-    """One binary GLYPH x GLYPH pattern per class. Microscopy has no up or right, so the pipeline
-    augments with rotations and flips: two glyphs differ in >= ``min_distance`` cells under every
+    """One binary pattern per class (3 x 3 cells; 4 x 4 for more than 90 classes). Microscopy has no up
+    or right, so the pipeline augments with rotations and flips: two glyphs differ in >= ``min_distance`` cells under every
     rotation and reflection (where too few such patterns exist, in >= 1: still distinct after
     augmentation). All patterns are tried in random order, so this always ends."""
-    cells = GLYPH * GLYPH
+    side = next((side for limit, side in GLYPH_SIDES if num_classes <= limit), GLYPH_SIDES[-1][1])
+    cells = side * side
     codes = rng.permutation(2**cells)
     glyphs: list[np.ndarray] = []
     for distance in sorted({min_distance, 1}, reverse=True):
         for code in codes:
-            glyph = ((int(code) >> np.arange(cells)) & 1).astype(bool).reshape(GLYPH, GLYPH)
+            glyph = ((int(code) >> np.arange(cells)) & 1).astype(bool).reshape(side, side)
             if glyph.sum() >= cells // 3 and all(
                     (variant != other).sum() >= distance for other in glyphs for variant in d4_orbit(glyph)):
                 glyphs.append(glyph)
@@ -67,9 +68,10 @@ def _tile(plane: np.ndarray, glyph: np.ndarray, quadrant: int, value: int) -> No
     """Fill one quadrant of ``plane`` with the glyph repeated on a grid: a class's "localisation pattern"."""
     half = plane.shape[0] // 2
     scale = max(1, plane.shape[0] // 32)
-    period = (GLYPH + 1) * scale
+    side = glyph.shape[0] * scale
+    period = side + scale
     motif = np.zeros((period, period), dtype=bool)
-    motif[: GLYPH * scale, : GLYPH * scale] = np.kron(glyph, np.ones((scale, scale), dtype=bool))
+    motif[:side, :side] = np.kron(glyph, np.ones((scale, scale), dtype=bool))
     repeats = half // period + 1
     mask = np.tile(motif, (repeats, repeats))[:half, :half]
     y, x = divmod(quadrant, 2)
