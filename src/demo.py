@@ -33,9 +33,9 @@ def d4_orbit(glyph: np.ndarray) -> list[np.ndarray]:
 
 def class_glyphs(num_classes: int, rng: np.random.Generator, min_distance: int = 2) -> np.ndarray:
     """One binary pattern per class (3 x 3 cells; 4 x 4 for more than 90 classes). Microscopy has no up
-    or right, so the pipeline augments with rotations and flips: two glyphs differ in >= ``min_distance`` cells under every
-    rotation and reflection (where too few such patterns exist, in >= 1: still distinct after
-    augmentation). All patterns are tried in random order, so this always ends."""
+    or right, so the pipeline augments with rotations and flips: two glyphs differ in >= ``min_distance``
+    cells under every rotation and reflection (where too few such patterns exist, in >= 1: still distinct
+    after augmentation). All patterns are tried in random order, so this always ends."""
     side = next((side for limit, side in GLYPH_SIDES if num_classes <= limit), GLYPH_SIDES[-1][1])
     cells = side * side
     codes = rng.permutation(2**cells)
