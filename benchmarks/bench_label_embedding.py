@@ -6,8 +6,9 @@ Synthetic label table: power-law label frequencies, ~8 labels per image, co-occu
 groups of labels (each image draws two groups, then three labels inside each by a power law, plus two
 labels from the global power law), drawn vectorised and deduplicated by the sparse sum. Prints one table
 with each figure next to its target, PASS/MISS. Peak memory per stage is the process's peak RSS during
-the stage (Linux ``/proc/self/clear_refs`` resets it; else ``ru_maxrss``, the peak so far) and the
-peak of numpy/Python allocations made by the stage (``tracemalloc``).
+the stage (Linux ``/proc/self/clear_refs`` resets it; else ``ru_maxrss``, the peak so far), next to the
+RSS when the stage starts (imports, the label matrix, ...), and the peak of the numpy/Python allocations
+made by the stage (``tracemalloc``; BLAS/LAPACK workspaces are not traced).
 """
 
 from __future__ import annotations
@@ -72,28 +73,35 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_gib() -> float:
+def _status_gib(field: str) -> float | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024 / GIB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    return None
+
+
+def _peak_rss_gib() -> float:
+    peak = _status_gib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
 @contextmanager
 def stage(results: dict, name: str):
     """Wall time, peak RSS and peak traced allocations of the enclosed block into ``results[name]``."""
     _reset_peak_rss()
+    before = _status_gib("VmRSS") or float("nan")
     tracemalloc.start()
     start = time.perf_counter()
     yield
     seconds = time.perf_counter() - start
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    results[name] = {"s": seconds, "rss_gib": _peak_rss_gib(), "traced_gib": traced_peak / GIB}
+    results[name] = {"s": seconds, "rss_before_gib": before, "rss_gib": _peak_rss_gib(),
+                     "traced_gib": traced_peak / GIB}
 
 
 def main() -> None:
@@ -152,9 +160,9 @@ def main() -> None:
         decode_top_k(goal, E, 10)
 
     embed_name = f"embedding k={k}"
-    print(f"\n{'stage':<30}{'time s':>8}{'peak RSS GiB':>14}{'traced GiB':>12}")
+    print(f"\n{'stage':<30}{'time s':>8}{'RSS before GiB':>16}{'peak RSS GiB':>14}{'traced GiB':>12}")
     for name, r in results.items():
-        print(f"{name:<30}{r['s']:>8.2f}{r['rss_gib']:>14.2f}{r['traced_gib']:>12.2f}")
+        print(f"{name:<30}{r['s']:>8.2f}{r['rss_before_gib']:>16.2f}{r['rss_gib']:>14.2f}{r['traced_gib']:>12.2f}")
     checks = [("PMI + embedding time", results["PMI (positive)"]["s"] + results[embed_name]["s"], 60, "s"),
               ("PMI + embedding peak RSS", max(results["PMI (positive)"]["rss_gib"], results[embed_name]["rss_gib"]),
                4, "GiB"),

@@ -1,11 +1,13 @@
-"""The prediction report: strategy comparison, per-class table and the plots a person looks at.
+"""The plots a person looks at, and the prediction report: strategy comparison and per-class table.
 
-Only this module draws (matplotlib, headless). Written under ``run.dir/report/``.
+Only this module draws (matplotlib, headless). The prediction report goes under ``run.dir/report/``; the
+label-embedding plots next to the fold that fitted the embedding.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from src.label_embedding import _normalize_rows  # noqa: E402
 from src.metrics import f1_curves  # noqa: E402
 
 MAX_CLASSES_PLOTTED = 28  # many-label sets: the most frequent classes only
@@ -121,4 +124,85 @@ def write_markdown(path: Path, header: str, strategies: pd.DataFrame, classes: p
             "## Per class (chosen strategy)\n", block(classes), "## Plots\n"]
     text += [f"![{name}]({plot.name})\n" for name, plot in plots.items()]
     path.write_text("\n".join(text))
+    return path
+
+
+# -- label embedding plots ---------------------------------------------------------------------------------
+def _figure(figsize):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
+def _chosen_labels(E: np.ndarray, support: np.ndarray | None, max_labels: int) -> np.ndarray:
+    """Labels with an embedding: all when few, else the ``max_labels`` most frequent (first ones without support)."""
+    seen = np.flatnonzero(np.asarray(E).any(axis=1))
+    if len(seen) <= max_labels:
+        return seen
+    if support is None:
+        return seen[:max_labels]
+    return np.sort(seen[np.argsort(-np.asarray(support)[seen], kind="stable")[:max_labels]])
+
+
+def plot_similarity_heatmap(E: np.ndarray, path: str | Path, max_labels: int = 60, support: np.ndarray | None = None,
+                            label_names: Sequence[str] | None = None) -> Path:
+    """Label-label cosine similarity in embedding space, labels ordered by average-linkage clustering so
+    that groups of co-occurring labels show as blocks. Many labels: the ``max_labels`` most frequent."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    unit = _normalize_rows(E)
+    chosen = _chosen_labels(unit, support, max_labels)
+    if len(chosen) > 2:
+        distance = np.clip(1 - unit[chosen] @ unit[chosen].T, 0, 2)
+        condensed = distance[np.triu_indices(len(chosen), 1)]
+        chosen = chosen[leaves_list(linkage(condensed, method="average"))]
+    similarity = unit[chosen] @ unit[chosen].T
+    names = [str(label_names[c]) if label_names is not None else str(c) for c in chosen]
+    size = max(5.0, 0.16 * len(chosen) + 2)
+    fig = _figure((size + 1.2, size))
+    ax = fig.subplots()
+    image = ax.imshow(similarity, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
+    ticks = np.arange(len(chosen))
+    ax.set_xticks(ticks, names, rotation=90, fontsize=6)
+    ax.set_yticks(ticks, names, fontsize=6)
+    which = "" if len(chosen) == len(unit) else f" ({len(chosen)} most frequent of {len(unit)})"
+    ax.set_title(f"Label similarity in embedding space{which}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_label_map(E: np.ndarray, path: str | Path, support: np.ndarray | None = None,
+                   label_names: Sequence[str] | None = None, annotate_max: int = 60) -> Path:
+    """2-D map of the labels: the first two principal components of the embedding rows, point area by
+    support, labels annotated when there are at most ``annotate_max``."""
+    from sklearn.decomposition import PCA
+
+    unit = _normalize_rows(E)
+    seen = np.flatnonzero(unit.any(axis=1))
+    pca = PCA(n_components=2, random_state=0)
+    xy = pca.fit_transform(unit[seen]) if min(len(seen), unit.shape[1]) >= 2 else np.zeros((len(seen), 2))
+    counts = np.ones(len(seen)) if support is None else np.asarray(support, dtype=float)[seen]
+    area = 8 + 250 * np.sqrt(counts / max(counts.max(), 1)) if len(seen) else []
+    fig = _figure((8, 7))
+    ax = fig.subplots()
+    points = ax.scatter(xy[:, 0], xy[:, 1], s=area, c=np.log10(counts + 1), cmap="viridis", alpha=0.6,
+                        linewidths=0)
+    if support is not None:
+        fig.colorbar(points, ax=ax, label="log10(support + 1)")
+    if len(seen) <= annotate_max:
+        for (x, y), label in zip(xy, seen):
+            ax.annotate(str(label_names[label]) if label_names is not None else str(label), (x, y), fontsize=7,
+                        ha="center", va="center")
+    explained = getattr(pca, "explained_variance_ratio_", np.zeros(2))
+    ax.set_xlabel(f"PC 1 ({explained[0]:.0%} of variance)")
+    ax.set_ylabel(f"PC 2 ({explained[1]:.0%} of variance)")
+    unseen = len(unit) - len(seen)
+    ax.set_title(f"Label embedding, {len(seen)} labels, dim {unit.shape[1]}"
+                 + (f" ({unseen} never seen, not shown)" if unseen else ""), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
     return path

@@ -34,10 +34,11 @@ from tqdm import tqdm
 from src.config import Config, PipelineError, cli_parser, config_from_args, run_cli, save_config
 from src.data import EpochSampler, RGBYDataset, build_augment, label_matrix, load_train_table, worker_init
 from src.folds import load_folds
-from src.label_embedding import LabelEmbedding, plot_label_map, plot_similarity_heatmap
+from src.label_embedding import LabelEmbedding
 from src.losses import build_loss
 from src.metrics import best_thresholds, decide, f1_per_class
 from src.model import autocast, build_model, infer, param_groups, resolve_device
+from src.report import plot_label_map, plot_similarity_heatmap
 from src.tracking import Tracker
 
 EMBEDDING_FILE = "label_embedding.npz"

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from scipy import sparse
+from threadpoolctl import threadpool_limits
 
 from src.config import PipelineError
 from src.data import label_matrix
@@ -21,13 +22,19 @@ from src.label_embedding import (
     embed,
     empty_labels,
     label_matrix_sparse,
-    plot_label_map,
-    plot_similarity_heatmap,
     pmi_matrix,
     targets,
     top_k,
     truncated_svd,
 )
+from src.report import plot_label_map, plot_similarity_heatmap
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    # As for torch (conftest): tiny matrices, and BLAS threads that spin-wait on a shared box are slower.
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def random_labels(seed: int, n: int = 150, m: int = 9, absent: int | None = None) -> list[tuple[int, ...]]:
