@@ -143,10 +143,10 @@ class PredictConfig(Section):
     tta_reduce: Literal["mean", "max"] = "mean"
     threshold: Literal["fixed", "oof_f1", "rate", "global_oof"] = "oof_f1"
     fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    # oof_f1: final = shrink * tuned + (1 - shrink) * fixed_threshold; below 1 it guards against overfitting
-    # the tuned thresholds to a small OOF set (2nd place HPA shrank with 0.7).
+    # oof_f1: final = shrink * tuned + (1 - shrink) * (the global_oof threshold); below 1 it guards against
+    # overfitting the tuned thresholds to a small OOF set (2nd place HPA shrank with 0.7).
     shrink: float = Field(1.0, gt=0.0, le=1.0)
-    # oof_f1: classes with fewer OOF positives than this use fixed_threshold.
+    # oof_f1: classes with fewer OOF positives than this take the global_oof threshold.
     min_positives: int = Field(5, ge=1)
     # rate: csv "class,rate" overriding the train label rates.
     rate_table: str | None = None

@@ -2,8 +2,10 @@
 
 - ``fixed``: one threshold for every class (``predict.fixed_threshold``).
 - ``oof_f1``: per class, the threshold maximising that class's F1 on OOF scores, shrunk towards the
-  fixed threshold by ``predict.shrink``; classes with fewer than ``predict.min_positives`` OOF positives
-  keep the fixed threshold (too rare to tune).
+  ``global_oof`` threshold by ``predict.shrink``; classes with fewer than ``predict.min_positives`` OOF
+  positives take the ``global_oof`` threshold (too rare to tune). The anchor comes from the scores
+  themselves, so it suits sigmoid outputs and decoded label-embedding scores (where 0.5 means cosine 0)
+  alike.
 - ``rate``: per class, the threshold whose predicted-positive rate on the scores it is applied to equals
   the class's label rate in train (or ``predict.rate_table``).
 - ``global_oof``: one threshold for every class, maximising OOF macro-F1.
@@ -38,9 +40,10 @@ def fixed(inputs: ThresholdInputs, cfg: PredictConfig) -> np.ndarray:
 
 def oof_f1(inputs: ThresholdInputs, cfg: PredictConfig) -> np.ndarray:
     tuned, _ = best_thresholds(inputs.oof_true, inputs.oof_scores)
-    shrunk = cfg.shrink * tuned + (1 - cfg.shrink) * cfg.fixed_threshold
+    anchor = global_oof(inputs, cfg)
+    shrunk = cfg.shrink * tuned + (1 - cfg.shrink) * anchor
     too_rare = inputs.oof_true.sum(axis=0) < cfg.min_positives
-    return np.where(too_rare, cfg.fixed_threshold, shrunk)
+    return np.where(too_rare, anchor, shrunk)
 
 
 def rate(inputs: ThresholdInputs, cfg: PredictConfig) -> np.ndarray:

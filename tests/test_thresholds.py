@@ -68,15 +68,21 @@ def test_fixed_and_global_oof():
     assert chosen[0] == pytest.approx(GLOBAL_GRID[int(np.argmax(brute))])
 
 
-def test_oof_f1_shrinks_and_falls_back_for_rare_classes():
+@pytest.mark.parametrize("offset", [0.0, 0.4])
+def test_oof_f1_shrinks_towards_the_global_threshold_and_falls_back_to_it_for_rare_classes(offset):
     truth, scores = make_oof(seed=3)
+    scores = scores * 0.6 + offset  # offset 0.4: scores in [0.4, 1], as decoded label-embedding scores are
     truth[:, 5] = 0
     truth[:3, 5] = 1  # 3 positives: below min_positives=5
     tuned, _ = best_thresholds(truth, scores)
     cfg = PredictConfig(shrink=0.7, fixed_threshold=0.5, min_positives=5)
-    result = thresholds_for("oof_f1", ThresholdInputs(truth, scores, scores, truth.mean(0)), cfg)
-    assert result[5] == 0.5
-    np.testing.assert_allclose(result[:5], 0.7 * tuned[:5] + 0.3 * 0.5)
+    inputs = ThresholdInputs(truth, scores, scores, truth.mean(0))
+    anchor = thresholds_for("global_oof", inputs, cfg)[0]
+    result = thresholds_for("oof_f1", inputs, cfg)
+    assert result[5] == anchor
+    np.testing.assert_allclose(result[:5], 0.7 * tuned[:5] + 0.3 * anchor)
+    # The rare class is not predicted for most samples, whatever the score range.
+    assert (scores[:, 5] >= result[5]).mean() < 0.5
 
 
 def test_rate_matches_label_rate_on_target_scores():
