@@ -1,6 +1,6 @@
 """Peak GPU memory and images/s of the main config's training step (nasnetalarge, 4 channels, 512 px, bf16).
 
-    .venv/bin/python benchmarks/bench_gpu_memory.py [--batch-sizes 8 16 24] [--channels-last]
+    .venv/bin/python -m benchmarks.bench_gpu_memory [--batch-sizes 8 16 24] [--channels-last]
         [--grad-checkpointing] [--cell-checkpointing] [--all] [--time-budget 200]
 
 Each configuration runs the real ``Trainer.train_epoch`` of ``configs/hpa_nasnet512.yaml`` (AdamW, EMA,
@@ -23,12 +23,6 @@ CUDA it says so, runs a CPU smoke check of the same code path on a tiny model, a
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make `src` and `benchmarks` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import functools
 import gc
@@ -36,6 +30,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import timm
 import torch
@@ -110,8 +105,9 @@ def release(device: torch.device) -> None:
 def measure(trainer: Trainer, batch_size: int, steps: int, warmup: int, device: torch.device) -> dict:
     """One untimed pass, then a timed pass of ``steps`` micro-batches through ``train_epoch``."""
     cfg = trainer.cfg
+    # One distinct batch, repeated: like training, only the current batch sits on the device.
     batches = synthetic_batches(max(steps, warmup), batch_size, cfg.model.in_chans, cfg.data.image_size,
-                                cfg.data.num_classes, device)
+                                cfg.data.num_classes, device, distinct=1)
     feed(trainer, batches[:warmup])
     trainer.train_epoch()
     if device.type == "cuda":
@@ -149,13 +145,17 @@ def run_layouts(args, layouts: list[Layout], device: torch.device) -> list[tuple
                 # 1.5x: a slower layout (checkpointing recomputes) may follow a faster one
                 expected = 1.5 * (args.steps + args.warmup) * batch_size / last_rate if last_rate else 0.0
                 if time.perf_counter() - START + expected > args.time_budget:
-                    say(f"{layout.name:<22}{batch_size:>6}  skipped: would overrun --time-budget {args.time_budget:.0f} s")
+                    say(f"{layout.name:<22}{batch_size:>6}  skipped: would overrun --time-budget "
+                        f"{args.time_budget:.0f} s")
                     results.append((layout, batch_size, "skipped (time)"))
                     continue
                 try:
                     result = measure(trainer, batch_size, args.steps, args.warmup, device)
                 except torch.OutOfMemoryError:
+                    result = None
+                if result is None:  # freed outside the except block, whose traceback pins the activations
                     trainer.optimizer.zero_grad(set_to_none=True)
+                    trainer.state.batches_done = 0  # the interrupted pass must not look like a resumable epoch
                     release(device)
                     say(f"{layout.name:<22}{batch_size:>6}  out of memory")
                     results.append((layout, batch_size, "out of memory"))
@@ -205,10 +205,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cell-checkpointing", action="store_true",
                         help="benchmark-only: torch.utils.checkpoint around each NASNet cell")
     parser.add_argument("--all", action="store_true", help="NCHW, channels_last, timm and cell checkpointing")
-    parser.add_argument("--time-budget", type=float, default=200.0,
+    parser.add_argument("--time-budget", type=float, default=180.0,
                         help="seconds; configurations that would run past it are skipped")
     parser.add_argument("--memory-limit-gib", type=float,
-                        help="cap the caching allocator (torch.cuda.set_per_process_memory_fraction) to emulate a smaller card")
+                        help="cap the caching allocator (torch.cuda.set_per_process_memory_fraction) to "
+                             "emulate a smaller card")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark=True")
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
                         help="cpu: run the full measurement on the CPU (no memory figures; for checking the script)")
@@ -218,9 +219,10 @@ def parse_args() -> argparse.Namespace:
 
 def layouts_of(args) -> list[Layout]:
     if args.all:
-        return [Layout("NCHW"), Layout("channels_last", channels_last=True),
-                Layout("grad_ckpt (timm)", grad_checkpointing=True),
+        # Most telling first, in case the time budget runs out.
+        return [Layout("NCHW"), Layout("grad_ckpt (timm)", grad_checkpointing=True),
                 Layout("cell_ckpt (bench only)", cell_checkpointing=True),
+                Layout("channels_last", channels_last=True),
                 Layout("cell_ckpt+ch_last", channels_last=True, cell_checkpointing=True)]
     parts = [name for name, on in (("channels_last", args.channels_last), ("grad_ckpt (timm)", args.grad_checkpointing),
                                    ("cell_ckpt (bench only)", args.cell_checkpointing)) if on]
@@ -255,8 +257,9 @@ def main() -> None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gib * GIB / total), device)
     say(f"device {describe_device(device)}; torch {torch.__version__}, timm {timm.__version__}")
-    say(f"{args.backbone}, 4 channels, {args.image_size} px, {args.precision}, config {Path(args.config).name}; "
-        f"{args.warmup} + {args.steps} micro-batches per configuration; budget {args.time_budget:.0f} s"
+    say(f"{args.backbone}, 4 channels, {args.image_size} px, {args.precision}, config {Path(args.config).name} "
+        f"(its accumulation, EMA, clipping); {args.warmup} + {args.steps} micro-batches per configuration; "
+        f"budget {args.time_budget:.0f} s"
         + (f"; allocator capped at {args.memory_limit_gib} GiB" if args.memory_limit_gib else ""))
     summarise(run_layouts(args, layouts_of(args), device))
 

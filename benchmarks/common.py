@@ -40,7 +40,8 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def synthetic_batches(count: int, batch_size: int, in_chans: int, image_size: int, num_classes: int,
-                      device: torch.device, distinct: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                      device: torch.device, distinct: int = 4, seed: int = 0
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` (uint8 N x C x H x W images, multi-hot float targets) batches, as the DataLoader yields
     them, already on ``device``. Only ``distinct`` different batches are made and then repeated: the
     content does not change the cost of a step, and big GPU batches stay cheap to hold."""

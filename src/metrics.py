@@ -22,7 +22,7 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def _sorted_columns(y_true: np.ndarray, scores: np.ndarray):
-    order = np.argsort(scores, axis=0, kind="stable")
+    order = np.argsort(scores, axis=0)  # ties need no stable order: cuts inside them are masked out
     sorted_scores = np.take_along_axis(scores, order, axis=0)
     sorted_true = np.take_along_axis(y_true.astype(np.int64), order, axis=0)
     # tp_from[i, c]: positives among the samples ranked i..n-1 of class c (those kept by a cut at i).

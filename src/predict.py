@@ -105,6 +105,9 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, device: torc
     if run_cfg.data.num_classes != cfg.data.num_classes:
         raise PipelineError(f"{run_dir}: trained for {run_cfg.data.num_classes} classes, "
                             f"this config has {cfg.data.num_classes}")
+    if run_cfg.train.augment.d4 == 0 and set(cfg.predict.tta) - {"identity"}:
+        print(f"warning: {run_dir} was trained without D4 augmentation; TTA views {cfg.predict.tta} show the "
+              "model images unlike any it was trained on (consider predict.tta=[identity])")
     dataset = RGBYDataset(test_table, cfg.data.num_classes, run_cfg.data.image_size)
     loader = DataLoader(dataset, batch_size=cfg.predict.batch_size, num_workers=cfg.train.num_workers,
                         pin_memory=device.type == "cuda")
