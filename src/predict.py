@@ -238,7 +238,8 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     header = (f"Experiments: {', '.join(f'{r.dir} (weight {r.weight})' for r in refs)}; "
               f"TTA {cfg.predict.tta} ({cfg.predict.tta_reduce}); {len(oof)} OOF rows, {len(test_table)} test rows. "
               f"Chosen strategy: **{chosen}**. Cross-fold scores fit thresholds on the other folds' OOF rows: "
-              "the honest estimate of the test score.")
+              "the honest estimate of the test score."
+              + (" Only one fold's OOF rows: cross-fold equals in-sample." if oof["fold"].nunique() < 2 else ""))
     write_markdown(report_dir / "report.md", header, strategies, classes, plots)
 
     tracker = Tracker(cfg, out_dir, name=f"{out_dir.name}-predict", group=out_dir.name, job_type="predict")
