@@ -75,6 +75,12 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
             return timm.create_model(cfg.backbone, pretrained=True,
                                      pretrained_cfg_overlay=dict(file=str(pretrained)), **kwargs)
         return timm.create_model(cfg.backbone, pretrained=bool(pretrained), **kwargs)
+    except OSError as exc:  # the hub could not be reached, or has no such weights
+        if pretrained is not True:
+            raise
+        raise PipelineError(f"model.pretrained=true: could not fetch timm's weights for {cfg.backbone!r} "
+                            f"({type(exc).__name__}). Without network, point model.pretrained at a local "
+                            "weights file (or set it to false).") from None
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             close = timm.list_models(f"*{cfg.backbone[:6]}*")[:5]
