@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -273,14 +274,24 @@ def override(cfg: Config, **changes: Any) -> Config:
     return build_config(tree)
 
 
-def save_config(cfg: Config, path: str | Path) -> Path:
-    """Write the resolved config as YAML (atomically), so every output says how it was made."""
+def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temp file beside ``path`` (named by process, so concurrent writers never
+    share one), then rename it into place: readers see the old file or the new one, never half a file,
+    and a failed write leaves no temp file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    tmp.replace(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically), so every output says how it was made."""
+    return write_atomic(path, lambda tmp: tmp.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False)))
 
 
 def cli_parser(description: str) -> argparse.ArgumentParser:

@@ -11,7 +11,6 @@ duplicates do not leak between training and validation.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import imagehash
@@ -22,7 +21,7 @@ from PIL import Image
 from scipy.cluster.hierarchy import DisjointSet
 from tqdm import tqdm
 
-from src.config import Config, PipelineError, cli_parser, config_from_args, run_cli
+from src.config import Config, PipelineError, cli_parser, config_from_args, run_cli, write_atomic
 from src.data import channel_paths, label_matrix, load_train_table
 from src.validate import require_valid
 
@@ -105,15 +104,10 @@ def make_folds(cfg: Config, progress: bool = True) -> pd.DataFrame:
     folds = assign_folds(labels, cfg.folds.n_splits, cfg.folds.seed, groups)
     result = pd.DataFrame({"Id": table["Id"], "fold": folds})
     path = Path(cfg.folds.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        result.to_csv(tmp, index=False)
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: result.to_csv(tmp, index=False))
     except OSError as exc:
         raise PipelineError(f"cannot write folds file {path}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write must not leave a partial file behind
     if progress:
         print(fold_table(labels, folds).to_string())
         print(f"wrote {path} ({len(result)} samples, {cfg.folds.n_splits} folds)")

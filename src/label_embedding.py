@@ -19,7 +19,6 @@ training and prediction decode with the same embedding.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -33,7 +32,7 @@ from scipy import sparse
 from sklearn.utils.extmath import randomized_svd, svd_flip
 from torch import nn
 
-from src.config import PipelineError
+from src.config import PipelineError, write_atomic
 
 FORMAT_VERSION = 1
 # Below this many labels (or when dim is a large share of them) an exact dense SVD is cheap and exact.
@@ -399,18 +398,16 @@ class LabelEmbedding:
 
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (.npz, no pickles) atomically: a temporary file, then ``os.replace``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, format_version=np.int64(FORMAT_VERSION), embedding=self.embedding.astype(np.float32),
-                     label_names=self.label_names.astype(str), support=self.support.astype(np.int64),
-                     singular_values=self.singular_values.astype(np.float32),
-                     eigen_signs=self.eigen_signs.astype(np.int8), n_samples=np.int64(self.n_samples),
-                     positive=np.bool_(self.positive), smoothing=np.float64(self.smoothing),
-                     dim=np.int64(self.dim), seed=np.int64(self.seed))
-        os.replace(tmp, path)
-        return path
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, format_version=np.int64(FORMAT_VERSION), embedding=self.embedding.astype(np.float32),
+                         label_names=self.label_names.astype(str), support=self.support.astype(np.int64),
+                         singular_values=self.singular_values.astype(np.float32),
+                         eigen_signs=self.eigen_signs.astype(np.int8), n_samples=np.int64(self.n_samples),
+                         positive=np.bool_(self.positive), smoothing=np.float64(self.smoothing),
+                         dim=np.int64(self.dim), seed=np.int64(self.seed))
+
+        return write_atomic(path, write)
 
     @classmethod
     def load(cls, path: str | Path) -> LabelEmbedding:

@@ -110,7 +110,8 @@ def param_groups(model: Net, cfg: TrainConfig) -> list[dict]:
     """Optimizer groups: backbone at ``backbone_lr``, modifier + head at ``lr``; no weight decay on
     norms and biases (1-d parameters)."""
     groups = []
-    for name, modules, lr in (("backbone", [model.backbone], cfg.backbone_lr or cfg.lr),
+    backbone_lr = cfg.lr if cfg.backbone_lr is None else cfg.backbone_lr  # 0 freezes the backbone's updates
+    for name, modules, lr in (("backbone", [model.backbone], backbone_lr),
                               ("modifier+head", [model.modifier, model.head], cfg.lr)):
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim > 1]

@@ -14,7 +14,6 @@ Writes ``submission.path`` (validated, atomic), ``run.dir/test_probs.csv`` (for 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +23,17 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from src.config import Config, PipelineError, RunRef, cli_parser, config_from_args, load_config, override, run_cli
+from src.config import (
+    Config,
+    PipelineError,
+    RunRef,
+    cli_parser,
+    config_from_args,
+    load_config,
+    override,
+    run_cli,
+    write_atomic,
+)
 from src.data import RGBYDataset, label_matrix, load_test_table, load_train_table
 from src.metrics import decide
 from src.model import autocast, build_model, resolve_device
@@ -36,9 +45,9 @@ from src.report import (
     strategy_table,
     write_markdown,
 )
-from src.thresholds import STRATEGIES, ThresholdInputs, compare_strategies, thresholds_for
+from src.thresholds import ThresholdInputs, compare_strategies, thresholds_for
 from src.tracking import Tracker
-from src.train import load_checkpoint, output_scorer
+from src.train import OOF_FILES, load_checkpoint, output_scorer
 
 D4_VIEWS = ("identity", "rot90", "rot180", "rot270", "flip", "flip_rot90", "flip_rot180", "flip_rot270")
 
@@ -119,7 +128,7 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, device: torc
         to_scores = output_scorer(run_cfg, path.parent)
         fold_scores.append(tta_scores(model, loader, device, cfg.train.precision, cfg.predict.tta,
                                       cfg.predict.tta_reduce, to_scores, f"{run_dir.name} fold {fold}", progress))
-        oof_path = path.parent / "oof.csv"
+        oof_path = path.parent / OOF_FILES[cfg.predict.checkpoint]
         if not oof_path.is_file():
             raise PipelineError(f"{oof_path} not found: fold {fold} of {run_dir} has no OOF predictions")
         oof = pd.read_csv(oof_path, dtype={"Id": str})
@@ -183,18 +192,12 @@ def validate_submission(frame: pd.DataFrame, expected_ids: list[str], num_classe
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path, **kwargs) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    frame.to_csv(tmp, index=False, **kwargs)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False, **kwargs))
 
 
 def predict(cfg: Config, progress: bool = True) -> Path:
     """Ensemble, TTA, threshold comparison, submission and report; returns the submission path."""
     check_views(cfg.predict.tta)
-    if cfg.predict.threshold not in STRATEGIES:
-        raise PipelineError(f"predict.threshold {cfg.predict.threshold!r}: choose from {list(STRATEGIES)}")
     device = resolve_device(cfg.train.device)
     test_table = load_test_table(cfg.data)
     train_table = load_train_table(cfg.data)

@@ -15,7 +15,6 @@ and one ``torch.amp.GradScaler`` (fp16 only) over all parameters of backbone, mo
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from src.config import Config, PipelineError, cli_parser, config_from_args, run_cli, save_config
+from src.config import Config, PipelineError, cli_parser, config_from_args, run_cli, save_config, write_atomic
 from src.data import EpochSampler, RGBYDataset, build_augment, label_matrix, load_train_table, worker_init
 from src.folds import load_folds
 from src.label_embedding import LabelEmbedding
@@ -42,6 +41,8 @@ from src.report import plot_label_map, plot_similarity_heatmap
 from src.tracking import Tracker
 
 EMBEDDING_FILE = "label_embedding.npz"
+# Validation probabilities of each checkpoint, so predict tunes thresholds on the model it applies them to.
+OOF_FILES = {"best": "oof.csv", "last": "oof_last.csv"}
 
 
 def output_scorer(cfg: Config, fold_dir: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -123,9 +124,7 @@ def restore_rng_states(states: dict) -> None:
 
 def atomic_save(obj: dict, path: Path) -> None:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -291,12 +290,14 @@ class Trainer:
                              "train/epoch": state.epoch + state.batches_done / n_batches}, step=state.step)
             window_loss = torch.zeros((), device=self.device)
             window_start, window_images = time.perf_counter(), 0
-            if tc.checkpoint_every_steps and state.step % tc.checkpoint_every_steps == 0:
-                self.save("last.pt")
             if tc.stop_after_steps is not None and state.step >= tc.stop_after_steps:
                 bar.close()
                 self.save("last.pt")
                 return False
+            # Periodic saves inside the epoch; the epoch's end saves anyway after validation.
+            if tc.checkpoint_every_steps and state.step % tc.checkpoint_every_steps == 0 and \
+                    batch_index + 1 < n_batches:
+                self.save("last.pt")
         bar.close()
         state.epoch += 1
         state.batches_done = 0
@@ -321,15 +322,12 @@ class Trainer:
                 "per_class_f1": f1_half, "per_class_f1_tuned": tuned_f1, "thresholds": thresholds,
                 "support": truth.sum(axis=0), "probs": probs}
 
-    def write_oof(self, probs: np.ndarray) -> Path:
-        """Out-of-fold probabilities of this fold: Id + one column per class."""
+    def write_oof(self, probs: np.ndarray, checkpoint: str) -> Path:
+        """Out-of-fold probabilities of this fold from ``checkpoint`` (best or last): Id + one column per class."""
         frame = pd.DataFrame(probs, columns=[str(c) for c in range(probs.shape[1])])
         frame.insert(0, "Id", self.val_table["Id"].values)
-        path = self.fold_dir / "oof.csv"
-        tmp = path.with_name(f"oof.{os.getpid()}.tmp")
-        frame.to_csv(tmp, index=False, float_format="%.6f")
-        os.replace(tmp, path)
-        return path
+        return write_atomic(self.fold_dir / OOF_FILES[checkpoint],
+                            lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6f"))
 
     # -- the whole fold ---------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -345,16 +343,16 @@ class Trainer:
         save_config(self.cfg, Path(self.cfg.run.dir) / "config.yaml")
         tracker = Tracker(self.cfg, self.fold_dir, name=f"{Path(self.cfg.run.dir).name}-fold{self.fold}",
                           group=Path(self.cfg.run.dir).name)
-        if self.embedding:
-            self.embedding.save(self.fold_dir / EMBEDDING_FILE)
-            E, support = self.embedding.embedding, self.embedding.support
-            tracker.log_images({
-                "label_embedding/similarity": plot_similarity_heatmap(E, self.fold_dir / "label_similarity.png",
-                                                                      support=support),
-                "label_embedding/map": plot_label_map(E, self.fold_dir / "label_map.png", support=support)})
         stopped = False
         try:
-            while self.state.epoch < tc.epochs and not stopped:
+            if self.embedding:
+                self.embedding.save(self.fold_dir / EMBEDDING_FILE)
+                E, support = self.embedding.embedding, self.embedding.support
+                tracker.log_images({
+                    "label_embedding/similarity": plot_similarity_heatmap(
+                        E, self.fold_dir / "label_similarity.png", support=support),
+                    "label_embedding/map": plot_label_map(E, self.fold_dir / "label_map.png", support=support)})
+            while self.state.epoch < tc.epochs:
                 start = time.perf_counter()
                 if not self.train_epoch(tracker):
                     stopped = True
@@ -370,10 +368,12 @@ class Trainer:
                        "best": improved}
                 self.history.append(row)
                 if improved:
-                    self.write_oof(metrics["probs"])
+                    self.write_oof(metrics["probs"], "best")
                     self.save("best.pt")
+                self.write_oof(metrics["probs"], "last")
                 self.save("last.pt")
-                pd.DataFrame(self.history).to_csv(self.fold_dir / "history.csv", index=False)
+                write_atomic(self.fold_dir / "history.csv",
+                             lambda tmp, rows=pd.DataFrame(self.history): rows.to_csv(tmp, index=False))
                 tracker.log({f"val/{k}": row[k] for k in ("val_loss", "macro_f1", "macro_f1_tuned")}
                             | {"epoch": self.state.epoch}, step=self.state.step)
                 tracker.log_per_class("val/per_class", {"f1@0.5": metrics["per_class_f1"],

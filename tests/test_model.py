@@ -71,3 +71,11 @@ def test_cuda_request_without_a_gpu_is_an_error():
     with pytest.raises(PipelineError, match="no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_backbone_lr_zero_is_kept_not_replaced_by_lr(tiny_cfg):
+    cfg = override(tiny_cfg, **{"train.lr": 1e-3, "train.backbone_lr": 0.0})
+    model = build_model(cfg)
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    for group in param_groups(model, cfg.train):
+        assert group["lr"] == (0.0 if id(group["params"][0]) in backbone_ids else 1e-3)

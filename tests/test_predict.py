@@ -143,3 +143,14 @@ def test_label_embedding_run_trains_and_decodes_into_a_valid_submission(tiny_dat
     submission = read_submission(cfg)
     assert len(submission) == 12
     assert all(p.split() and all(0 <= int(c) < TINY_CLASSES for c in p.split()) for p in submission["Predicted"])
+
+
+@pytest.mark.slow
+def test_last_checkpoint_is_paired_with_its_own_oof_predictions(trained, tmp_path):
+    for fold in range(trained.folds.n_splits):
+        fold_dir = f"{trained.run.dir}/fold{fold}"
+        last = pd.read_csv(f"{fold_dir}/oof_last.csv", dtype={"Id": str})
+        assert last["Id"].tolist() == pd.read_csv(f"{fold_dir}/oof.csv", dtype={"Id": str})["Id"].tolist()
+    cfg = override(trained, **{"predict.checkpoint": "last", "submission.path": str(tmp_path / "last.csv")})
+    predict(cfg, progress=False)
+    assert len(read_submission(cfg)) == 12
