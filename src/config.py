@@ -142,6 +142,10 @@ class PredictConfig(Section):
     # D4 views: identity, rot90, rot180, rot270, flip, flip_rot90, flip_rot180, flip_rot270.
     tta: list[str] = ["identity", "flip"]
     tta_reduce: Literal["mean", "max"] = "mean"
+    # Re-score each fold's validation rows under the same TTA views, so thresholds are tuned on scores made
+    # like the test scores (training's OOF is one view; matters most with tta_reduce=max). One more pass
+    # over the training set.
+    oof_tta: bool = False
     threshold: Literal["fixed", "oof_f1", "rate", "global_oof"] = "oof_f1"
     fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     # oof_f1: final = shrink * tuned + (1 - shrink) * (the global_oof threshold); below 1 it guards against

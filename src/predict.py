@@ -105,8 +105,8 @@ def model_weights(ckpt: dict) -> dict:
     return ckpt["model"]
 
 
-def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, device: torch.device,
-                progress: bool = True) -> tuple[np.ndarray, pd.DataFrame]:
+def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: pd.DataFrame,
+                device: torch.device, progress: bool = True) -> tuple[np.ndarray, pd.DataFrame]:
     """Test scores of one experiment (mean over its folds) and its OOF scores (with a ``fold`` column)."""
     run_dir = Path(ref.dir)
     # The experiment's own backbone, size and loss; never fetch pretrained weights (the checkpoint has them).
@@ -117,21 +117,31 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, device: torc
     if run_cfg.train.augment.d4 == 0 and set(cfg.predict.tta) - {"identity"}:
         print(f"warning: {run_dir} was trained without D4 augmentation; TTA views {cfg.predict.tta} show the "
               "model images unlike any it was trained on (consider predict.tta=[identity])")
-    dataset = RGBYDataset(test_table, cfg.data.num_classes, run_cfg.data.image_size)
-    loader = DataLoader(dataset, batch_size=cfg.predict.batch_size, num_workers=cfg.train.num_workers,
-                        pin_memory=device.type == "cuda")
+    def loader_of(table: pd.DataFrame) -> DataLoader:
+        dataset = RGBYDataset(table, cfg.data.num_classes, run_cfg.data.image_size)
+        return DataLoader(dataset, batch_size=cfg.predict.batch_size, num_workers=cfg.train.num_workers,
+                          pin_memory=device.type == "cuda")
+
+    test_loader = loader_of(test_table)
+    rows_by_id = train_table.set_index("Id")
+    model = None
     fold_scores, oof_parts = [], []
     for fold, path in fold_checkpoints(run_dir, cfg.predict.folds, cfg.predict.checkpoint):
         weights = model_weights(load_checkpoint(path))
-        model = build_model(run_cfg, out_dim=weights["head.weight"].shape[0]).to(device)
+        if model is None:  # one network per experiment; each fold loads its weights into it
+            model = build_model(run_cfg, out_dim=weights["head.weight"].shape[0]).to(device)
         model.load_state_dict(weights)
         to_scores = output_scorer(run_cfg, path.parent)
-        fold_scores.append(tta_scores(model, loader, device, cfg.train.precision, cfg.predict.tta,
-                                      cfg.predict.tta_reduce, to_scores, f"{run_dir.name} fold {fold}", progress))
+        views = (cfg.train.precision, cfg.predict.tta, cfg.predict.tta_reduce, to_scores)
+        fold_scores.append(tta_scores(model, test_loader, device, *views, f"{run_dir.name} fold {fold}", progress))
         oof_path = path.parent / OOF_FILES[cfg.predict.checkpoint]
         if not oof_path.is_file():
             raise PipelineError(f"{oof_path} not found: fold {fold} of {run_dir} has no OOF predictions")
         oof = pd.read_csv(oof_path, dtype={"Id": str})
+        if cfg.predict.oof_tta:
+            val_rows = rows_by_id.loc[oof["Id"]].reset_index()
+            oof.iloc[:, 1:] = tta_scores(model, loader_of(val_rows), device, *views,
+                                         f"{run_dir.name} fold {fold} OOF", progress)
         oof.insert(1, "fold", fold)
         oof_parts.append(oof)
     return np.mean(fold_scores, axis=0), pd.concat(oof_parts, ignore_index=True)
@@ -203,7 +213,7 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     train_table = load_train_table(cfg.data)
     m = cfg.data.num_classes
     refs = cfg.predict.runs or [RunRef(dir=cfg.run.dir)]
-    per_run = [(ref.weight, *predict_run(cfg, ref, test_table, device, progress)) for ref in refs]
+    per_run = [(ref.weight, *predict_run(cfg, ref, test_table, train_table, device, progress)) for ref in refs]
     test_scores, oof = combine_runs(per_run)
 
     truth_by_id = dict(zip(train_table["Id"], train_table["labels"]))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from src.config import PipelineError, override
-from src.predict import d4_view, predict, validate_submission
+from src.data import load_test_table, load_train_table
+from src.predict import d4_view, predict, predict_run, validate_submission
 from src.train import train
 from tests.conftest import TINY_CLASSES, tiny_config
 
@@ -154,3 +155,26 @@ def test_last_checkpoint_is_paired_with_its_own_oof_predictions(trained, tmp_pat
     cfg = override(trained, **{"predict.checkpoint": "last", "submission.path": str(tmp_path / "last.csv")})
     predict(cfg, progress=False)
     assert len(read_submission(cfg)) == 12
+
+
+@pytest.mark.slow
+def test_oof_tta_rescores_the_validation_rows_like_the_test_rows(trained, tmp_path):
+    # With the identity view alone, re-scoring reproduces training's OOF probabilities (same weights).
+    cfg = override(trained, **{"predict.oof_tta": True, "predict.tta": ["identity"],
+                               "run.dir": str(tmp_path / "out"), "predict.runs": [{"dir": trained.run.dir}],
+                               "submission.path": str(tmp_path / "s.csv")})
+    predict(cfg, progress=False)
+    assert len(read_submission(cfg)) == 12
+    _, oof = predict_run(cfg, cfg.predict.runs[0], load_test_table(cfg.data), load_train_table(cfg.data),
+                         torch.device("cpu"), progress=False)
+    saved = pd.concat([pd.read_csv(f"{trained.run.dir}/fold{f}/oof.csv", dtype={"Id": str}) for f in (0, 1)])
+    merged = oof.merge(saved, on="Id", suffixes=("", "_saved"))
+    assert len(merged) == len(saved)
+    for c in range(TINY_CLASSES):
+        np.testing.assert_allclose(merged[str(c)], merged[f"{c}_saved"], atol=1e-5)
+    # With flips added the scores change: the option really re-scores.
+    flipped = override(cfg, **{"predict.tta": ["identity", "flip", "rot90"], "predict.tta_reduce": "max"})
+    _, oof_max = predict_run(flipped, cfg.predict.runs[0], load_test_table(cfg.data), load_train_table(cfg.data),
+                             torch.device("cpu"), progress=False)
+    assert (oof_max.sort_values("Id")[[str(c) for c in range(TINY_CLASSES)]].to_numpy()
+            >= oof.sort_values("Id")[[str(c) for c in range(TINY_CLASSES)]].to_numpy() - 1e-6).all()
