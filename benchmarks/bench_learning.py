@@ -33,9 +33,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
-from benchmarks.common import REPO_ROOT
+from benchmarks.common import REPO_ROOT, add_threads_option, limit_cpu_threads
 from src.config import load_config, run_cli
 from src.data import label_matrix, load_train_table, read_rgby
 from src.demo import make_demo_dataset
@@ -85,9 +84,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--pixel-size", type=int, default=32, help="logistic regression: downsampled side")
     parser.add_argument("--lr-c", type=float, default=0.01, help="logistic regression: inverse L2 strength")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch and BLAS CPU threads (default 1: on a small shared CPU box more threads "
-                             "spin-wait and run several times slower; 0: the libraries' defaults)")
+    add_threads_option(parser)
     parser.add_argument("--work-dir", help="keep the dataset and run here (default: a temp folder, removed)")
     parser.add_argument("--progress", action="store_true", help="show the training progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
@@ -96,9 +93,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.threads and not torch.cuda.is_available():
-        torch.set_num_threads(args.threads)
-        threadpool_limits(args.threads)  # numpy/sklearn BLAS: same spin-waiting on a small shared box
+    limit_cpu_threads(args.threads)
     work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_learning_"))
     try:
         overrides = [f"data.dir={work_dir / 'data'}", f"folds.path={work_dir / 'folds.csv'}",

@@ -42,7 +42,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from benchmarks.common import REPO_ROOT, describe_device, feed, median, spread, synthetic_batches, timed, trainer_config
+from benchmarks.common import (
+    REPO_ROOT,
+    add_threads_option,
+    describe_device,
+    feed,
+    limit_cpu_threads,
+    median,
+    spread,
+    synthetic_batches,
+    timed,
+    trainer_config,
+)
 from src.config import load_config, run_cli
 from src.model import autocast, build_model, param_groups, resolve_device
 from src.tracking import Tracker
@@ -175,10 +186,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the loop without tracker / tqdm / EMA / clip, the baseline with "
                              "float(loss), and each loop extra alone")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1; 0: torch's default). On a small shared CPU box, "
-                             "OpenMP threads spin-waiting for each other make steps several times slower "
-                             "and far noisier; one thread measures the loop reliably")
+    add_threads_option(parser)
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark=True (both sides)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
@@ -187,8 +195,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.threads and not torch.cuda.is_available():
-        torch.set_num_threads(args.threads)
+    limit_cpu_threads(args.threads)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = resolve_device("auto")
     on_cpu = device.type == "cpu"

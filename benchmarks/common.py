@@ -8,6 +8,7 @@ accumulation bookkeeping, grad scaler, clipping, scheduler, EMA, tqdm and loggin
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
@@ -16,12 +17,27 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from threadpoolctl import threadpool_limits
 
 from src.config import Config, load_config, override
 from src.demo import make_demo_dataset
 from src.train import Trainer, window_sizes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and BLAS CPU threads (default 1; 0: the libraries' defaults). On a small "
+                             "shared CPU box, OpenMP threads spin-waiting for each other make steps several "
+                             "times slower and far noisier")
+
+
+def limit_cpu_threads(threads: int) -> None:
+    """Apply ``--threads`` on a CPU run: torch's intra-op threads and numpy/sklearn BLAS alike."""
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+        threadpool_limits(threads)
 
 
 def synchronize(device: torch.device) -> None:

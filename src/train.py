@@ -45,11 +45,13 @@ EMBEDDING_FILE = "label_embedding.npz"
 OOF_FILES = {"best": "oof.csv", "last": "oof_last.csv"}
 
 
-def output_scorer(cfg: Config, fold_dir: Path) -> Callable[[np.ndarray], np.ndarray]:
+def output_scorer(cfg: Config, fold_dir: Path, embedding: LabelEmbedding | None = None
+                  ) -> Callable[[np.ndarray], np.ndarray]:
     """Raw network outputs -> per-class scores in [0, 1]: the sigmoid, or for ``loss.name=label_embedding``
-    cosine similarity to every label vector of the fold's saved embedding, mapped to [0, 1]."""
+    cosine similarity to every label vector of the fold's embedding (``embedding``, else the saved one),
+    mapped to [0, 1]."""
     if cfg.loss.name == "label_embedding":
-        return LabelEmbedding.load(fold_dir / EMBEDDING_FILE).decode
+        return (embedding or LabelEmbedding.load(fold_dir / EMBEDDING_FILE)).decode
     return expit
 
 
@@ -314,7 +316,7 @@ class Trainer:
         loader = self._loader(self.val_set, batch_size=tc.batch_size * 2)
         outputs, val_loss = infer(self.eval_model(), loader, self.device, tc.precision, self.loss_fn,
                                   self.cfg.model.channels_last, desc="validating", progress=self.progress)
-        probs = self.embedding.decode(outputs) if self.embedding else expit(outputs)
+        probs = output_scorer(self.cfg, self.fold_dir, self.embedding)(outputs)
         truth = label_matrix(self.val_table["labels"], self.cfg.data.num_classes)
         thresholds, tuned_f1 = best_thresholds(truth, probs)
         f1_half = f1_per_class(truth, decide(probs, 0.5))
