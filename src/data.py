@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from src.config import AugmentConfig, DataConfig, PipelineError
 
@@ -298,6 +298,20 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter(self._pairs)
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, device: torch.device,
+                sampler: EpochSampler | None = None) -> DataLoader:
+    """The DataLoader of every stage. With an :class:`EpochSampler` (training) only full batches are
+    yielded (drop_last); without one (evaluation) every sample, in table order."""
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=sampler is not None,
+        num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
+        # Its own generator: creating an iterator must not draw from the global torch RNG, or a run
+        # resumed mid-epoch would see different dropout masks than an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+    )
 
 
 def worker_init(worker_id: int) -> None:

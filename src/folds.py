@@ -115,11 +115,11 @@ def make_folds(cfg: Config, progress: bool = True) -> pd.DataFrame:
 
 
 def load_folds(cfg: Config, table: pd.DataFrame) -> np.ndarray:
-    """Fold index for each row of ``table``, read from ``cfg.folds.path`` (made first if missing)."""
+    """Fold index for each row of ``table``, read from ``cfg.folds.path`` (the folds stage writes it)."""
     path = Path(cfg.folds.path)
     if not path.is_file():
-        print(f"{path} not found; making folds first")
-        make_folds(cfg)
+        raise PipelineError(f"folds file {path} not found: make it first with "
+                            "`python -m src.folds [--config FILE] [key=value ...]` (same config as training)")
     folds = pd.read_csv(path, dtype={"Id": str})
     if list(folds.columns[:2]) != ["Id", "fold"]:
         raise PipelineError(f"{path}: expected columns Id,fold, found {list(folds.columns)}")

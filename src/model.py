@@ -12,6 +12,7 @@ device by the network itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -137,22 +138,52 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+D4_VIEWS = ("identity", "rot90", "rot180", "rot270", "flip", "flip_rot90", "flip_rot180", "flip_rot270")
+
+
+def d4_view(images: torch.Tensor, view: str) -> torch.Tensor:
+    """One of the 8 dihedral views of an N x C x H x W batch."""
+    if view.startswith("flip"):
+        images = torch.flip(images, dims=[3])
+    turns = {"rot90": 1, "rot180": 2, "rot270": 3}.get(view.removeprefix("flip_"), 0)
+    return torch.rot90(images, turns, dims=[2, 3]) if turns else images
+
+
+def check_views(views: Sequence[str]) -> None:
+    unknown = [v for v in views if v not in D4_VIEWS]
+    if unknown or not views:
+        raise PipelineError(f"predict.tta: unknown or no view(s) {unknown}; choose from {list(D4_VIEWS)}")
+
+
 @torch.no_grad()
-def infer(model: nn.Module, loader, device: torch.device, precision: str, loss_fn: nn.Module | None = None,
-          channels_last: bool = False, desc: str = "infer", progress: bool = True
-          ) -> tuple[np.ndarray, float | None]:
-    """Raw outputs (n x out_dim, float32) of ``model`` over ``loader``, and the mean loss if asked."""
+def infer(model: nn.Module, loader, device: torch.device, *, precision: str = "fp32", channels_last: bool = False,
+          views: Sequence[str] = ("identity",), reduce: str = "mean",
+          to_scores: Callable[[np.ndarray], np.ndarray] | None = None, loss_fn: nn.Module | None = None,
+          desc: str = "infer", progress: bool = True) -> tuple[np.ndarray, float | None]:
+    """The one inference loop (validation, OOF re-scoring, prediction).
+
+    For each loaded batch, every TTA view in ``views`` is made on the device (images are read and decoded
+    once), run under ``precision``, mapped by ``to_scores`` (raw float32 outputs when None) and reduced over
+    views by ``reduce`` (mean or max). Returns the n x out stacked results and, when ``loss_fn`` is given,
+    the mean loss of the raw outputs of the first view.
+    """
+    check_views(views)
     model.eval()
-    outputs, total_loss, count = [], 0.0, 0
+    results, total_loss, count = [], 0.0, 0
     for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            batch_out = model(images)
-        batch_out = batch_out.float()
-        if loss_fn is not None:
-            total_loss += float(loss_fn(batch_out, targets.to(device))) * len(images)
-            count += len(images)
-        outputs.append(batch_out.cpu().numpy())
-    return np.concatenate(outputs), (total_loss / count if count else None)
+        per_view = []
+        for view in views:
+            with autocast(device, precision):
+                outputs = model(d4_view(images, view))
+            outputs = outputs.float()
+            if loss_fn is not None and not per_view:
+                total_loss += float(loss_fn(outputs, targets.to(device))) * len(images)
+                count += len(images)
+            outputs = outputs.cpu().numpy()
+            per_view.append(to_scores(outputs) if to_scores is not None else outputs)
+        stacked = np.stack(per_view)
+        results.append(stacked[0] if len(views) == 1 else stacked.mean(0) if reduce == "mean" else stacked.max(0))
+    return np.concatenate(results), (total_loss / count if count else None)

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from src.config import write_atomic_dir  # noqa: E402
 from src.label_embedding import _normalize_rows  # noqa: E402
 from src.metrics import f1_curves  # noqa: E402
 
@@ -114,15 +115,38 @@ def plot_strategies(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen: str, oof_true: np.ndarray,
+                 oof_scores: np.ndarray, train_rate: np.ndarray, test_rate: np.ndarray
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Path]]:
+    """The prediction report, written as a whole (a new folder swapped in): ``strategies.csv``,
+    ``per_class.csv``, three plots and ``report.md``. Returns the two tables and the plot paths."""
+    support = oof_true.sum(axis=0)
+    strategies = strategy_table(results, chosen)
+    classes = class_table(results, chosen, support, train_rate, test_rate)
+    names = {"strategies": "strategies.png", "per_class_f1": "per_class_f1.png",
+             "f1_vs_threshold": "f1_vs_threshold.png"}
+
+    def write(folder: Path) -> None:
+        strategies.to_csv(folder / "strategies.csv", index=False)
+        classes.to_csv(folder / "per_class.csv", index=False)
+        plot_strategies(strategies, folder / names["strategies"])
+        plot_per_class_f1(results, support, folder / names["per_class_f1"])
+        plot_f1_vs_threshold(oof_true, oof_scores, results, chosen, folder / names["f1_vs_threshold"])
+        write_markdown(folder / "report.md", header, strategies, classes, names)
+
+    write_atomic_dir(report_dir, write)
+    return strategies, classes, {key: report_dir / name for key, name in names.items()}
+
+
 def write_markdown(path: Path, header: str, strategies: pd.DataFrame, classes: pd.DataFrame,
-                   plots: dict[str, Path]) -> Path:
+                   plots: dict[str, str]) -> Path:
     """report.md: the two tables as fixed-width text and the plots inline."""
     def block(frame: pd.DataFrame) -> str:
         return "```\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.4f}") + "\n```\n"
 
     text = [f"# Prediction report\n\n{header}\n", "## Threshold strategies (OOF macro-F1)\n", block(strategies),
             "## Per class (chosen strategy)\n", block(classes), "## Plots\n"]
-    text += [f"![{name}]({plot.name})\n" for name, plot in plots.items()]
+    text += [f"![{name}]({file_name})\n" for name, file_name in plots.items()]
     path.write_text("\n".join(text))
     return path
 

@@ -14,45 +14,40 @@ and one ``torch.amp.GradScaler`` (fp16 only) over all parameters of backbone, mo
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy.special import expit
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from src.config import Config, PipelineError, cli_parser, config_from_args, run_cli, save_config, write_atomic
-from src.data import EpochSampler, RGBYDataset, build_augment, label_matrix, load_train_table, worker_init
+from src.config import Config, PipelineError, cli_parser, config_from_args, run_cli
+from src.data import EpochSampler, RGBYDataset, build_augment, label_matrix, load_train_table, make_loader
 from src.folds import load_folds
 from src.label_embedding import LabelEmbedding
 from src.losses import build_loss
 from src.metrics import best_thresholds, decide, f1_per_class
 from src.model import autocast, build_model, infer, param_groups, resolve_device
 from src.report import plot_label_map, plot_similarity_heatmap
+from src.run_folder import (
+    RunFolder,
+    copy_checkpoint,
+    load_checkpoint,
+    output_scorer,
+    save_checkpoint,
+    write_history,
+    write_scores,
+)
 from src.tracking import Tracker
-
-EMBEDDING_FILE = "label_embedding.npz"
-# Validation probabilities of each checkpoint, so predict tunes thresholds on the model it applies them to.
-OOF_FILES = {"best": "oof.csv", "last": "oof_last.csv"}
-
-
-def output_scorer(cfg: Config, fold_dir: Path, embedding: LabelEmbedding | None = None
-                  ) -> Callable[[np.ndarray], np.ndarray]:
-    """Raw network outputs -> per-class scores in [0, 1]: the sigmoid, or for ``loss.name=label_embedding``
-    cosine similarity to every label vector of the fold's embedding (``embedding``, else the saved one),
-    mapped to [0, 1]."""
-    if cfg.loss.name == "label_embedding":
-        return (embedding or LabelEmbedding.load(fold_dir / EMBEDDING_FILE)).decode
-    return expit
 
 
 class TrainingDiverged(PipelineError):
@@ -68,20 +63,6 @@ class TrainState:
     batches_done: int = 0  # micro-batches of `epoch` already trained on
     best_score: float = -math.inf
     best_epoch: int = -1
-
-
-def window_sizes(num_samples: int, batch_size: int, accum_steps: int) -> list[int]:
-    """For each micro-batch of an epoch, the number of samples in its accumulation window.
-
-    Each micro-batch's mean loss is scaled by ``len(batch) / window_size`` so that K micro-batches give
-    the gradient of one batch of their union, including the short last batch and the short last window.
-    """
-    sizes = [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
-    windows = []
-    for first in range(0, len(sizes), accum_steps):
-        total = sum(sizes[first : first + accum_steps])
-        windows += [total] * len(sizes[first : first + accum_steps])
-    return windows
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -124,271 +105,279 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def atomic_save(obj: dict, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+@dataclass
+class FoldParts:
+    """Everything one fold's training works on; :func:`build_parts` makes it from (cfg, fold). Tests and
+    benchmarks build it, swap what they study (an optimizer, a loss) and drive :class:`Trainer` with it."""
+
+    cfg: Config
+    fold: int
+    device: torch.device
+    train_table: pd.DataFrame
+    val_table: pd.DataFrame
+    embedding: LabelEmbedding | None
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: ModelEmaV3 | None
+    train_set: RGBYDataset
+    val_set: RGBYDataset
+    sampler: EpochSampler
+    steps_per_epoch: int
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint written by this module (tensors and plain Python only: weights_only)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"checkpoint not found: {path}") from None
-    except Exception as exc:
-        raise PipelineError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from None
+def build_parts(cfg: Config, fold: int, progress: bool = True) -> FoldParts:
+    """Data split, label embedding, model, loss, optimizer, schedule, scaler, EMA and datasets of one fold."""
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    seed_everything(tc.seed)  # before the model: initial weights follow the seed
+    table = load_train_table(cfg.data)
+    folds = load_folds(cfg, table)
+    if fold not in set(folds.tolist()):
+        raise PipelineError(f"fold {fold} does not exist in {cfg.folds.path} (folds 0..{folds.max()})")
+    train_table = table[folds != fold].reset_index(drop=True)
+    val_table = table[folds == fold].reset_index(drop=True)
+    # Full batches only (drop_last): BatchNorm cannot train on a batch of one sample, and a tiny last
+    # batch would give noisy statistics. The permutation changes every epoch, so every sample is used.
+    batches = len(train_table) // tc.batch_size
+    if batches == 0:
+        raise PipelineError(f"fold {fold} has {len(train_table)} training samples, fewer than "
+                            f"train.batch_size={tc.batch_size}")
+
+    embedding = None
+    if cfg.loss.name == "label_embedding":
+        # Fitted on the training folds only: the validation fold's labels stay unseen.
+        embedding = LabelEmbedding.fit(
+            train_table["labels"], cfg.data.num_classes, dim=min(cfg.loss.embedding_dim, cfg.data.num_classes),
+            positive=cfg.loss.pmi_positive, smoothing=cfg.loss.pmi_smoothing, seed=tc.seed, verbose=progress)
+    model = build_model(cfg, embedding.embedding.shape[1] if embedding else None).to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr)
+    steps_per_epoch = math.ceil(batches / tc.accum_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(tc.epochs * steps_per_epoch, tc.warmup_steps))
+    n_classes, size = cfg.data.num_classes, cfg.data.image_size
+    return FoldParts(
+        cfg=cfg, fold=fold, device=device, train_table=train_table, val_table=val_table, embedding=embedding,
+        model=model, loss_fn=(embedding.loss() if embedding else build_loss(cfg.loss)).to(device),
+        optimizer=optimizer, scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16"),
+        ema=ModelEmaV3(model, decay=tc.ema_decay) if tc.ema else None,
+        train_set=RGBYDataset(train_table, n_classes, size, build_augment(tc.augment, size)),
+        val_set=RGBYDataset(val_table, n_classes, size),
+        sampler=EpochSampler(len(train_table), tc.seed),
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+def accumulation_windows(batches: Iterable, accum_steps: int) -> Iterator[list]:
+    """The batches in lists of ``accum_steps`` (the last list may be shorter): one list per optimizer
+    step. Holding a window's batches before its first backward gives each micro-batch its exact share of
+    the window, whatever the batch sizes."""
+    iterator = iter(batches)
+    while window := list(itertools.islice(iterator, accum_steps)):
+        yield window
 
 
 class Trainer:
-    """Holds the pieces of one fold's training; ``fit`` runs it. Tests drive its parts directly."""
+    """Runs one fold's training on its :class:`FoldParts`: epochs, validation, checkpoints, resume."""
 
-    def __init__(self, cfg: Config, fold: int, progress: bool = True):
-        self.cfg, self.fold, self.progress = cfg, fold, progress
-        tc = cfg.train
-        self.fold_dir = Path(cfg.run.dir) / f"fold{fold}"
-        self.device = resolve_device(tc.device)
-        seed_everything(tc.seed)
-
-        table = load_train_table(cfg.data)
-        folds = load_folds(cfg, table)
-        if fold not in set(folds.tolist()):
-            raise PipelineError(f"fold {fold} does not exist in {cfg.folds.path} (folds 0..{folds.max()})")
-        self.train_table = table[folds != fold].reset_index(drop=True)
-        self.val_table = table[folds == fold].reset_index(drop=True)
-
-        self.embedding = None
-        if cfg.loss.name == "label_embedding":
-            # Fitted on the training folds only: the validation fold's labels stay unseen.
-            self.embedding = LabelEmbedding.fit(
-                self.train_table["labels"], cfg.data.num_classes, dim=min(cfg.loss.embedding_dim, cfg.data.num_classes),
-                positive=cfg.loss.pmi_positive, smoothing=cfg.loss.pmi_smoothing, seed=tc.seed, verbose=progress)
-        self.model = build_model(cfg, self.embedding.embedding.shape[1] if self.embedding else None).to(self.device)
-        if cfg.model.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = (self.embedding.loss() if self.embedding else build_loss(cfg.loss)).to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, tc), lr=tc.lr)
-        batches = len(self.train_table) // tc.batch_size
-        self.steps_per_epoch = math.ceil(batches / tc.accum_steps)
-        self.total_steps = tc.epochs * self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(self.total_steps, tc.warmup_steps))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
-        self.ema = ModelEmaV3(self.model, decay=tc.ema_decay) if tc.ema else None
-
-        augment = build_augment(tc.augment, cfg.data.image_size)
-        n_classes = cfg.data.num_classes
-        self.train_set = RGBYDataset(self.train_table, n_classes, cfg.data.image_size, augment)
-        self.val_set = RGBYDataset(self.val_table, n_classes, cfg.data.image_size)
-        self.sampler = EpochSampler(len(self.train_set), tc.seed)
-        # Full batches only (drop_last): BatchNorm cannot train on a batch of one sample, and a tiny last
-        # batch would give noisy statistics. The permutation changes every epoch, so every sample is used.
-        usable = len(self.train_set) - len(self.train_set) % tc.batch_size
-        if usable == 0:
-            raise PipelineError(f"fold {fold} has {len(self.train_set)} training samples, fewer than "
-                                f"train.batch_size={tc.batch_size}")
-        self.window_sizes = window_sizes(usable, tc.batch_size, tc.accum_steps)
+    def __init__(self, parts: FoldParts, progress: bool = True):
+        self.parts, self.cfg, self.fold, self.progress = parts, parts.cfg, parts.fold, progress
+        self.folder = RunFolder(self.cfg.run.dir)
         self.state = TrainState()
         self.history: list[dict] = []
 
-    # -- data -------------------------------------------------------------------------------------
-    def _loader(self, dataset, sampler=None, batch_size=None) -> DataLoader:
-        tc = self.cfg.train
-        return DataLoader(
-            dataset, batch_size=batch_size or tc.batch_size, sampler=sampler, shuffle=False,
-            drop_last=sampler is not None,
-            num_workers=tc.num_workers, pin_memory=self.device.type == "cuda", worker_init_fn=worker_init,
-            # Its own generator: creating an iterator must not draw from the global torch RNG, or a
-            # run resumed mid-epoch would see different dropout masks than an uninterrupted one.
-            generator=torch.Generator().manual_seed(tc.seed),
-            persistent_workers=False, prefetch_factor=4 if tc.num_workers else None,
-        )
-
     # -- checkpoints ------------------------------------------------------------------------------
     def checkpoint(self) -> dict:
+        p = self.parts
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
+            "model": p.model.state_dict(),
+            "optimizer": p.optimizer.state_dict(),
+            "scheduler": p.scheduler.state_dict(),
+            "scaler": p.scaler.state_dict(),
+            "ema": p.ema.state_dict() if p.ema else None,
             "state": asdict(self.state),
-            "sampler_epoch_state": self.sampler.epoch_state,
+            "sampler_epoch_state": p.sampler.epoch_state,
             "rng": rng_states(),
             "config": self.cfg.model_dump(),
             "history": self.history,
         }
 
-    def save(self, name: str) -> Path:
-        path = self.fold_dir / name
-        atomic_save(self.checkpoint(), path)
-        return path
+    def save(self) -> Path:
+        """The full training state to last.pt."""
+        return save_checkpoint(self.checkpoint(), self.folder.checkpoint(self.fold, "last"))
 
     def resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema and ckpt["ema"] is not None:
-            self.ema.load_state_dict(ckpt["ema"])
+        p, ckpt = self.parts, load_checkpoint(path)
+        p.model.load_state_dict(ckpt["model"])
+        p.optimizer.load_state_dict(ckpt["optimizer"])
+        p.scheduler.load_state_dict(ckpt["scheduler"])
+        p.scaler.load_state_dict(ckpt["scaler"])
+        if p.ema and ckpt["ema"] is not None:
+            p.ema.load_state_dict(ckpt["ema"])
         self.state = TrainState(**ckpt["state"])
-        self.sampler.epoch_state = ckpt["sampler_epoch_state"]
+        p.sampler.epoch_state = ckpt["sampler_epoch_state"]
         self.history = list(ckpt["history"])
         restore_rng_states(ckpt["rng"])
 
     # -- one epoch --------------------------------------------------------------------------------
-    def train_epoch(self, tracker: Tracker | None = None) -> bool:
-        """Train the rest of ``state.epoch``; returns False when ``train.stop_after_steps`` stopped it."""
-        tc, state = self.cfg.train, self.state
+    def epoch_batches(self) -> DataLoader:
+        """The training batches of the rest of ``state.epoch``, in the order an uninterrupted run sees them."""
+        p, tc = self.parts, self.cfg.train
         # Always from the saved epoch-start state: after a resume from an end-of-epoch checkpoint the
         # sampler's generator is freshly seeded, and drawing from it would replay epoch 1's order.
-        self.sampler.start_epoch(self.sampler.epoch_state, skip=state.batches_done * tc.batch_size)
-        loader = self._loader(self.train_set, self.sampler)
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        n_batches = len(self.window_sizes)
-        window_loss = torch.zeros((), device=self.device)
-        window_start, window_images = time.perf_counter(), 0
-        bar = tqdm(loader, desc=f"fold {self.fold} epoch {state.epoch + 1}/{tc.epochs}",
-                   disable=not self.progress, initial=state.batches_done, total=n_batches)
-        for batch_index, (images, targets) in enumerate(bar, start=state.batches_done):
-            images = images.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            if self.cfg.model.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            share = len(images) / self.window_sizes[batch_index]
-            with autocast(self.device, tc.precision):
-                outputs = self.model(images)
-            loss = self.loss_fn(outputs.float(), targets) * share  # loss in fp32, scaled to the window
-            self.scaler.scale(loss).backward()
-            window_loss += loss.detach()
-            window_images += len(images)
-            if (batch_index + 1) % tc.accum_steps and batch_index + 1 < n_batches:
-                continue
+        p.sampler.start_epoch(p.sampler.epoch_state, skip=self.state.batches_done * tc.batch_size)
+        return make_loader(p.train_set, tc.batch_size, tc.num_workers, tc.seed, p.device, sampler=p.sampler)
+
+    def train_epoch(self, batches: Iterable, tracker: Tracker | None = None) -> bool:
+        """Train on ``batches`` (the rest of ``state.epoch``: :meth:`epoch_batches`, or any sized iterable of
+        uint8 image and target batches); returns False when ``train.stop_after_steps`` stopped it."""
+        p, tc, state = self.parts, self.cfg.train, self.state
+        p.model.train()
+        p.optimizer.zero_grad(set_to_none=True)
+        n_batches = state.batches_done + len(batches)
+        bar = tqdm(total=n_batches, initial=state.batches_done, disable=not self.progress,
+                   desc=f"fold {self.fold} epoch {state.epoch + 1}/{tc.epochs}")
+        window_start = time.perf_counter()
+        for window in accumulation_windows(batches, tc.accum_steps):
+            window_images = sum(len(images) for images, _ in window)
+            window_loss = torch.zeros((), device=p.device)
+            for images, targets in window:
+                images = images.to(p.device, non_blocking=True)
+                targets = targets.to(p.device, non_blocking=True)
+                if self.cfg.model.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with autocast(p.device, tc.precision):
+                    outputs = p.model(images)
+                # Loss in fp32, each micro-batch weighted by its share of the window's samples.
+                loss = p.loss_fn(outputs.float(), targets) * (len(images) / window_images)
+                p.scaler.scale(loss).backward()
+                window_loss += loss.detach()
+                bar.update(1)
             # One optimizer step per window: check, unscale, clip, step, schedule, EMA.
             loss_value = float(window_loss)
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
                     f"loss is {loss_value} at epoch {state.epoch + 1}, step {state.step + 1} (fold {self.fold}); "
-                    f"stopped without saving, so {self.fold_dir / 'last.pt'} still holds the last good state. "
-                    "Lower train.lr, set train.clip_grad, or use train.precision=bf16/fp32.")
+                    f"stopped without saving, so {self.folder.checkpoint(self.fold)} still holds the last good "
+                    "state. Lower train.lr, set train.clip_grad, or use train.precision=bf16/fp32.")
             if tc.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+                p.scaler.unscale_(p.optimizer)
+                nn.utils.clip_grad_norm_(p.model.parameters(), tc.clip_grad)
+            p.scaler.step(p.optimizer)
+            p.scaler.update()
+            p.optimizer.zero_grad(set_to_none=True)
+            p.scheduler.step()
             state.step += 1
-            state.batches_done = batch_index + 1
-            if self.ema:
-                self.ema.update(self.model, step=state.step)
+            state.batches_done += len(window)
+            if p.ema:
+                p.ema.update(p.model, step=state.step)
             elapsed = time.perf_counter() - window_start
-            lr = self.optimizer.param_groups[-1]["lr"]
+            lr = p.optimizer.param_groups[-1]["lr"]
             speed = window_images / elapsed if elapsed > 0 else float("nan")
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
             if tracker:
                 tracker.log({"train/loss": loss_value, "train/lr": lr, "train/images_per_s": speed,
                              "train/epoch": state.epoch + state.batches_done / n_batches}, step=state.step)
-            window_loss = torch.zeros((), device=self.device)
-            window_start, window_images = time.perf_counter(), 0
+            window_start = time.perf_counter()
             if tc.stop_after_steps is not None and state.step >= tc.stop_after_steps:
                 bar.close()
-                self.save("last.pt")
+                self.save()
                 return False
             # Periodic saves inside the epoch; the epoch's end saves anyway after validation.
             if tc.checkpoint_every_steps and state.step % tc.checkpoint_every_steps == 0 and \
-                    batch_index + 1 < n_batches:
-                self.save("last.pt")
+                    state.batches_done < n_batches:
+                self.save()
         bar.close()
         state.epoch += 1
         state.batches_done = 0
-        self.sampler.epoch_state = self.sampler.generator.get_state()
+        p.sampler.epoch_state = p.sampler.generator.get_state()
         return True
 
     # -- validation -------------------------------------------------------------------------------
     def eval_model(self) -> nn.Module:
-        return self.ema.module if self.ema else self.model
+        return self.parts.ema.module if self.parts.ema else self.parts.model
 
     def validate(self) -> dict:
         """Validation loss, macro-F1 at 0.5 and at per-class best thresholds, per-class F1, probabilities."""
-        tc = self.cfg.train
-        loader = self._loader(self.val_set, batch_size=tc.batch_size * 2)
-        outputs, val_loss = infer(self.eval_model(), loader, self.device, tc.precision, self.loss_fn,
-                                  self.cfg.model.channels_last, desc="validating", progress=self.progress)
-        probs = output_scorer(self.cfg, self.fold_dir, self.embedding)(outputs)
-        truth = label_matrix(self.val_table["labels"], self.cfg.data.num_classes)
+        p, tc = self.parts, self.cfg.train
+        loader = make_loader(p.val_set, tc.batch_size * 2, tc.num_workers, tc.seed, p.device)
+        probs, val_loss = infer(self.eval_model(), loader, p.device, precision=tc.precision,
+                                channels_last=self.cfg.model.channels_last,
+                                to_scores=output_scorer(self.cfg, p.embedding), loss_fn=p.loss_fn,
+                                desc="validating", progress=self.progress)
+        truth = label_matrix(p.val_table["labels"], self.cfg.data.num_classes)
         thresholds, tuned_f1 = best_thresholds(truth, probs)
         f1_half = f1_per_class(truth, decide(probs, 0.5))
         return {"val_loss": val_loss, "macro_f1": float(f1_half.mean()), "macro_f1_tuned": float(tuned_f1.mean()),
                 "per_class_f1": f1_half, "per_class_f1_tuned": tuned_f1, "thresholds": thresholds,
                 "support": truth.sum(axis=0), "probs": probs}
 
-    def write_oof(self, probs: np.ndarray, checkpoint: str) -> Path:
-        """Out-of-fold probabilities of this fold from ``checkpoint`` (best or last): Id + one column per class."""
-        frame = pd.DataFrame(probs, columns=[str(c) for c in range(probs.shape[1])])
-        frame.insert(0, "Id", self.val_table["Id"].values)
-        return write_atomic(self.fold_dir / OOF_FILES[checkpoint],
-                            lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6f"))
-
     # -- the whole fold ---------------------------------------------------------------------------
+    def end_epoch(self, metrics: dict, seconds: float, tracker: Tracker) -> dict:
+        """Record the epoch, write last.pt and its OOF scores, and make them the best ones if they are."""
+        tc, state, folder, fold = self.cfg.train, self.state, self.folder, self.fold
+        score = -metrics["val_loss"] if tc.monitor == "val_loss" else metrics[tc.monitor]
+        improved = score > state.best_score
+        if improved:
+            state.best_score, state.best_epoch = score, state.epoch
+        row = {"epoch": state.epoch, "step": state.step, "val_loss": metrics["val_loss"],
+               "macro_f1": metrics["macro_f1"], "macro_f1_tuned": metrics["macro_f1_tuned"], "seconds": seconds,
+               "best": improved}
+        self.history.append(row)
+        write_scores(folder.oof(fold, "last"), self.parts.val_table["Id"], metrics["probs"])
+        self.save()
+        if improved:  # the same state: link the files instead of serialising it twice
+            copy_checkpoint(folder.oof(fold, "last"), folder.oof(fold, "best"))
+            copy_checkpoint(folder.checkpoint(fold, "last"), folder.checkpoint(fold, "best"))
+        write_history(folder.history(fold), self.history)
+        tracker.log({f"val/{k}": row[k] for k in ("val_loss", "macro_f1", "macro_f1_tuned")}
+                    | {"epoch": state.epoch}, step=state.step)
+        tracker.log_per_class("val/per_class", {"f1@0.5": metrics["per_class_f1"],
+                                                "f1_tuned": metrics["per_class_f1_tuned"],
+                                                "threshold": metrics["thresholds"],
+                                                "support": metrics["support"]}, step=state.step)
+        if self.progress:
+            print(f"fold {fold} epoch {state.epoch}: val_loss {row['val_loss']:.4f}  "
+                  f"macro-F1@0.5 {row['macro_f1']:.4f}  tuned {row['macro_f1_tuned']:.4f}"
+                  + ("  (best)" if improved else ""))
+        return row
+
     def fit(self) -> dict:
-        tc = self.cfg.train
-        self.fold_dir.mkdir(parents=True, exist_ok=True)
-        last = self.fold_dir / "last.pt"
+        tc, p, folder = self.cfg.train, self.parts, self.folder
+        fold_dir = folder.fold(self.fold)
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        last = folder.checkpoint(self.fold, "last")
         if tc.resume and last.is_file():
             self.resume(last)
             print(f"resumed {last}: epoch {self.state.epoch + 1}, optimizer step {self.state.step}")
         elif tc.resume:
             print(f"train.resume=true but {last} does not exist: starting fresh")
-        save_config(self.cfg, self.fold_dir / "config.yaml")
-        save_config(self.cfg, Path(self.cfg.run.dir) / "config.yaml")
-        tracker = Tracker(self.cfg, self.fold_dir, name=f"{Path(self.cfg.run.dir).name}-fold{self.fold}",
-                          group=Path(self.cfg.run.dir).name)
+        folder.save_config(self.cfg, self.fold)
+        run_name = folder.root.name
+        tracker = Tracker(self.cfg, fold_dir, name=f"{run_name}-fold{self.fold}", group=run_name)
         stopped = False
         try:
-            if self.embedding:
-                self.embedding.save(self.fold_dir / EMBEDDING_FILE)
-                E, support = self.embedding.embedding, self.embedding.support
+            if p.embedding:
+                p.embedding.save(folder.embedding(self.fold))
+                E, support = p.embedding.embedding, p.embedding.support
                 tracker.log_images({
                     "label_embedding/similarity": plot_similarity_heatmap(
-                        E, self.fold_dir / "label_similarity.png", support=support),
-                    "label_embedding/map": plot_label_map(E, self.fold_dir / "label_map.png", support=support)})
+                        E, fold_dir / "label_similarity.png", support=support),
+                    "label_embedding/map": plot_label_map(E, fold_dir / "label_map.png", support=support)})
             while self.state.epoch < tc.epochs:
                 start = time.perf_counter()
-                if not self.train_epoch(tracker):
+                if not self.train_epoch(self.epoch_batches(), tracker):
                     stopped = True
                     break
-                metrics = self.validate()
-                score = -metrics["val_loss"] if tc.monitor == "val_loss" else metrics[tc.monitor]
-                improved = score > self.state.best_score
-                if improved:
-                    self.state.best_score, self.state.best_epoch = score, self.state.epoch
-                row = {"epoch": self.state.epoch, "step": self.state.step,
-                       "val_loss": metrics["val_loss"], "macro_f1": metrics["macro_f1"],
-                       "macro_f1_tuned": metrics["macro_f1_tuned"], "seconds": time.perf_counter() - start,
-                       "best": improved}
-                self.history.append(row)
-                if improved:
-                    self.write_oof(metrics["probs"], "best")
-                    self.save("best.pt")
-                self.write_oof(metrics["probs"], "last")
-                self.save("last.pt")
-                write_atomic(self.fold_dir / "history.csv",
-                             lambda tmp, rows=pd.DataFrame(self.history): rows.to_csv(tmp, index=False))
-                tracker.log({f"val/{k}": row[k] for k in ("val_loss", "macro_f1", "macro_f1_tuned")}
-                            | {"epoch": self.state.epoch}, step=self.state.step)
-                tracker.log_per_class("val/per_class", {"f1@0.5": metrics["per_class_f1"],
-                                                        "f1_tuned": metrics["per_class_f1_tuned"],
-                                                        "threshold": metrics["thresholds"],
-                                                        "support": metrics["support"]}, step=self.state.step)
-                if self.progress:
-                    print(f"fold {self.fold} epoch {self.state.epoch}: val_loss {row['val_loss']:.4f}  "
-                          f"macro-F1@0.5 {row['macro_f1']:.4f}  tuned {row['macro_f1_tuned']:.4f}"
-                          + ("  (best)" if improved else ""))
+                self.end_epoch(self.validate(), time.perf_counter() - start, tracker)
             result = {"fold": self.fold, "stopped_early": stopped, "steps": self.state.step,
                       "best_epoch": self.state.best_epoch, "best_score": self.state.best_score,
-                      "monitor": tc.monitor, "run_dir": str(self.fold_dir)}
+                      "monitor": tc.monitor, "run_dir": str(fold_dir)}
             if self.history:
                 result |= {k: self.history[-1][k] for k in ("val_loss", "macro_f1", "macro_f1_tuned")}
             tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
@@ -413,7 +402,7 @@ def print_summary(history: list[dict], result: dict) -> None:
 
 def train(cfg: Config, fold: int, progress: bool = True) -> dict:
     """Train fold ``fold`` and return its metrics (best epoch and score, last validation metrics)."""
-    return Trainer(cfg, fold, progress).fit()
+    return Trainer(build_parts(cfg, fold, progress), progress).fit()
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from src.model import build_model
-from src.train import Trainer, window_sizes
+from src.train import Trainer, accumulation_windows, build_parts
 from tests.conftest import tiny_config
 from tests.helpers import write_folds
 
@@ -32,7 +32,14 @@ COMPARABLE = (
 )
 
 
-# -- window_sizes ---------------------------------------------------------------------------------
+# -- accumulation windows -------------------------------------------------------------------------
+def window_sizes(num_samples: int, batch_size: int, accum_steps: int) -> list[int]:
+    """For each micro-batch of an epoch of ``num_samples``, the samples in its accumulation window, as
+    the loop groups them (:func:`accumulation_windows`)."""
+    batches = [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
+    return [sum(window) for window in accumulation_windows(batches, accum_steps) for _ in window]
+
+
 @pytest.mark.parametrize("num_samples, batch_size, accum_steps, expected", [
     (24, 4, 3, [12] * 6),  # exact division
     (22, 4, 3, [12, 12, 12, 10, 10, 10]),  # short last batch (2) inside a short last window
@@ -100,39 +107,42 @@ def comparable_trainer(tiny_data, work_dir, n_train: int, batch_size: int, accum
     cfg = tiny_config(tiny_data, work_dir, *COMPARABLE, f"train.batch_size={batch_size}",
                       f"train.accum_steps={accum_steps}", f"loss.name={loss}")
     write_folds(cfg, n_train)
-    trainer = Trainer(cfg, fold=0, progress=False)
-    trainer.optimizer = RecordingSGD(trainer.model.parameters(), lr=1.0)
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
-    keep_batchnorm_in_eval(trainer.model)
-    return trainer
+    parts = build_parts(cfg, fold=0, progress=False)
+    parts.optimizer = RecordingSGD(parts.model.parameters(), lr=1.0)
+    parts.scheduler = torch.optim.lr_scheduler.LambdaLR(parts.optimizer, lambda step: 1.0)
+    keep_batchnorm_in_eval(parts.model)
+    return Trainer(parts, progress=False)
 
 
 def epoch_order(trainer: Trainer) -> list[tuple[int, int]]:
     """The (index, seed) pairs the coming epoch will train on, in order."""
-    trainer.sampler.start_epoch(trainer.sampler.epoch_state)  # train_epoch restarts from this same state
-    return list(trainer.sampler)
+    sampler = trainer.parts.sampler
+    sampler.start_epoch(sampler.epoch_state)  # epoch_batches restarts from this same state
+    return list(sampler)
 
 
 def step_windows(trainer: Trainer) -> list[int]:
-    """Samples per optimizer step of one epoch, from the trainer's own micro-batch plan."""
-    accum = trainer.cfg.train.accum_steps
-    return trainer.window_sizes[::accum]
+    """Samples per optimizer step of one epoch: full batches (the loader drops a partial last one) grouped
+    by accum_steps."""
+    tc = trainer.cfg.train
+    usable = len(trainer.parts.train_set) // tc.batch_size * tc.batch_size
+    return window_sizes(usable, tc.batch_size, tc.accum_steps)[::tc.accum_steps]
 
 
 def union_batch_gradients(trainer: Trainer, order: list[tuple[int, int]]) -> list[list[torch.Tensor]]:
     """For each step the trainer took: the gradient of one batch made of all the samples of its window,
     at the parameters that step started from."""
     reference = build_model(trainer.cfg)
-    reference.load_state_dict(trainer.model.state_dict())  # BN running statistics (unchanged in eval)
+    reference.load_state_dict(trainer.parts.model.state_dict())  # BN running statistics (unchanged in eval)
     reference.eval()  # BatchNorm on running statistics, as in the trainer; dropout is 0 anyway
     gradients, first = [], 0
-    for params, size in zip(trainer.optimizer.step_params, step_windows(trainer)):
+    for params, size in zip(trainer.parts.optimizer.step_params, step_windows(trainer)):
         with torch.no_grad():
             for p, value in zip(reference.parameters(), params):
                 p.copy_(value)
-        images, targets = default_collate([trainer.train_set[pair] for pair in order[first : first + size]])
+        images, targets = default_collate([trainer.parts.train_set[pair] for pair in order[first : first + size]])
         reference.zero_grad(set_to_none=True)
-        trainer.loss_fn(reference(images).float(), targets).backward()
+        trainer.parts.loss_fn(reference(images).float(), targets).backward()
         gradients.append([p.grad.clone() for p in reference.parameters()])
         first += size
     return gradients
@@ -158,14 +168,15 @@ def test_each_step_uses_the_gradient_of_one_batch_of_its_window(tiny_data, tmp_p
                                                                accum_steps, loss):
     trainer = comparable_trainer(tiny_data, tmp_path, n_train, batch_size, accum_steps, loss)
     order = epoch_order(trainer)
-    assert trainer.train_epoch()
+    assert trainer.train_epoch(trainer.epoch_batches())
 
     windows = step_windows(trainer)
     assert windows[0] == batch_size * accum_steps
-    assert trainer.state.step == len(windows) == trainer.steps_per_epoch == len(trainer.optimizer.step_grads)
+    step_grads = trainer.parts.optimizer.step_grads
+    assert trainer.state.step == len(windows) == trainer.parts.steps_per_epoch == len(step_grads)
     if n_train % (batch_size * accum_steps):
         assert windows[-1] < batch_size * accum_steps  # the case really has a short last window
-    assert_close_gradients(trainer.optimizer.step_grads, union_batch_gradients(trainer, order))
+    assert_close_gradients(step_grads, union_batch_gradients(trainer, order))
 
 
 @pytest.mark.slow
@@ -175,26 +186,26 @@ def test_accumulated_run_ends_where_the_big_batch_run_ends(tiny_data, tmp_path, 
     accumulated = comparable_trainer(tiny_data, tmp_path / "accumulated", n_train, batch_size, accum_steps)
     one_batch = comparable_trainer(tiny_data, tmp_path / "one_batch", n_train, batch_size * accum_steps, 1)
     # Same seed: same initial weights and the same sample order.
-    for p, q in zip(accumulated.model.parameters(), one_batch.model.parameters()):
+    for p, q in zip(accumulated.parts.model.parameters(), one_batch.parts.model.parameters()):
         assert torch.equal(p, q)
     assert epoch_order(accumulated) == epoch_order(one_batch)
-    assert accumulated.train_epoch() and one_batch.train_epoch()
+    assert accumulated.train_epoch(accumulated.epoch_batches()) and one_batch.train_epoch(one_batch.epoch_batches())
 
     assert accumulated.state.step == one_batch.state.step == 2
-    assert_close_gradients(accumulated.optimizer.step_grads, one_batch.optimizer.step_grads)
-    for (name, p), q in zip(accumulated.model.named_parameters(), one_batch.model.parameters()):
+    assert_close_gradients(accumulated.parts.optimizer.step_grads, one_batch.parts.optimizer.step_grads)
+    for (name, p), q in zip(accumulated.parts.model.named_parameters(), one_batch.parts.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.slow
 def test_the_comparison_detects_an_undivided_loss(tiny_data, tmp_path):
-    # Control: scale each micro-batch as if it were a whole window (the classic bug: K x the gradient).
-    # The same comparison must then fail.
+    # Control: each micro-batch's loss not divided by its share of the window (the classic bug: K x the
+    # gradient, as if each micro-batch were a whole window). The same comparison must then fail.
     trainer = comparable_trainer(tiny_data, tmp_path, 22, 4, 3)
     order = epoch_order(trainer)
-    planned = trainer.window_sizes
-    trainer.window_sizes = [4] * len(planned)
-    trainer.train_epoch()
-    trainer.window_sizes = planned
+    divided_loss = trainer.parts.loss_fn
+    trainer.parts.loss_fn = lambda outputs, targets: divided_loss(outputs, targets) * 3  # undoes the 1/3 share
+    trainer.train_epoch(trainer.epoch_batches())
+    trainer.parts.loss_fn = divided_loss
     with pytest.raises(AssertionError):
-        assert_close_gradients(trainer.optimizer.step_grads, union_batch_gradients(trainer, order))
+        assert_close_gradients(trainer.parts.optimizer.step_grads, union_batch_gradients(trainer, order))

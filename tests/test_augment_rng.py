@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, default_collate, get_worker_info
 
 from src.config import AugmentConfig
 from src.data import EpochSampler, RGBYDataset, build_augment, load_train_table, worker_init
-from src.train import Trainer
+from src.folds import make_folds
+from src.train import Trainer, build_parts
 from tests.conftest import tiny_config
 
 IMAGE_SIZE = 32
@@ -131,13 +132,15 @@ def test_loader_sees_every_sample_once_per_epoch(train_table):
 
 def trainer_batches(tiny_data, work_dir, *overrides, epochs: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The training batches of the first ``epochs`` epochs, through the Trainer's own loader."""
-    trainer = Trainer(tiny_config(tiny_data, work_dir, *overrides), fold=0, progress=False)
-    assert trainer.train_set.augment is not None and trainer.cfg.train.augment.d4 > 0
+    cfg = tiny_config(tiny_data, work_dir, *overrides)
+    make_folds(cfg, progress=False)
+    trainer = Trainer(build_parts(cfg, fold=0, progress=False), progress=False)
+    sampler = trainer.parts.sampler
+    assert trainer.parts.train_set.augment is not None and cfg.train.augment.d4 > 0
     batches = []
     for _ in range(epochs):
-        trainer.sampler.start_epoch(trainer.sampler.epoch_state)
-        batches += list(trainer._loader(trainer.train_set, trainer.sampler))
-        trainer.sampler.epoch_state = trainer.sampler.generator.get_state()  # as train_epoch does at the end
+        batches += list(trainer.epoch_batches())
+        sampler.epoch_state = sampler.generator.get_state()  # as train_epoch does at the end
     return batches
 
 

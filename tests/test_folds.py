@@ -259,12 +259,13 @@ def test_load_folds_follows_table_order(fresh_data, tmp_path):
     assert (load_folds(cfg, table) == made["fold"].to_numpy()[::-1]).all()
 
 
-def test_load_folds_makes_them_when_missing(fresh_data, tmp_path, capsys):
+def test_load_folds_without_a_folds_file_names_the_command(fresh_data, tmp_path):
+    # Stages are explicit: training never runs the folds stage behind the user's back.
     cfg = fresh_config(fresh_data, tmp_path)
-    folds = load_folds(cfg, load_train_table(cfg.data))
-    assert Path(cfg.folds.path).is_file()
-    assert "not found; making folds first" in capsys.readouterr().out
-    assert set(folds) == set(range(N_SPLITS))
+    with pytest.raises(PipelineError) as raised:
+        load_folds(cfg, load_train_table(cfg.data))
+    assert cfg.folds.path in str(raised.value) and "python -m src.folds" in str(raised.value)
+    assert not Path(cfg.folds.path).exists()
 
 
 @pytest.mark.parametrize("damage", ["row dropped", "fold empty", "fold not a number"])

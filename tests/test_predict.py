@@ -11,7 +11,9 @@ import torch
 
 from src.config import PipelineError, override
 from src.data import load_test_table, load_train_table
-from src.predict import d4_view, predict, predict_run, validate_submission
+from src.folds import make_folds
+from src.model import d4_view
+from src.predict import predict, predict_run, validate_submission
 from src.train import train
 from tests.conftest import TINY_CLASSES, tiny_config
 
@@ -21,6 +23,7 @@ def trained(tiny_data, tmp_path_factory):
     """Both folds of the tiny config trained for one epoch (shared by this module's tests)."""
     work = tmp_path_factory.mktemp("trained")
     cfg = tiny_config(tiny_data, work)
+    make_folds(cfg, progress=False)
     for fold in range(cfg.folds.n_splits):
         train(cfg, fold, progress=False)
     return cfg
@@ -131,6 +134,7 @@ def test_validate_submission_failures(frame, message):
 @pytest.mark.slow
 def test_label_embedding_run_trains_and_decodes_into_a_valid_submission(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path, "loss.name=label_embedding", "loss.embedding_dim=4")
+    make_folds(cfg, progress=False)
     for fold in range(cfg.folds.n_splits):
         train(cfg, fold, progress=False)
     fold_dir = tmp_path / "run" / "fold0"

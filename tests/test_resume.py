@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from src.config import load_config
-from src.train import Trainer, TrainingDiverged, train
+from src.train import Trainer, TrainingDiverged, build_parts, train
 from tests.conftest import TINY_CLASSES, tiny_config
 from tests.helpers import assert_same, write_folds
 
@@ -118,13 +118,13 @@ def test_resume_from_an_end_of_epoch_checkpoint(tiny_data, tmp_path, reference_r
     # Interrupted between epochs (after epoch 1's last.pt, before any step of epoch 2): the resumed run
     # must draw epoch 2's order, not replay epoch 1's from a freshly seeded sampler.
     cfg = run_config(tiny_data, tmp_path, "plain")
-    trainer = Trainer(cfg, 0, progress=False)
+    trainer = Trainer(build_parts(cfg, 0, progress=False), progress=False)
     train_epoch = trainer.train_epoch
 
-    def interrupted_in_epoch_two(tracker=None):
+    def interrupted_in_epoch_two(batches, tracker=None):
         if trainer.state.epoch == 1:
             raise KeyboardInterrupt
-        return train_epoch(tracker)
+        return train_epoch(batches, tracker)
 
     trainer.train_epoch = interrupted_in_epoch_two
     with pytest.raises(KeyboardInterrupt):
@@ -178,20 +178,20 @@ def test_training_writes_its_outputs(reference_run):
 
 def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
     cfg = run_config(tiny_data, tmp_path, "plain")
-    trainer = Trainer(cfg, 0, progress=False)
-    real_loss, calls = trainer.loss_fn, []
+    trainer = Trainer(build_parts(cfg, 0, progress=False), progress=False)
+    real_loss, calls = trainer.parts.loss_fn, []
 
     def loss_fn(outputs, targets):
         calls.append(1)
         loss = real_loss(outputs, targets)
         return loss if len(calls) == 1 else loss * math.nan  # NaN from the second optimizer step on
 
-    trainer.loss_fn = loss_fn
+    trainer.parts.loss_fn = loss_fn
     saved: list[bytes] = []  # the bytes of every checkpoint written
     save = trainer.save
 
-    def recording_save(name: str) -> Path:
-        path = save(name)
+    def recording_save() -> Path:
+        path = save()
         saved.append(path.read_bytes())
         return path
 

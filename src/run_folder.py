@@ -1,0 +1,186 @@
+"""The run folder: the one module that knows its layout and the formats of what lives in it.
+
+::
+
+    run.dir/
+      config.yaml                 resolved config of the last fold trained (also in each fold folder)
+      fold<N>/
+        last.pt, best.pt          full training state (best.pt: the epoch ``train.monitor`` liked best)
+        oof.csv, oof_last.csv     validation scores of best.pt / last.pt: ``Id`` + one column per class
+        history.csv               one row per epoch
+        config.yaml               resolved config of this fold's run
+        label_embedding.npz       loss.name=label_embedding only: the fold's label vectors
+      test_probs.csv              the ensemble's test scores (same table format as oof.csv)
+      report/                     the prediction report (written by src.report)
+
+Training writes it, prediction and the benchmarks read it; neither stage imports the other. Every write is
+atomic (temp file + rename). Checkpoints hold tensors and plain Python only and load with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.special import expit
+
+from src.config import Config, PipelineError, load_config, override, save_config, write_atomic
+from src.label_embedding import LabelEmbedding
+
+CHECKPOINTS = ("best", "last")
+CONFIG_FILE = "config.yaml"
+HISTORY_FILE = "history.csv"
+EMBEDDING_FILE = "label_embedding.npz"
+TEST_SCORES_FILE = "test_probs.csv"
+REPORT_DIR = "report"
+# Validation scores of each checkpoint, so predict tunes thresholds on the model it applies them to.
+OOF_FILES = {"best": "oof.csv", "last": "oof_last.csv"}
+
+
+class RunFolder:
+    """Paths inside one experiment's run folder (``run.dir``)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def fold(self, fold: int) -> Path:
+        return self.root / f"fold{fold}"
+
+    def checkpoint(self, fold: int, which: str = "last") -> Path:
+        return self.fold(fold) / f"{which}.pt"
+
+    def oof(self, fold: int, which: str = "best") -> Path:
+        return self.fold(fold) / OOF_FILES[which]
+
+    def history(self, fold: int) -> Path:
+        return self.fold(fold) / HISTORY_FILE
+
+    def embedding(self, fold: int) -> Path:
+        return self.fold(fold) / EMBEDDING_FILE
+
+    def config(self, fold: int | None = None) -> Path:
+        return (self.root if fold is None else self.fold(fold)) / CONFIG_FILE
+
+    @property
+    def test_scores(self) -> Path:
+        return self.root / TEST_SCORES_FILE
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT_DIR
+
+    def trained_folds(self, which: str = "best") -> dict[int, Path]:
+        """Fold number -> checkpoint path, for every fold folder holding ``which``.pt."""
+        found = {}
+        for path in self.root.glob(f"fold*/{which}.pt"):
+            number = path.parent.name.removeprefix("fold")
+            if number.isdigit():
+                found[int(number)] = path
+        return dict(sorted(found.items()))
+
+    def fold_checkpoints(self, folds: Sequence[int] | None, which: str) -> list[tuple[int, Path]]:
+        """(fold, checkpoint) pairs: every trained fold, or exactly ``folds``; a missing one is an error."""
+        found = self.trained_folds(which)
+        wanted = list(found) if folds is None else list(folds)
+        missing = [f for f in wanted if f not in found]
+        if not found or missing:
+            raise PipelineError(f"{self.root}: no {which}.pt for fold(s) {missing or 'any'}; "
+                                "train them first (bash scripts/train_fold.sh N)")
+        return [(f, found[f]) for f in wanted]
+
+    # -- the saved config -----------------------------------------------------------------------------
+    def save_config(self, cfg: Config, fold: int) -> None:
+        """The resolved config, in the fold folder and at the run folder's top."""
+        save_config(cfg, self.config(fold))
+        save_config(cfg, self.config())
+
+    def load_config(self) -> Config:
+        """The config the run was trained with (never fetching pretrained weights: checkpoints hold them)."""
+        path = self.config()
+        if not path.is_file():
+            raise PipelineError(f"{self.root} holds no trained run ({CONFIG_FILE} not found); "
+                                "train it first (bash scripts/train_fold.sh N)")
+        return override(load_config(path), **{"model.pretrained": False})
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+def save_checkpoint(state: dict, path: Path) -> Path:
+    """torch.save to a temp file beside ``path``, then rename: a crash never leaves half a file."""
+    return write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def copy_checkpoint(source: Path, target: Path) -> Path:
+    """``target`` becomes a copy of ``source`` without serialising again: a hard link where the file
+    system allows (as timm's CheckpointSaver does), else a file copy; atomic either way."""
+
+    def link_or_copy(tmp: Path) -> None:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    return write_atomic(target, link_or_copy)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only: weights_only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PipelineError(f"checkpoint not found: {path}") from None
+    except Exception as exc:
+        raise PipelineError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def model_weights(ckpt: dict) -> dict:
+    """The weights that were validated: the EMA copy when training kept one, else the model."""
+    if ckpt.get("ema"):
+        return {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
+    return ckpt["model"]
+
+
+# -- score tables (OOF and test) --------------------------------------------------------------------------
+def class_columns(num_classes: int) -> list[str]:
+    return [str(c) for c in range(num_classes)]
+
+
+def write_scores(path: Path, ids: Sequence[str], scores: np.ndarray) -> Path:
+    """A score table: ``Id`` + one column per class, 6 decimals."""
+    frame = pd.DataFrame(scores, columns=class_columns(scores.shape[1]))
+    frame.insert(0, "Id", list(ids))
+    return write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6f"))
+
+
+def read_scores(path: Path) -> pd.DataFrame:
+    """A score table written by :func:`write_scores` (Ids as strings)."""
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: that fold has no validation scores")
+    return pd.read_csv(path, dtype={"Id": str})
+
+
+def write_history(path: Path, rows: list[dict]) -> Path:
+    frame = pd.DataFrame(rows)
+    return write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+# -- raw outputs -> class scores --------------------------------------------------------------------------
+def output_scorer(cfg: Config, embedding: LabelEmbedding | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """Raw network outputs -> per-class scores in [0, 1]: the sigmoid, or for ``loss.name=label_embedding``
+    the cosine similarity to every label vector of the fold's ``embedding``, mapped to [0, 1]."""
+    if cfg.loss.name == "label_embedding":
+        if embedding is None:
+            raise ValueError("loss.name=label_embedding needs the fold's label embedding to score outputs")
+        return embedding.decode
+    return expit
+
+
+def load_embedding(path: Path) -> LabelEmbedding:
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: a label-embedding run saves one per fold")
+    return LabelEmbedding.load(path)
