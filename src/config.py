@@ -93,7 +93,9 @@ class TrainConfig(Section):
     # Learning rate of the backbone; None means train.lr.
     backbone_lr: float | None = None
     weight_decay: float = Field(1e-4, ge=0.0)
-    warmup_steps: int = Field(0, ge=0)
+    # Settings relative to the schedule, so one config behaves alike at 300 optimizer steps and at 15 000:
+    # linear warm-up over this fraction of all optimizer steps, then cosine decay to zero.
+    warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     clip_grad: float | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -101,8 +103,14 @@ class TrainConfig(Section):
     seed: int = 42
     resume: bool = False
     ema: bool = False
-    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    # EMA time constant as a fraction of all optimizer steps: decay = 1 - 1 / (ema_horizon * steps), reached
+    # after timm's EMA warm-up (decay 1 - (1 + step)^(-2/3) until then). Validation scores the raw and the EMA
+    # weights; the better one is checkpointed and used by predict.
+    ema_horizon: float = Field(0.1, gt=0.0, le=1.0)
     monitor: Literal["macro_f1", "macro_f1_tuned", "val_loss"] = "macro_f1_tuned"
+    # Warn (console, history, W&B) when, from this epoch on, validation is no better than the prior predictor
+    # (every class at its training rate) in loss or tuned macro-F1: the model learned nothing. 0: never.
+    warn_no_learning_after: int = Field(2, ge=0)
     # Also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only).
     checkpoint_every_steps: int = Field(0, ge=0)
     # Stop after this many optimizer steps in total, as if interrupted: last.pt is written and

@@ -139,8 +139,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def model_weights(ckpt: dict) -> dict:
-    """The weights that were validated: the EMA copy when training kept one, else the model."""
-    if ckpt.get("ema"):
+    """The weights validation chose at that checkpoint (``state.eval_weights``): the EMA copy or the raw model."""
+    if ckpt.get("ema") and ckpt.get("state", {}).get("eval_weights", "ema") == "ema":
         return {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
     return ckpt["model"]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import logit
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
@@ -63,6 +65,7 @@ class TrainState:
     batches_done: int = 0  # micro-batches of `epoch` already trained on
     best_score: float = -math.inf
     best_epoch: int = -1
+    eval_weights: str = "raw"  # which weights the last validation chose: "raw" or "ema"
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -157,20 +160,44 @@ def build_parts(cfg: Config, fold: int, progress: bool = True) -> FoldParts:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr)
     steps_per_epoch = math.ceil(batches / tc.accum_steps)
+    total_steps = tc.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(tc.epochs * steps_per_epoch, tc.warmup_steps))
+        optimizer, warmup_cosine(total_steps, round(tc.warmup_fraction * total_steps)))
     n_classes, size = cfg.data.num_classes, cfg.data.image_size
     return FoldParts(
         cfg=cfg, fold=fold, device=device, train_table=train_table, val_table=val_table, embedding=embedding,
         model=model, loss_fn=(embedding.loss() if embedding else build_loss(cfg.loss)).to(device),
         optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16"),
-        ema=ModelEmaV3(model, decay=tc.ema_decay) if tc.ema else None,
+        ema=ModelEmaV3(model, decay=ema_decay(tc.ema_horizon, total_steps), use_warmup=True) if tc.ema else None,
         train_set=RGBYDataset(train_table, n_classes, size, build_augment(tc.augment, size)),
         val_set=RGBYDataset(val_table, n_classes, size),
         sampler=EpochSampler(len(train_table), tc.seed),
         steps_per_epoch=steps_per_epoch,
     )
+
+
+def ema_decay(horizon: float, total_steps: int) -> float:
+    """EMA decay whose time constant is ``horizon`` of the run: 1 - 1 / (horizon * total_steps)."""
+    return 1.0 - 1.0 / max(1.0, horizon * total_steps)
+
+
+def prior_metrics(parts: FoldParts) -> dict:
+    """Validation loss and tuned macro-F1 of the prior predictor: every image gets each class at its
+    training rate (for a label embedding: the mean training target). A model that does not beat it has
+    learned nothing from the images."""
+    m = parts.cfg.data.num_classes
+    rate = label_matrix(parts.train_table["labels"], m).mean(axis=0)
+    truth = label_matrix(parts.val_table["labels"], m)
+    if parts.embedding is not None:
+        outputs = parts.embedding.targets(parts.train_table["labels"]).mean(axis=0)
+    else:
+        outputs = logit(np.clip(rate, 1e-4, 1 - 1e-4))
+    outputs = torch.tensor(np.tile(outputs, (len(truth), 1)), dtype=torch.float32, device=parts.device)
+    with torch.no_grad():
+        loss = float(parts.loss_fn(outputs, torch.tensor(truth, dtype=torch.float32, device=parts.device)))
+    _, tuned_f1 = best_thresholds(truth, np.tile(rate, (len(truth), 1)))
+    return {"val_loss": loss, "macro_f1_tuned": float(tuned_f1.mean())}
 
 
 def accumulation_windows(batches: Iterable, accum_steps: int) -> Iterator[list]:
@@ -190,6 +217,7 @@ class Trainer:
         self.folder = RunFolder(self.cfg.run.dir)
         self.state = TrainState()
         self.history: list[dict] = []
+        self.prior = prior_metrics(parts)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def checkpoint(self) -> dict:
@@ -299,14 +327,18 @@ class Trainer:
         return True
 
     # -- validation -------------------------------------------------------------------------------
-    def eval_model(self) -> nn.Module:
-        return self.parts.ema.module if self.parts.ema else self.parts.model
+    def candidates(self) -> dict[str, nn.Module]:
+        """The weights validation scores: the raw model, and its EMA when training keeps one."""
+        p = self.parts
+        return {"ema": p.ema.module, "raw": p.model} if p.ema else {"raw": p.model}
 
-    def validate(self) -> dict:
-        """Validation loss, macro-F1 at 0.5 and at per-class best thresholds, per-class F1, probabilities."""
+    def validate(self, model: nn.Module | None = None) -> dict:
+        """Validation loss, macro-F1 at 0.5 and at per-class best thresholds, per-class F1, probabilities
+        of ``model`` (default: the weights the last validation chose)."""
         p, tc = self.parts, self.cfg.train
+        model = model or self.candidates().get(self.state.eval_weights, p.model)
         loader = make_loader(p.val_set, tc.batch_size * 2, tc.num_workers, tc.seed, p.device)
-        probs, val_loss = infer(self.eval_model(), loader, p.device, precision=tc.precision,
+        probs, val_loss = infer(model, loader, p.device, precision=tc.precision,
                                 channels_last=self.cfg.model.channels_last,
                                 to_scores=output_scorer(self.cfg, p.embedding), loss_fn=p.loss_fn,
                                 desc="validating", progress=self.progress)
@@ -318,16 +350,42 @@ class Trainer:
                 "support": truth.sum(axis=0), "probs": probs}
 
     # -- the whole fold ---------------------------------------------------------------------------
-    def end_epoch(self, metrics: dict, seconds: float, tracker: Tracker) -> dict:
-        """Record the epoch, write last.pt and its OOF scores, and make them the best ones if they are."""
+    def monitored(self, metrics: dict) -> float:
+        """The ``train.monitor`` score of a validation (higher is better)."""
+        monitor = self.cfg.train.monitor
+        return -metrics["val_loss"] if monitor == "val_loss" else metrics[monitor]
+
+    def validate_candidates(self) -> tuple[str, dict, dict[str, float]]:
+        """Validate every candidate (raw, EMA); returns the better one's name and metrics and each one's score."""
+        results = {name: self.validate(model) for name, model in self.candidates().items()}
+        scores = {name: self.monitored(metrics) for name, metrics in results.items()}
+        chosen = max(scores, key=scores.get)  # a tie keeps the first: EMA
+        return chosen, results[chosen], scores
+
+    def check_learning(self, metrics: dict) -> str | None:
+        """Why validation is no better than the prior predictor, or None when it is."""
+        prior, problems = self.prior, []
+        if not metrics["val_loss"] < prior["val_loss"]:
+            problems.append(f"validation loss {metrics['val_loss']:.4f} vs prior {prior['val_loss']:.4f}")
+        if not metrics["macro_f1_tuned"] > prior["macro_f1_tuned"]:
+            problems.append(f"tuned macro-F1 {metrics['macro_f1_tuned']:.4f} vs prior {prior['macro_f1_tuned']:.4f}")
+        return "; ".join(problems) or None
+
+    def end_epoch(self, seconds: float, tracker: Tracker) -> dict:
+        """Validate, record the epoch, write last.pt and its OOF scores, make them the best ones if they are,
+        and warn when the model is no better than the prior predictor."""
         tc, state, folder, fold = self.cfg.train, self.state, self.folder, self.fold
-        score = -metrics["val_loss"] if tc.monitor == "val_loss" else metrics[tc.monitor]
+        state.eval_weights, metrics, scores = self.validate_candidates()
+        score = scores[state.eval_weights]
         improved = score > state.best_score
         if improved:
             state.best_score, state.best_epoch = score, state.epoch
+        not_learning = self.check_learning(metrics)
         row = {"epoch": state.epoch, "step": state.step, "val_loss": metrics["val_loss"],
-               "macro_f1": metrics["macro_f1"], "macro_f1_tuned": metrics["macro_f1_tuned"], "seconds": seconds,
-               "best": improved}
+               "macro_f1": metrics["macro_f1"], "macro_f1_tuned": metrics["macro_f1_tuned"],
+               "weights": state.eval_weights, **{f"{tc.monitor}_{name}": value for name, value in scores.items()},
+               "prior_val_loss": self.prior["val_loss"], "prior_macro_f1_tuned": self.prior["macro_f1_tuned"],
+               "beats_prior": not_learning is None, "seconds": seconds, "best": improved}
         self.history.append(row)
         write_scores(folder.oof(fold, "last"), self.parts.val_table["Id"], metrics["probs"])
         self.save()
@@ -335,16 +393,22 @@ class Trainer:
             copy_checkpoint(folder.oof(fold, "last"), folder.oof(fold, "best"))
             copy_checkpoint(folder.checkpoint(fold, "last"), folder.checkpoint(fold, "best"))
         write_history(folder.history(fold), self.history)
-        tracker.log({f"val/{k}": row[k] for k in ("val_loss", "macro_f1", "macro_f1_tuned")}
-                    | {"epoch": state.epoch}, step=state.step)
+        tracker.log({f"val/{k}": row[k] for k in ("val_loss", "macro_f1", "macro_f1_tuned", "beats_prior")}
+                    | {f"val/{tc.monitor}_{name}": value for name, value in scores.items()}
+                    | {"val/ema_chosen": state.eval_weights == "ema", "epoch": state.epoch}, step=state.step)
         tracker.log_per_class("val/per_class", {"f1@0.5": metrics["per_class_f1"],
                                                 "f1_tuned": metrics["per_class_f1_tuned"],
                                                 "threshold": metrics["thresholds"],
                                                 "support": metrics["support"]}, step=state.step)
         if self.progress:
             print(f"fold {fold} epoch {state.epoch}: val_loss {row['val_loss']:.4f}  "
-                  f"macro-F1@0.5 {row['macro_f1']:.4f}  tuned {row['macro_f1_tuned']:.4f}"
-                  + ("  (best)" if improved else ""))
+                  f"macro-F1@0.5 {row['macro_f1']:.4f}  tuned {row['macro_f1_tuned']:.4f}  ({state.eval_weights} "
+                  "weights)" + ("  (best)" if improved else ""))
+        if not_learning and tc.warn_no_learning_after and state.epoch >= tc.warn_no_learning_after:
+            print(f"warning: fold {fold} epoch {state.epoch}: the model is no better than the prior predictor "
+                  f"(every class at its training rate): {not_learning}. It has not learned from the images yet: "
+                  "check train.lr (python -m src.lr_find), train.epochs, train.warmup_fraction, "
+                  "train.ema_horizon and the data.", file=sys.stderr)
         return row
 
     def fit(self) -> dict:
@@ -374,12 +438,15 @@ class Trainer:
                 if not self.train_epoch(self.epoch_batches(), tracker):
                     stopped = True
                     break
-                self.end_epoch(self.validate(), time.perf_counter() - start, tracker)
+                self.end_epoch(time.perf_counter() - start, tracker)
             result = {"fold": self.fold, "stopped_early": stopped, "steps": self.state.step,
                       "best_epoch": self.state.best_epoch, "best_score": self.state.best_score,
                       "monitor": tc.monitor, "run_dir": str(fold_dir)}
             if self.history:
-                result |= {k: self.history[-1][k] for k in ("val_loss", "macro_f1", "macro_f1_tuned")}
+                best = self.history[self.state.best_epoch - 1] if self.state.best_epoch > 0 else self.history[-1]
+                result |= {k: self.history[-1][k] for k in ("val_loss", "macro_f1", "macro_f1_tuned", "beats_prior")}
+                result |= {"best_weights": best.get("weights", "raw"),
+                           "prior_macro_f1_tuned": self.prior["macro_f1_tuned"]}
             tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
             result["wandb_run"] = tracker.run_path
         finally:
@@ -394,7 +461,11 @@ def print_summary(history: list[dict], result: dict) -> None:
     if history:
         print(pd.DataFrame(history).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"fold {result['fold']}: {result['steps']} optimizer steps; best epoch {result['best_epoch']} "
-          f"({result['monitor']} {result['best_score']:.4f})" + ("; stopped early" if result["stopped_early"] else ""))
+          f"({result['monitor']} {result['best_score']:.4f}, {result.get('best_weights', 'raw')} weights)"
+          + ("; stopped early" if result["stopped_early"] else ""))
+    if "beats_prior" in result and not result["beats_prior"]:
+        print(f"warning: the last epoch was no better than the prior predictor (tuned macro-F1 "
+              f"{result['macro_f1_tuned']:.4f} vs {result['prior_macro_f1_tuned']:.4f}): see the warnings above")
     print(f"outputs: {result['run_dir']}/{{best.pt,last.pt,oof.csv,history.csv,config.yaml}}")
     if result.get("wandb_run"):
         print(f"W&B offline run: {result['wandb_run']}  (upload with `wandb sync {result['wandb_run']}`)")

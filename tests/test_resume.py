@@ -26,7 +26,7 @@ STEPS_PER_EPOCH = 3
 EPOCHS = 2
 VARIANTS = {
     "plain": (),
-    "ema": ("train.ema=true", "train.ema_decay=0.5"),
+    "ema": ("train.ema=true", "train.ema_horizon=0.3"),
     "workers+augment": ("train.num_workers=2",),  # the tiny config keeps the default augmentation on
     "accumulation": ("train.batch_size=4", "train.accum_steps=2"),
 }
