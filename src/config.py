@@ -104,7 +104,7 @@ class TrainConfig(Section):
     resume: bool = False
     ema: bool = False
     # EMA time constant as a fraction of all optimizer steps: decay = 1 - 1 / (ema_horizon * steps), reached
-    # after timm's EMA warm-up (decay 1 - (1 + step)^(-2/3) until then). Validation scores the raw and the EMA
+    # after timm's EMA warm-up (power 1: the plain mean of all steps so far until then). Validation scores the raw and the EMA
     # weights; the better one is checkpointed and used by predict.
     ema_horizon: float = Field(0.1, gt=0.0, le=1.0)
     monitor: Literal["macro_f1", "macro_f1_tuned", "val_loss"] = "macro_f1_tuned"

@@ -151,6 +151,33 @@ def write_markdown(path: Path, header: str, strategies: pd.DataFrame, classes: p
     return path
 
 
+def plot_lr_find(table: pd.DataFrame, suggested_lr: float, steepest_lr: float, backbone_ratio: float | None,
+                 path: Path) -> Path:
+    """Loss vs learning rate of a range test (log scale): raw and smoothed loss, the suggestion and the steepest
+    descent marked; a top axis gives the backbone group's learning rate when it differs."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(table["lr"], table["loss"], color="0.75", lw=0.8, label="loss")
+    ax.plot(table["lr"], table["smoothed_loss"], lw=1.8, label="smoothed loss")
+    ax.axvline(suggested_lr, color="crimson", ls="--", lw=1, label=f"suggested train.lr {suggested_lr:.2g}")
+    ax.axvline(steepest_lr, color="darkorange", ls=":", lw=1, label=f"steepest descent {steepest_lr:.2g}")
+    ax.set_xscale("log")
+    finite = table["smoothed_loss"][np.isfinite(table["smoothed_loss"])]
+    if len(finite):
+        low, high = finite.min(), finite.iloc[: max(3, len(finite) // 3)].max()
+        ax.set_ylim(low - 0.1 * (high - low + 1e-9), high + 0.3 * (high - low + 1e-9))
+    ax.set_xlabel("learning rate (head: train.lr)")
+    ax.set_ylabel("training loss")
+    if backbone_ratio not in (None, 1.0) and backbone_ratio > 0:
+        top = ax.secondary_xaxis("top", functions=(lambda x: x * backbone_ratio, lambda x: x / backbone_ratio))
+        top.set_xlabel("backbone learning rate (train.backbone_lr)")
+    ax.legend(fontsize=8)
+    ax.set_title("Learning-rate range test")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # -- label embedding plots ---------------------------------------------------------------------------------
 def _figure(figsize):
     from matplotlib.figure import Figure

@@ -12,6 +12,7 @@
         label_embedding.npz       loss.name=label_embedding only: the fold's label vectors
       test_probs.csv              the ensemble's test scores (same table format as oof.csv)
       report/                     the prediction report (written by src.report)
+      lr_find/                    the learning-rate range test (src.lr_find): table and plot
 
 Training writes it, prediction and the benchmarks read it; neither stage imports the other. Every write is
 atomic (temp file + rename). Checkpoints hold tensors and plain Python only and load with
@@ -39,6 +40,7 @@ HISTORY_FILE = "history.csv"
 EMBEDDING_FILE = "label_embedding.npz"
 TEST_SCORES_FILE = "test_probs.csv"
 REPORT_DIR = "report"
+LR_FIND_DIR = "lr_find"
 # Validation scores of each checkpoint, so predict tunes thresholds on the model it applies them to.
 OOF_FILES = {"best": "oof.csv", "last": "oof_last.csv"}
 
@@ -74,6 +76,10 @@ class RunFolder:
     @property
     def report(self) -> Path:
         return self.root / REPORT_DIR
+
+    @property
+    def lr_find(self) -> Path:
+        return self.root / LR_FIND_DIR
 
     def trained_folds(self, which: str = "best") -> dict[int, Path]:
         """Fold number -> checkpoint path, for every fold folder holding ``which``.pt."""

@@ -169,7 +169,10 @@ def build_parts(cfg: Config, fold: int, progress: bool = True) -> FoldParts:
         model=model, loss_fn=(embedding.loss() if embedding else build_loss(cfg.loss)).to(device),
         optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16"),
-        ema=ModelEmaV3(model, decay=ema_decay(tc.ema_horizon, total_steps), use_warmup=True) if tc.ema else None,
+        # EMA warm-up with power 1: decay t / (t + 1), a plain mean of every step so far, until its time
+        # constant reaches the horizon; from then on a fixed-horizon EMA. Both scale with the schedule.
+        ema=ModelEmaV3(model, decay=ema_decay(tc.ema_horizon, total_steps), use_warmup=True,
+                       warmup_power=1.0) if tc.ema else None,
         train_set=RGBYDataset(train_table, n_classes, size, build_augment(tc.augment, size)),
         val_set=RGBYDataset(val_table, n_classes, size),
         sampler=EpochSampler(len(train_table), tc.seed),
