@@ -104,8 +104,8 @@ class TrainConfig(Section):
     resume: bool = False
     ema: bool = False
     # EMA time constant as a fraction of all optimizer steps: decay = 1 - 1 / (ema_horizon * steps), reached
-    # after timm's EMA warm-up (power 1: the plain mean of all steps so far until then). Validation scores the raw and the EMA
-    # weights; the better one is checkpointed and used by predict.
+    # after timm's EMA warm-up (power 1: the plain mean of all steps so far until then). Validation scores the
+    # raw and the EMA weights; the better one is checkpointed and used by predict.
     ema_horizon: float = Field(0.1, gt=0.0, le=1.0)
     monitor: Literal["macro_f1", "macro_f1_tuned", "val_loss"] = "macro_f1_tuned"
     # Warn (console, history, W&B) when, from this epoch on, validation is no better than the prior predictor
@@ -165,6 +165,9 @@ class PredictConfig(Section):
     # rate: csv "class,rate" overriding the train label rates.
     rate_table: str | None = None
     batch_size: int = Field(16, ge=1)
+    # Write a submission that looks degenerate (the same labels on nearly every row, or predicted label rates
+    # far from the training rates on most classes) instead of stopping with exit 2. Also: predict --force.
+    force: bool = False
 
 
 class SubmissionConfig(Section):

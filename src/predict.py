@@ -14,13 +14,14 @@ Writes ``submission.path`` (validated, atomic), ``run.dir/test_probs.csv`` (for 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from src.config import Config, PipelineError, RunRef, cli_parser, config_from_args, run_cli, write_atomic
+from src.config import Config, PipelineError, RunRef, cli_parser, config_from_args, override, run_cli, write_atomic
 from src.data import RGBYDataset, label_matrix, load_test_table, load_train_table, make_loader
 from src.metrics import decide
 from src.model import build_model, check_views, infer, resolve_device
@@ -37,6 +38,37 @@ from src.run_folder import (
 )
 from src.thresholds import ThresholdInputs, compare_strategies, thresholds_for
 from src.tracking import Tracker
+
+
+def require_finite(scores: np.ndarray, what: str) -> np.ndarray:
+    """``scores`` unchanged, or a PipelineError (exit 2) before anything is written: a submission made of
+    NaN scores would look valid and be worthless."""
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        raise PipelineError(f"{what}: {int(bad.any(axis=1).sum())} of {len(scores)} rows hold NaN or infinite "
+                            "scores (diverged weights?); nothing written, the previous submission is kept")
+    return scores
+
+
+def degenerate_reasons(predicted: np.ndarray, train_labels: np.ndarray, far: float = 3.0) -> list[str]:
+    """Why a submission looks degenerate: the same label set on nearly every row where training has no such
+    set, or predicted label rates more than ``far`` times off the training rates on most classes."""
+    reasons = []
+    if len(predicted) >= 10:
+        _, counts = np.unique(predicted, axis=0, return_counts=True)
+        _, train_counts = np.unique(train_labels, axis=0, return_counts=True)
+        share, train_share = counts.max() / len(predicted), train_counts.max() / len(train_labels)
+        if share >= 0.9 and train_share < share / 2:
+            reasons.append(f"{share:.0%} of the rows get the same label set (the most common set in training "
+                           f"covers {train_share:.0%})")
+    train_rate, test_rate = train_labels.mean(axis=0), predicted.mean(axis=0)
+    seen = train_rate > 0
+    ratio = (test_rate[seen] + 1e-9) / train_rate[seen]
+    off = (ratio > far) | (ratio < 1 / far)
+    if seen.sum() >= 2 and off.mean() > 0.5:
+        reasons.append(f"the predicted label rate is more than {far:g}x off the training rate for {int(off.sum())} "
+                       f"of {int(seen.sum())} classes")
+    return reasons
 
 
 def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: pd.DataFrame,
@@ -71,11 +103,13 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table:
         embedding = load_embedding(folder.embedding(fold)) if run_cfg.loss.name == "label_embedding" else None
         to_scores = output_scorer(run_cfg, embedding)
         name = f"{folder.root.name} fold {fold}"
-        fold_scores.append(scores_of(model, test_table, to_scores, name))
-        oof = read_scores(folder.oof(fold, cfg.predict.checkpoint))
+        fold_scores.append(require_finite(scores_of(model, test_table, to_scores, name), f"{path}: test scores"))
+        oof_path = folder.oof(fold, cfg.predict.checkpoint)
+        oof = read_scores(oof_path)
         if cfg.predict.oof_tta:
             val_rows = rows_by_id.loc[oof["Id"]].reset_index()
             oof.iloc[:, 1:] = scores_of(model, val_rows, to_scores, f"{name} OOF")
+        require_finite(oof.iloc[:, 1:].to_numpy(dtype=float), f"{oof_path}: OOF scores")
         oof.insert(1, "fold", fold)
         oof_parts.append(oof)
     return np.mean(fold_scores, axis=0), pd.concat(oof_parts, ignore_index=True)
@@ -195,12 +229,23 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     thresholds = thresholds_for(chosen, ThresholdInputs(oof_true, oof_scores, test_scores, train_rate), cfg.predict)
     predicted = decide(test_scores, thresholds)
     submission = make_submission(test_table, predicted)
+    degenerate = degenerate_reasons(predicted, label_matrix(train_table["labels"], m))
 
     # Run-folder outputs first, the submission last: a failure never leaves a new submission without them.
     out = RunFolder(cfg.run.dir)
     write_scores(out.test_scores, test_table["Id"], test_scores)
-    strategies, classes, plots = write_report(out.report, report_header(cfg, refs, oof, len(test_table)), results,
-                                              chosen, oof_true, oof_scores, train_rate, predicted.mean(axis=0))
+    header = report_header(cfg, refs, oof, len(test_table))
+    if degenerate:
+        header += "\n\n**Warning: the submission looks degenerate:** " + "; ".join(degenerate) + "."
+    strategies, classes, plots = write_report(out.report, header, results, chosen, oof_true, oof_scores, train_rate,
+                                              predicted.mean(axis=0))
+    if degenerate:
+        message = (f"the submission looks degenerate: {'; '.join(degenerate)}. The model has probably learned "
+                   f"little (see the history's beats_prior column and {plots['label_rates']})")
+        if not cfg.predict.force:
+            raise PipelineError(message + "; nothing written to the submission, the previous one is kept. "
+                                "Write it anyway with `python -m src.predict --force` (predict.force=true).")
+        print(f"warning: {message}; written anyway (predict.force)", file=sys.stderr)
     sub_path = write_atomic(cfg.submission.path, lambda tmp: submission.to_csv(tmp, index=False))
     track(cfg, out.root, strategies, classes, plots)
 
@@ -214,7 +259,12 @@ def predict(cfg: Config, progress: bool = True) -> Path:
 
 
 def main() -> None:
-    predict(config_from_args(cli_parser(__doc__.splitlines()[0]).parse_args()))
+    parser = cli_parser(__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="write a degenerate-looking submission anyway "
+                        "(same as predict.force=true)")
+    args = parser.parse_args()
+    cfg = config_from_args(args)
+    predict(override(cfg, **{"predict.force": True}) if args.force else cfg)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,28 @@ def plot_f1_vs_threshold(oof_true: np.ndarray, oof_scores: np.ndarray, results: 
     return path
 
 
+def plot_label_rates(train_rate: np.ndarray, test_rate: np.ndarray, path: Path, far: float = 3.0) -> Path:
+    """Predicted test label rate against training label rate per class (log-log); the band is within
+    ``far``x of the training rate. A degenerate submission shows as points far outside it."""
+    floor = 0.5 / max(len(test_rate), 1) if len(test_rate) else 1e-4
+    low = max(min(train_rate[train_rate > 0].min(initial=1.0), test_rate[test_rate > 0].min(initial=1.0)) / 2, 1e-4)
+    grid = np.array([low, 1.0])
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.fill_between(grid, grid / far, np.minimum(grid * far, 1.0), color="0.9", label=f"within {far:g}x")
+    ax.plot(grid, grid, color="0.5", lw=0.8)
+    ax.scatter(np.maximum(train_rate, low), np.maximum(test_rate, floor), s=18)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training label rate")
+    ax.set_ylabel("predicted test label rate")
+    ax.set_title("Label rate per class: submission vs training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_strategies(table: pd.DataFrame, path: Path) -> Path:
     """Macro-F1 of each strategy: fitted and scored in-sample vs cross-fold (the honest estimate)."""
     x = np.arange(len(table))
@@ -124,7 +146,7 @@ def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen
     strategies = strategy_table(results, chosen)
     classes = class_table(results, chosen, support, train_rate, test_rate)
     names = {"strategies": "strategies.png", "per_class_f1": "per_class_f1.png",
-             "f1_vs_threshold": "f1_vs_threshold.png"}
+             "f1_vs_threshold": "f1_vs_threshold.png", "label_rates": "label_rates.png"}
 
     def write(folder: Path) -> None:
         strategies.to_csv(folder / "strategies.csv", index=False)
@@ -132,6 +154,7 @@ def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen
         plot_strategies(strategies, folder / names["strategies"])
         plot_per_class_f1(results, support, folder / names["per_class_f1"])
         plot_f1_vs_threshold(oof_true, oof_scores, results, chosen, folder / names["f1_vs_threshold"])
+        plot_label_rates(train_rate, test_rate, folder / names["label_rates"])
         write_markdown(folder / "report.md", header, strategies, classes, names)
 
     write_atomic_dir(report_dir, write)

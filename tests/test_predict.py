@@ -13,7 +13,7 @@ from src.config import PipelineError, override
 from src.data import load_test_table, load_train_table
 from src.folds import make_folds
 from src.model import d4_view
-from src.predict import predict, predict_run, validate_submission
+from src.predict import degenerate_reasons, predict, predict_run, validate_submission
 from src.train import train
 from tests.conftest import TINY_CLASSES, tiny_config
 
@@ -182,3 +182,50 @@ def test_oof_tta_rescores_the_validation_rows_like_the_test_rows(trained, tmp_pa
                              torch.device("cpu"), progress=False)
     assert (oof_max.sort_values("Id")[[str(c) for c in range(TINY_CLASSES)]].to_numpy()
             >= oof.sort_values("Id")[[str(c) for c in range(TINY_CLASSES)]].to_numpy() - 1e-6).all()
+
+
+@pytest.mark.slow
+def test_a_degenerate_submission_is_refused_and_the_previous_one_kept(trained, tmp_path):
+    # The one-epoch tiny model gives nearly every test image the same labels.
+    target = tmp_path / "submission.csv"
+    target.write_text("previous\n")
+    cfg = override(trained, **{"predict.force": False, "submission.path": str(target),
+                               "run.dir": str(tmp_path / "out"), "predict.runs": [{"dir": trained.run.dir}]})
+    with pytest.raises(PipelineError, match="degenerate") as raised:
+        predict(cfg, progress=False)
+    assert "--force" in str(raised.value)
+    assert target.read_text() == "previous\n"
+    report = tmp_path / "out" / "report"
+    assert (report / "label_rates.png").is_file() and "degenerate" in (report / "report.md").read_text()
+    predict(override(cfg, **{"predict.force": True}), progress=False)
+    assert len(read_submission(cfg)) == 12
+
+
+def test_degenerate_reasons():
+    rng = np.random.default_rng(0)
+    train_labels = (rng.random((200, 6)) < [0.4, 0.3, 0.2, 0.1, 0.05, 0.05]).astype(np.uint8)
+    sensible = (rng.random((50, 6)) < [0.4, 0.3, 0.2, 0.1, 0.05, 0.05]).astype(np.uint8)
+    assert degenerate_reasons(sensible, train_labels) == []
+    everything = np.ones((50, 6), dtype=np.uint8)
+    reasons = degenerate_reasons(everything, train_labels)
+    assert len(reasons) == 2 and "100% of the rows" in reasons[0] and "5 of 6 classes" in reasons[1]  # class 0 (rate 0.4) is 2.5x off
+
+
+@pytest.mark.slow
+def test_nan_scores_stop_predict_and_keep_the_previous_submission(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained.run.dir, run)
+    for fold in range(trained.folds.n_splits):  # diverged weights, as a run gone wrong would leave them
+        path = run / f"fold{fold}" / "best.pt"
+        ckpt = torch.load(path, weights_only=True)
+        for weights in (ckpt["model"], ckpt["ema"] or {}):
+            if "head.weight" in weights:
+                weights["head.weight"].fill_(float("nan"))
+        torch.save(ckpt, path)
+    target = tmp_path / "submission.csv"
+    target.write_text("previous\n")
+    (run / "test_probs.csv").write_text("previous\n")
+    cfg = override(trained, **{"run.dir": str(run), "submission.path": str(target)})
+    with pytest.raises(PipelineError, match="NaN or infinite"):
+        predict(cfg, progress=False)
+    assert target.read_text() == (run / "test_probs.csv").read_text() == "previous\n"

@@ -1,0 +1,127 @@
+"""Every benchmark script end to end in its ``--smoke`` mode (tiny sizes, CPU, seconds), called in-process.
+
+The benchmarks drive the real Trainer, losses, threshold search and label embedding; when the code under
+them changes, a benchmark that no longer runs fails here instead of on the day someone reruns it. The
+figures a smoke run prints measure nothing: these tests check that the script gets through and prints its
+table, not what the table says.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+
+import pytest
+from threadpoolctl import threadpool_limits
+
+from benchmarks import (
+    bench_gpu_memory,
+    bench_label_embedding,
+    bench_learning,
+    bench_thresholds,
+    bench_train_step,
+    study_label_embedding,
+)
+
+pytestmark = pytest.mark.slow
+
+NUMBER = r"-?\d+\.\d+"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    # As for torch (conftest): BLAS threads that spin-wait on a small shared box make tiny matrices far slower.
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _nothing_written_here(tmp_path, monkeypatch):
+    """Run each benchmark from an empty folder and check it stays empty: a smoke run writes only to its
+    own temp folder (or the ``--out`` it is given)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield
+    assert not list(cwd.iterdir()), f"the benchmark wrote into the working directory: {list(cwd.iterdir())}"
+
+
+def has_line(output: str, pattern: str) -> bool:
+    return re.search(pattern, output, flags=re.MULTILINE) is not None
+
+
+def test_bench_train_step(capsys):
+    # --threads 0: keep the test session's thread settings (conftest: one torch thread).
+    bench_train_step.main(["--smoke", "--threads", "0"])
+    out = capsys.readouterr().out
+    assert has_line(out, r"^images/s, wall clock\s+median\s+min\.\.max\s+vs timm-style\s+paired ratio$")
+    for variant in ("pipeline loop", "timm-style", "loop - tracker.log", "loop - tqdm", "loop - EMA", "loop - clip",
+                    "loop - all four", "timm-style \\+ float\\(loss\\)"):
+        assert has_line(out, rf"^{variant}\s+{NUMBER}\s+{NUMBER}\.\.{NUMBER}\s+{NUMBER}\s+{NUMBER}$"), variant
+    assert has_line(out, rf"^wall clock: pipeline loop {NUMBER} images/s, timm-style {NUMBER} images/s; "
+                         rf"ratio {NUMBER} \(median of paired rounds\)")
+    assert has_line(out, rf"^checkpoint  last\.pt every \d+ optimizer steps .*: {NUMBER} s per save")
+    for extra in ("scheduler.step()", "tracker.log (W&B disabled)", "clip_grad_norm_", "EMA update", "sum"):
+        assert has_line(out, rf"^  {re.escape(extra)}.*\s{NUMBER} ms\s+{NUMBER}%$"), extra
+
+
+def test_bench_gpu_memory(capsys):
+    # --backbone only names the model whose timm checkpointing support is reported (nasnetalarge by default,
+    # 1-2 s to build); the smoke layouts always run test_resnet.
+    bench_gpu_memory.main(["--smoke", "--backbone", "test_resnet"])
+    out = capsys.readouterr().out
+    for layout in ("NCHW", "grad_ckpt (timm)", "cell_ckpt (bench only)", "channels_last", "cell_ckpt+ch_last"):
+        assert has_line(out, rf"\] {re.escape(layout)}\s+2\s+{NUMBER}\s+\(cpu: no GPU memory\)$"), layout
+    assert has_line(out, r"test_resnet: timm set_grad_checkpointing supported: yes$")
+    assert has_line(out, r"\] smoke check passed$")
+
+
+def test_bench_thresholds(capsys):
+    bench_thresholds.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert has_line(out, r"^OOF matrix  2000 x 8, ")
+    assert has_line(out, rf"^brute force \(sklearn f1_score, 5 thr/class\)\s+{NUMBER}\s+{NUMBER}\s+1\.0$")
+    assert has_line(out, rf"^best_thresholds \(exact, vectorised\)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$")
+    assert has_line(out, rf"^compare_strategies \(\d+ strategies x 5 folds\)\s+{NUMBER}")
+    assert "WARNING" not in out  # the exact search never scores below the grid
+    assert has_line(out, rf"^  oof_f1\s+in-sample macro-F1 {NUMBER}, cross-fold {NUMBER}$")
+    assert has_line(out, rf"^best_thresholds\s+{NUMBER}\s+{NUMBER}$")  # the large size
+    assert has_line(out, rf"^  5000 x 50: {NUMBER} s, {NUMBER} ns per entry")
+
+
+def test_bench_learning(capsys):
+    bench_learning.main(["--smoke", "--threads", "0"])
+    out = capsys.readouterr().out
+    assert has_line(out, r"^predictor\s+@0\.5\s+tuned\s+cross-tuned$")
+    for predictor in (r"pipeline \(test_resnet, best epoch 1\)", r"pixel logistic regression \(8 px\)",
+                      r"constant \(train label rates\)"):
+        assert has_line(out, rf"^{predictor}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$"), predictor
+    assert has_line(out, rf"^pipeline - pixel logistic regression \(cross-tuned macro-F1\): \+?{NUMBER} -> ")
+
+
+def test_bench_label_embedding(capsys):
+    bench_label_embedding.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert has_line(out, r"^5,000 images x 300 labels, dim 16")
+    for stage in ("label matrix", "PMI (positive)", "embedding k=16", "decode 1,000 x 300", "decode_top_k(10) 1,000"):
+        assert has_line(out, rf"^{re.escape(stage)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}$"), stage
+    for check in ("PMI + embedding time", "PMI + embedding peak RSS", "decode 1,000 x 300 time"):
+        assert has_line(out, rf"^{re.escape(check)}\s+{NUMBER} \S+\s+< .*(PASS|MISS)$"), check
+    assert has_line(out, r"^decode quality \(info\): \d+\.\d% of the labels")
+
+
+def test_study_label_embedding(capsys, tmp_path, monkeypatch):
+    default_out = tmp_path / "default_out"
+    monkeypatch.setattr(study_label_embedding, "DEFAULT_OUT", default_out)
+    out_dir = tmp_path / "out"
+    study_label_embedding.main(["--smoke", "--out", str(out_dir)])
+    out = capsys.readouterr().out
+    for method in ("bce", "label_embedding"):
+        assert has_line(out, rf"^\s*{method}\s+1(\s+{NUMBER}){{7}}$"), method
+    assert {p.name for p in out_dir.iterdir()} == {"history.csv", "study.md", "study.png"}
+    study = (out_dir / "study.md").read_text()
+    assert "## Final epoch" in study and "| P@3 |" in study and "--smoke" in study
+
+    study_label_embedding.main(["--smoke"])  # without --out: into the temp folder, not the results folder
+    assert has_line(capsys.readouterr().out, rf"wrote {re.escape(tempfile.gettempdir())}/\S+/results/history\.csv")
+    assert not default_out.exists()
