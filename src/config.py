@@ -305,24 +305,59 @@ def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
-def write_atomic_dir(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp_dir)`` on a fresh folder beside ``path``, then swap it in: readers see the old
-    folder or the whole new one, and a failed write leaves the old folder as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    old = path.with_name(f"{path.name}.{os.getpid()}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+class Staging:
+    """Outputs written as a set: each file or folder goes to a temp path beside its target; ``commit`` then
+    moves them all into place, in the order staged (so the one staged last appears last), and ``discard``
+    (or leaving the ``with`` block by an error) removes them all, leaving every target as it was."""
+
+    def __init__(self):
+        self.pending: list[tuple[Path, Path]] = []
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.discard()
+
+    def _tmp(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.with_name(f"{path.name}.{os.getpid()}.staged.tmp")
+
+    def file(self, path: str | Path, write: Callable[[Path], Any]) -> Path:
+        path = Path(path)
+        tmp = self._tmp(path)
+        self.pending.append((tmp, path))
+        write(tmp)
+        return path
+
+    def folder(self, path: str | Path, write: Callable[[Path], Any]) -> Path:
+        path = Path(path)
+        tmp = self._tmp(path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.pending.append((tmp, path))
         tmp.mkdir()
         write(tmp)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return path
+        return path
+
+    def commit(self) -> None:
+        for tmp, path in self.pending:
+            if tmp.is_dir():
+                old = path.with_name(f"{path.name}.{os.getpid()}.old")
+                if path.exists():
+                    os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        self.pending = []
+
+    def discard(self) -> None:
+        for tmp, _ in self.pending:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+        self.pending = []
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:
@@ -342,13 +377,42 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
+def user_message(exc: BaseException) -> str:
+    """The message of a user-fixable error, without the worker traceback that a DataLoader worker wraps
+    around an exception it re-raises in the main process ("Caught DataError in DataLoader worker...")."""
+    message = str(exc)
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+        message = last.removeprefix(prefix).removeprefix(f"{type(exc).__name__}: ")
+    return message
+
+
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run a stage's CLI: a user-fixable problem prints one clear line and exits 2, no traceback."""
+    """Run a stage's CLI: a user-fixable problem, or a file that cannot be read or written, prints one
+    clear line and exits 2, no traceback."""
     try:
         main()
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:  # disk full, permission denied, a file where a folder should be, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def ensure_writable(folder: str | Path, what: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it, before any expensive work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PipelineError(f"cannot write {what} to {folder}: {exc.strerror or exc}") from None
+    return folder
 
 
 def main() -> None:

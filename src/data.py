@@ -99,12 +99,15 @@ def read_label_table(
     try:
         raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        return LabelTable(_empty_frame(), [Problem(str(csv_path), f"not a readable csv ({exc})")])
+        why = "empty file (0 bytes)" if isinstance(exc, pd.errors.EmptyDataError) else f"not a readable csv ({exc})"
+        return LabelTable(_empty_frame(), [Problem(str(csv_path), why)])
     missing = [col for col in ("Id", label_column) if col not in raw.columns]
     if missing:
         return LabelTable(
             _empty_frame(), [Problem(str(csv_path), f"missing column(s) {missing}; has {list(raw.columns)}")]
         )
+    if raw.empty:
+        return LabelTable(_empty_frame(), [Problem(str(csv_path), "no rows: the file holds only a header")])
     problems: list[Problem] = []
     rows = []
     seen: dict[str, int] = {}

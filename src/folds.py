@@ -120,7 +120,11 @@ def load_folds(cfg: Config, table: pd.DataFrame) -> np.ndarray:
     if not path.is_file():
         raise PipelineError(f"folds file {path} not found: make it first with "
                             "`python -m src.folds [--config FILE] [key=value ...]` (same config as training)")
-    folds = pd.read_csv(path, dtype={"Id": str})
+    try:
+        folds = pd.read_csv(path, dtype={"Id": str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"folds file {path} is empty or not a csv ({type(exc).__name__}); "
+                            "remake it with `python -m src.folds`") from None
     if list(folds.columns[:2]) != ["Id", "fold"]:
         raise PipelineError(f"{path}: expected columns Id,fold, found {list(folds.columns)}")
     # An empty or non-numeric fold cell counts as no fold (it would otherwise fail as a bare ValueError).

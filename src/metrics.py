@@ -38,6 +38,8 @@ def best_thresholds(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray,
     they separate. A class with no positives gets threshold 1 (never predicted) and F1 0.
     """
     n, m = scores.shape
+    if not np.isfinite(scores).all():
+        raise ValueError("best_thresholds: scores hold NaN or inf; no threshold search on them")
     sorted_scores, tp_from = _sorted_columns(y_true, scores)
     positives = tp_from[0]
     predicted = n - np.arange(n)[:, None]  # a cut at i predicts the n - i highest scores

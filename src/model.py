@@ -12,6 +12,7 @@ device by the network itself.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -84,7 +85,7 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
                             "weights file (or set it to false).") from None
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
-            close = timm.list_models(f"*{cfg.backbone[:6]}*")[:5]
+            close = difflib.get_close_matches(cfg.backbone, timm.list_models(), n=5, cutoff=0.6)
             raise PipelineError(f"model.backbone: unknown timm model {cfg.backbone!r}"
                                 + (f" (similar: {close})" if close else "")) from None
         raise

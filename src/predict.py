@@ -21,7 +21,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from src.config import Config, PipelineError, RunRef, cli_parser, config_from_args, override, run_cli, write_atomic
+from src.config import (
+    Config,
+    PipelineError,
+    RunRef,
+    Staging,
+    cli_parser,
+    config_from_args,
+    ensure_writable,
+    override,
+    run_cli,
+)
 from src.data import RGBYDataset, label_matrix, load_test_table, load_train_table, make_loader
 from src.metrics import decide
 from src.model import build_model, check_views, infer, resolve_device
@@ -93,7 +103,13 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table:
     rows_by_id = train_table.set_index("Id")
     model = None
     fold_scores, oof_parts = [], []
-    for fold, path in folder.fold_checkpoints(cfg.predict.folds, cfg.predict.checkpoint):
+    checkpoints = folder.fold_checkpoints(cfg.predict.folds, cfg.predict.checkpoint)
+    untrained = sorted(set(range(run_cfg.folds.n_splits)) - {fold for fold, _ in checkpoints})
+    if cfg.predict.folds is None and untrained:
+        print(f"warning: {folder.root}: fold(s) {untrained} of {run_cfg.folds.n_splits} have no "
+              f"{cfg.predict.checkpoint}.pt; predicting with the {len(checkpoints)} trained one(s) "
+              "(set predict.folds to choose on purpose)", file=sys.stderr)
+    for fold, path in checkpoints:
         weights = model_weights(load_checkpoint(path))
         if model is None:  # one network per experiment; each fold loads its weights into it
             model = build_model(run_cfg, out_dim=weights["head.weight"].shape[0]).to(device)
@@ -218,6 +234,8 @@ def track(cfg: Config, out_dir: Path, strategies: pd.DataFrame, classes: pd.Data
 def predict(cfg: Config, progress: bool = True) -> Path:
     """Ensemble, TTA, threshold comparison, submission and report; returns the submission path."""
     check_views(cfg.predict.tta)
+    ensure_writable(cfg.run.dir, "prediction outputs")  # before any inference
+    ensure_writable(Path(cfg.submission.path).parent, "the submission")
     device = resolve_device(cfg.train.device)
     test_table, train_table = load_test_table(cfg.data), load_train_table(cfg.data)
     m, chosen = cfg.data.num_classes, cfg.predict.threshold
@@ -231,22 +249,28 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     submission = make_submission(test_table, predicted)
     degenerate = degenerate_reasons(predicted, label_matrix(train_table["labels"], m))
 
-    # Run-folder outputs first, the submission last: a failure never leaves a new submission without them.
+    # All outputs as one set (staged, then renamed into place): the run-folder outputs first, the submission
+    # last. A failure on the way leaves every previous output as it was.
     out = RunFolder(cfg.run.dir)
-    write_scores(out.test_scores, test_table["Id"], test_scores)
     header = report_header(cfg, refs, oof, len(test_table))
     if degenerate:
         header += "\n\n**Warning: the submission looks degenerate:** " + "; ".join(degenerate) + "."
-    strategies, classes, plots = write_report(out.report, header, results, chosen, oof_true, oof_scores, train_rate,
-                                              predicted.mean(axis=0))
+    with Staging() as staging:
+        staging.file(out.test_scores, lambda tmp: write_scores(tmp, test_table["Id"], test_scores))
+        strategies, classes, plots = write_report(out.report, header, results, chosen, oof_true, oof_scores,
+                                                  train_rate, predicted.mean(axis=0), staging)
+        if degenerate and not cfg.predict.force:
+            staging.commit()  # the report shows what went wrong; the submission is not replaced
+            raise PipelineError(
+                f"the submission looks degenerate: {'; '.join(degenerate)}. The model has probably learned little "
+                f"(see the history's beats_prior column and {plots['label_rates']}); nothing written to the "
+                "submission, the previous one is kept. Write it anyway with `python -m src.predict --force` "
+                "(predict.force=true).")
+        sub_path = staging.file(cfg.submission.path, lambda tmp: submission.to_csv(tmp, index=False))
+        staging.commit()
     if degenerate:
-        message = (f"the submission looks degenerate: {'; '.join(degenerate)}. The model has probably learned "
-                   f"little (see the history's beats_prior column and {plots['label_rates']})")
-        if not cfg.predict.force:
-            raise PipelineError(message + "; nothing written to the submission, the previous one is kept. "
-                                "Write it anyway with `python -m src.predict --force` (predict.force=true).")
-        print(f"warning: {message}; written anyway (predict.force)", file=sys.stderr)
-    sub_path = write_atomic(cfg.submission.path, lambda tmp: submission.to_csv(tmp, index=False))
+        print(f"warning: the submission looks degenerate: {'; '.join(degenerate)}; written anyway (predict.force)",
+              file=sys.stderr)
     track(cfg, out.root, strategies, classes, plots)
 
     if progress:

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from src.config import write_atomic_dir  # noqa: E402
+from src.config import Staging  # noqa: E402
 from src.label_embedding import _normalize_rows  # noqa: E402
 from src.metrics import f1_curves  # noqa: E402
 
@@ -138,10 +138,11 @@ def plot_strategies(table: pd.DataFrame, path: Path) -> Path:
 
 
 def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen: str, oof_true: np.ndarray,
-                 oof_scores: np.ndarray, train_rate: np.ndarray, test_rate: np.ndarray
-                 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Path]]:
-    """The prediction report, written as a whole (a new folder swapped in): ``strategies.csv``,
-    ``per_class.csv``, three plots and ``report.md``. Returns the two tables and the plot paths."""
+                 oof_scores: np.ndarray, train_rate: np.ndarray, test_rate: np.ndarray,
+                 staging: Staging | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Path]]:
+    """The prediction report, written as a whole folder: ``strategies.csv``, ``per_class.csv``, four plots
+    and ``report.md``. Staged in ``staging`` (committed with the caller's other outputs), or swapped in at
+    once. Returns the two tables and the plots' final paths."""
     support = oof_true.sum(axis=0)
     strategies = strategy_table(results, chosen)
     classes = class_table(results, chosen, support, train_rate, test_rate)
@@ -157,7 +158,12 @@ def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen
         plot_label_rates(train_rate, test_rate, folder / names["label_rates"])
         write_markdown(folder / "report.md", header, strategies, classes, names)
 
-    write_atomic_dir(report_dir, write)
+    if staging is not None:
+        staging.folder(report_dir, write)
+    else:
+        with Staging() as alone:
+            alone.folder(report_dir, write)
+            alone.commit()
     return strategies, classes, {key: report_dir / name for key, name in names.items()}
 
 

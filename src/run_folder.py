@@ -10,6 +10,7 @@
         history.csv               one row per epoch
         config.yaml               resolved config of this fold's run
         label_embedding.npz       loss.name=label_embedding only: the fold's label vectors
+        .lock                     held (flock) by the process training this fold
       test_probs.csv              the ensemble's test scores (same table format as oof.csv)
       report/                     the prediction report (written by src.report)
       lr_find/                    the learning-rate range test (src.lr_find): table and plot
@@ -21,9 +22,11 @@ atomic (temp file + rename). Checkpoints hold tensors and plain Python only and 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,7 @@ EMBEDDING_FILE = "label_embedding.npz"
 TEST_SCORES_FILE = "test_probs.csv"
 REPORT_DIR = "report"
 LR_FIND_DIR = "lr_find"
+LOCK_FILE = ".lock"
 # Validation scores of each checkpoint, so predict tunes thresholds on the model it applies them to.
 OOF_FILES = {"best": "oof.csv", "last": "oof_last.csv"}
 
@@ -89,6 +93,35 @@ class RunFolder:
             if number.isdigit():
                 found[int(number)] = path
         return dict(sorted(found.items()))
+
+    @contextmanager
+    def lock(self, fold: int) -> Iterator[None]:
+        """Hold fold ``fold``'s folder for this training process: a second writer is refused, naming the pid.
+        An OS file lock (flock), so it is released when the process ends, by a crash or kill -9 too."""
+        folder = self.fold(fold)
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise PipelineError(f"{folder} is in use by another training process (pid {holder}); let it finish or "
+                                "stop it, or train into another run.dir") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            # Temp files of atomic writes that a killed process left behind; nobody else writes here now.
+            for stale in folder.glob("*.tmp"):
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
     def fold_checkpoints(self, folds: Sequence[int] | None, which: str) -> list[tuple[int, Path]]:
         """(fold, checkpoint) pairs: every trained fold, or exactly ``folds``; a missing one is an error."""

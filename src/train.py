@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from src.config import Config, PipelineError, cli_parser, config_from_args, run_cli
+from src.config import Config, PipelineError, cli_parser, config_from_args, ensure_writable, run_cli
 from src.data import EpochSampler, RGBYDataset, build_augment, label_matrix, load_train_table, make_loader
 from src.folds import load_folds
 from src.label_embedding import LabelEmbedding
@@ -203,6 +203,45 @@ def prior_metrics(parts: FoldParts) -> dict:
     return {"val_loss": loss, "macro_f1_tuned": float(tuned_f1.mean())}
 
 
+def nonfinite_tensors(module: nn.Module | None) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``module`` that hold NaN or inf."""
+    if module is None:
+        return []
+    return [name for name, tensor in module.state_dict().items()
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+# Keys whose change makes a checkpoint's weights or its position in the data order meaningless.
+RESUME_MUST_MATCH = ("data.num_classes", "model.backbone", "model.in_chans", "model.modifier", "loss.name",
+                     "loss.embedding_dim", "train.batch_size", "train.accum_steps", "train.seed", "folds")
+RESUME_IGNORED = ("train.resume", "train.stop_after_steps")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resumable(saved: dict, current: dict, path: Path) -> None:
+    """Refuse to resume ``path`` under a config that changes the model or the data order, naming the keys;
+    mention other changed keys."""
+    saved_flat, current_flat = _flatten(saved), _flatten(current)
+    changed = sorted(k for k in saved_flat.keys() | current_flat.keys()
+                     if saved_flat.get(k) != current_flat.get(k) and not k.startswith(RESUME_IGNORED))
+    blocking = [k for k in changed if k.startswith(RESUME_MUST_MATCH)]
+    if blocking:
+        listing = ", ".join(f"{k}: {saved_flat.get(k)!r} -> {current_flat.get(k)!r}" for k in blocking)
+        raise PipelineError(f"cannot resume {path}: it was trained with a different {listing}. Resume with the "
+                            "checkpoint's settings, or start fresh with another run.dir (or train.resume=false).")
+    if changed:
+        print(f"note: resuming {path} with changed setting(s): {', '.join(changed)}")
+
+
 def accumulation_windows(batches: Iterable, accum_steps: int) -> Iterator[list]:
     """The batches in lists of ``accum_steps`` (the last list may be shorter): one list per optimizer
     step. Holding a window's batches before its first backward gives each micro-batch its exact share of
@@ -221,6 +260,7 @@ class Trainer:
         self.state = TrainState()
         self.history: list[dict] = []
         self.prior = prior_metrics(parts)
+        self.saved_step: int | None = None  # optimizer step of the last checkpoint this run wrote or resumed
 
     # -- checkpoints ------------------------------------------------------------------------------
     def checkpoint(self) -> dict:
@@ -239,11 +279,28 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """The full training state to last.pt."""
-        return save_checkpoint(self.checkpoint(), self.folder.checkpoint(self.fold, "last"))
+        """The full training state to last.pt, only ever from finite weights."""
+        bad = nonfinite_tensors(self.parts.model) + nonfinite_tensors(self.parts.ema.module if self.parts.ema else None)
+        if bad:
+            raise self.diverged(f"{len(bad)} weight tensor(s) hold NaN/inf (e.g. {bad[0]})")
+        path = save_checkpoint(self.checkpoint(), self.folder.checkpoint(self.fold, "last"))
+        self.saved_step = self.state.step
+        return path
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        """The error that stops a diverged run, saying truly which file holds the last good state."""
+        state, last = self.state, self.folder.checkpoint(self.fold, "last")
+        where = (f"{last} holds the last good state (optimizer step {self.saved_step})" if self.saved_step is not None
+                 else "no checkpoint of this run was written")
+        hint = {"fp16": ", or use train.precision=bf16/fp32", "bf16": ", or try train.precision=fp32"}.get(
+            self.cfg.train.precision, "")
+        return TrainingDiverged(f"{what} at epoch {state.epoch + 1}, step {state.step} (fold {self.fold}); stopped "
+                                f"without saving: {where}. Lower train.lr (python -m src.lr_find), set "
+                                f"train.clip_grad{hint}.")
 
     def resume(self, path: Path) -> None:
         p, ckpt = self.parts, load_checkpoint(path)
+        check_resumable(ckpt.get("config", {}), self.cfg.model_dump(), path)
         p.model.load_state_dict(ckpt["model"])
         p.optimizer.load_state_dict(ckpt["optimizer"])
         p.scheduler.load_state_dict(ckpt["scheduler"])
@@ -254,6 +311,7 @@ class Trainer:
         p.sampler.epoch_state = ckpt["sampler_epoch_state"]
         self.history = list(ckpt["history"])
         restore_rng_states(ckpt["rng"])
+        self.saved_step = self.state.step
 
     # -- one epoch --------------------------------------------------------------------------------
     def epoch_batches(self) -> DataLoader:
@@ -292,10 +350,7 @@ class Trainer:
             # One optimizer step per window: check, unscale, clip, step, schedule, EMA.
             loss_value = float(window_loss)
             if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"loss is {loss_value} at epoch {state.epoch + 1}, step {state.step + 1} (fold {self.fold}); "
-                    f"stopped without saving, so {self.folder.checkpoint(self.fold)} still holds the last good "
-                    "state. Lower train.lr, set train.clip_grad, or use train.precision=bf16/fp32.")
+                raise self.diverged(f"the training loss is {loss_value}")
             if tc.clip_grad:
                 p.scaler.unscale_(p.optimizer)
                 nn.utils.clip_grad_norm_(p.model.parameters(), tc.clip_grad)
@@ -345,6 +400,8 @@ class Trainer:
                                 channels_last=self.cfg.model.channels_last,
                                 to_scores=output_scorer(self.cfg, p.embedding), loss_fn=p.loss_fn,
                                 desc="validating", progress=self.progress)
+        if not (math.isfinite(val_loss) and np.isfinite(probs).all()):
+            raise self.diverged(f"validation loss {val_loss} / non-finite validation scores")
         truth = label_matrix(p.val_table["labels"], self.cfg.data.num_classes)
         thresholds, tuned_f1 = best_thresholds(truth, probs)
         f1_half = f1_per_class(truth, decide(probs, 0.5))
@@ -469,14 +526,19 @@ def print_summary(history: list[dict], result: dict) -> None:
     if "beats_prior" in result and not result["beats_prior"]:
         print(f"warning: the last epoch was no better than the prior predictor (tuned macro-F1 "
               f"{result['macro_f1_tuned']:.4f} vs {result['prior_macro_f1_tuned']:.4f}): see the warnings above")
-    print(f"outputs: {result['run_dir']}/{{best.pt,last.pt,oof.csv,history.csv,config.yaml}}")
+    written = [name for name in ("best.pt", "last.pt", "oof.csv", "oof_last.csv", "history.csv", "config.yaml")
+               if (Path(result["run_dir"]) / name).is_file()]
+    print(f"outputs: {result['run_dir']}/{{{','.join(written)}}}")
     if result.get("wandb_run"):
         print(f"W&B offline run: {result['wandb_run']}  (upload with `wandb sync {result['wandb_run']}`)")
 
 
 def train(cfg: Config, fold: int, progress: bool = True) -> dict:
     """Train fold ``fold`` and return its metrics (best epoch and score, last validation metrics)."""
-    return Trainer(build_parts(cfg, fold, progress), progress).fit()
+    folder = RunFolder(cfg.run.dir)
+    ensure_writable(folder.fold(fold), "training outputs")  # before loading data and building the model
+    with folder.lock(fold):
+        return Trainer(build_parts(cfg, fold, progress), progress).fit()
 
 
 def main() -> None:

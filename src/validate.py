@@ -4,8 +4,10 @@
 
 Checks: label csvs (readable, columns, Ids safe as file names, no duplicate Id within or across sources,
 labels integers in [0, num_classes)), and for every train and test sample its four channel PNGs
-(present, readable, 8-bit single-channel, one size per sample and per source). By default a PNG's
-header is read; ``--deep`` also verifies every chunk's checksum (finds truncated files; reads all bytes).
+(present, readable, 8-bit single-channel, complete, one size per sample and per source). By default a
+PNG's header and its last 12 bytes (the IEND chunk every complete PNG ends with: a cut-off download or copy
+lacks it) are read; ``--deep`` also verifies every chunk's checksum (reads all bytes). A label table with no
+rows is a problem too.
 Exits 2 (like every stage on a user-fixable problem) when anything is wrong; writes nothing.
 """
 
@@ -34,6 +36,18 @@ class ValidationFailed(PipelineError):
         super().__init__(f"dataset has {len(problems)} problem(s):\n  {shown}{more}")
 
 
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: length 0, type, CRC
+
+
+def _ends_complete(path: Path) -> bool:
+    with open(path, "rb") as file:
+        file.seek(0, os.SEEK_END)
+        if file.tell() < len(PNG_END):
+            return False
+        file.seek(-len(PNG_END), os.SEEK_END)
+        return file.read() == PNG_END
+
+
 def _inspect_png(path: Path, deep: bool) -> tuple[tuple[int, int] | None, str | None]:
     """(width, height) of a PNG, or why it cannot be used."""
     if not path.is_file():
@@ -47,6 +61,8 @@ def _inspect_png(path: Path, deep: bool) -> tuple[tuple[int, int] | None, str | 
         return None, f"unreadable image ({type(exc).__name__}: {exc})"
     if fmt != "PNG":
         return None, f"not a PNG (format {fmt})"
+    if not _ends_complete(path):
+        return None, "truncated PNG (no IEND chunk at the end: an interrupted download or copy?)"
     if mode != "L":
         bands = len(Image.new(mode, (1, 1)).getbands()) if mode not in ("I;16", "I;16B") else 1
         return None, f"expected 8-bit grayscale (1 channel), found mode {mode} with {bands} channel(s)"
