@@ -2,12 +2,14 @@
 
     .venv/bin/python -m benchmarks.bench_gpu_memory [--batch-sizes 8 16 24] [--channels-last]
         [--grad-checkpointing] [--cell-checkpointing] [--all] [--time-budget 200]
+    .venv/bin/python -m benchmarks.bench_gpu_memory --smoke   # the CPU smoke check below, on any machine
 
-Each configuration runs the real ``Trainer.train_epoch`` of ``configs/hpa_nasnet512.yaml`` (AdamW, EMA,
-clipping, accumulation as configured) on in-memory uint8 batches already on the GPU: one untimed pass
-(allocator, cuDNN, optimizer state), then ``torch.cuda.reset_peak_memory_stats`` and a timed pass of
-``--steps`` micro-batches. Reported: ``max_memory_allocated`` (the figure the target is about),
-``max_memory_reserved`` (what the caching allocator held), images/s. Target: batch >= 16 under 24 GiB.
+Each configuration runs the real ``Trainer.train_epoch`` of ``configs/hpa_nasnet512.yaml`` (parts from
+``src.train.build_parts``: AdamW, EMA, clipping, accumulation as configured), handed in-memory uint8
+batches already on the GPU: one untimed pass (allocator, cuDNN, optimizer state), then
+``torch.cuda.reset_peak_memory_stats`` and a timed pass of ``--steps`` micro-batches. Reported:
+``max_memory_allocated`` (the figure the target is about), ``max_memory_reserved`` (what the caching
+allocator held), images/s. Target: batch >= 16 under 24 GiB.
 
 - ``--grad-checkpointing`` sets ``model.grad_checkpointing=true``, which ``build_model`` passes to timm's
   ``set_grad_checkpointing``; timm's NASNet-A-Large does not implement it (it asserts), so the script
@@ -18,7 +20,8 @@ clipping, accumulation as configured) on in-memory uint8 batches already on the 
 
 Every result is printed (and flushed) as soon as it is measured; configurations that would overrun
 ``--time-budget`` seconds are skipped and listed, so a run under a hard time limit still reports. Without
-CUDA it says so, runs a CPU smoke check of the same code path on a tiny model, and exits 0.
+CUDA it says so, runs a CPU smoke check of the same code path on a tiny model, and exits 0; ``--smoke``
+runs that check on any machine (every layout, test_resnet, 32 px, batch 2, one step each).
 """
 
 from __future__ import annotations
@@ -36,7 +39,15 @@ import timm
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from benchmarks.common import REPO_ROOT, describe_device, feed, synthetic_batches, timed, trainer_config
+from benchmarks.common import (
+    REPO_ROOT,
+    add_smoke_option,
+    describe_device,
+    fold0_trainer,
+    synthetic_batches,
+    timed,
+    trainer_config,
+)
 from src.config import PipelineError, run_cli
 from src.train import Trainer
 
@@ -88,9 +99,9 @@ def build_trainer(args, layout: Layout, work_dir: Path, device: torch.device) ->
         *args.overrides,
     ]
     cfg = trainer_config(args.config, work_dir, overrides)
-    trainer = Trainer(cfg, fold=0, progress=False)
+    trainer = fold0_trainer(cfg)
     if layout.cell_checkpointing:
-        wrapped = checkpoint_cells(trainer.model.backbone)
+        wrapped = checkpoint_cells(trainer.parts.model.backbone)
         if not wrapped:
             raise PipelineError(f"{args.backbone}: no cells to checkpoint")
     return trainer
@@ -108,13 +119,11 @@ def measure(trainer: Trainer, batch_size: int, steps: int, warmup: int, device: 
     # One distinct batch, repeated: like training, only the current batch sits on the device.
     batches = synthetic_batches(max(steps, warmup), batch_size, cfg.model.in_chans, cfg.data.image_size,
                                 cfg.data.num_classes, device, distinct=1)
-    feed(trainer, batches[:warmup])
-    trainer.train_epoch()
+    trainer.train_epoch(batches[:warmup])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    feed(trainer, batches[:steps])
-    seconds = timed(trainer.train_epoch, device)
+    seconds = timed(lambda: trainer.train_epoch(batches[:steps]), device)
     result = {"images_per_s": steps * batch_size / seconds, "seconds": seconds}
     if device.type == "cuda":
         result["allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
@@ -154,7 +163,7 @@ def run_layouts(args, layouts: list[Layout], device: torch.device) -> list[tuple
                 except torch.OutOfMemoryError:
                     result = None
                 if result is None:  # freed outside the except block, whose traceback pins the activations
-                    trainer.optimizer.zero_grad(set_to_none=True)
+                    trainer.parts.optimizer.zero_grad(set_to_none=True)
                     trainer.state.batches_done = 0  # the interrupted pass must not look like a resumable epoch
                     release(device)
                     say(f"{layout.name:<22}{batch_size:>6}  out of memory")
@@ -191,7 +200,7 @@ def summarise(results: list[tuple[Layout, int, dict | str]]) -> None:
         say(f"  {name:<22} largest measured batch under {TARGET_GIB:.0f} GiB: {best or 'none'} -> {verdict}")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "hpa_nasnet512.yaml"))
     parser.add_argument("--backbone", default="nasnetalarge")
@@ -213,8 +222,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark=True")
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto",
                         help="cpu: run the full measurement on the CPU (no memory figures; for checking the script)")
+    add_smoke_option(parser, "every layout on test_resnet, 32 px, batch 2, one step each; no memory figures")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def layouts_of(args) -> list[Layout]:
@@ -233,6 +243,7 @@ def smoke_check(args) -> None:
     """The same code path on a tiny model on the CPU: every layout, one batch size, one step."""
     tiny = argparse.Namespace(**{**vars(args), "backbone": "test_resnet", "image_size": 32, "batch_sizes": [2],
                                  "steps": 1, "warmup": 1, "all": True, "time_budget": float("inf")})
+    torch.set_num_threads(1)  # as for --device cpu: spin-waiting threads on a small shared box
     say("CPU smoke check: test_resnet, 32 px, batch 2, one step per layout, through Trainer.train_epoch")
     results = run_layouts(tiny, layouts_of(tiny), torch.device("cpu"))
     failed = [layout.name for layout, _, r in results if not isinstance(r, dict) and layout.name != "grad_ckpt (timm)"]
@@ -242,9 +253,12 @@ def smoke_check(args) -> None:
     say("smoke check passed")
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.smoke:
+        smoke_check(args)
+        return
     if args.device == "auto" and not torch.cuda.is_available():
         say("no CUDA device: peak GPU memory cannot be measured on this machine; run this script on a GPU. "
             "Checking the code path on the CPU instead.")

@@ -1,6 +1,7 @@
 """Threshold search speed: ``src.metrics.best_thresholds`` and ``src.thresholds.compare_strategies``.
 
     .venv/bin/python -m benchmarks.bench_thresholds [--rows 31072 --classes 28] [--skip-large]
+    .venv/bin/python -m benchmarks.bench_thresholds --smoke   # the whole script on tiny matrices, in seconds
 
 On a synthetic out-of-fold matrix of HPA's size (31 072 samples x 28 classes, power-law label rates,
 probabilities rounded to 6 decimals as ``oof.csv`` stores them, so ties occur), against a brute-force
@@ -11,6 +12,9 @@ Then a many-label size (default 100 000 x 7 178). best_thresholds holds several 
 arrays at once, so the script first measures its peak memory per matrix entry on the small size and, if
 the large size would not fit in ``--memory-fraction`` of the available memory, shrinks the number of
 classes until it does, and says so. The brute force there is timed on a few classes and extrapolated.
+
+``--smoke``: 2 000 x 8 and 5 000 x 50, a 5-threshold grid, one call per figure: every code path of the
+script, no meaningful figure.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ def verdict(seconds: float) -> str:
     return "met" if seconds < TARGET_SECONDS else "NOT met"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=31072, help="OOF samples (HPA train: 31 072)")
     parser.add_argument("--classes", type=int, default=28)
@@ -103,11 +107,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--memory-fraction", type=float, default=0.5,
                         help="large size: keep best_thresholds' predicted peak under this share of free memory")
     parser.add_argument("--skip-large", action="store_true")
-    return parser.parse_args()
+    # Not benchmarks.common's add_smoke_option: that module imports the training stack (timm, W&B, ...),
+    # which this script does not need.
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the script end to end in seconds (2 000 x 8 and 5 000 x 50 matrices, 5 thresholds "
+                             "per class, one call per figure); its figures say nothing about performance")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rows, args.classes, args.grid, args.repeats = 2000, 8, 5, 1
+        args.large_rows, args.large_classes, args.brute_classes = 5000, 50, 2
+    return args
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.smoke:
+        print("smoke run: tiny matrices to check the script; the figures below measure nothing")
     grid = np.linspace(0.01, 0.99, args.grid)
     n, m = args.rows, args.classes
     truth, scores = synthetic_oof(n, m)

@@ -1,14 +1,15 @@
 """Training-step throughput: this pipeline's loop (``Trainer.train_epoch``) vs a timm-style loop.
 
     .venv/bin/python -m benchmarks.bench_train_step [--precision bf16] [--breakdown] [key=value ...]
+    .venv/bin/python -m benchmarks.bench_train_step --smoke   # the whole script in seconds (a check, not a figure)
 
 Both sides run the same network (``src.model.build_model``: backbone, feature modifier, head, uint8 input
 normalised on the device), the same loss, the same AdamW over the same parameter groups, at the same
 batch, image size and precision, on the same uint8 batches already on the device: data loading is
 excluded from both.
 
-- "pipeline loop": the real ``Trainer.train_epoch``, built from ``--config``, its loader replaced by the
-  in-memory batches; everything else as in training: autocast, fp32 loss scaled to the accumulation
+- "pipeline loop": the real ``Trainer.train_epoch``, built from ``--config`` by ``build_parts``, handed
+  the in-memory batches; everything else as in training: autocast, fp32 loss scaled to the accumulation
   window, grad scaler, clipping, scheduler, EMA (as the config sets them), divergence check, tqdm bar
   (written to a temp file) and per-step ``Tracker.log`` (W&B mode of the config).
 - "timm-style": what timm's ``benchmark.py`` ``TrainBenchmarkRunner`` times: forward under autocast,
@@ -28,12 +29,15 @@ On CPU the script also reports images/s by process CPU time (all threads of the 
 not count time spent waiting for a core and so stays steady on a shared machine.
 
 Defaults: on CPU the tiny ``test_efficientnet`` at 256 px; on CUDA the config's backbone and image size.
+``--smoke``: on the CPU, test_efficientnet at 32 px, batch 2, 2 micro-batches per pass, 2 rounds, W&B
+disabled, with ``--breakdown``: every code path of the script, no meaningful figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -44,9 +48,10 @@ from tqdm import tqdm
 
 from benchmarks.common import (
     REPO_ROOT,
+    add_smoke_option,
     add_threads_option,
     describe_device,
-    feed,
+    fold0_trainer,
     limit_cpu_threads,
     median,
     spread,
@@ -54,10 +59,10 @@ from benchmarks.common import (
     timed,
     trainer_config,
 )
-from src.config import load_config, run_cli
+from src.config import load_config, override, run_cli
 from src.model import autocast, build_model, param_groups, resolve_device
 from src.tracking import Tracker
-from src.train import Trainer
+from src.train import FoldParts, Trainer, TrainState
 
 TARGET_SLOWDOWN = 0.05
 CLOCKS = {"wall": "wall clock", "cpu": "process CPU time"}
@@ -66,15 +71,15 @@ CLOCKS = {"wall": "wall clock", "cpu": "process CPU time"}
 class TimmStyleLoop:
     """The minimal loop timm's benchmark.py times, on the pipeline's network, loss and optimizer."""
 
-    def __init__(self, trainer: Trainer):
-        cfg = trainer.cfg
-        self.device, self.precision = trainer.device, cfg.train.precision
+    def __init__(self, parts: FoldParts):
+        cfg = parts.cfg
+        self.device, self.precision = parts.device, cfg.train.precision
         self.accum_steps, self.channels_last = cfg.train.accum_steps, cfg.model.channels_last
-        self.model = build_model(cfg, trainer.model.head.out_features).to(self.device)
+        self.model = build_model(cfg, parts.model.head.out_features).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.model.load_state_dict(trainer.model.state_dict())  # same weights as the loop's network
-        self.loss_fn = trainer.loss_fn  # the same loss (also a label-embedding one); it holds no state
+        self.model.load_state_dict(parts.model.state_dict())  # same weights as the loop's network
+        self.loss_fn = parts.loss_fn  # the same loss (also a label-embedding one); it holds no state
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.train), lr=cfg.train.lr)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
@@ -105,69 +110,81 @@ class TimmStyleLoop:
 
 
 class PipelineLoop:
-    """``Trainer.train_epoch`` over in-memory batches, with parts optionally switched off."""
+    """``Trainer.train_epoch`` over in-memory batches, with parts optionally switched off.
+
+    A variant is a Trainer over the same fold parts (network, optimizer, scheduler, scaler: one training
+    run) with EMA dropped (``ema=None``) and/or its config's clipping off. All share the training state,
+    so optimizer steps (and the tracker's step) keep counting up across variants."""
 
     def __init__(self, trainer: Trainer, tracker: Tracker | None, progress_file):
-        self.trainer, self.tracker, self.progress_file = trainer, tracker, progress_file
+        self.tracker, self.progress_file = tracker, progress_file
+        self.no_clip_cfg = override(trainer.cfg, **{"train.clip_grad": None})
+        self.trainers: dict[tuple[bool, bool], Trainer] = {(True, True): trainer}
+
+    def trainer(self, ema: bool = True, clip: bool = True) -> Trainer:
+        """The Trainer with EMA and clipping as the config sets them (``ema``, ``clip``), or switched off."""
+        if (ema, clip) not in self.trainers:
+            full = self.trainers[True, True]
+            parts = dataclasses.replace(full.parts, cfg=full.cfg if clip else self.no_clip_cfg,
+                                        ema=full.parts.ema if ema else None)
+            variant = Trainer(parts)
+            variant.state = full.state
+            self.trainers[ema, clip] = variant
+        return self.trainers[ema, clip]
 
     def run(self, batches, tracker: bool = True, progress: bool = True, ema: bool = True, clip: bool = True) -> None:
-        trainer = self.trainer
-        saved = trainer.progress, trainer.ema, trainer.cfg.train.clip_grad
+        trainer = self.trainer(ema, clip)
         trainer.progress = progress
-        trainer.ema = trainer.ema if ema else None
-        trainer.cfg.train.clip_grad = trainer.cfg.train.clip_grad if clip else None
-        feed(trainer, batches)
-        try:
-            with contextlib.redirect_stderr(self.progress_file):  # the tqdm bar goes to a log file
-                trainer.train_epoch(self.tracker if tracker else None)
-        finally:
-            trainer.progress, trainer.ema, trainer.cfg.train.clip_grad = saved
+        with contextlib.redirect_stderr(self.progress_file):  # the tqdm bar goes to a log file
+            trainer.train_epoch(batches, self.tracker if tracker else None)
 
 
-def component_costs(trainer: Trainer, tracker: Tracker, batch, progress_file, repeats: int = 30) -> dict[str, float]:
+def component_costs(parts: FoldParts, state: TrainState, tracker: Tracker, batch, progress_file,
+                    repeats: int = 30) -> dict[str, float]:
     """Seconds per call of each thing ``train_epoch`` does once per optimizer step on top of a minimal loop,
-    timed alone on the trainer's own objects after a real backward (so gradients exist). Run last: it
+    timed alone on the fold's own objects after a real backward (so gradients exist). Run last: it
     advances the EMA, the scheduler and the W&B step."""
-    tc, device = trainer.cfg.train, trainer.device
+    cfg, device = parts.cfg, parts.device
+    tc = cfg.train
     images, targets = batch
-    if trainer.cfg.model.channels_last:
+    if cfg.model.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    trainer.model.train()
+    parts.model.train()
     with autocast(device, tc.precision):
-        outputs = trainer.model(images)
-    loss = trainer.loss_fn(outputs.float(), targets)
+        outputs = parts.model(images)
+    loss = parts.loss_fn(outputs.float(), targets)
     loss.backward()
     window_loss = loss.detach()
     bar = tqdm(total=10**9, file=progress_file, desc="bench")
-    step = [trainer.state.step + 10]
-    lr = trainer.optimizer.param_groups[-1]["lr"]
+    step = [state.step + 10]
+    lr = parts.optimizer.param_groups[-1]["lr"]
 
     def log() -> None:
         step[0] += 1
         tracker.log({"train/loss": 0.5, "train/lr": lr, "train/images_per_s": 80.0, "train/epoch": 1.0}, step=step[0])
 
-    parts = {
+    extras = {
         "float(window_loss) (divergence check)": lambda: float(window_loss),
-        "scheduler.step()": trainer.scheduler.step,
+        "scheduler.step()": parts.scheduler.step,
         "tqdm set_postfix (redraws every step)": lambda: bar.set_postfix(loss=f"{0.5:.4f}", lr=f"{lr:.2e}",
                                                                          img_s=f"{80.0:.1f}"),
-        f"tracker.log (W&B {trainer.cfg.wandb.mode})": log,
+        f"tracker.log (W&B {cfg.wandb.mode})": log,
     }
     if tc.clip_grad:
-        params = list(trainer.model.parameters())
-        parts["clip_grad_norm_ (unscale_ not incl.)"] = lambda: nn.utils.clip_grad_norm_(params, tc.clip_grad)
-    if trainer.ema:
-        parts["EMA update"] = lambda: trainer.ema.update(trainer.model, step=step[0])
+        params = list(parts.model.parameters())
+        extras["clip_grad_norm_ (unscale_ not incl.)"] = lambda: nn.utils.clip_grad_norm_(params, tc.clip_grad)
+    if parts.ema:
+        extras["EMA update"] = lambda: parts.ema.update(parts.model, step=step[0])
     costs = {}
-    for name, fn in parts.items():
+    for name, fn in extras.items():
         fn()
         costs[name] = timed(lambda fn=fn: [fn() for _ in range(repeats)], device) / repeats
     bar.close()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    parts.optimizer.zero_grad(set_to_none=True)
     return costs
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "hpa_nasnet512.yaml"))
     parser.add_argument("--backbone", help="timm model (default: test_efficientnet on CPU, the config's on CUDA)")
@@ -189,17 +206,23 @@ def parse_args() -> argparse.Namespace:
     add_threads_option(parser)
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark=True (both sides)")
+    add_smoke_option(parser, "test_efficientnet, 32 px, batch 2, 2 micro-batches x 2 rounds, with --breakdown")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.backbone, args.image_size, args.batch_size = args.backbone or "test_efficientnet", 32, 2
+        args.steps, args.warmup, args.rounds, args.breakdown = 2, 1, 2, True
+        args.wandb = args.wandb or "disabled"
+    return args
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     limit_cpu_threads(args.threads)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    device = resolve_device("auto")
+    device = resolve_device("cpu" if args.smoke else "auto")
     on_cpu = device.type == "cpu"
-    overrides = ["train.device=auto", "model.pretrained=false", f"train.accum_steps={args.accum_steps}"]
+    overrides = [f"train.device={device.type}", "model.pretrained=false", f"train.accum_steps={args.accum_steps}"]
     if args.backbone or on_cpu:
         overrides.append(f"model.backbone={args.backbone or 'test_efficientnet'}")
     if args.image_size or on_cpu:
@@ -224,13 +247,13 @@ def main() -> None:
         cfg = trainer_config(args.config, work_dir, overrides + args.overrides)
         checkpoint_every = load_config(args.config, args.overrides).train.checkpoint_every_steps
         tc = cfg.train
-        trainer = Trainer(cfg, fold=0, progress=True)
-        trainer.fold_dir.mkdir(parents=True, exist_ok=True)
-        tracker = Tracker(cfg, trainer.fold_dir, name="bench_train_step")
-        baseline = TimmStyleLoop(trainer)
+        trainer = fold0_trainer(cfg, progress=True)
+        parts = trainer.parts
+        tracker = Tracker(cfg, trainer.folder.fold(0), name="bench_train_step")
+        baseline = TimmStyleLoop(parts)
         batches = synthetic_batches(steps, tc.batch_size, cfg.model.in_chans, cfg.data.image_size,
                                     cfg.data.num_classes, device)
-        n_params = sum(p.numel() for p in trainer.model.parameters())
+        n_params = sum(p.numel() for p in parts.model.parameters())
         print(f"device      {describe_device(device)}; torch {torch.__version__}")
         print(f"model       {cfg.model.backbone} ({n_params / 1e6:.2f} M params) + modifier + head, "
               f"{cfg.model.in_chans} channels, {cfg.data.image_size} px, "
@@ -239,6 +262,8 @@ def main() -> None:
               f"AdamW, clip {tc.clip_grad}, EMA {tc.ema}, W&B {cfg.wandb.mode}")
         print(f"timing      {steps} micro-batches per pass after {warmup} warm-up, {args.rounds} rounds, "
               f"alternating; data loading excluded", flush=True)
+        if args.smoke:
+            print("smoke run: tiny sizes on the CPU to check the script; the figures below measure nothing")
 
         progress_log = open(work_dir / "tqdm.log", "w")
         loop = PipelineLoop(trainer, tracker, progress_log)
@@ -295,7 +320,7 @@ def main() -> None:
 
         # Periodic checkpoints are not in the figures above; say what they add at the config's interval.
         if checkpoint_every:
-            save_seconds = timed(lambda: trainer.save("last.pt"), device)
+            save_seconds = timed(trainer.save, device)
             step_seconds = tc.accum_steps * tc.batch_size / median(speeds["wall"]["pipeline loop"])
             share = save_seconds / (save_seconds + checkpoint_every * step_seconds)
             print(f"checkpoint  last.pt every {checkpoint_every} optimizer steps (not timed above): "
@@ -304,7 +329,7 @@ def main() -> None:
             step_seconds = tc.accum_steps * tc.batch_size / median(speeds[clocks[-1]]["pipeline loop"])
             print(f"\nper optimizer step extras of the loop, each timed alone ({step_seconds * 1e3:.1f} ms per step):")
             total = 0.0
-            for name, seconds in component_costs(trainer, tracker, batches[0], progress_log).items():
+            for name, seconds in component_costs(parts, trainer.state, tracker, batches[0], progress_log).items():
                 total += seconds
                 print(f"  {name:<40}{seconds * 1e3:>9.3f} ms{100 * seconds / step_seconds:>8.2f}%")
             print(f"  {'sum':<40}{total * 1e3:>9.3f} ms{100 * total / step_seconds:>8.2f}%")

@@ -1,9 +1,12 @@
-"""Pieces the benchmark scripts share: synthetic batches, a real Trainer fed from memory, timing.
+"""Pieces the benchmark scripts share: synthetic batches, a real Trainer over in-memory batches, timing.
 
-The training benchmarks time ``Trainer.train_epoch`` itself with data loading excluded: the Trainer is
-built from a config over a tiny demo dataset (its images are never read) and its ``_loader`` is replaced
-by a list of uint8 batches already in memory, so what is timed is the loop: autocast, fp32 loss,
-accumulation bookkeeping, grad scaler, clipping, scheduler, EMA, tqdm and logging.
+The training benchmarks time ``Trainer.train_epoch`` itself with data loading excluded: the fold's parts
+(``src.train.build_parts``) are built from a config over a tiny demo dataset (its images are never read)
+and ``train_epoch`` is handed a list of uint8 batches already in memory, so what is timed is the loop:
+autocast, fp32 loss, accumulation windows, grad scaler, clipping, scheduler, EMA, tqdm and logging.
+
+Every script has a ``--smoke`` mode: the same code path at tiny sizes on the CPU in seconds, writing only
+to a temp folder; ``tests/test_benchmarks.py`` runs each one so that a benchmark the code breaks fails CI.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from src.config import Config, load_config, override
 from src.demo import make_demo_dataset
-from src.train import Trainer, window_sizes
+from src.train import Trainer, build_parts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +34,12 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
                         help="torch and BLAS CPU threads (default 1; 0: the libraries' defaults). On a small "
                              "shared CPU box, OpenMP threads spin-waiting for each other make steps several "
                              "times slower and far noisier")
+
+
+def add_smoke_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"check the script end to end in seconds on the CPU ({what}); writes only to a "
+                             "temp folder. Its figures say nothing about performance")
 
 
 def limit_cpu_threads(threads: int) -> None:
@@ -89,11 +98,10 @@ def trainer_config(config: str | Path, work_dir: Path, overrides: list[str]) -> 
     })
 
 
-def feed(trainer: Trainer, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Make the Trainer's next ``train_epoch`` run over exactly ``batches``, straight from memory."""
-    trainer._loader = lambda *args, **kwargs: batches
-    batch_size = len(batches[0][0])
-    trainer.window_sizes = window_sizes(batch_size * len(batches), batch_size, trainer.cfg.train.accum_steps)
+def fold0_trainer(cfg: Config, progress: bool = False) -> Trainer:
+    """The real Trainer of fold 0 of a :func:`trainer_config` config. Hand its ``train_epoch`` a list of
+    in-memory batches; swap what a benchmark studies through ``trainer.parts`` (e.g. ``parts.ema = None``)."""
+    return Trainer(build_parts(cfg, fold=0, progress=False), progress=progress)
 
 
 def describe_device(device: torch.device) -> str:

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.study_label_embedding [--labels 200] [--images 3000] [--epochs 8] [--dim 64]
                                                          [--out benchmarks/results/label_embedding_study]
+    .venv/bin/python -m benchmarks.study_label_embedding --smoke [--out DIR]   # the whole study in seconds
 
 The paper claims faster convergence and better top-k with label embeddings. This checks it on a task
 built to have what the method exploits, co-occurrence structure among many labels:
@@ -15,7 +16,7 @@ built to have what the method exploits, co-occurrence structure among many label
   both (the image keeps the truth). Training (and the PMI fit) sees the noisy labels; every metric here
   is computed against the clean labels of the validation rows.
 
-Both runs are the repository's own ``Trainer`` on fold 0 of ``src.folds.make_folds`` with
+Both runs are the repository's own ``Trainer`` (``src.train.build_parts``) on fold 0 of ``src.folds.make_folds`` with
 ``configs/demo.yaml`` and identical settings (backbone, seed, epochs, batch, lr, augmentation); only
 ``loss.name`` differs (``bce`` or ``label_embedding``). After every epoch ``Trainer.validate()['probs']``
 (sigmoid scores, or cosine similarities decoded to [0, 1]) is scored:
@@ -29,6 +30,10 @@ Both runs are the repository's own ``Trainer`` on fold 0 of ``src.folds.make_fol
 
 Writes ``history.csv``, ``study.md`` and ``study.png`` (metric vs epoch, one line per method) to ``--out``;
 the data set and the runs live in a temporary folder that is removed at the end (``--work`` keeps them).
+
+``--smoke``: 10 labels, 32 images of 32 px, ``test_resnet``, one epoch of batch 8, embedding dim 4; the
+outputs go to the temporary folder unless ``--out`` is given. Every code path of the study, no
+meaningful figure.
 """
 
 from __future__ import annotations
@@ -44,15 +49,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmarks.common import add_smoke_option
 from src.config import Config, PipelineError, load_config, run_cli
 from src.data import label_matrix, write_rgby
 from src.demo import class_glyphs, render_image
 from src.folds import make_folds
 from src.label_embedding import top_k
 from src.metrics import best_thresholds, decide, f1_per_class
-from src.train import Trainer
+from src.train import Trainer, build_parts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "label_embedding_study"
 METHODS = {"bce": "sigmoid + BCE", "label_embedding": "label embedding"}
 METRICS = {"p_at_1": "P@1", "p_at_3": "P@3", "macro_f1_tuned": "macro-F1 (tuned thresholds)",
            "macro_f1_05": "macro-F1 @ 0.5"}
@@ -120,7 +127,8 @@ def study_config(data_dir: Path, work_dir: Path, args: argparse.Namespace, loss:
         f"data.dir={data_dir}", f"data.num_classes={args.labels}", f"data.image_size={args.size}",
         f"folds.path={work_dir / 'folds.csv'}", f"folds.n_splits={args.folds}", "folds.rare_classes=warn",
         f"model.backbone={args.backbone}", "model.pretrained=false", f"train.epochs={args.epochs}",
-        "train.batch_size=32", "train.accum_steps=1", f"train.num_workers={args.workers}", "train.device=cpu",
+        f"train.batch_size={args.batch_size}", "train.accum_steps=1", f"train.num_workers={args.workers}",
+        "train.device=cpu",
         f"train.precision={args.precision}", f"train.seed={args.seed}", "wandb.mode=disabled",
         f"loss.name={loss}", f"loss.embedding_dim={args.dim}", f"run.dir={work_dir / loss}",
         f"submission.path={work_dir / 'submission.csv'}",
@@ -159,24 +167,25 @@ def group_purity(embedding: np.ndarray, groups: list[np.ndarray], neighbours: in
 def run_method(cfg: Config, clean_truth: pd.DataFrame, groups: list[np.ndarray]) -> tuple[list[dict], dict]:
     """Train fold 0 epoch by epoch with the repository's Trainer; score each epoch against clean labels."""
     start = time.perf_counter()
-    trainer = Trainer(cfg, fold=0, progress=False)
+    parts = build_parts(cfg, fold=0, progress=False)
+    trainer = Trainer(parts, progress=False)
     truth_by_id = clean_truth.set_index("Id")["labels"]
-    truth = label_matrix(truth_by_id.loc[trainer.val_table["Id"]].tolist(), cfg.data.num_classes)
-    noisy_truth = label_matrix(trainer.val_table["labels"], cfg.data.num_classes)
-    prior = label_matrix(trainer.train_table["labels"], cfg.data.num_classes).mean(axis=0)
-    info = {"setup_s": time.perf_counter() - start, "n_train": len(trainer.train_table),
-            "n_val": len(trainer.val_table), "val_rows_noisy": int((truth != noisy_truth).any(axis=1).sum()),
+    truth = label_matrix(truth_by_id.loc[parts.val_table["Id"]].tolist(), cfg.data.num_classes)
+    noisy_truth = label_matrix(parts.val_table["labels"], cfg.data.num_classes)
+    prior = label_matrix(parts.train_table["labels"], cfg.data.num_classes).mean(axis=0)
+    info = {"setup_s": time.perf_counter() - start, "n_train": len(parts.train_table),
+            "n_val": len(parts.val_table), "val_rows_noisy": int((truth != noisy_truth).any(axis=1).sum()),
             "val_classes_present": int((truth.sum(axis=0) > 0).sum()),
             "p_at_3_ceiling": float(np.minimum(truth.sum(axis=1), 3).mean() / 3),
             # What ranking every image by the training fold's label frequencies scores: the floor to beat.
             "prior": {f"p_at_{k}": precision_at_k(truth, np.broadcast_to(prior, truth.shape), k) for k in (1, 3)},
-            "parameters": sum(p.numel() for p in trainer.model.parameters())}
-    if trainer.embedding is not None:
-        info["group_purity"] = group_purity(trainer.embedding.embedding, groups)
+            "parameters": sum(p.numel() for p in parts.model.parameters())}
+    if parts.embedding is not None:
+        info["group_purity"] = group_purity(parts.embedding.embedding, groups)
     rows = []
     for epoch in range(1, cfg.train.epochs + 1):
         start = time.perf_counter()
-        trainer.train_epoch()
+        trainer.train_epoch(trainer.epoch_batches())
         train_s = time.perf_counter() - start
         metrics = trainer.validate()
         rows.append({"method": cfg.loss.name, "epoch": epoch, **score(truth, metrics["probs"]),
@@ -233,8 +242,7 @@ def markdown(history: pd.DataFrame, infos: dict[str, dict], args: argparse.Names
              f"- fold 0 of {args.folds} (`src.folds.make_folds`): {infos['bce']['n_train']} training, "
              f"{infos['bce']['n_val']} validation images ({infos['bce']['val_rows_noisy']} of them with noisy "
              f"train.csv labels), {infos['bce']['val_classes_present']} classes with a validation positive.",
-             f"- both: `{args.backbone}` from scratch, {args.epochs} epochs, batch 32, lr 3e-3 (configs/demo.yaml: "
-             f"AdamW, warm-up 10 steps + cosine, clip 5, demo augmentation), seed {args.seed}, "
+             f"- both: `{args.backbone}` from scratch, {args.epochs} epochs, {setup['training']}, seed {args.seed}, "
              f"precision {args.precision}; label embedding dim {args.dim} "
              f"(head {infos['label_embedding']['parameters'] - infos['bce']['parameters']:+,} parameters vs BCE).",
              f"- label embedding fitted on the (noisy) training fold: "
@@ -276,12 +284,21 @@ def markdown(history: pd.DataFrame, infos: dict[str, dict], args: argparse.Names
     return "\n".join(lines)
 
 
+def training_setup(cfg: Config) -> str:
+    """The training settings both methods share, in words, as the config sets them."""
+    tc = cfg.train
+    augmented = [name for name in ("d4", "shift_scale_rotate", "brightness_contrast", "gamma")
+                 if getattr(tc.augment, name)]
+    return (f"batch {tc.batch_size}, lr {tc.lr:g} (configs/demo.yaml: AdamW, warm-up over {tc.warmup_fraction:.0%} "
+            f"of the steps + cosine, clip {tc.clip_grad}, augmentation {', '.join(augmented) or 'off'})")
+
+
 # -- the study -----------------------------------------------------------------------------------------
 def study(args: argparse.Namespace, work: Path) -> Path:
     """Build the data, train both methods, write history.csv, study.md and study.png; returns the markdown path."""
     wall_start = time.perf_counter()
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else work / "results" if args.smoke else DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     groups = label_groups(args.labels, args.group_size)
@@ -294,7 +311,8 @@ def study(args: argparse.Namespace, work: Path) -> Path:
     support = label_matrix(noisy, args.labels).sum(axis=0)
     print(f"data: {args.images} images, {args.labels} labels, {changed.sum()} noisy rows -> {data_dir} "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
-    make_folds(study_config(data_dir, work, args, "bce"), progress=False)
+    cfg = study_config(data_dir, work, args, "bce")
+    make_folds(cfg, progress=False)
     clean_truth = pd.DataFrame({"Id": [f"train{i:05d}" for i in range(len(clean))], "labels": clean})
 
     history, infos = [], {}
@@ -308,7 +326,7 @@ def study(args: argparse.Namespace, work: Path) -> Path:
     setup = {"argv": args.argv, "cpu": f"{os.cpu_count()} CPUs", "n_groups": len(groups),
              "labels_per_image": float(np.mean([len(s) for s in clean])), "support_min": int(support.min()),
              "support_median": float(np.median(support)), "support_max": int(support.max()),
-             "glyph_side": glyphs.shape[1], "noisy_rows": int(changed.sum())}
+             "glyph_side": glyphs.shape[1], "noisy_rows": int(changed.sum()), "training": training_setup(cfg)}
     plot(history, out / "study.png", f"{args.labels} labels, {args.images} images, {args.backbone}, "
                                      f"fold 0 of {args.folds}, label embedding dim {args.dim}, seed {args.seed}",
          infos["bce"]["prior"])
@@ -319,7 +337,7 @@ def study(args: argparse.Namespace, work: Path) -> Path:
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", type=int, default=200, help="number of labels")
     parser.add_argument("--group-size", type=int, default=5, help="labels per co-occurrence group")
@@ -331,17 +349,24 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64, help="label embedding dimension")
     parser.add_argument("--folds", type=int, default=3, help="folds (fold 0 validates)")
     parser.add_argument("--backbone", default="resnet18", help="timm backbone, the same for both methods")
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     # One thread: on a small shared CPU, OpenMP threads spin-waiting for each other are several times slower
     # (resnet18, 64 px, batch 32 on 2 loaded cores: 84 img/s with 1 thread, 29 with 2).
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "label_embedding_study"))
+    parser.add_argument("--out", help="where the results go (default: benchmarks/results/label_embedding_study; "
+                                      "with --smoke, the temporary folder)")
     parser.add_argument("--work", help="keep data and runs here (default: a temporary folder, removed)")
-    args = parser.parse_args()
-    args.argv = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                         if k in ("labels", "images", "epochs", "dim", "backbone", "seed"))
+    add_smoke_option(parser, "10 labels, 32 images of 32 px, test_resnet, one epoch of batch 8, dim 4")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.labels, args.group_size, args.images, args.test_images, args.size = 10, 5, 32, 2, 32
+        args.epochs, args.dim, args.folds, args.backbone, args.batch_size = 1, 4, 2, "test_resnet", 8
+    args.argv = "--smoke" if args.smoke else " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k in ("labels", "images", "epochs", "dim", "backbone", "seed"))
     if args.work:
         work = Path(args.work)
         shutil.rmtree(work / "data", ignore_errors=True)

@@ -15,13 +15,16 @@ and later other formats, only add rows.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import albumentations as A
-import cv2
+# albumentations asks PyPI for a newer version on import: never at run time (offline machines, Kaggle).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
 import numpy as np
 import pandas as pd
 import torch
