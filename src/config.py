@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -383,8 +384,7 @@ def user_message(exc: BaseException) -> str:
     message = str(exc)
     if "Original Traceback" in message:
         last = [line for line in message.splitlines() if line.strip()][-1]
-        prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
-        message = last.removeprefix(prefix).removeprefix(f"{type(exc).__name__}: ")
+        message = re.sub(r"^(?:[a-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Failed|Diverged): ", "", last)
     return message
 
 

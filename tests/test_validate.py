@@ -190,6 +190,23 @@ def test_csv_row_number_points_at_the_offending_line(breaker, bad_text, data, tm
     assert (bad_text or _train_ids(data)[2]) in line
 
 
+def test_truncated_png_is_found_by_the_default_check(data, tmp_path):
+    # A cut-off file whose header still reads: only its missing IEND end chunk gives it away.
+    where, _ = truncated_png(data)
+    [problem] = validate(tiny_config(data, tmp_path), progress=False)
+    assert problem.where == where and "truncated PNG" in problem.what
+
+
+@pytest.mark.parametrize("table", ["train.csv", "sample_submission.csv"])
+@pytest.mark.parametrize("content", ["header only", "0 bytes"])
+def test_an_empty_label_table_is_a_problem_naming_the_file(data, tmp_path, table, content):
+    header = "Id,Target\n" if table == "train.csv" else "Id,Predicted\n"
+    (data / table).write_text(header if content == "header only" else "")
+    problems = validate(tiny_config(data, tmp_path), progress=False)
+    assert any(p.where == str(data / table) and ("no rows" in p.what or "empty file" in p.what)
+               for p in problems), [str(p) for p in problems]
+
+
 def test_truncated_png_is_found_by_deep_check(data, tmp_path):
     where, _ = truncated_png(data)
     deep = validate(tiny_config(data, tmp_path), deep=True, progress=False)
