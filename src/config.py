@@ -114,6 +114,11 @@ class TrainConfig(Section):
     warn_no_learning_after: int = Field(2, ge=0)
     # Also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only).
     checkpoint_every_steps: int = Field(0, ge=0)
+    # Processes to train with (scripts/train_fold.sh launches torchrun when more than one): "auto" is the
+    # number of visible GPUs, 1 on a CPU. train.batch_size is per process.
+    nproc: int | Literal["auto"] = "auto"
+    # Under DDP on GPUs: BatchNorm statistics over the global batch instead of each process's.
+    sync_batchnorm: bool = False
     # Stop after this many optimizer steps in total, as if interrupted: last.pt is written and
     # train.resume=true continues from there (smoke runs, and the resume tests). None: run all epochs.
     stop_after_steps: int | None = Field(None, ge=1)

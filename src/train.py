@@ -14,12 +14,15 @@ and one ``torch.amp.GradScaler`` (fp16 only) over all parameters of backbone, mo
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
+import os
 import random
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,10 +32,10 @@ import torch
 from scipy.special import logit
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from src.config import Config, PipelineError, cli_parser, config_from_args, ensure_writable, run_cli
+from src.config import Config, PipelineError, cli_parser, config_from_args, ensure_writable, override, run_cli
 from src.data import EpochSampler, RGBYDataset, build_augment, label_matrix, load_train_table, make_loader
 from src.folds import load_folds
 from src.label_embedding import LabelEmbedding
@@ -108,6 +111,55 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torch.distributed run (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK); one
+    process is rank 0 of 1. Only the training loop talks to torch.distributed, through this."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    def all_gather(self, value):
+        """``value`` of every rank, in rank order (just ``[value]`` in one process)."""
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of ``tensor`` over ranks (itself in one process)."""
+        if self.world_size > 1:
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
+
+SINGLE = Dist()
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPU); one process needs none."""
+    dist = Dist.from_env()
+    if dist.world_size > 1 and not torch.distributed.is_initialized():
+        cuda = device_name != "cpu" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(dist.local_rank)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return dist
+
+
 @dataclass
 class FoldParts:
     """Everything one fold's training works on; :func:`build_parts` makes it from (cfg, fold). Tests and
@@ -129,13 +181,23 @@ class FoldParts:
     val_set: RGBYDataset
     sampler: EpochSampler
     steps_per_epoch: int
+    dist: Dist = SINGLE
+    # What the loop calls: the model itself, or its DistributedDataParallel wrapper (all-reduces gradients).
+    forward: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        self.forward = self.forward or self.model
 
 
-def build_parts(cfg: Config, fold: int, progress: bool = True) -> FoldParts:
-    """Data split, label embedding, model, loss, optimizer, schedule, scaler, EMA and datasets of one fold."""
+def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SINGLE) -> FoldParts:
+    """Data split, label embedding, model, loss, optimizer, schedule, scaler, EMA and datasets of one fold.
+    Under torch.distributed (``dist``): DDP over the whole network, the sampler sharded by rank, the model
+    placed on this rank's GPU."""
     tc = cfg.train
     device = resolve_device(tc.device)
-    seed_everything(tc.seed)  # before the model: initial weights follow the seed
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)
+    seed_everything(tc.seed)  # before the model: initial weights follow the seed, the same on every rank
     table = load_train_table(cfg.data)
     folds = load_folds(cfg, table)
     if fold not in set(folds.tolist()):
@@ -144,7 +206,7 @@ def build_parts(cfg: Config, fold: int, progress: bool = True) -> FoldParts:
     val_table = table[folds == fold].reset_index(drop=True)
     # Full batches only (drop_last): BatchNorm cannot train on a batch of one sample, and a tiny last
     # batch would give noisy statistics. The permutation changes every epoch, so every sample is used.
-    batches = len(train_table) // tc.batch_size
+    batches = math.ceil(len(train_table) / dist.world_size) // tc.batch_size  # per rank, full batches
     if batches == 0:
         raise PipelineError(f"fold {fold} has {len(train_table)} training samples, fewer than "
                             f"train.batch_size={tc.batch_size}")
@@ -164,6 +226,15 @@ def build_parts(cfg: Config, fold: int, progress: bool = True) -> FoldParts:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, round(tc.warmup_fraction * total_steps)))
     n_classes, size = cfg.data.num_classes, cfg.data.image_size
+    ema = (ModelEmaV3(model, decay=ema_decay(tc.ema_horizon, total_steps), use_warmup=True, warmup_power=1.0)
+           if tc.ema else None)
+    forward = model
+    if dist.world_size > 1:
+        if tc.sync_batchnorm and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                      else None)
+        torch.manual_seed(tc.seed + dist.rank)  # dropout masks differ across ranks; the weights do not
     return FoldParts(
         cfg=cfg, fold=fold, device=device, train_table=train_table, val_table=val_table, embedding=embedding,
         model=model, loss_fn=(embedding.loss() if embedding else build_loss(cfg.loss)).to(device),
@@ -171,12 +242,11 @@ def build_parts(cfg: Config, fold: int, progress: bool = True) -> FoldParts:
         scaler=torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16"),
         # EMA warm-up with power 1: decay t / (t + 1), a plain mean of every step so far, until its time
         # constant reaches the horizon; from then on a fixed-horizon EMA. Both scale with the schedule.
-        ema=ModelEmaV3(model, decay=ema_decay(tc.ema_horizon, total_steps), use_warmup=True,
-                       warmup_power=1.0) if tc.ema else None,
+        ema=ema,
         train_set=RGBYDataset(train_table, n_classes, size, build_augment(tc.augment, size)),
         val_set=RGBYDataset(val_table, n_classes, size),
-        sampler=EpochSampler(len(train_table), tc.seed),
-        steps_per_epoch=steps_per_epoch,
+        sampler=EpochSampler(len(train_table), tc.seed, dist.rank, dist.world_size),
+        steps_per_epoch=steps_per_epoch, dist=dist, forward=forward,
     )
 
 
@@ -227,10 +297,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def check_resumable(saved: dict, current: dict, path: Path) -> None:
+def check_resumable(saved: dict, current: dict, path: Path, saved_world: int = 1, current_world: int = 1) -> None:
     """Refuse to resume ``path`` under a config that changes the model or the data order, naming the keys;
-    mention other changed keys."""
+    mention other changed keys. The batch compared is the global one (per-process batch x processes), so a
+    run saved by 2 processes x batch 8 resumes in 1 process x batch 16 and the other way round."""
     saved_flat, current_flat = _flatten(saved), _flatten(current)
+    for flat, world in ((saved_flat, saved_world), (current_flat, current_world)):
+        if "train.batch_size" in flat:
+            flat["train.batch_size"] = flat["train.batch_size"] * world
     changed = sorted(k for k in saved_flat.keys() | current_flat.keys()
                      if saved_flat.get(k) != current_flat.get(k) and not k.startswith(RESUME_IGNORED))
     blocking = [k for k in changed if k.startswith(RESUME_MUST_MATCH)]
@@ -255,7 +329,8 @@ class Trainer:
     """Runs one fold's training on its :class:`FoldParts`: epochs, validation, checkpoints, resume."""
 
     def __init__(self, parts: FoldParts, progress: bool = True):
-        self.parts, self.cfg, self.fold, self.progress = parts, parts.cfg, parts.fold, progress
+        self.parts, self.cfg, self.fold, self.dist = parts, parts.cfg, parts.fold, parts.dist
+        self.progress = progress and self.dist.main  # one progress bar and one log, from rank 0
         self.folder = RunFolder(self.cfg.run.dir)
         self.state = TrainState()
         self.history: list[dict] = []
@@ -274,16 +349,29 @@ class Trainer:
             "state": asdict(self.state),
             "sampler_epoch_state": p.sampler.epoch_state,
             "rng": rng_states(),
+            # Under DDP every rank's RNG (dropout masks), so a resume with the same world size is exact.
+            "rng_ranks": self.rank_rng_states() if self.dist.world_size > 1 else None,
+            "world_size": self.dist.world_size,
             "config": self.cfg.model_dump(),
             "history": self.history,
         }
 
+    def rank_rng_states(self) -> list[dict]:
+        """Every rank's RNG states, in rank order (passed as torch.save bytes: tensors do not survive
+        all_gather_object's pickling here)."""
+        buffer = io.BytesIO()
+        torch.save(rng_states(), buffer)
+        return [torch.load(io.BytesIO(blob), weights_only=True) for blob in self.dist.all_gather(buffer.getvalue())]
+
     def save(self) -> Path:
         """The full training state to last.pt, only ever from finite weights."""
+        # Every rank checks (their weights are equal), so all stop together; rank 0 alone writes.
         bad = nonfinite_tensors(self.parts.model) + nonfinite_tensors(self.parts.ema.module if self.parts.ema else None)
         if bad:
             raise self.diverged(f"{len(bad)} weight tensor(s) hold NaN/inf (e.g. {bad[0]})")
-        path = save_checkpoint(self.checkpoint(), self.folder.checkpoint(self.fold, "last"))
+        path, state = self.folder.checkpoint(self.fold, "last"), self.checkpoint()
+        if self.dist.main:
+            save_checkpoint(state, path)
         self.saved_step = self.state.step
         return path
 
@@ -300,7 +388,8 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         p, ckpt = self.parts, load_checkpoint(path)
-        check_resumable(ckpt.get("config", {}), self.cfg.model_dump(), path)
+        check_resumable(ckpt.get("config", {}), self.cfg.model_dump(), path, ckpt.get("world_size", 1),
+                        self.dist.world_size)
         p.model.load_state_dict(ckpt["model"])
         p.optimizer.load_state_dict(ckpt["optimizer"])
         p.scheduler.load_state_dict(ckpt["scheduler"])
@@ -310,7 +399,9 @@ class Trainer:
         self.state = TrainState(**ckpt["state"])
         p.sampler.epoch_state = ckpt["sampler_epoch_state"]
         self.history = list(ckpt["history"])
-        restore_rng_states(ckpt["rng"])
+        per_rank = ckpt.get("rng_ranks")
+        same_world = per_rank is not None and len(per_rank) == self.dist.world_size
+        restore_rng_states(per_rank[self.dist.rank] if same_world else ckpt["rng"])
         self.saved_step = self.state.step
 
     # -- one epoch --------------------------------------------------------------------------------
@@ -335,20 +426,23 @@ class Trainer:
         for window in accumulation_windows(batches, tc.accum_steps):
             window_images = sum(len(images) for images, _ in window)
             window_loss = torch.zeros((), device=p.device)
-            for images, targets in window:
+            for micro, (images, targets) in enumerate(window, start=1):
                 images = images.to(p.device, non_blocking=True)
                 targets = targets.to(p.device, non_blocking=True)
                 if self.cfg.model.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                with autocast(p.device, tc.precision):
-                    outputs = p.model(images)
-                # Loss in fp32, each micro-batch weighted by its share of the window's samples.
-                loss = p.loss_fn(outputs.float(), targets) * (len(images) / window_images)
-                p.scaler.scale(loss).backward()
+                # Under DDP, gradients are all-reduced once per window: on its last micro-batch.
+                sync = micro == len(window) or not hasattr(p.forward, "no_sync")
+                with nullcontext() if sync else p.forward.no_sync():
+                    with autocast(p.device, tc.precision):
+                        outputs = p.forward(images)
+                    # Loss in fp32, each micro-batch weighted by its share of the window's samples.
+                    loss = p.loss_fn(outputs.float(), targets) * (len(images) / window_images)
+                    p.scaler.scale(loss).backward()
                 window_loss += loss.detach()
                 bar.update(1)
             # One optimizer step per window: check, unscale, clip, step, schedule, EMA.
-            loss_value = float(window_loss)
+            loss_value = float(self.dist.mean(window_loss))  # the same on every rank: all stop together
             if not math.isfinite(loss_value):
                 raise self.diverged(f"the training loss is {loss_value}")
             if tc.clip_grad:
@@ -393,13 +487,21 @@ class Trainer:
     def validate(self, model: nn.Module | None = None) -> dict:
         """Validation loss, macro-F1 at 0.5 and at per-class best thresholds, per-class F1, probabilities
         of ``model`` (default: the weights the last validation chose)."""
-        p, tc = self.parts, self.cfg.train
+        p, tc, dist = self.parts, self.cfg.train, self.dist
         model = model or self.candidates().get(self.state.eval_weights, p.model)
-        loader = make_loader(p.val_set, tc.batch_size * 2, tc.num_workers, tc.seed, p.device)
-        probs, val_loss = infer(model, loader, p.device, precision=tc.precision,
-                                channels_last=self.cfg.model.channels_last,
-                                to_scores=output_scorer(self.cfg, p.embedding), loss_fn=p.loss_fn,
-                                desc="validating", progress=self.progress)
+        # Each rank scores every world_size-th validation row; the rows are gathered back in order, each
+        # exactly once, so every rank computes the same metrics and takes the same best-checkpoint decision.
+        shard = list(range(dist.rank, len(p.val_set), dist.world_size))
+        loader = make_loader(Subset(p.val_set, shard), tc.batch_size * 2, tc.num_workers, tc.seed, p.device)
+        shard_probs, shard_loss = infer(model, loader, p.device, precision=tc.precision,
+                                        channels_last=self.cfg.model.channels_last,
+                                        to_scores=output_scorer(self.cfg, p.embedding), loss_fn=p.loss_fn,
+                                        desc="validating", progress=self.progress)
+        gathered = dist.all_gather((shard_probs, (shard_loss or 0.0) * len(shard)))
+        probs = np.empty((len(p.val_set), shard_probs.shape[1]), dtype=shard_probs.dtype)
+        for rank, (rank_probs, _) in enumerate(gathered):
+            probs[rank :: dist.world_size] = rank_probs
+        val_loss = sum(loss_sum for _, loss_sum in gathered) / len(p.val_set)
         if not (math.isfinite(val_loss) and np.isfinite(probs).all()):
             raise self.diverged(f"validation loss {val_loss} / non-finite validation scores")
         truth = label_matrix(p.val_table["labels"], self.cfg.data.num_classes)
@@ -447,12 +549,14 @@ class Trainer:
                "prior_val_loss": self.prior["val_loss"], "prior_macro_f1_tuned": self.prior["macro_f1_tuned"],
                "beats_prior": not_learning is None, "seconds": seconds, "best": improved}
         self.history.append(row)
-        write_scores(folder.oof(fold, "last"), self.parts.val_table["Id"], metrics["probs"])
+        if self.dist.main:
+            write_scores(folder.oof(fold, "last"), self.parts.val_table["Id"], metrics["probs"])
         self.save()
-        if improved:  # the same state: link the files instead of serialising it twice
-            copy_checkpoint(folder.oof(fold, "last"), folder.oof(fold, "best"))
-            copy_checkpoint(folder.checkpoint(fold, "last"), folder.checkpoint(fold, "best"))
-        write_history(folder.history(fold), self.history)
+        if self.dist.main:
+            if improved:  # the same state: link the files instead of serialising it twice
+                copy_checkpoint(folder.oof(fold, "last"), folder.oof(fold, "best"))
+                copy_checkpoint(folder.checkpoint(fold, "last"), folder.checkpoint(fold, "best"))
+            write_history(folder.history(fold), self.history)
         tracker.log({f"val/{k}": row[k] for k in ("val_loss", "macro_f1", "macro_f1_tuned", "beats_prior")}
                     | {f"val/{tc.monitor}_{name}": value for name, value in scores.items()}
                     | {"val/ema_chosen": state.eval_weights == "ema", "epoch": state.epoch}, step=state.step)
@@ -464,7 +568,8 @@ class Trainer:
             print(f"fold {fold} epoch {state.epoch}: val_loss {row['val_loss']:.4f}  "
                   f"macro-F1@0.5 {row['macro_f1']:.4f}  tuned {row['macro_f1_tuned']:.4f}  ({state.eval_weights} "
                   "weights)" + ("  (best)" if improved else ""))
-        if not_learning and tc.warn_no_learning_after and state.epoch >= tc.warn_no_learning_after:
+        if not_learning and tc.warn_no_learning_after and state.epoch >= tc.warn_no_learning_after and \
+                self.dist.main:
             print(f"warning: fold {fold} epoch {state.epoch}: the model is no better than the prior predictor "
                   f"(every class at its training rate): {not_learning}. It has not learned from the images yet: "
                   "check train.lr (python -m src.lr_find), train.epochs, train.warmup_fraction, "
@@ -476,17 +581,24 @@ class Trainer:
         fold_dir = folder.fold(self.fold)
         fold_dir.mkdir(parents=True, exist_ok=True)
         last = folder.checkpoint(self.fold, "last")
+        say = print if self.dist.main else (lambda *args, **kwargs: None)
         if tc.resume and last.is_file():
             self.resume(last)
-            print(f"resumed {last}: epoch {self.state.epoch + 1}, optimizer step {self.state.step}")
+            say(f"resumed {last}: epoch {self.state.epoch + 1}, optimizer step {self.state.step}")
         elif tc.resume:
-            print(f"train.resume=true but {last} does not exist: starting fresh")
-        folder.save_config(self.cfg, self.fold)
+            say(f"train.resume=true but {last} does not exist: starting fresh")
         run_name = folder.root.name
-        tracker = Tracker(self.cfg, fold_dir, name=f"{run_name}-fold{self.fold}", group=run_name)
+        if self.dist.main:
+            folder.save_config(self.cfg, self.fold)
+            if self.dist.world_size > 1:
+                say(f"distributed: {self.dist.world_size} processes x batch {tc.batch_size} x {tc.accum_steps} "
+                    f"accumulation = {self.dist.world_size * tc.batch_size * tc.accum_steps} images per step")
+        # W&B from rank 0 only; the other ranks log nowhere.
+        tracked = self.cfg if self.dist.main else override(self.cfg, **{"wandb.mode": "disabled"})
+        tracker = Tracker(tracked, fold_dir, name=f"{run_name}-fold{self.fold}", group=run_name)
         stopped = False
         try:
-            if p.embedding:
+            if p.embedding and self.dist.main:
                 p.embedding.save(folder.embedding(self.fold))
                 E, support = p.embedding.embedding, p.embedding.support
                 tracker.log_images({
@@ -535,10 +647,17 @@ def print_summary(history: list[dict], result: dict) -> None:
 
 def train(cfg: Config, fold: int, progress: bool = True) -> dict:
     """Train fold ``fold`` and return its metrics (best epoch and score, last validation metrics)."""
+    dist = init_distributed(cfg.train.device)
     folder = RunFolder(cfg.run.dir)
-    ensure_writable(folder.fold(fold), "training outputs")  # before loading data and building the model
-    with folder.lock(fold):
-        return Trainer(build_parts(cfg, fold, progress), progress).fit()
+    try:
+        if not dist.main:  # rank 0 checks the folder and holds its lock for the whole run
+            return Trainer(build_parts(cfg, fold, False, dist), False).fit()
+        ensure_writable(folder.fold(fold), "training outputs")  # before loading data and building the model
+        with folder.lock(fold):
+            return Trainer(build_parts(cfg, fold, progress, dist), progress).fit()
+    finally:
+        if dist.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def main() -> None:
