@@ -28,10 +28,12 @@ class Section(BaseModel):
 
 
 class ExtraSource(Section):
-    """An extra training source (e.g. the external HPAv18 set): its own csv and image folder."""
+    """An extra training source (e.g. the external HPAv18 set): its own csv and image folder, per-channel
+    images ``<Id>_<channel>.<ext>`` of any size (a JPEG may be RGB-encoded grey: read as grey)."""
 
     csv: str
     images: str
+    ext: Literal["png", "jpg"] = "png"
 
 
 class DataConfig(Section):
@@ -45,6 +47,10 @@ class DataConfig(Section):
     image_size: int = Field(512, ge=8)
     # Stored image side length; None means "whatever most images of a source have".
     source_size: int | None = None
+    # Where `python -m src.pack` writes the packed uint8 arrays (one per source, at data.image_size) that
+    # training and prediction read instead of decoding images, when they are there; null: never use a cache.
+    # One folder per dataset (outside data.dir, which may be read-only).
+    cache_dir: str | None = None
 
 
 class FoldsConfig(Section):

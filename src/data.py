@@ -61,9 +61,9 @@ class LabelTable:
     problems: list[Problem] = field(default_factory=list)
 
 
-def channel_paths(image_dir: str | Path, sample_id: str) -> list[Path]:
-    """The four per-channel PNG paths of one sample, in RGBY order."""
-    return [Path(image_dir) / f"{sample_id}_{channel}.png" for channel in CHANNELS]
+def channel_paths(image_dir: str | Path, sample_id: str, ext: str = "png") -> list[Path]:
+    """The four per-channel image paths of one sample, in RGBY order."""
+    return [Path(image_dir) / f"{sample_id}_{channel}.{ext}" for channel in CHANNELS]
 
 
 def id_problem(sample_id: str) -> str | None:
@@ -93,7 +93,8 @@ def parse_target(raw: object, num_classes: int) -> tuple[tuple[int, ...], str | 
 
 
 def read_label_table(
-    csv_path: str | Path, num_classes: int, label_column: str = "Target", image_dir: str | Path = ""
+    csv_path: str | Path, num_classes: int, label_column: str = "Target", image_dir: str | Path = "",
+    ext: str = "png",
 ) -> LabelTable:
     """Read an ``Id,<label_column>`` csv; rows with problems are reported and left out."""
     csv_path = Path(csv_path)
@@ -132,24 +133,43 @@ def read_label_table(
         rows.append((sample_id, labels, str(image_dir)))
     frame = pd.DataFrame(rows, columns=["Id", "labels", "image_dir"])
     frame["source"] = str(csv_path)
+    frame["ext"] = ext
     return LabelTable(frame, problems)
 
 
 def _empty_frame() -> pd.DataFrame:
-    return pd.DataFrame(columns=["Id", "labels", "image_dir", "source"])
+    return pd.DataFrame(columns=["Id", "labels", "image_dir", "source", "ext"])
 
 
-def train_sources(cfg: DataConfig) -> list[tuple[Path, Path]]:
-    """(csv, image folder) of the main training set and each extra source."""
+@dataclass(frozen=True)
+class Source:
+    """One labelled image source: its csv, image folder and per-channel file extension, and its name in
+    the packed cache (``train``, ``extra<i>``, ``test``)."""
+
+    name: str
+    csv: Path
+    images: Path
+    ext: str = "png"
+
+
+def train_sources(cfg: DataConfig) -> list[Source]:
+    """The main training set and each extra source."""
     root = Path(cfg.dir)
-    sources = [(root / cfg.train_csv, root / cfg.train_images)]
-    sources += [(Path(extra.csv), Path(extra.images)) for extra in cfg.extra]
+    sources = [Source("train", root / cfg.train_csv, root / cfg.train_images)]
+    sources += [Source(f"extra{i}", Path(extra.csv), Path(extra.images), extra.ext)
+                for i, extra in enumerate(cfg.extra)]
     return sources
+
+
+def test_source(cfg: DataConfig) -> Source:
+    root = Path(cfg.dir)
+    return Source("test", root / cfg.sample_submission, root / cfg.test_images)
 
 
 def read_train_labels(cfg: DataConfig) -> LabelTable:
     """All training sources in one table; an Id present in two sources is a problem."""
-    tables = [read_label_table(csv, cfg.num_classes, "Target", images) for csv, images in train_sources(cfg)]
+    tables = [read_label_table(src.csv, cfg.num_classes, "Target", src.images, src.ext)
+              for src in train_sources(cfg)]
     frame = pd.concat([t.frame for t in tables], ignore_index=True)
     problems = [p for t in tables for p in t.problems]
     dup = frame["Id"].duplicated(keep="first")
@@ -160,8 +180,8 @@ def read_train_labels(cfg: DataConfig) -> LabelTable:
 
 def read_test_ids(cfg: DataConfig) -> LabelTable:
     """The test Ids in sample_submission order."""
-    root = Path(cfg.dir)
-    return read_label_table(root / cfg.sample_submission, cfg.num_classes, "Predicted", root / cfg.test_images)
+    src = test_source(cfg)
+    return read_label_table(src.csv, cfg.num_classes, "Predicted", src.images)
 
 
 def _raise_on(table: LabelTable, what: str) -> pd.DataFrame:
@@ -191,18 +211,27 @@ def label_matrix(labels: pd.Series | list, num_classes: int) -> np.ndarray:
     return matrix
 
 
-def read_rgby(image_dir: str | Path, sample_id: str, size: int | None = None) -> np.ndarray:
-    """Load one sample as H x W x 4 uint8 (RGBY), resized to ``size`` when given."""
-    planes = []
-    for path in channel_paths(image_dir, sample_id):
-        plane = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if plane is None:
-            raise DataError(f"{path}: missing or unreadable image")
-        planes.append(plane)
+def decode_plane(path: Path, encoded: np.ndarray | None = None) -> np.ndarray:
+    """One channel as H x W uint8 (an RGB-encoded grey JPEG becomes grey), from the file or its bytes."""
+    plane = (cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) if encoded is None
+             else cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE))
+    if plane is None:
+        raise DataError(f"{path}: missing or unreadable image")
+    return plane
+
+
+def stack_planes(planes: list[np.ndarray], size: int | None) -> np.ndarray:
+    """Four planes as H x W x 4 uint8, resized to ``size`` when given (the same resize everywhere, so the
+    packed cache and the image files give identical arrays)."""
     image = np.stack(planes, axis=-1)
     if size is not None and image.shape[:2] != (size, size):
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     return image
+
+
+def read_rgby(image_dir: str | Path, sample_id: str, size: int | None = None, ext: str = "png") -> np.ndarray:
+    """Load one sample as H x W x 4 uint8 (RGBY), resized to ``size`` when given."""
+    return stack_planes([decode_plane(path) for path in channel_paths(image_dir, sample_id, ext)], size)
 
 
 def write_rgby(image_dir: str | Path, sample_id: str, image: np.ndarray) -> None:
@@ -235,6 +264,26 @@ def build_augment(cfg: AugmentConfig, image_size: int) -> A.Compose:
     return A.Compose(transforms)
 
 
+class PackedImages:
+    """Rows of packed uint8 arrays (``src.pack``), one per source, for the rows of a table. The arrays are
+    memory-mapped lazily in each process (a memmap must not be pickled into DataLoader workers)."""
+
+    def __init__(self, arrays: dict[str, tuple[str, tuple[int, ...]]], rows: list[tuple[str, int]]):
+        self.arrays = arrays  # source name -> (array file, shape)
+        self.rows = rows  # per table row: (source name, row in that source's array)
+        self._open: dict[str, np.ndarray] = {}
+
+    def __getstate__(self) -> dict:
+        return {"arrays": self.arrays, "rows": self.rows, "_open": {}}
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        name, row = self.rows[index]
+        if name not in self._open:
+            path, shape = self.arrays[name]
+            self._open[name] = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
+        return np.array(self._open[name][row])
+
+
 class RGBYDataset(Dataset):
     """Samples of a table as (uint8 C x H x W tensor, multi-hot float target).
 
@@ -246,9 +295,11 @@ class RGBYDataset(Dataset):
     """
 
     def __init__(self, table: pd.DataFrame, num_classes: int, image_size: int,
-                 augment: A.Compose | None = None):
+                 augment: A.Compose | None = None, packed: PackedImages | None = None):
         self.ids = table["Id"].tolist()
         self.image_dirs = table["image_dir"].tolist()
+        self.exts = table["ext"].tolist() if "ext" in table else ["png"] * len(table)
+        self.packed = packed  # the packed cache's rows of this table, when there is a fresh cache
         self.labels = table["labels"].tolist() if "labels" in table else [()] * len(table)
         self.num_classes = num_classes
         self.image_size = image_size
@@ -259,7 +310,10 @@ class RGBYDataset(Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = item if isinstance(item, tuple) else (item, None)
-        image = read_rgby(self.image_dirs[index], self.ids[index], self.image_size)
+        if self.packed is not None:
+            image = self.packed[index]
+        else:
+            image = read_rgby(self.image_dirs[index], self.ids[index], self.image_size, self.exts[index])
         if self.augment is not None:
             if seed is not None:
                 self.augment.set_random_seed(seed)

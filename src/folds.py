@@ -29,10 +29,10 @@ from src.validate import require_valid
 def green_hashes(table: pd.DataFrame, progress: bool = True) -> np.ndarray:
     """64-bit perceptual hash (imagehash.phash) of each sample's green channel, as uint64."""
     hashes = np.zeros(len(table), dtype=np.uint64)
-    rows = zip(table["image_dir"], table["Id"])
-    for row, (image_dir, sample_id) in enumerate(tqdm(rows, total=len(table), desc="hashing green channels",
-                                                      disable=not progress, mininterval=1.0)):
-        with Image.open(channel_paths(image_dir, sample_id)[1]) as green:
+    rows = zip(table["image_dir"], table["Id"], table["ext"])
+    for row, (image_dir, sample_id, ext) in enumerate(tqdm(rows, total=len(table), desc="hashing green channels",
+                                                           disable=not progress, mininterval=1.0)):
+        with Image.open(channel_paths(image_dir, sample_id, ext)[1]) as green:
             bits = imagehash.phash(green).hash.flatten()
         hashes[row] = np.packbits(bits).view(">u8")[0]
     return hashes

@@ -35,6 +35,7 @@ from src.config import (
 from src.data import RGBYDataset, label_matrix, load_test_table, load_train_table, make_loader
 from src.metrics import decide
 from src.model import build_model, check_views, infer, resolve_device
+from src.pack import open_packed
 from src.report import write_report
 from src.run_folder import (
     RunFolder,
@@ -93,8 +94,12 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table:
         print(f"warning: {folder.root} was trained without D4 augmentation; TTA views {cfg.predict.tta} show the "
               "model images unlike any it was trained on (consider predict.tta=[identity])")
 
+    # The packed cache at this experiment's image size, if there is one (and it is fresh).
+    data_cfg = cfg.data.model_copy(update={"image_size": run_cfg.data.image_size})
+
     def scores_of(model: torch.nn.Module, table: pd.DataFrame, to_scores, desc: str) -> np.ndarray:
-        dataset = RGBYDataset(table, cfg.data.num_classes, run_cfg.data.image_size)
+        dataset = RGBYDataset(table, cfg.data.num_classes, run_cfg.data.image_size,
+                              packed=open_packed(data_cfg, table))
         loader = make_loader(dataset, cfg.predict.batch_size, cfg.train.num_workers, cfg.train.seed, device)
         return infer(model, loader, device, precision=cfg.train.precision,
                      channels_last=run_cfg.model.channels_last, views=cfg.predict.tta,

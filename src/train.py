@@ -42,6 +42,7 @@ from src.label_embedding import LabelEmbedding
 from src.losses import build_loss
 from src.metrics import best_thresholds, decide, f1_per_class
 from src.model import autocast, build_model, infer, param_groups, resolve_device
+from src.pack import open_packed
 from src.report import plot_label_map, plot_similarity_heatmap
 from src.run_folder import (
     RunFolder,
@@ -243,8 +244,9 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
         # EMA warm-up with power 1: decay t / (t + 1), a plain mean of every step so far, until its time
         # constant reaches the horizon; from then on a fixed-horizon EMA. Both scale with the schedule.
         ema=ema,
-        train_set=RGBYDataset(train_table, n_classes, size, build_augment(tc.augment, size)),
-        val_set=RGBYDataset(val_table, n_classes, size),
+        train_set=RGBYDataset(train_table, n_classes, size, build_augment(tc.augment, size),
+                              open_packed(cfg.data, train_table)),
+        val_set=RGBYDataset(val_table, n_classes, size, packed=open_packed(cfg.data, val_table)),
         sampler=EpochSampler(len(train_table), tc.seed, dist.rank, dist.world_size),
         steps_per_epoch=steps_per_epoch, dist=dist, forward=forward,
     )

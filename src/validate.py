@@ -36,20 +36,22 @@ class ValidationFailed(PipelineError):
         super().__init__(f"dataset has {len(problems)} problem(s):\n  {shown}{more}")
 
 
-PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: length 0, type, CRC
+# What a complete file ends with: PNG's IEND chunk (length 0, type, CRC); JPEG's end-of-image marker.
+FILE_END = {"PNG": b"\x00\x00\x00\x00IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
+FORMATS = {"png": "PNG", "jpg": "JPEG"}
 
 
-def _ends_complete(path: Path) -> bool:
+def _ends_complete(path: Path, end: bytes) -> bool:
     with open(path, "rb") as file:
         file.seek(0, os.SEEK_END)
-        if file.tell() < len(PNG_END):
+        if file.tell() < len(end):
             return False
-        file.seek(-len(PNG_END), os.SEEK_END)
-        return file.read() == PNG_END
+        file.seek(-len(end), os.SEEK_END)
+        return file.read() == end
 
 
-def _inspect_png(path: Path, deep: bool) -> tuple[tuple[int, int] | None, str | None]:
-    """(width, height) of a PNG, or why it cannot be used."""
+def _inspect_png(path: Path, deep: bool, ext: str = "png") -> tuple[tuple[int, int] | None, str | None]:
+    """(width, height) of a channel image (PNG, or JPEG for an extra source), or why it cannot be used."""
     if not path.is_file():
         return None, "missing image"
     try:
@@ -59,10 +61,13 @@ def _inspect_png(path: Path, deep: bool) -> tuple[tuple[int, int] | None, str | 
                 image.verify()
     except Exception as exc:  # PIL raises many types for corrupt files; all mean "unreadable"
         return None, f"unreadable image ({type(exc).__name__}: {exc})"
-    if fmt != "PNG":
-        return None, f"not a PNG (format {fmt})"
-    if not _ends_complete(path):
-        return None, "truncated PNG (no IEND chunk at the end: an interrupted download or copy?)"
+    expected = FORMATS[ext]
+    if fmt != expected:
+        return None, f"not a {expected} (format {fmt})"
+    if not _ends_complete(path, FILE_END[fmt]):
+        return None, f"truncated {fmt} (no end marker: an interrupted download or copy?)"
+    if mode == "RGB" and fmt == "JPEG":  # HPAv18 stores grey channels as RGB JPEGs: read as grey
+        return size, None
     if mode != "L":
         bands = len(Image.new(mode, (1, 1)).getbands()) if mode not in ("I;16", "I;16B") else 1
         return None, f"expected 8-bit grayscale (1 channel), found mode {mode} with {bands} channel(s)"
@@ -72,11 +77,11 @@ def _inspect_png(path: Path, deep: bool) -> tuple[tuple[int, int] | None, str | 
 def check_images(table: pd.DataFrame, split: str, expected_size: int | None, deep: bool = False,
                  progress: bool = True) -> list[Problem]:
     """Check the four channel PNGs of every sample of ``table``; sizes must agree per sample and source."""
-    paths = [(sample_id, path) for sample_id, image_dir in zip(table["Id"], table["image_dir"])
-             for path in channel_paths(image_dir, sample_id)]
+    paths = [(ext, path) for sample_id, image_dir, ext in zip(table["Id"], table["image_dir"], table["ext"])
+             for path in channel_paths(image_dir, sample_id, ext)]
     workers = min(16, (os.cpu_count() or 1) * 4)  # file reads wait on disk, so threads overlap well
     with ThreadPoolExecutor(workers) as pool:
-        results = list(tqdm(pool.map(lambda item: _inspect_png(item[1], deep), paths), total=len(paths),
+        results = list(tqdm(pool.map(lambda item: _inspect_png(item[1], deep, item[0]), paths), total=len(paths),
                             desc=f"checking {split} images", disable=not progress, mininterval=1.0))
     problems = [Problem(str(path), why) for (_, path), (_, why) in zip(paths, results) if why]
     sizes = [size for size, _ in results]

@@ -27,6 +27,7 @@ def tiny_config(data_dir: Path, work_dir: Path, *overrides: str) -> Config:
     return load_config(REPO_ROOT / "configs" / "demo.yaml", [
         f"data.dir={data_dir}", f"data.num_classes={TINY_CLASSES}", "data.image_size=32",
         f"folds.path={work_dir / 'folds.csv'}", "folds.n_splits=2", "folds.rare_classes=warn",
+        f"data.cache_dir={work_dir / 'cache'}",
         "model.backbone=test_resnet", "train.epochs=1", "train.batch_size=8", "train.accum_steps=1",
         "train.num_workers=0", "train.device=cpu", "train.warmup_fraction=0", "wandb.mode=disabled",
         "train.augment.d4=1.0", "train.augment.shift_scale_rotate=0.5", "train.augment.brightness_contrast=0.3",

@@ -125,3 +125,22 @@ def test_study_label_embedding(capsys, tmp_path, monkeypatch):
     study_label_embedding.main(["--smoke"])  # without --out: into the temp folder, not the results folder
     assert has_line(capsys.readouterr().out, rf"wrote {re.escape(tempfile.gettempdir())}/\S+/results/history\.csv")
     assert not default_out.exists()
+
+
+def test_bench_recipes(capsys, tmp_path):
+    from benchmarks import bench_recipes  # appended last, after the import block others edit
+
+    out_dir = tmp_path / "out"
+    bench_recipes.main(["--smoke", "--threads", "0", "--out", str(out_dir)])
+    out = capsys.readouterr().out
+    assert has_line(out, r"^predictor\s+OOF macro-F1\s+test macro-F1\s+train min\s+notes$")
+    for predictor in (r"\(a\) main config, data keys only", r"\(b\) small-data recipe",
+                      r"\(c\) pixel logistic regression \(8 px\)",
+                      r"\(d\) plain timm loop \(test_resnet, same seconds as b\)",
+                      r"\(e\) constant prior \(train label rates\)"):
+        assert has_line(out, rf"^{predictor}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+\S"), predictor
+    assert has_line(out, r"^\(e\) constant prior .*degenerate: refused without --force$")
+    assert has_line(out, rf"^\(b\) small-data recipe vs \(d\) plain timm loop .*: test macro-F1 {NUMBER} vs "
+                         rf"{NUMBER} \(difference [+-]{NUMBER}, ratio {NUMBER}\)")
+    assert {p.name for p in out_dir.iterdir()} == {"recipes.csv", "recipes.md"}
+    assert "| (b) small-data recipe |" in (out_dir / "recipes.md").read_text()
