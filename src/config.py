@@ -96,8 +96,12 @@ class TrainConfig(Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(8, ge=1)
     accum_steps: int = Field(8, ge=1)
+    # Images per optimizer step over all processes; when set, accum_steps is derived from it
+    # (global_batch / (batch_size x processes)), so changing the batch or the GPU count keeps the step.
+    global_batch: int | None = Field(None, ge=1)
     lr: float = Field(3e-4, gt=0.0)
-    # Learning rate of the backbone; None means train.lr.
+    # Learning rate of a pretrained backbone (fine-tuning); None means train.lr. A backbone trained from
+    # scratch (model.pretrained=false) has no features to protect and trains at train.lr.
     backbone_lr: float | None = None
     weight_decay: float = Field(1e-4, ge=0.0)
     # Settings relative to the schedule, so one config behaves alike at 300 optimizer steps and at 15 000:

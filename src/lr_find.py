@@ -95,7 +95,8 @@ def lr_find(cfg: Config, fold: int = 0, steps: int = 100, start: float = 1e-7, e
     # Only the loop is wanted: no EMA, no checkpoints of any kind.
     cfg = override(cfg, **{"train.ema": False, "train.stop_after_steps": None, "train.checkpoint_every_steps": 0,
                            "train.resume": False})
-    ratio = None if tc.backbone_lr is None else tc.backbone_lr / tc.lr
+    pretrained = cfg.model.pretrained is not False  # a backbone from scratch trains at train.lr
+    ratio = None if tc.backbone_lr is None or not pretrained else tc.backbone_lr / tc.lr
     growth = (end / start) ** (1 / (steps - 1))
     parts = build_parts(cfg, fold, progress)
     # LambdaLR scales each group's configured lr: the head group runs at start * growth^t, the backbone keeps

@@ -108,11 +108,12 @@ def build_model(cfg: Config, out_dim: int | None = None) -> Net:
     return Net(backbone, modifier, head, mean, std)
 
 
-def param_groups(model: Net, cfg: TrainConfig) -> list[dict]:
-    """Optimizer groups: backbone at ``backbone_lr``, modifier + head at ``lr``; no weight decay on
-    norms and biases (1-d parameters)."""
+def param_groups(model: Net, cfg: TrainConfig, pretrained: bool = True) -> list[dict]:
+    """Optimizer groups: backbone at ``backbone_lr`` (when ``pretrained``; a backbone from scratch at ``lr``),
+    modifier + head at ``lr``; no weight decay on norms and biases (1-d parameters)."""
     groups = []
-    backbone_lr = cfg.lr if cfg.backbone_lr is None else cfg.backbone_lr  # 0 freezes the backbone's updates
+    # 0 freezes the backbone's updates
+    backbone_lr = cfg.lr if cfg.backbone_lr is None or not pretrained else cfg.backbone_lr
     for name, modules, lr in (("backbone", [model.backbone], backbone_lr),
                               ("modifier+head", [model.modifier, model.head], cfg.lr)):
         params = [p for m in modules for p in m.parameters() if p.requires_grad]

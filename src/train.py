@@ -190,10 +190,23 @@ class FoldParts:
         self.forward = self.forward or self.model
 
 
+def resolve_accumulation(cfg: Config, dist: Dist) -> Config:
+    """``cfg`` with ``train.accum_steps`` derived from ``train.global_batch`` when that is set."""
+    tc = cfg.train
+    if tc.global_batch is None:
+        return cfg
+    accum = max(1, round(tc.global_batch / (tc.batch_size * dist.world_size)))
+    if accum * tc.batch_size * dist.world_size != tc.global_batch and dist.main:
+        print(f"note: train.global_batch={tc.global_batch} is not a multiple of batch {tc.batch_size} x "
+              f"{dist.world_size} process(es): {accum * tc.batch_size * dist.world_size} images per step")
+    return override(cfg, **{"train.accum_steps": accum})
+
+
 def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SINGLE) -> FoldParts:
     """Data split, label embedding, model, loss, optimizer, schedule, scaler, EMA and datasets of one fold.
     Under torch.distributed (``dist``): DDP over the whole network, the sampler sharded by rank, the model
     placed on this rank's GPU."""
+    cfg = resolve_accumulation(cfg, dist)
     tc = cfg.train
     device = resolve_device(tc.device)
     if device.type == "cuda" and dist.world_size > 1:
@@ -221,7 +234,11 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
     model = build_model(cfg, embedding.embedding.shape[1] if embedding else None).to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr)
+    pretrained = cfg.model.pretrained is not False
+    if progress and not pretrained and tc.backbone_lr is not None and tc.backbone_lr != tc.lr:
+        print(f"note: model.pretrained=false: the backbone trains at train.lr={tc.lr:g} (train.backbone_lr="
+              f"{tc.backbone_lr:g} is for fine-tuning pretrained weights)")
+    optimizer = torch.optim.AdamW(param_groups(model, tc, pretrained), lr=tc.lr)
     steps_per_epoch = math.ceil(batches / tc.accum_steps)
     total_steps = tc.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(

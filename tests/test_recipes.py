@@ -90,7 +90,9 @@ def test_lr_find_writes_a_table_and_a_plot_and_no_checkpoint(tiny_data, tmp_path
     table, suggestion, out_dir = lr_find(cfg, fold=0, steps=12, start=1e-5, end=1.0)
     assert 3 <= len(table) <= 12
     assert (np.diff(table["lr"]) > 0).all() and table["lr"].iloc[0] == pytest.approx(1e-5)
-    np.testing.assert_allclose(table["backbone_lr"], table["lr"] * 0.25)  # the groups keep their ratio
+    # A backbone from scratch (the tiny config) trains at train.lr: backbone_lr is for pretrained weights.
+    np.testing.assert_allclose(table["backbone_lr"], table["lr"])
+    assert suggestion.backbone_lr is None
     assert 1e-5 / 10 <= suggestion.lr <= 1.0
     assert (out_dir / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert pd.read_csv(out_dir / "lr_find.csv").shape == table.shape
@@ -110,3 +112,26 @@ def test_a_model_that_learned_nothing_is_flagged(tiny_data, tmp_path, capsys, wa
     assert (history["val_loss"] > history["prior_val_loss"]).all()
     warned = "no better than the prior predictor" in capsys.readouterr().err
     assert warned == bool(warn_after)
+
+
+def test_global_batch_sets_the_accumulation_for_any_batch_and_process_count(tiny_data, tmp_path):
+    from src.train import Dist, resolve_accumulation
+
+    cfg = main_config(tiny_data, tmp_path)
+    assert cfg.train.global_batch == 64
+    for batch, world, accum in [(8, 1, 8), (32, 1, 2), (8, 2, 4), (64, 1, 1), (128, 1, 1)]:
+        resolved = resolve_accumulation(cfg.model_copy(update={"train": cfg.train.model_copy(
+            update={"batch_size": batch})}), Dist(0, world, 0))
+        assert resolved.train.accum_steps == accum, (batch, world)
+
+
+def test_backbone_lr_is_for_pretrained_backbones_only(tiny_cfg):
+    from src.config import override
+    from src.model import build_model, param_groups
+
+    cfg = override(tiny_cfg, **{"train.lr": 1e-3, "train.backbone_lr": 1e-4})
+    model = build_model(cfg)
+    rates = {g["name"]: g["lr"] for g in param_groups(model, cfg.train, pretrained=True)}
+    assert rates["backbone"] == 1e-4 and rates["modifier+head"] == 1e-3
+    rates = {g["name"]: g["lr"] for g in param_groups(model, cfg.train, pretrained=False)}
+    assert rates["backbone"] == rates["modifier+head"] == 1e-3
