@@ -79,3 +79,16 @@ def test_backbone_lr_zero_is_kept_not_replaced_by_lr(tiny_cfg):
     backbone_ids = {id(p) for p in model.backbone.parameters()}
     for group in param_groups(model, cfg.train):
         assert group["lr"] == (0.0 if id(group["params"][0]) in backbone_ids else 1e-3)
+
+
+def test_half_precision_on_a_cpu_without_native_kernels_runs_in_fp32():
+    from src.model import autocast, effective_precision
+
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    cpu = torch.device("cpu")
+    assert effective_precision(cpu, "bf16") == ("bf16" if native else "fp32")
+    assert effective_precision(cpu, "fp32") == "fp32"
+    assert effective_precision(torch.device("cuda"), "bf16") == "bf16"  # GPUs keep what the config asks
+    with autocast(cpu, "bf16"):
+        out = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert out.dtype == (torch.bfloat16 if native else torch.float32)
