@@ -144,3 +144,13 @@ def test_bench_recipes(capsys, tmp_path):
                          rf"{NUMBER} \(difference [+-]{NUMBER}, ratio {NUMBER}\)")
     assert {p.name for p in out_dir.iterdir()} == {"recipes.csv", "recipes.md"}
     assert "| (b) small-data recipe |" in (out_dir / "recipes.md").read_text()
+
+
+def test_bench_loader(capsys):
+    from benchmarks import bench_loader
+
+    bench_loader.main(["--smoke"])
+    out = capsys.readouterr().out
+    for path in ("naive PNG decode \\(PIL\\), baseline", "dataset, packed cache, training policy"):
+        assert has_line(out, rf"^{path}\s+{NUMBER}\s+{NUMBER}$"), path
+    assert has_line(out, rf"^packed cache \+ training policy: {NUMBER}x the naive loader")
