@@ -18,12 +18,14 @@ shift
 PY=python
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 config=${CONFIG:-configs/hpa_nasnet512.yaml}
-folds_path=$("$PY" -m src.config --config "$config" "$@" --get folds.path)
+values=$("$PY" -m src.config --config "$config" "$@" --get folds.path --get train.nproc)  # one start-up
+folds_path=$(sed -n 1p <<< "$values")
+config_nproc=$(sed -n 2p <<< "$values")
 if [ ! -f "$folds_path" ]; then
   echo "no folds file $folds_path: running the folds stage first (python -m src.folds)"
   "$PY" -m src.folds --config "$config" "$@"
 fi
-nproc=${NPROC:-$("$PY" -m src.config --config "$config" "$@" --get train.nproc)}
+nproc=${NPROC:-$config_nproc}
 if [ "$nproc" = "auto" ]; then
   nproc=$("$PY" -c "import torch; print(max(1, torch.cuda.device_count()))")
 fi

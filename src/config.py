@@ -432,16 +432,18 @@ def ensure_writable(folder: str | Path, what: str) -> Path:
 
 def main() -> None:
     parser = cli_parser("Print the resolved config (or one key of it).")
-    parser.add_argument("--get", metavar="KEY", help="print only this dotted key's value")
+    parser.add_argument("--get", metavar="KEY", action="append",
+                        help="print only this dotted key's value (repeatable: one line per key)")
     args = parser.parse_args()
     cfg = config_from_args(args)
     if args.get:
-        value = cfg.model_dump()
-        for part in args.get.split("."):
-            if not isinstance(value, dict) or part not in value:
-                raise ConfigError(f"unknown config key '{args.get}'")
-            value = value[part]
-        print(value)
+        for key in args.get:
+            value = cfg.model_dump()
+            for part in key.split("."):
+                if not isinstance(value, dict) or part not in value:
+                    raise ConfigError(f"unknown config key '{key}'")
+                value = value[part]
+            print(value)
     else:
         print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), end="")
 

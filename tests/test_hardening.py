@@ -17,7 +17,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from src.config import PipelineError, Staging, load_config, override, user_message
+import src.predict
+import src.train
+from src.config import PipelineError, Staging, load_config, override, run_cli, user_message
 from src.data import id_problem, parse_target
 from src.folds import load_folds, make_folds
 from src.model import build_model
@@ -39,10 +41,18 @@ def cli_overrides(tiny_data: Path, work: Path, *extra: str) -> list[str]:
             f"run.dir={work / 'run'}", f"submission.path={work / 'submission.csv'}", *extra]
 
 
-def run_stage(module: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    return subprocess.run([PYTHON, "-m", module, "--config", "configs/demo.yaml", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def run_stage_here(module, *args: str, capsys, monkeypatch) -> subprocess.CompletedProcess:
+    """A stage's CLI (``run_cli(module.main)``) in this process: the same parsing, error handling and exit
+    code as ``python -m``, without a new interpreter's start-up."""
+    monkeypatch.setattr(sys, "argv", [module.__name__, "--config", str(REPO_ROOT / "configs" / "demo.yaml"), *args])
+    capsys.readouterr()
+    try:
+        run_cli(module.main)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(module.__name__, code, captured.out, captured.err)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -107,15 +117,16 @@ def test_staged_outputs_are_all_or_nothing(tmp_path):
     assert first.read_text() == "new\n" and [p.name for p in report.iterdir()] == ["b.txt"]
 
 
-@pytest.mark.slow
-def test_write_errors_are_one_line_naming_the_path_before_any_work(tiny_data, tmp_path):
+def test_write_errors_are_one_line_naming_the_path_before_any_work(tiny_data, tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder should be\n")
     (tmp_path / "work").mkdir()
     base = cli_overrides(tiny_data, tmp_path / "work")
-    result = run_stage("src.train", "--fold", "0", *base, f"run.dir={blocker / 'run'}")
+    result = run_stage_here(src.train, "--fold", "0", *base, f"run.dir={blocker / 'run'}", capsys=capsys,
+                            monkeypatch=monkeypatch)
     assert_one_line_error(result, str(blocker / "run"))
-    result = run_stage("src.predict", *base, f"submission.path={blocker / 'sub' / 'submission.csv'}")
+    result = run_stage_here(src.predict, *base, f"submission.path={blocker / 'sub' / 'submission.csv'}",
+                            capsys=capsys, monkeypatch=monkeypatch)
     assert_one_line_error(result, str(blocker / "sub"))
 
 
@@ -174,7 +185,7 @@ def test_stale_temp_files_of_a_killed_writer_are_cleaned(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_bad_image_met_by_a_worker_is_one_line(tiny_data, tmp_path):
+def test_a_bad_image_met_by_a_worker_is_one_line(tiny_data, tmp_path, capsys, monkeypatch):
     data = tmp_path / "data"
     import shutil
 
@@ -186,7 +197,7 @@ def test_a_bad_image_met_by_a_worker_is_one_line(tiny_data, tmp_path):
     make_folds(cfg, progress=False)
     victim = pd.read_csv(data / "train.csv", dtype=str)["Id"].iloc[0]
     (data / "train" / f"{victim}_green.png").unlink()  # after the folds stage validated the data
-    result = run_stage("src.train", "--fold", "0", "--config", "configs/demo.yaml", *overrides)
+    result = run_stage_here(src.train, "--fold", "0", *overrides, capsys=capsys, monkeypatch=monkeypatch)
     assert_one_line_error(result, f"{victim}_green.png", "missing or unreadable image")
     assert "DataLoader worker" not in result.stderr
 
@@ -259,7 +270,7 @@ def test_kill_9_at_a_random_step_then_resume_equals_the_uninterrupted_run(tiny_d
     killed_at = torch.load(last, weights_only=True)["state"]["step"]
     assert killed_at < 18
 
-    assert run_stage("src.train", "--fold", "0", *runs["killed"], "train.resume=true").returncode == 0
+    train(load_config(REPO_ROOT / "configs" / "demo.yaml", [*runs["killed"], "train.resume=true"]), 0, progress=False)
     resumed = torch.load(last, weights_only=True)
     reference = torch.load(tmp_path / "reference" / "run" / "fold0" / "last.pt", weights_only=True)
     assert resumed["state"]["step"] == reference["state"]["step"] == 18
