@@ -301,3 +301,9 @@ def test_an_accepted_id_is_a_safe_file_name(sample_id):
     if id_problem(sample_id) is None:
         assert sample_id and "/" not in sample_id and "\\" not in sample_id and ".." not in sample_id
         assert Path(sample_id).name == sample_id and sample_id not in (".", "..")
+
+
+def test_predict_on_a_run_folder_that_does_not_exist_says_train_first(tiny_cfg, tmp_path):
+    cfg = override(tiny_cfg, **{"run.dir": str(tmp_path / "never_trained")})
+    with pytest.raises(PipelineError, match="holds no trained run.*train it first"):
+        predict(cfg, progress=False)
