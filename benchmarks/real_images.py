@@ -27,7 +27,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import skimage.data
 from tqdm import tqdm
 
@@ -114,6 +113,7 @@ def make_real_dataset(out: str | Path, n_train: int = 600, n_test: int = 200, si
         raise ValueError(f"num_classes must be 1..{len(CLASS_SOURCES)}, got {num_classes}")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else importing albumentations asks PyPI for news
     from src.data import write_rgby
+    from src.demo import finish_dataset
 
     out, rng = Path(out), np.random.default_rng(seed)
     tmp = out.with_name(out.name + ".partial")
@@ -127,13 +127,7 @@ def make_real_dataset(out: str | Path, n_train: int = 600, n_test: int = 200, si
             sample_id, labels = f"{split}{index:05d}", sample_labels(num_classes, rng)
             write_rgby(tmp / split, sample_id, render_image(labels, classes, distractors, size, rng))
             rows[split].append((sample_id, " ".join(map(str, labels))))
-    pd.DataFrame(rows["train"], columns=["Id", "Target"]).to_csv(tmp / "train.csv", index=False)
-    pd.DataFrame(rows["test"], columns=["Id", "Target"]).to_csv(tmp / "test_solution.csv", index=False)
-    pd.DataFrame({"Id": [r[0] for r in rows["test"]], "Predicted": "0"}).to_csv(
-        tmp / "sample_submission.csv", index=False)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return finish_dataset(tmp, out, rows)
 
 
 def main() -> None:

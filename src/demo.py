@@ -123,6 +123,13 @@ def make_demo_dataset(out: str | Path, n_train: int = 2000, n_test: int = 300, s
         labels = sample_labels(rates, rng)
         write_rgby(tmp / split, sample_id, render_image(labels, glyphs, size, rng))
         rows[split].append((sample_id, " ".join(map(str, labels))))
+    return finish_dataset(tmp, out, rows)
+
+
+def finish_dataset(tmp: Path, out: Path, rows: dict[str, list[tuple[str, str]]]) -> Path:
+    """Write the label tables of a generated HPA-layout dataset built in ``tmp`` (``train.csv``,
+    ``sample_submission.csv`` and ``test_solution.csv``, the hidden test labels) from ``(Id, Target)`` rows
+    per split, then move it into place at ``out``."""
     pd.DataFrame(rows["train"], columns=["Id", "Target"]).to_csv(tmp / "train.csv", index=False)
     pd.DataFrame(rows["test"], columns=["Id", "Target"]).to_csv(tmp / "test_solution.csv", index=False)
     pd.DataFrame({"Id": [r[0] for r in rows["test"]], "Predicted": "0"}).to_csv(
