@@ -47,6 +47,8 @@ LR_FIND_DIR = "lr_find"
 LOCK_FILE = ".lock"
 # Validation scores of each checkpoint, so predict tunes thresholds on the model it applies them to.
 OOF_FILES = {"best": "oof.csv", "last": "oof_last.csv"}
+# What a fold folder holds after training, in the order a summary lists them.
+FOLD_FILES = ("best.pt", "last.pt", OOF_FILES["best"], OOF_FILES["last"], HISTORY_FILE, CONFIG_FILE)
 
 
 class RunFolder:

@@ -45,6 +45,7 @@ from src.model import autocast, build_model, infer, param_groups, resolve_device
 from src.pack import open_packed
 from src.report import plot_label_map, plot_similarity_heatmap
 from src.run_folder import (
+    FOLD_FILES,
     RunFolder,
     copy_checkpoint,
     load_checkpoint,
@@ -657,8 +658,7 @@ def print_summary(history: list[dict], result: dict) -> None:
     if "beats_prior" in result and not result["beats_prior"]:
         print(f"warning: the last epoch was no better than the prior predictor (tuned macro-F1 "
               f"{result['macro_f1_tuned']:.4f} vs {result['prior_macro_f1_tuned']:.4f}): see the warnings above")
-    written = [name for name in ("best.pt", "last.pt", "oof.csv", "oof_last.csv", "history.csv", "config.yaml")
-               if (Path(result["run_dir"]) / name).is_file()]
+    written = [name for name in FOLD_FILES if (Path(result["run_dir"]) / name).is_file()]
     print(f"outputs: {result['run_dir']}/{{{','.join(written)}}}")
     if result.get("wandb_run"):
         print(f"W&B offline run: {result['wandb_run']}  (upload with `wandb sync {result['wandb_run']}`)")
