@@ -97,14 +97,16 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table:
     # The packed cache at this experiment's image size, if there is one (and it is fresh).
     data_cfg = cfg.data.model_copy(update={"image_size": run_cfg.data.image_size})
 
-    def scores_of(model: torch.nn.Module, table: pd.DataFrame, to_scores, desc: str) -> np.ndarray:
-        dataset = RGBYDataset(table, cfg.data.num_classes, run_cfg.data.image_size,
-                              packed=open_packed(data_cfg, table))
+    def dataset_of(table: pd.DataFrame) -> RGBYDataset:
+        return RGBYDataset(table, cfg.data.num_classes, run_cfg.data.image_size, packed=open_packed(data_cfg, table))
+
+    def scores_of(model: torch.nn.Module, dataset: RGBYDataset, to_scores, desc: str) -> np.ndarray:
         loader = make_loader(dataset, cfg.predict.batch_size, cfg.train.num_workers, cfg.train.seed, device)
         return infer(model, loader, device, precision=cfg.train.precision,
                      channels_last=run_cfg.model.channels_last, views=cfg.predict.tta,
                      reduce=cfg.predict.tta_reduce, to_scores=to_scores, desc=desc, progress=progress)[0]
 
+    test_set = dataset_of(test_table)  # once per experiment: every fold scores the same images
     rows_by_id = train_table.set_index("Id")
     model = None
     fold_scores, oof_parts = [], []
@@ -124,12 +126,12 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table:
         embedding = load_embedding(folder.embedding(fold)) if run_cfg.loss.name == "label_embedding" else None
         to_scores = output_scorer(run_cfg, embedding)
         name = f"{folder.root.name} fold {fold}"
-        fold_scores.append(require_finite(scores_of(model, test_table, to_scores, name), f"{path}: test scores"))
+        fold_scores.append(require_finite(scores_of(model, test_set, to_scores, name), f"{path}: test scores"))
         oof_path = folder.oof(fold, cfg.predict.checkpoint)
         oof = read_scores(oof_path)
         if cfg.predict.oof_tta:
             val_rows = rows_by_id.loc[oof["Id"]].reset_index()
-            oof.iloc[:, 1:] = scores_of(model, val_rows, to_scores, f"{name} OOF")
+            oof.iloc[:, 1:] = scores_of(model, dataset_of(val_rows), to_scores, f"{name} OOF")
         require_finite(oof.iloc[:, 1:].to_numpy(dtype=float), f"{oof_path}: OOF scores")
         oof.insert(1, "fold", fold)
         oof_parts.append(oof)
@@ -247,12 +249,13 @@ def predict(cfg: Config, progress: bool = True) -> Path:
 
     test_scores, oof, refs = score_experiments(cfg, test_table, train_table, device, progress)
     oof_true, oof_scores = oof_truth(oof, train_table, m)
-    train_rate = label_rates(cfg, label_matrix(train_table["labels"], m))
+    train_labels = label_matrix(train_table["labels"], m)
+    train_rate = label_rates(cfg, train_labels)
     results = compare_strategies(oof_true, oof_scores, oof["fold"].to_numpy(), train_rate, cfg.predict)
     thresholds = thresholds_for(chosen, ThresholdInputs(oof_true, oof_scores, test_scores, train_rate), cfg.predict)
     predicted = decide(test_scores, thresholds)
     submission = make_submission(test_table, predicted)
-    degenerate = degenerate_reasons(predicted, label_matrix(train_table["labels"], m))
+    degenerate = degenerate_reasons(predicted, train_labels)
 
     # All outputs as one set (staged, then renamed into place): the run-folder outputs first, the submission
     # last. A failure on the way leaves every previous output as it was.
