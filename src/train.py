@@ -358,7 +358,7 @@ class Trainer:
         self.saved_step: int | None = None  # optimizer step of the last checkpoint this run wrote or resumed
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def checkpoint(self) -> dict:
+    def checkpoint(self, rng_ranks: list[dict] | None = None) -> dict:
         p = self.parts
         return {
             "model": p.model.state_dict(),
@@ -370,7 +370,7 @@ class Trainer:
             "sampler_epoch_state": p.sampler.epoch_state,
             "rng": rng_states(),
             # Under DDP every rank's RNG (dropout masks), so a resume with the same world size is exact.
-            "rng_ranks": self.rank_rng_states() if self.dist.world_size > 1 else None,
+            "rng_ranks": rng_ranks,
             "world_size": self.dist.world_size,
             "config": self.cfg.model_dump(),
             "history": self.history,
@@ -389,9 +389,11 @@ class Trainer:
         bad = nonfinite_tensors(self.parts.model) + nonfinite_tensors(self.parts.ema.module if self.parts.ema else None)
         if bad:
             raise self.diverged(f"{len(bad)} weight tensor(s) hold NaN/inf (e.g. {bad[0]})")
-        path, state = self.folder.checkpoint(self.fold, "last"), self.checkpoint()
+        path = self.folder.checkpoint(self.fold, "last")
+        # The RNG gather is a collective (every rank joins); only rank 0 builds and writes the state.
+        rng_ranks = self.rank_rng_states() if self.dist.world_size > 1 else None
         if self.dist.main:
-            save_checkpoint(state, path)
+            save_checkpoint(self.checkpoint(rng_ranks), path)
         self.saved_step = self.state.step
         return path
 
