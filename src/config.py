@@ -37,13 +37,34 @@ class ExtraSource(Section):
 
 
 class DataConfig(Section):
+    # The dataset layout (src.data reads each):
+    # - hpa: Id,Target csv with class indices, per-channel images <Id>_<red|green|blue|yellow>.png;
+    # - openimages: image-level labels ImageID,Source,LabelName,Confidence (positives: Confidence 1), label ids
+    #   such as /m/0abc, images <ImageID>.jpg of any size, submission image_id,labels (Inclusive Images);
+    # - csv: an id column and a label column of space-separated label names, one image file per row (any
+    #   channel count: model.in_chans must match), submission in the sample submission's columns.
+    # For openimages and csv the label vocabulary is built from the training data (and data.trainable_labels),
+    # saved with the run and used unchanged by prediction; data.num_classes is then taken from it.
+    format: Literal["hpa", "openimages", "csv"] = "hpa"
     dir: str = "input/hpa"
     train_csv: str = "train.csv"
     sample_submission: str = "sample_submission.csv"
     train_images: str = "train"
     test_images: str = "test"
     extra: list[ExtraSource] = []
-    num_classes: int = Field(28, ge=1)
+    num_classes: int | None = Field(28, ge=1)
+    # csv format: the id and label columns of the train csv and sample submission (label names separated by
+    # data.label_separator), and an optional column with each image's file name under the image folder
+    # (default: <id><data.image_ext>).
+    id_column: str = "image"
+    label_column: str = "labels"
+    label_separator: str = " "
+    path_column: str | None = None
+    image_ext: str = ".jpg"
+    # openimages format: the label id -> display name csv, and the list of trainable label ids (optional:
+    # without it every positive label of the training data is trainable). Both relative to data.dir.
+    class_descriptions: str | None = None
+    trainable_labels: str | None = None
     image_size: int = Field(512, ge=8)
     # Stored image side length; None means "whatever most images of a source have".
     source_size: int | None = None
