@@ -1,15 +1,27 @@
-"""The data layer: the only module that knows file formats.
+"""The data layer: the only module that knows dataset formats (``data.format``).
 
-HPA layout under ``data.dir``::
+hpa (Human Protein Atlas 2018) under ``data.dir``::
 
     train.csv               Id,Target          (Target: space-separated class indices, may be empty)
     sample_submission.csv   Id,Predicted
-    train/<Id>_<red|green|blue|yellow>.png     8-bit grayscale, one file per channel
+    train/<Id>_<red|green|blue|yellow>.png     8-bit grayscale, one file per channel (RGBY order)
     test/<Id>_<channel>.png
 
-Images are stacked in RGBY order into H x W x 4 uint8 arrays. Samples are described by a table with one
-row per image (``Id``, ``labels`` as a tuple of ints, ``image_dir``, ``source``) so that extra sources,
-and later other formats, only add rows.
+openimages (Open Images image-level labels; Google Inclusive Images)::
+
+    train_human_labels.csv         ImageID,Source,LabelName,Confidence   (positives: Confidence 1)
+    class-descriptions.csv         label_code,description                (data.class_descriptions, optional)
+    classes-trainable.csv          label_code                            (data.trainable_labels, optional)
+    train/<ImageID>.jpg, test/<ImageID>.jpg                              RGB, any size
+    stage_1_sample_submission.csv  image_id,labels                       (labels: space-separated label ids)
+
+csv (the general case): ``<data.id_column>,<data.label_column>`` with space-separated label names (and
+optionally ``data.path_column``, a file name under the image folder; default ``<id><data.image_ext>``); one
+image file per sample with any channel count; the sample submission has the same two columns.
+
+Every format becomes one table with a row per image: ``Id``, ``labels`` (a tuple of class indices: sparse
+by construction), ``files`` (the image files of the sample), ``source``. Label codes become class indices
+through a :class:`Vocabulary` built from the training data (hpa: the numbered classes).
 """
 
 from __future__ import annotations
@@ -17,8 +29,11 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import chain
 from pathlib import Path
 
@@ -32,7 +47,7 @@ import torch
 from scipy import sparse
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from src.config import AugmentConfig, DataConfig, PipelineError
+from src.config import AugmentConfig, Config, DataConfig, PipelineError, override
 
 CHANNELS = ("red", "green", "blue", "yellow")
 _ID_RE = re.compile(r"^[A-Za-z0-9_\-.]+$")
@@ -55,12 +70,56 @@ class Problem:
         return f"{self.where}: {self.what}"
 
 
+@dataclass(frozen=True)
+class Vocabulary:
+    """The labels of a dataset in class-index order: each label's code as the data writes it (hpa: "0".."27";
+    openimages: an id such as "/m/0abc"; csv: the label name) and its display name. Built from the training
+    data, saved with a run (``src.run_folder``) and used unchanged by prediction."""
+
+    codes: tuple[str, ...]
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {code: i for i, code in enumerate(self.codes)}
+
+    @classmethod
+    def numbered(cls, num_classes: int) -> Vocabulary:
+        """The HPA vocabulary: classes are their own indices."""
+        codes = tuple(str(i) for i in range(num_classes))
+        return cls(codes, codes)
+
+    def encode(self, rows: Iterable[tuple[str, ...]]) -> tuple[list[tuple[int, ...]], Counter]:
+        """Sorted class indices per row, and how often each code outside the vocabulary was left out."""
+        index, unknown, encoded = self.index, Counter(), []
+        for codes in rows:
+            known = []
+            for code in codes:
+                i = index.get(code)
+                if i is None:
+                    unknown[code] += 1
+                else:
+                    known.append(i)
+            encoded.append(tuple(sorted(set(known))))
+        return encoded, unknown
+
+    def decode(self, row: Iterable[int]) -> str:
+        """Class indices -> the submission's label string (codes, space-separated)."""
+        return " ".join(self.codes[i] for i in row)
+
+
 @dataclass
 class LabelTable:
-    """A parsed label csv: the good rows and every problem met on the way."""
+    """A parsed label csv: the good rows, every problem met on the way, notes on labels left out on purpose
+    (not trainable, or not in a run's vocabulary), and the vocabulary the labels are indices into."""
 
     frame: pd.DataFrame
     problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    vocabulary: Vocabulary | None = None
 
 
 def channel_paths(image_dir: str | Path, sample_id: str, ext: str = "png") -> list[Path]:
@@ -94,59 +153,10 @@ def parse_target(raw: object, num_classes: int) -> tuple[tuple[int, ...], str | 
     return tuple(sorted(set(labels))), None
 
 
-def read_label_table(
-    csv_path: str | Path, num_classes: int, label_column: str = "Target", image_dir: str | Path = "",
-    ext: str = "png",
-) -> LabelTable:
-    """Read an ``Id,<label_column>`` csv; rows with problems are reported and left out."""
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        return LabelTable(_empty_frame(), [Problem(str(csv_path), "file not found")])
-    try:
-        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        why = "empty file (0 bytes)" if isinstance(exc, pd.errors.EmptyDataError) else f"not a readable csv ({exc})"
-        return LabelTable(_empty_frame(), [Problem(str(csv_path), why)])
-    missing = [col for col in ("Id", label_column) if col not in raw.columns]
-    if missing:
-        return LabelTable(
-            _empty_frame(), [Problem(str(csv_path), f"missing column(s) {missing}; has {list(raw.columns)}")]
-        )
-    if raw.empty:
-        return LabelTable(_empty_frame(), [Problem(str(csv_path), "no rows: the file holds only a header")])
-    problems: list[Problem] = []
-    rows = []
-    seen: dict[str, int] = {}
-    for row_number, (sample_id, target) in enumerate(zip(raw["Id"], raw[label_column]), start=2):
-        where = f"{csv_path} row {row_number}"
-        sample_id = sample_id.strip()
-        why = id_problem(sample_id)
-        if why:
-            problems.append(Problem(where, why))
-            continue
-        if sample_id in seen:
-            problems.append(Problem(where, f"duplicate Id {sample_id!r} (first on row {seen[sample_id]})"))
-            continue
-        seen[sample_id] = row_number
-        labels, why = parse_target(target, num_classes) if label_column == "Target" else ((), None)
-        if why:
-            problems.append(Problem(where, why))
-            continue
-        rows.append((sample_id, labels, str(image_dir)))
-    frame = pd.DataFrame(rows, columns=["Id", "labels", "image_dir"])
-    frame["source"] = str(csv_path)
-    frame["ext"] = ext
-    return LabelTable(frame, problems)
-
-
-def _empty_frame() -> pd.DataFrame:
-    return pd.DataFrame(columns=["Id", "labels", "image_dir", "source", "ext"])
-
-
 @dataclass(frozen=True)
 class Source:
-    """One labelled image source: its csv, image folder and per-channel file extension, and its name in
-    the packed cache (``train``, ``extra<i>``, ``test``)."""
+    """One labelled image source: its csv, image folder and (HPA layout) per-channel file extension, and its
+    name in the packed cache (``train``, ``extra<i>``, ``test``)."""
 
     name: str
     csv: Path
@@ -155,7 +165,7 @@ class Source:
 
 
 def train_sources(cfg: DataConfig) -> list[Source]:
-    """The main training set and each extra source."""
+    """The main training set and each extra source (in the same format)."""
     root = Path(cfg.dir)
     sources = [Source("train", root / cfg.train_csv, root / cfg.train_images)]
     sources += [Source(f"extra{i}", Path(extra.csv), Path(extra.images), extra.ext)
@@ -168,22 +178,210 @@ def test_source(cfg: DataConfig) -> Source:
     return Source("test", root / cfg.sample_submission, root / cfg.test_images)
 
 
-def read_train_labels(cfg: DataConfig) -> LabelTable:
-    """All training sources in one table; an Id present in two sources is a problem."""
-    tables = [read_label_table(src.csv, cfg.num_classes, "Target", src.images, src.ext)
-              for src in train_sources(cfg)]
+def submission_columns(cfg: DataConfig) -> tuple[str, str]:
+    """The (id, labels) columns of the sample submission and of the submission written by predict."""
+    return {"hpa": ("Id", "Predicted"), "openimages": ("image_id", "labels")}.get(
+        cfg.format, (cfg.id_column, cfg.label_column))
+
+
+def _frame(rows: list[tuple], csv_path: Path, ext: str = "png") -> pd.DataFrame:
+    """The sample table: Id, raw label codes, image files (one per channel or one per sample), source."""
+    frame = pd.DataFrame(rows, columns=["Id", "codes", "files", "image_dir"])
+    frame["source"] = str(csv_path)
+    frame["ext"] = ext
+    return frame
+
+
+def _read_csv(csv_path: Path, columns: tuple[str, ...]) -> tuple[pd.DataFrame | None, list[Problem]]:
+    """A csv as strings, or the one problem that makes it unusable (missing, empty, unreadable, columns)."""
+    if not csv_path.is_file():
+        return None, [Problem(str(csv_path), "file not found")]
+    try:
+        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        why = "empty file (0 bytes)" if isinstance(exc, pd.errors.EmptyDataError) else f"not a readable csv ({exc})"
+        return None, [Problem(str(csv_path), why)]
+    missing = [col for col in columns if col not in raw.columns]
+    if missing:
+        return None, [Problem(str(csv_path), f"missing column(s) {missing}; has {list(raw.columns)}")]
+    if raw.empty:
+        return None, [Problem(str(csv_path), "no rows: the file holds only a header")]
+    return raw, []
+
+
+def _file_problem(name: str) -> str | None:
+    """Why an image path from a csv cell is unsafe (absolute, or leaving the image folder), or None."""
+    if not name:
+        return "empty image path"
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        return f"image path {name!r} is absolute or contains '..'"
+    return None
+
+
+def _wide_rows(raw: pd.DataFrame, csv_path: Path, id_column: str, label_column: str | None,
+               parse: Callable[[str], tuple[tuple[str, ...], str | None]],
+               files_of: Callable[[str, int], tuple[str, ...]], path_column: str | None = None,
+               ) -> tuple[list[tuple], list[Problem]]:
+    """Rows of a one-row-per-image csv (hpa, csv): Ids checked, duplicates refused, labels parsed."""
+    problems: list[Problem] = []
+    rows = []
+    seen: dict[str, int] = {}
+    labels = raw[label_column] if label_column else [""] * len(raw)
+    paths = raw[path_column] if path_column else [None] * len(raw)
+    for row_number, (sample_id, cell, name) in enumerate(zip(raw[id_column], labels, paths), start=2):
+        where = f"{csv_path} row {row_number}"
+        sample_id = sample_id.strip()
+        why = id_problem(sample_id) or (_file_problem(name.strip()) if name is not None else None)
+        if why:
+            problems.append(Problem(where, why))
+            continue
+        if sample_id in seen:
+            problems.append(Problem(where, f"duplicate Id {sample_id!r} (first on row {seen[sample_id]})"))
+            continue
+        seen[sample_id] = row_number
+        codes, why = parse(cell)
+        if why:
+            problems.append(Problem(where, why))
+            continue
+        rows.append((sample_id, codes, files_of(sample_id, name), ""))
+    return rows, problems
+
+
+def _openimages_rows(raw: pd.DataFrame, csv_path: Path, image_dir: Path) -> tuple[pd.DataFrame, list[Problem]]:
+    """Images of an Open Images image-level label csv (one row per image and label; Confidence 1 marks a
+    positive, 0 a verified negative), in order of first appearance. Vectorised: millions of rows take seconds."""
+    ids, codes = raw["ImageID"].str.strip(), raw["LabelName"].str.strip()
+    confidence = pd.to_numeric(raw["Confidence"], errors="coerce")
+    bad_id = ~ids.str.fullmatch(_ID_RE.pattern)
+    bad_label = codes.eq("") | codes.str.contains(r"\s", regex=True)
+    bad_confidence = ~confidence.isin([0, 1])
+    problems = []
+    for row in np.flatnonzero((bad_id | bad_label | bad_confidence).to_numpy()):
+        why = (id_problem(ids.iat[row]) if bad_id.iat[row] else
+               f"label {codes.iat[row]!r} is empty or holds spaces" if bad_label.iat[row] else
+               f"Confidence {raw['Confidence'].iat[row]!r} is not 0 or 1")
+        problems.append(Problem(f"{csv_path} row {row + 2}", why))
+    good = ~(bad_id | bad_label | bad_confidence)
+    images = pd.unique(ids[good])
+    positive = pd.DataFrame({"Id": ids[good & confidence.eq(1)], "code": codes[good & confidence.eq(1)]})
+    grouped = positive.drop_duplicates().groupby("Id", sort=False)["code"].agg(tuple)
+    labels = grouped.reindex(images)
+    frame = pd.DataFrame({"Id": images, "codes": [c if isinstance(c, tuple) else () for c in labels],
+                          "files": [(str(image_dir / f"{i}.jpg"),) for i in images], "image_dir": ""})
+    frame["source"], frame["ext"] = str(csv_path), "jpg"
+    return frame, problems
+
+
+def read_source(cfg: DataConfig, source: Source, split: str) -> LabelTable:
+    """The samples of one source (``split``: train or test) with their raw label codes (column ``codes``);
+    rows with problems are reported and left out."""
+    test = split == "test"
+    if cfg.format == "openimages" and not test:
+        raw, problems = _read_csv(source.csv, ("ImageID", "LabelName", "Confidence"))
+        if raw is None:
+            return LabelTable(_frame([], source.csv), problems)
+        frame, problems = _openimages_rows(raw, source.csv, source.images)
+        return LabelTable(frame, problems)
+    id_column, label_column = submission_columns(cfg) if test else (
+        ("Id", "Target") if cfg.format == "hpa" else (cfg.id_column, cfg.label_column))
+    path_column = cfg.path_column if cfg.format == "csv" else None
+    raw, problems = _read_csv(source.csv, (id_column, label_column) + ((path_column,) if path_column else ()))
+    if raw is None:
+        return LabelTable(_frame([], source.csv), problems)
+    if cfg.format == "hpa":
+        def parse(cell: str) -> tuple[tuple[str, ...], str | None]:
+            labels, why = parse_target(cell, cfg.num_classes)
+            return tuple(map(str, labels)), why
+
+        def files_of(sample_id: str, _: str | None) -> tuple[str, ...]:
+            return tuple(map(str, channel_paths(source.images, sample_id, source.ext)))
+    else:
+        def parse(cell: str) -> tuple[tuple[str, ...], str | None]:
+            return tuple(dict.fromkeys(t.strip() for t in cell.split(cfg.label_separator) if t.strip())), None
+
+        def files_of(sample_id: str, name: str | None) -> tuple[str, ...]:
+            if name is not None:
+                return (str(source.images / name.strip()),)
+            return (str(source.images / f"{sample_id}{cfg.image_ext}"),)
+    rows, problems = _wide_rows(raw, source.csv, id_column, None if test else label_column,
+                                (lambda _: ((), None)) if test else parse, files_of, path_column)
+    frame = _frame(rows, source.csv, source.ext)
+    if cfg.format == "hpa":
+        frame["image_dir"] = str(source.images)
+    return LabelTable(frame, problems)
+
+
+def _first_column(path: Path, headers: set[str]) -> list[str]:
+    """The first column of a small csv whose header row is optional (Open Images ships both kinds)."""
+    values = pd.read_csv(path, header=None, dtype=str, keep_default_na=False).iloc[:, :2]
+    if len(values) and values.iat[0, 0].strip() in headers:
+        values = values.iloc[1:]
+    return values
+
+
+def build_vocabulary(cfg: DataConfig, rows: Iterable[tuple[str, ...]]) -> tuple[Vocabulary, list[Problem]]:
+    """The vocabulary of a training table's raw label codes: hpa, ``data.num_classes`` numbered classes;
+    otherwise the trainable labels (``data.trainable_labels``, or every positive label) from most to least
+    frequent, named by ``data.class_descriptions`` when given."""
+    if cfg.format == "hpa":
+        return Vocabulary.numbered(cfg.num_classes), []
+    counts = Counter(chain.from_iterable(rows))
+    problems = []
+    codes = sorted(counts, key=lambda code: (-counts[code], code))
+    if cfg.trainable_labels:
+        path = Path(cfg.dir) / cfg.trainable_labels
+        if not path.is_file():
+            return Vocabulary((), ()), [Problem(str(path), "file not found (data.trainable_labels)")]
+        trainable = list(dict.fromkeys(v.strip() for v in _first_column(path, LABEL_HEADERS).iloc[:, 0]))
+        codes = sorted(trainable, key=lambda code: (-counts.get(code, 0), code))
+    names = dict(zip(codes, codes))
+    if cfg.class_descriptions:
+        path = Path(cfg.dir) / cfg.class_descriptions
+        if not path.is_file():
+            problems.append(Problem(str(path), "file not found (data.class_descriptions)"))
+        else:
+            table = _first_column(path, LABEL_HEADERS)
+            described = dict(zip(table.iloc[:, 0].str.strip(), table.iloc[:, -1].str.strip()))
+            names.update({code: described[code] for code in codes if described.get(code)})
+    if not codes:
+        problems.append(Problem(f"{cfg.dir}/{cfg.train_csv}", "no labels: not one positive label in the training data"))
+    return Vocabulary(tuple(codes), tuple(names[c] for c in codes)), problems
+
+
+LABEL_HEADERS = {"label_code", "LabelName", "label", "labels", "code", "label_id"}
+
+
+def read_train_labels(cfg: DataConfig, vocabulary: Vocabulary | None = None) -> LabelTable:
+    """All training sources in one table, labels as class indices into ``vocabulary`` (built from the data
+    when None); an Id present in two sources is a problem, a label outside the vocabulary a note."""
+    tables = [read_source(cfg, src, "train") for src in train_sources(cfg)]
     frame = pd.concat([t.frame for t in tables], ignore_index=True)
     problems = [p for t in tables for p in t.problems]
     dup = frame["Id"].duplicated(keep="first")
     for sample_id, source in zip(frame.loc[dup, "Id"], frame.loc[dup, "source"]):
         problems.append(Problem(source, f"duplicate Id {sample_id!r} (also in an earlier training source)"))
-    return LabelTable(frame[~dup].reset_index(drop=True), problems)
+    frame = frame[~dup].reset_index(drop=True)
+    notes = []
+    if vocabulary is None:
+        vocabulary, more = build_vocabulary(cfg, frame["codes"])
+        problems += more
+        why = "not in data.trainable_labels"
+    else:
+        why = "not in the run's label vocabulary"
+    frame["labels"], unknown = vocabulary.encode(frame["codes"])
+    if unknown:
+        shown = ", ".join(f"{code} ({n})" for code, n in unknown.most_common(5))
+        notes.append(f"{sum(unknown.values())} positive label(s) of {len(unknown)} label id(s) are {why} and were "
+                     f"left out: {shown}{' ...' if len(unknown) > 5 else ''}")
+    frame = frame.drop(columns="codes")[["Id", "labels", "files", "image_dir", "source", "ext"]]
+    return LabelTable(frame, problems, notes, vocabulary)
 
 
 def read_test_ids(cfg: DataConfig) -> LabelTable:
     """The test Ids in sample_submission order."""
-    src = test_source(cfg)
-    return read_label_table(src.csv, cfg.num_classes, "Predicted", src.images)
+    table = read_source(cfg, test_source(cfg), "test")
+    table.frame = table.frame.drop(columns="codes").assign(labels=[()] * len(table.frame))
+    return table
 
 
 def _raise_on(table: LabelTable, what: str) -> pd.DataFrame:
@@ -192,12 +390,29 @@ def _raise_on(table: LabelTable, what: str) -> pd.DataFrame:
         more = f"\n  ... and {len(table.problems) - 20} more" if len(table.problems) > 20 else ""
         raise DataError(f"{what} has {len(table.problems)} problem(s):\n  {shown}{more}\n"
                         "Run `python -m src.validate` for a full report.")
+    for note in table.notes:
+        print(f"note: {note}", file=sys.stderr)
     return table.frame
 
 
-def load_train_table(cfg: DataConfig) -> pd.DataFrame:
+def with_vocabulary(cfg: Config, vocabulary: Vocabulary) -> Config:
+    """``cfg`` with ``data.num_classes`` set to the vocabulary's size (openimages and csv take it from the data)."""
+    if cfg.data.num_classes == len(vocabulary):
+        return cfg
+    return override(cfg, **{"data.num_classes": len(vocabulary)})
+
+
+def load_training_data(cfg: Config, vocabulary: Vocabulary | None = None) -> tuple[Config, pd.DataFrame, Vocabulary]:
+    """The training table (raises DataError naming each bad row), its label vocabulary (``vocabulary``, or
+    built from the data), and ``cfg`` with ``data.num_classes`` set to the vocabulary's size."""
+    table = read_train_labels(cfg.data, vocabulary)
+    frame = _raise_on(table, "training data")
+    return with_vocabulary(cfg, table.vocabulary), frame, table.vocabulary
+
+
+def load_train_table(cfg: DataConfig, vocabulary: Vocabulary | None = None) -> pd.DataFrame:
     """Training samples of all sources; raises DataError naming each bad row."""
-    return _raise_on(read_train_labels(cfg), "training data")
+    return _raise_on(read_train_labels(cfg, vocabulary), "training data")
 
 
 def load_test_table(cfg: DataConfig) -> pd.DataFrame:
@@ -250,10 +465,49 @@ def decode_plane(path: Path, encoded: np.ndarray | None = None) -> np.ndarray:
 def stack_planes(planes: list[np.ndarray], size: int | None) -> np.ndarray:
     """Four planes as H x W x 4 uint8, resized to ``size`` when given (the same resize everywhere, so the
     packed cache and the image files give identical arrays)."""
-    image = np.stack(planes, axis=-1)
-    if size is not None and image.shape[:2] != (size, size):
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-    return image
+    return fit_size(np.stack(planes, axis=-1), size)
+
+
+def decode_file(path: Path, channels: int | None = None, encoded: np.ndarray | None = None) -> np.ndarray:
+    """A one-file image (openimages, csv) as H x W x C uint8 in RGB(A) order, from the file or its bytes.
+    ``channels`` converts where it is lossless or conventional: grey -> 3 copies, RGBA -> RGB (alpha dropped)."""
+    image = (cv2.imread(str(path), cv2.IMREAD_UNCHANGED) if encoded is None
+             else cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED))
+    if image is None:
+        raise DataError(f"{path}: missing or unreadable image")
+    if image.dtype != np.uint8:
+        raise DataError(f"{path}: {image.dtype} pixels; the pipeline reads 8-bit images")
+    if image.ndim == 2:
+        image = image[..., None]
+    elif image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    elif image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+    have = image.shape[2]
+    if channels is None or have == channels:
+        return image
+    if have == 1 and channels == 3:
+        return np.repeat(image, 3, axis=2)
+    if have == 4 and channels == 3:
+        return np.ascontiguousarray(image[..., :3])
+    raise DataError(f"{path}: {have} channel(s), the model takes model.in_chans={channels}")
+
+
+def fit_size(image: np.ndarray, size: int | None) -> np.ndarray:
+    """``image`` resized to size x size (INTER_AREA: the same resize everywhere, so the packed cache and the
+    image files give identical arrays), channel axis kept."""
+    if size is None or image.shape[:2] == (size, size):
+        return image
+    resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    return resized[..., None] if resized.ndim == 2 else resized
+
+
+def read_image(files: Sequence[str | Path], size: int | None = None, channels: int | None = None) -> np.ndarray:
+    """One sample as H x W x C uint8: per-channel files (HPA: four grey planes in RGBY order) stacked, or one
+    image file with its own channels; resized to ``size`` when given."""
+    if len(files) > 1:
+        return stack_planes([decode_plane(Path(f)) for f in files], size)
+    return fit_size(decode_file(Path(files[0]), channels), size)
 
 
 def read_rgby(image_dir: str | Path, sample_id: str, size: int | None = None, ext: str = "png") -> np.ndarray:
@@ -322,10 +576,11 @@ class RGBYDataset(Dataset):
     """
 
     def __init__(self, table: pd.DataFrame, num_classes: int, image_size: int,
-                 augment: A.Compose | None = None, packed: PackedImages | None = None):
+                 augment: A.Compose | None = None, packed: PackedImages | None = None, channels: int | None = None):
         self.ids = table["Id"].tolist()
-        self.image_dirs = table["image_dir"].tolist()
-        self.exts = table["ext"].tolist() if "ext" in table else ["png"] * len(table)
+        self.files = table["files"].tolist() if "files" in table else [
+            channel_paths(d, i, e) for d, i, e in zip(table["image_dir"], self.ids, table.get("ext", ["png"] * len(table)))]
+        self.channels = channels  # one-file images are converted to this many channels (model.in_chans)
         self.packed = packed  # the packed cache's rows of this table, when there is a fresh cache
         self.labels = table["labels"].tolist() if "labels" in table else [()] * len(table)
         self.num_classes = num_classes
@@ -340,7 +595,7 @@ class RGBYDataset(Dataset):
         if self.packed is not None:
             image = self.packed[index]
         else:
-            image = read_rgby(self.image_dirs[index], self.ids[index], self.image_size, self.exts[index])
+            image = read_image(self.files[index], self.image_size, self.channels)
         if self.augment is not None:
             if seed is not None:
                 self.augment.set_random_seed(seed)

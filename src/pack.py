@@ -33,9 +33,10 @@ from src.config import Config, DataConfig, PipelineError, cli_parser, config_fro
 from src.data import (
     PackedImages,
     Source,
-    channel_paths,
+    decode_file,
     decode_plane,
-    read_label_table,
+    fit_size,
+    read_source,
     stack_planes,
     test_source,
     train_sources,
@@ -60,32 +61,35 @@ def file_stats(paths: list[Path]) -> list[list[int]]:
     return [[st.st_size, st.st_mtime_ns] for st in stats]
 
 
-def _pack_rows(task: tuple[str, tuple[int, ...], list[tuple[int, str, str, str]], int]) -> list[tuple]:
+def _pack_rows(task: tuple[str, tuple[int, ...], list[tuple[int, list[str]]], int]) -> list[tuple]:
     """Decode, resize and write some rows of one array (runs in a worker process)."""
     out_path, shape, rows, size = task
     array = np.memmap(out_path, dtype=np.uint8, mode="r+", shape=shape)
     done = []
-    for row, image_dir, sample_id, ext in rows:
-        paths = channel_paths(image_dir, sample_id, ext)
+    for row, files in rows:
+        paths = [Path(f) for f in files]
         digest = hashlib.blake2b(digest_size=16)
-        planes = []
-        for path in paths:
-            encoded = np.fromfile(path, dtype=np.uint8)
-            digest.update(encoded.tobytes())
-            planes.append(decode_plane(path, encoded))
-        array[row] = stack_planes(planes, size)
+        encoded = [np.fromfile(path, dtype=np.uint8) for path in paths]
+        for data in encoded:
+            digest.update(data.tobytes())
+        if len(paths) == 1:  # one file with its own channels (openimages, csv)
+            array[row] = fit_size(decode_file(paths[0], shape[-1], encoded[0]), size)
+        else:  # one file per channel (hpa)
+            array[row] = stack_planes([decode_plane(p, e) for p, e in zip(paths, encoded)], size)
         done.append((row, file_stats(paths), digest.hexdigest()))
     array.flush()
     return done
 
 
-def pack_source(cfg: DataConfig, source: Source, table: pd.DataFrame, workers: int, progress: bool) -> Path:
-    """Pack one source (resuming a partial run of the same plan); returns the array's path."""
+def pack_source(cfg: DataConfig, source: Source, table: pd.DataFrame, workers: int, progress: bool,
+                channels: int = 4) -> Path:
+    """Pack one source (resuming a partial run of the same plan); returns the array's path. ``channels``:
+    of each sample (hpa: its four planes; one-file formats: model.in_chans)."""
     final, manifest = array_path(cfg, source.name), manifest_path(cfg, source.name)
     partial = final.with_name(final.name + ".partial")
     progress_file = final.with_name(final.name + ".progress.json")
     size, ids = cfg.image_size, table["Id"].tolist()
-    shape = (len(ids), size, size, 4)
+    shape = (len(ids), size, size, channels)
     plan = {"ids": ids, "size": size, "csv": str(source.csv), "images": str(source.images), "ext": source.ext}
     done: dict[int, tuple] = {}
     if partial.is_file() and progress_file.is_file():
@@ -101,8 +105,7 @@ def pack_source(cfg: DataConfig, source: Source, table: pd.DataFrame, workers: i
         rows = [[row, stats, digest] for row, (stats, digest) in sorted(done.items())]
         write_atomic(progress_file, lambda tmp: tmp.write_text(json.dumps({"plan": plan, "done": rows})))
 
-    todo = [(row, str(d), i, e) for row, (d, i, e) in enumerate(zip(table["image_dir"], table["Id"], table["ext"]))
-            if row not in done]
+    todo = [(row, list(files)) for row, files in enumerate(table["files"]) if row not in done]
     tasks = [(str(partial), shape, todo[start : start + CHUNK], size) for start in range(0, len(todo), CHUNK)]
     bar = tqdm(total=len(ids), initial=len(done), desc=f"packing {source.name} ({size} px)", disable=not progress,
                unit="img", mininterval=1.0)
@@ -129,10 +132,10 @@ def pack(cfg: Config, workers: int | None = None, progress: bool = True) -> list
     require_valid(cfg, progress=progress)
     workers = workers or os.cpu_count() or 1
     written = []
-    for source, label_column in [(s, "Target") for s in train_sources(cfg.data)] + [(test_source(cfg.data),
-                                                                                     "Predicted")]:
-        table = read_label_table(source.csv, cfg.data.num_classes, label_column, source.images, source.ext).frame
-        path = pack_source(cfg.data, source, table, workers, progress)
+    channels = 4 if cfg.data.format == "hpa" else cfg.model.in_chans
+    for source, split in [(s, "train") for s in train_sources(cfg.data)] + [(test_source(cfg.data), "test")]:
+        table = read_source(cfg.data, source, split).frame
+        path = pack_source(cfg.data, source, table, workers, progress, channels)
         written.append(path)
         if progress:
             print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) and {manifest_path(cfg.data, source.name)}")
@@ -159,10 +162,10 @@ def open_packed(cfg: DataConfig, table: pd.DataFrame) -> PackedImages | None:
         arrays[name] = (str(array_path(cfg, name)), tuple(manifest["shape"]))
         position[name] = {sample["id"]: (row, sample["files"]) for row, sample in enumerate(manifest["samples"])}
     rows = []
-    for sample_id, csv, image_dir, ext in zip(table["Id"], table["source"], table["image_dir"], table["ext"]):
+    for sample_id, csv, files in zip(table["Id"], table["source"], table["files"]):
         name = sources[csv].name
         found = position[name].get(sample_id)
-        paths = channel_paths(image_dir, sample_id, ext)
+        paths = [Path(f) for f in files]
         if found is None or found[1] != file_stats(paths):
             why = "is not in it" if found is None else f"changed since packing ({paths[0].parent})"
             raise PipelineError(f"the packed cache {array_path(cfg, name)} is stale: sample {sample_id!r} {why}. "
