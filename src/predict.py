@@ -32,7 +32,16 @@ from src.config import (
     override,
     run_cli,
 )
-from src.data import RGBYDataset, label_matrix, load_test_table, load_train_table, make_loader
+from src.data import (
+    RGBYDataset,
+    Vocabulary,
+    label_matrix,
+    load_test_table,
+    load_training_data,
+    make_loader,
+    submission_columns,
+    with_vocabulary,
+)
 from src.metrics import decide
 from src.model import build_model, check_views, infer, resolve_device
 from src.pack import open_packed
@@ -98,7 +107,8 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table:
     data_cfg = cfg.data.model_copy(update={"image_size": run_cfg.data.image_size})
 
     def dataset_of(table: pd.DataFrame) -> RGBYDataset:
-        return RGBYDataset(table, cfg.data.num_classes, run_cfg.data.image_size, packed=open_packed(data_cfg, table))
+        return RGBYDataset(table, cfg.data.num_classes, run_cfg.data.image_size, packed=open_packed(data_cfg, table),
+                           channels=run_cfg.model.in_chans)
 
     def scores_of(model: torch.nn.Module, dataset: RGBYDataset, to_scores, desc: str) -> np.ndarray:
         loader = make_loader(dataset, cfg.predict.batch_size, cfg.train.num_workers, cfg.train.seed, device)
@@ -167,26 +177,46 @@ def label_rates(cfg: Config, train_labels: np.ndarray) -> np.ndarray:
     return rates
 
 
-def format_labels(predicted: np.ndarray) -> list[str]:
-    return [" ".join(map(str, np.flatnonzero(row))) for row in predicted]
+def run_vocabulary(cfg: Config) -> Vocabulary:
+    """The label vocabulary of the ensemble's runs (all must share it: scores are combined column by column);
+    a run folder from before runs kept one has HPA's numbered classes."""
+    refs = cfg.predict.runs or [RunRef(dir=cfg.run.dir)]
+    found = {}
+    for ref in refs:
+        folder = RunFolder(ref.dir)
+        found[ref.dir] = folder.load_vocabulary() or Vocabulary.numbered(folder.load_config().data.num_classes)
+    first, vocabulary = next(iter(found.items()))
+    for run_dir, other in found.items():
+        if other.codes != vocabulary.codes:
+            raise PipelineError(f"experiments {first} and {run_dir} were trained on different label vocabularies "
+                                f"({len(vocabulary)} and {len(other)} labels): they cannot be ensembled")
+    return vocabulary
 
 
-def validate_submission(frame: pd.DataFrame, expected_ids: list[str], num_classes: int) -> None:
-    """Every expected Id exactly once, in order; labels integers in range; nothing empty or NaN."""
-    if list(frame.columns) != ["Id", "Predicted"]:
-        raise PipelineError(f"submission columns are {list(frame.columns)}, expected ['Id', 'Predicted']; "
+def format_labels(predicted: np.ndarray, vocabulary: Vocabulary) -> list[str]:
+    return [vocabulary.decode(np.flatnonzero(row)) for row in predicted]
+
+
+def validate_submission(frame: pd.DataFrame, expected_ids: list[str], vocabulary: Vocabulary,
+                        columns: tuple[str, str] = ("Id", "Predicted")) -> None:
+    """The sample submission's columns; every expected Id exactly once, in order; labels codes of the
+    vocabulary; nothing empty or NaN."""
+    if tuple(frame.columns) != columns:
+        raise PipelineError(f"submission columns are {list(frame.columns)}, expected {list(columns)}; "
                             "nothing written")
+    id_column, label_column = columns
     problems = []
     if frame.isna().any().any():
         problems.append(f"{int(frame.isna().any(axis=1).sum())} row(s) hold NaN")
-    if frame["Id"].tolist() != list(expected_ids):
-        dup = frame["Id"][frame["Id"].duplicated()].tolist()
-        missing = sorted(set(expected_ids) - set(frame["Id"]))
+    if frame[id_column].tolist() != list(expected_ids):
+        dup = frame[id_column][frame[id_column].duplicated()].tolist()
+        missing = sorted(set(expected_ids) - set(frame[id_column]))
         problems.append(f"Ids differ from sample_submission (duplicates {dup[:5]}, missing {missing[:5]})")
-    for row, value in enumerate(frame["Predicted"].fillna("").astype(str), start=2):
+    known = vocabulary.index
+    for row, value in enumerate(frame[label_column].fillna("").astype(str), start=2):
         tokens = value.split()
-        if not tokens or not all(t.isdigit() and int(t) < num_classes for t in tokens):
-            problems.append(f"row {row}: labels {value!r} are not class indices in [0, {num_classes})")
+        if not tokens or not all(t in known for t in tokens):
+            problems.append(f"row {row}: labels {value!r} are not labels of the vocabulary (e.g. {vocabulary.codes[0]!r})")
             break
     if problems:
         raise PipelineError("submission failed validation, nothing written:\n  " + "\n  ".join(problems))
@@ -210,10 +240,12 @@ def oof_truth(oof: pd.DataFrame, train_table: pd.DataFrame, num_classes: int) ->
     return oof_true, oof[class_columns(num_classes)].to_numpy()
 
 
-def make_submission(test_table: pd.DataFrame, predicted: np.ndarray) -> pd.DataFrame:
-    """The submission table (``Id,Predicted``), validated."""
-    submission = pd.DataFrame({"Id": test_table["Id"], "Predicted": format_labels(predicted)})
-    validate_submission(submission, test_table["Id"].tolist(), predicted.shape[1])
+def make_submission(test_table: pd.DataFrame, predicted: np.ndarray, vocabulary: Vocabulary,
+                    columns: tuple[str, str] = ("Id", "Predicted")) -> pd.DataFrame:
+    """The submission table in the sample submission's columns (hpa ``Id,Predicted`` with class indices;
+    openimages ``image_id,labels`` with label ids; csv the configured columns with label names), validated."""
+    submission = pd.DataFrame({columns[0]: test_table["Id"], columns[1]: format_labels(predicted, vocabulary)})
+    validate_submission(submission, test_table["Id"].tolist(), vocabulary, columns)
     return submission
 
 
@@ -244,7 +276,9 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     ensure_writable(cfg.run.dir, "prediction outputs")  # before any inference
     ensure_writable(Path(cfg.submission.path).parent, "the submission")
     device = resolve_device(cfg.train.device)
-    test_table, train_table = load_test_table(cfg.data), load_train_table(cfg.data)
+    vocabulary = run_vocabulary(cfg)  # the runs' labels, unchanged; training labels outside it are reported
+    cfg, train_table, _ = load_training_data(with_vocabulary(cfg, vocabulary), vocabulary)
+    test_table = load_test_table(cfg.data)
     m, chosen = cfg.data.num_classes, cfg.predict.threshold
 
     test_scores, oof, refs = score_experiments(cfg, test_table, train_table, device, progress)
@@ -254,7 +288,7 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     results = compare_strategies(oof_true, oof_scores, oof["fold"].to_numpy(), train_rate, cfg.predict)
     thresholds = thresholds_for(chosen, ThresholdInputs(oof_true, oof_scores, test_scores, train_rate), cfg.predict)
     predicted = decide(test_scores, thresholds)
-    submission = make_submission(test_table, predicted)
+    submission = make_submission(test_table, predicted, vocabulary, submission_columns(cfg.data))
     degenerate = degenerate_reasons(predicted, train_labels)
 
     # All outputs as one set (staged, then renamed into place): the run-folder outputs first, the submission

@@ -7,10 +7,12 @@
       fold<N>/
         last.pt, best.pt          full training state (best.pt: the epoch ``train.monitor`` liked best)
         oof.csv, oof_last.csv     validation scores of best.pt / last.pt: ``Id`` + one column per class
+                                  (above 1 000 classes the same table as oof.npz: Ids + float16 scores)
         history.csv               one row per epoch
         config.yaml               resolved config of this fold's run
         label_embedding.npz       loss.name=label_embedding only: the fold's label vectors
         .lock                     held (flock) by the process training this fold
+      labels.csv                  the label vocabulary (index, code, name) every fold was trained with
       test_probs.csv              the ensemble's test scores (same table format as oof.csv)
       report/                     the prediction report (written by src.report)
       lr_find/                    the learning-rate range test (src.lr_find): table and plot
@@ -35,10 +37,12 @@ import torch
 from scipy.special import expit
 
 from src.config import Config, PipelineError, load_config, override, save_config, write_atomic
+from src.data import Vocabulary
 from src.label_embedding import LabelEmbedding
 
 CHECKPOINTS = ("best", "last")
 CONFIG_FILE = "config.yaml"
+VOCABULARY_FILE = "labels.csv"
 HISTORY_FILE = "history.csv"
 EMBEDDING_FILE = "label_embedding.npz"
 TEST_SCORES_FILE = "test_probs.csv"
@@ -74,6 +78,10 @@ class RunFolder:
 
     def config(self, fold: int | None = None) -> Path:
         return (self.root if fold is None else self.fold(fold)) / CONFIG_FILE
+
+    @property
+    def vocabulary(self) -> Path:
+        return self.root / VOCABULARY_FILE
 
     @property
     def test_scores(self) -> Path:
@@ -136,10 +144,27 @@ class RunFolder:
         return [(f, found[f]) for f in wanted]
 
     # -- the saved config -----------------------------------------------------------------------------
-    def save_config(self, cfg: Config, fold: int) -> None:
-        """The resolved config, in the fold folder and at the run folder's top."""
+    def save_config(self, cfg: Config, fold: int, vocabulary: Vocabulary | None = None) -> None:
+        """The resolved config, in the fold folder and at the run folder's top, and the label vocabulary (which
+        every fold of a run must share: their scores are averaged column by column)."""
+        if vocabulary is not None:
+            saved = self.load_vocabulary()
+            if saved is not None and saved.codes != vocabulary.codes:
+                raise PipelineError(f"{self.vocabulary}: this run's folds were trained on another label vocabulary "
+                                    f"({len(saved)} labels; the data now gives {len(vocabulary)}); train into a new "
+                                    "run.dir, or restore the data")
+            frame = pd.DataFrame({"code": vocabulary.codes, "name": vocabulary.names})
+            write_atomic(self.vocabulary, lambda tmp: frame.to_csv(tmp, index_label="index"))
         save_config(cfg, self.config(fold))
         save_config(cfg, self.config())
+
+    def load_vocabulary(self) -> Vocabulary | None:
+        """The label vocabulary the run was trained with; None for a run folder written before runs kept one
+        (HPA: its classes are numbered)."""
+        if not self.vocabulary.is_file():
+            return None
+        frame = pd.read_csv(self.vocabulary, dtype={"code": str, "name": str}, keep_default_na=False)
+        return Vocabulary(tuple(frame["code"]), tuple(frame["name"]))
 
     def load_config(self) -> Config:
         """The config the run was trained with (never fetching pretrained weights: checkpoints hold them)."""
@@ -191,18 +216,50 @@ def class_columns(num_classes: int) -> list[str]:
     return [str(c) for c in range(num_classes)]
 
 
+# Above this many classes a score table is a float16 npz (Ids + n x m scores): a csv of 7 000 columns is slow
+# to write and read and 5x the size, and 3 significant digits are plenty to rank and threshold scores.
+CSV_MAX_CLASSES = 1000
+
+
 def write_scores(path: Path, ids: Sequence[str], scores: np.ndarray) -> Path:
-    """A score table: ``Id`` + one column per class, 6 decimals."""
+    """A score table: ``Id`` + one column per class, 6 decimals, at ``path`` (a .csv); with more than
+    ``CSV_MAX_CLASSES`` classes the same table as ``path`` with suffix .npz. Returns the file written."""
+    csv, npz = path.with_suffix(".csv"), path.with_suffix(".npz")
+    if scores.shape[1] > CSV_MAX_CLASSES:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:  # a handle: np.savez would append .npz to the temp name
+                np.savez(handle, ids=np.asarray(list(ids), dtype=str), scores=scores.astype(np.float16))
+        written = write_atomic(npz, write)
+        csv.unlink(missing_ok=True)  # never two tables of different runs side by side
+        return written
     frame = pd.DataFrame(scores, columns=class_columns(scores.shape[1]))
     frame.insert(0, "Id", list(ids))
-    return write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6f"))
+    written = write_atomic(csv, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6f"))
+    npz.unlink(missing_ok=True)
+    return written
+
+
+def copy_scores(source: Path, target: Path) -> Path:
+    """``target`` becomes the score table at ``source`` (whichever of .csv/.npz it is), linked, not rewritten."""
+    for suffix, other in ((".csv", ".npz"), (".npz", ".csv")):
+        if source.with_suffix(suffix).is_file():
+            copied = copy_checkpoint(source.with_suffix(suffix), target.with_suffix(suffix))
+            target.with_suffix(other).unlink(missing_ok=True)
+            return copied
+    raise PipelineError(f"{source} not found: no score table to copy")
 
 
 def read_scores(path: Path) -> pd.DataFrame:
-    """A score table written by :func:`write_scores` (Ids as strings)."""
-    if not path.is_file():
-        raise PipelineError(f"{path} not found: that fold has no validation scores")
-    return pd.read_csv(path, dtype={"Id": str})
+    """A score table written by :func:`write_scores` (Ids as strings), from the .csv or the .npz."""
+    csv, npz = path.with_suffix(".csv"), path.with_suffix(".npz")
+    if csv.is_file():
+        return pd.read_csv(csv, dtype={"Id": str})
+    if npz.is_file():
+        with np.load(npz) as stored:
+            frame = pd.DataFrame(stored["scores"].astype(np.float32), columns=class_columns(stored["scores"].shape[1]))
+            frame.insert(0, "Id", stored["ids"].astype(str))
+        return frame
+    raise PipelineError(f"{path} not found: that fold has no validation scores")
 
 
 def write_history(path: Path, rows: list[dict]) -> Path:

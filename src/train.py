@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from src.config import Config, PipelineError, cli_parser, config_from_args, ensure_writable, override, run_cli
-from src.data import EpochSampler, RGBYDataset, build_augment, label_matrix, load_train_table, make_loader
+from src.data import EpochSampler, RGBYDataset, Vocabulary, build_augment, label_matrix, load_training_data, make_loader
 from src.folds import load_folds
 from src.label_embedding import LabelEmbedding
 from src.losses import build_loss
@@ -48,6 +48,7 @@ from src.run_folder import (
     FOLD_FILES,
     RunFolder,
     copy_checkpoint,
+    copy_scores,
     load_checkpoint,
     output_scorer,
     save_checkpoint,
@@ -170,6 +171,7 @@ class FoldParts:
     cfg: Config
     fold: int
     device: torch.device
+    vocabulary: Vocabulary
     train_table: pd.DataFrame
     val_table: pd.DataFrame
     embedding: LabelEmbedding | None
@@ -213,7 +215,7 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
     seed_everything(tc.seed)  # before the model: initial weights follow the seed, the same on every rank
-    table = load_train_table(cfg.data)
+    cfg, table, vocabulary = load_training_data(cfg)  # openimages/csv: data.num_classes from the vocabulary
     folds = load_folds(cfg, table)
     if fold not in set(folds.tolist()):
         raise PipelineError(f"fold {fold} does not exist in {cfg.folds.path} (folds 0..{folds.max()})")
@@ -255,7 +257,8 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
                                                       else None)
         torch.manual_seed(tc.seed + dist.rank)  # dropout masks differ across ranks; the weights do not
     return FoldParts(
-        cfg=cfg, fold=fold, device=device, train_table=train_table, val_table=val_table, embedding=embedding,
+        cfg=cfg, fold=fold, device=device, vocabulary=vocabulary, train_table=train_table, val_table=val_table,
+        embedding=embedding,
         model=model, loss_fn=(embedding.loss() if embedding else build_loss(cfg.loss)).to(device),
         optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16"),
@@ -263,8 +266,9 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
         # constant reaches the horizon; from then on a fixed-horizon EMA. Both scale with the schedule.
         ema=ema,
         train_set=RGBYDataset(train_table, n_classes, size, build_augment(tc.augment, size),
-                              open_packed(cfg.data, train_table)),
-        val_set=RGBYDataset(val_table, n_classes, size, packed=open_packed(cfg.data, val_table)),
+                              open_packed(cfg.data, train_table), channels=cfg.model.in_chans),
+        val_set=RGBYDataset(val_table, n_classes, size, packed=open_packed(cfg.data, val_table),
+                            channels=cfg.model.in_chans),
         sampler=EpochSampler(len(train_table), tc.seed, dist.rank, dist.world_size),
         steps_per_epoch=steps_per_epoch, dist=dist, forward=forward,
     )
@@ -576,7 +580,7 @@ class Trainer:
         self.save()
         if self.dist.main:
             if improved:  # the same state: link the files instead of serialising it twice
-                copy_checkpoint(folder.oof(fold, "last"), folder.oof(fold, "best"))
+                copy_scores(folder.oof(fold, "last"), folder.oof(fold, "best"))
                 copy_checkpoint(folder.checkpoint(fold, "last"), folder.checkpoint(fold, "best"))
             write_history(folder.history(fold), self.history)
         tracker.log({f"val/{k}": row[k] for k in ("val_loss", "macro_f1", "macro_f1_tuned", "beats_prior")}
@@ -611,7 +615,7 @@ class Trainer:
             say(f"train.resume=true but {last} does not exist: starting fresh")
         run_name = folder.root.name
         if self.dist.main:
-            folder.save_config(self.cfg, self.fold)
+            folder.save_config(self.cfg, self.fold, p.vocabulary)
             if self.dist.world_size > 1:
                 say(f"distributed: {self.dist.world_size} processes x batch {tc.batch_size} x {tc.accum_steps} "
                     f"accumulation = {self.dist.world_size * tc.batch_size * tc.accum_steps} images per step")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from src.config import PipelineError, override
-from src.data import load_test_table, load_train_table
+from src.data import Vocabulary, load_test_table, load_train_table
 from src.folds import make_folds
 from src.model import d4_view
 from src.predict import degenerate_reasons, predict, predict_run, validate_submission
@@ -128,7 +128,7 @@ def test_d4_views_are_the_eight_symmetries():
 ])
 def test_validate_submission_failures(frame, message):
     with pytest.raises(PipelineError, match=message):
-        validate_submission(frame, ["a", "b"], num_classes=6)
+        validate_submission(frame, ["a", "b"], Vocabulary.numbered(6))
 
 
 @pytest.mark.slow
