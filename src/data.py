@@ -578,8 +578,9 @@ class RGBYDataset(Dataset):
     def __init__(self, table: pd.DataFrame, num_classes: int, image_size: int,
                  augment: A.Compose | None = None, packed: PackedImages | None = None, channels: int | None = None):
         self.ids = table["Id"].tolist()
+        exts = table["ext"] if "ext" in table else ["png"] * len(table)
         self.files = table["files"].tolist() if "files" in table else [
-            channel_paths(d, i, e) for d, i, e in zip(table["image_dir"], self.ids, table.get("ext", ["png"] * len(table)))]
+            channel_paths(d, i, e) for d, i, e in zip(table["image_dir"], self.ids, exts)]
         self.channels = channels  # one-file images are converted to this many channels (model.in_chans)
         self.packed = packed  # the packed cache's rows of this table, when there is a fresh cache
         self.labels = table["labels"].tolist() if "labels" in table else [()] * len(table)

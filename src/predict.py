@@ -216,7 +216,8 @@ def validate_submission(frame: pd.DataFrame, expected_ids: list[str], vocabulary
     for row, value in enumerate(frame[label_column].fillna("").astype(str), start=2):
         tokens = value.split()
         if not tokens or not all(t in known for t in tokens):
-            problems.append(f"row {row}: labels {value!r} are not labels of the vocabulary (e.g. {vocabulary.codes[0]!r})")
+            problems.append(f"row {row}: labels {value!r} are not labels of the run's vocabulary "
+                            f"(such as {vocabulary.codes[0]!r})")
             break
     if problems:
         raise PipelineError("submission failed validation, nothing written:\n  " + "\n  ".join(problems))
