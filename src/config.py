@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_CONFIG = "configs/hpa_nasnet512.yaml"
 
@@ -73,6 +73,13 @@ class DataConfig(Section):
     # One folder per dataset (outside data.dir, which may be read-only).
     cache_dir: str | None = None
 
+    @model_validator(mode="after")
+    def _classes_known(self) -> DataConfig:
+        if self.format == "hpa" and self.num_classes is None:
+            raise ValueError("data.num_classes is required for data.format=hpa (openimages and csv take it from "
+                             "the training labels)")
+        return self
+
 
 class FoldsConfig(Section):
     n_splits: int = Field(5, ge=2)
@@ -83,6 +90,11 @@ class FoldsConfig(Section):
     duplicate_distance: int = Field(4, ge=0)
     # What to do with a class that has fewer samples than folds: fail, or keep going and warn.
     rare_classes: Literal["error", "warn"] = "error"
+    # The stratifier: iterstrat (MultilabelStratifiedKFold on a dense matrix; minutes to hours past ~1e7
+    # samples x classes), fast (src.folds.stratify_sparse: the same iterative stratification on a sparse
+    # matrix, 1.7 M x 7 178 in about a minute), or auto: iterstrat up to src.folds.AUTO_ITERSTRAT_MAX_CELLS
+    # samples x classes (HPA), fast above.
+    method: Literal["auto", "iterstrat", "fast"] = "auto"
 
 
 class ModifierConfig(Section):
@@ -192,19 +204,50 @@ class PredictConfig(Section):
     # like the test scores (training's OOF is one view; matters most with tta_reduce=max). One more pass
     # over the training set.
     oof_tta: bool = False
-    threshold: Literal["fixed", "oof_f1", "rate", "global_oof"] = "oof_f1"
+    # The decision strategy applied to test (all are compared in the report, see src.thresholds).
+    threshold: Literal["fixed", "oof_f1", "rate", "global_oof", "top_k", "global_bounded"] = "oof_f1"
     fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     # oof_f1: final = shrink * tuned + (1 - shrink) * (the global_oof threshold); below 1 it guards against
     # overfitting the tuned thresholds to a small OOF set (2nd place HPA shrank with 0.7).
     shrink: float = Field(1.0, gt=0.0, le=1.0)
     # oof_f1: classes with fewer OOF positives than this take the global_oof threshold.
     min_positives: int = Field(5, ge=1)
+    # Labels per image after thresholding: rows with fewer get their highest-scoring labels added, rows with
+    # more keep their highest-scoring ones (every strategy but top_k). 1 is HPA's rule (no empty row);
+    # max_labels null: no cap. top_k tunes its k in 1..max_labels (or a cap from the OOF label counts).
+    min_labels: int = Field(1, ge=0)
+    max_labels: int | None = Field(None, ge=1)
     # rate: csv "class,rate" overriding the train label rates.
     rate_table: str | None = None
     batch_size: int = Field(16, ge=1)
     # Write a submission that looks degenerate (the same labels on nearly every row, or predicted label rates
     # far from the training rates on most classes) instead of stopping with exit 2. Also: predict --force.
     force: bool = False
+
+
+    @model_validator(mode="after")
+    def _label_bounds(self) -> PredictConfig:
+        if self.max_labels is not None and self.max_labels < self.min_labels:
+            raise ValueError(f"predict.max_labels ({self.max_labels}) is below predict.min_labels "
+                             f"({self.min_labels})")
+        return self
+
+
+class MetricConfig(Section):
+    """The competition metric: the threshold strategies are tuned and compared by it, the report shows it."""
+
+    # macro_f1: mean over classes of each class's F1 (HPA). fbeta_samples: mean over images of each image's
+    # F-beta (Inclusive Images and iMet: F2). micro_f1: F1 of all (image, label) pairs pooled.
+    # precision_at_k: mean over images of the share of its k highest-scoring labels that are true; it ranks
+    # scores and so does not depend on the decision strategy.
+    name: Literal["macro_f1", "fbeta_samples", "micro_f1", "precision_at_k"] = "macro_f1"
+    # fbeta_samples: beta > 1 weighs recall above precision (2: F2).
+    beta: float = Field(2.0, gt=0.0)
+    # precision_at_k: k labels per image.
+    k: int = Field(1, ge=1)
+    # The score of an image (fbeta_samples) or class (macro_f1), or of everything (micro_f1), with no true
+    # and no predicted label, as scikit-learn's zero_division.
+    zero_division: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class SubmissionConfig(Section):
@@ -225,6 +268,7 @@ class Config(Section):
     loss: LossConfig = LossConfig()
     run: RunConfig = RunConfig()
     predict: PredictConfig = PredictConfig()
+    metric: MetricConfig = MetricConfig()
     submission: SubmissionConfig = SubmissionConfig()
     wandb: WandbConfig = WandbConfig()
 
