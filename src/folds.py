@@ -2,9 +2,13 @@
 
     python -m src.folds [--config FILE] [key=value ...]
 
-Writes ``folds.path`` (``Id,fold``) with iterstrat's MultilabelStratifiedKFold, deterministic by
-``folds.seed``, and prints how many samples of each class every fold holds. Only ``folds.path`` is
-written, so ``data.dir`` may be read-only (as on Kaggle). With ``folds.group_duplicates`` near-duplicate
+Writes ``folds.path`` (``Id,fold``), deterministic by ``folds.seed``, and prints how many samples of each
+class every fold holds (a balance summary instead when there are many classes). Two stratifiers
+(``folds.method``): iterstrat's MultilabelStratifiedKFold on a dense label matrix, for small data such as
+HPA, and ``stratify_sparse``, the same iterative stratification (Sechidis et al. 2011) on a sparse matrix
+with one vectorised step per label, for Open Images sizes (1.7 M x 7 178 in about a minute; iterstrat
+would take hours and the dense matrix alone is 12 GB). Only ``folds.path`` is written, so ``data.dir``
+may be read-only (as on Kaggle). With ``folds.group_duplicates`` near-duplicate
 images (perceptual hash of the green channel within ``folds.duplicate_distance`` bits) share a fold, so
 duplicates do not leak between training and validation.
 """
@@ -18,22 +22,23 @@ import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from PIL import Image
+from scipy import sparse
 from scipy.cluster.hierarchy import DisjointSet
 from tqdm import tqdm
 
 from src.config import Config, PipelineError, cli_parser, config_from_args, run_cli, write_atomic
-from src.data import channel_paths, label_matrix, load_train_table
+from src.data import CHANNELS, label_csr, load_training_data
 from src.validate import require_valid
 
 
 def green_hashes(table: pd.DataFrame, progress: bool = True) -> np.ndarray:
     """64-bit perceptual hash (imagehash.phash) of each sample's green channel, as uint64."""
     hashes = np.zeros(len(table), dtype=np.uint64)
-    rows = zip(table["image_dir"], table["Id"], table["ext"])
-    for row, (image_dir, sample_id, ext) in enumerate(tqdm(rows, total=len(table), desc="hashing green channels",
-                                                           disable=not progress, mininterval=1.0)):
-        with Image.open(channel_paths(image_dir, sample_id, ext)[1]) as green:
-            bits = imagehash.phash(green).hash.flatten()
+    for row, files in enumerate(tqdm(table["files"], total=len(table), desc="hashing green channels",
+                                     disable=not progress, mininterval=1.0)):
+        # HPA: the green (protein) plane; a one-file image: its luminance.
+        with Image.open(files[1] if len(files) == len(CHANNELS) else files[0]) as image:
+            bits = imagehash.phash(image.convert("L")).hash.flatten()
         hashes[row] = np.packbits(bits).view(">u8")[0]
     return hashes
 
@@ -52,15 +57,135 @@ def duplicate_groups(hashes: np.ndarray, max_distance: int, chunk: int = 2048) -
     return np.unique(roots, return_inverse=True)[1]
 
 
-def assign_folds(labels: np.ndarray, n_splits: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
-    """Fold index per sample, stratified over the multi-hot ``labels``; a group stays in one fold."""
+# folds.method=auto runs iterstrat up to this many cells (groups x classes) and stratify_sparse above. iterstrat
+# recounts the remaining labels of all samples for every label it processes (time ~ n x m x m), and the
+# fast path balances classes as well (benchmarks/bench_folds.py: the same LD and per-class deviations at
+# 100k x 500); the switch keeps HPA (31k x 28, with HPAv18 ~105k x 28) on iterstrat, whose splits existing
+# fold files were made with, and sends anything where iterstrat takes more than ~2 s to the fast path.
+AUTO_ITERSTRAT_MAX_CELLS = 4_000_000
+FOLD_METHODS = ("iterstrat", "fast")
+
+
+def resolve_method(method: str, n_samples: int, num_classes: int) -> str:
+    """The stratifier ``folds.method`` stands for at this size: ``auto`` is iterstrat on small label
+    matrices (at most AUTO_ITERSTRAT_MAX_CELLS cells), the fast sparse path otherwise."""
+    if method == "auto":
+        return "iterstrat" if n_samples * num_classes <= AUTO_ITERSTRAT_MAX_CELLS else "fast"
+    if method not in FOLD_METHODS:
+        raise PipelineError(f"folds.method={method!r}: expected auto, {' or '.join(FOLD_METHODS)}")
+    return method
+
+
+def _binary_csr(labels) -> sparse.csr_matrix:
+    """A canonical binary uint8 CSR copy of a dense or sparse label matrix (repeats merged, zeros dropped)."""
+    matrix = sparse.csr_matrix(labels, dtype=np.uint8, copy=True)
+    matrix.sum_duplicates()
+    matrix.eliminate_zeros()
+    matrix.data[:] = 1
+    return matrix
+
+
+def _quotas(count: int, label_demand: np.ndarray, size_demand: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """How many of ``count`` samples of one label each fold takes: what iterstrat's greedy loop (each sample to
+    the fold that most wants the label, ties to the fold that most wants samples, then random) ends with,
+    computed at once. The label's remaining demand is water-filled (folds already over their share get
+    none), the whole parts are handed out, and the last < k samples go one at a time by the greedy rule."""
+    k = len(label_demand)
+    ranked = np.sort(label_demand)[::-1]
+    level = 0.0
+    for active in range(1, k + 1):  # the water level at which the top `active` folds absorb `count`
+        level = (ranked[:active].sum() - count) / active
+        if active == k or level >= ranked[active]:
+            break
+    quotas = np.floor(np.clip(label_demand - level, 0.0, None) + 1e-9).astype(np.int64)
+    excess = int(quotas.sum()) - count
+    if excess > 0:  # float error only: take back from the folds left furthest over their share
+        for _ in range(excess):
+            quotas[np.argmin(label_demand - quotas)] -= 1
+    residual, sizes = label_demand - quotas, size_demand - quotas
+    tie_break = rng.random(k)
+    for _ in range(count - int(quotas.sum())):
+        fold = np.lexsort((tie_break, sizes, residual))[-1]  # max residual, then max size demand, then random
+        quotas[fold] += 1
+        residual[fold] -= 1
+        sizes[fold] -= 1
+    return quotas
+
+
+def stratify_sparse(labels, n_splits: int, seed: int) -> np.ndarray:
+    """Fold index per row of a binary n x m label matrix (scipy sparse or dense), by iterative
+    stratification (Sechidis et al. 2011, as iterstrat), vectorised per label.
+
+    Like iterstrat it repeatedly takes the label with the fewest not-yet-assigned samples and spreads those
+    samples over the folds by each fold's remaining demand for that label (ties: the fold that most wants
+    samples), then counts them against the demands of all their other labels. Unlike iterstrat, one label's
+    samples are placed in one step (``_quotas`` gives the per-fold counts its per-sample loop would reach;
+    which samples go where is random), and the remaining counts are updated from the sparse rows just
+    placed instead of recounting the whole matrix: ~ nnz + m^2 work, not n x m per label. Samples without
+    labels fill the folds' remaining sizes last. Deterministic by ``seed``."""
+    matrix = _binary_csr(labels)
+    n, m = matrix.shape
+    if n < n_splits:
+        raise PipelineError(f"only {n} sample group(s) for {n_splits} folds")
+    rng = np.random.default_rng(seed)
+    # Rows are visited in a random order fixed by the seed: a label's samples in column order are then a
+    # random sample order, and the first ones go to the first fold with a quota.
+    order = rng.permutation(n)
+    matrix = matrix[order]
+    by_label = matrix.tocsc()
+    support = np.diff(by_label.indptr).astype(np.int64)
+    label_demand = np.outer(support, np.full(n_splits, 1.0 / n_splits))  # m x k samples still wanted
+    size_demand = np.full(n_splits, n / n_splits)
+    remaining = support.copy()  # per label: samples with it not yet in a fold
+    # Among labels with equally few remaining samples the pick is random, as in iterstrat.
+    label_tie_break = rng.random(m) * 0.5
+    fold = np.full(n, -1, dtype=np.int64)
+    while True:
+        pending = remaining > 0
+        if not pending.any():
+            break
+        label = int(np.argmin(np.where(pending, remaining + label_tie_break, np.inf)))
+        rows = by_label.indices[by_label.indptr[label]:by_label.indptr[label + 1]]
+        rows = rows[fold[rows] < 0]
+        quotas = _quotas(len(rows), label_demand[label], size_demand, rng)
+        placed = np.repeat(np.arange(n_splits), quotas)
+        fold[rows] = placed
+        size_demand -= quotas
+        block = matrix[rows]  # the placed samples' labels, all of them
+        per_label_fold = np.bincount(block.indices.astype(np.int64) * n_splits
+                                     + np.repeat(placed, np.diff(block.indptr)),
+                                     minlength=m * n_splits).reshape(m, n_splits)
+        label_demand -= per_label_fold
+        remaining -= per_label_fold.sum(axis=1)
+    unlabelled = np.flatnonzero(fold < 0)
+    if len(unlabelled):
+        fold[unlabelled] = np.repeat(np.arange(n_splits),
+                                     _quotas(len(unlabelled), size_demand, size_demand, rng))
+    result = np.empty(n, dtype=np.int64)
+    result[order] = fold
+    return result
+
+
+def assign_folds(labels, n_splits: int, seed: int, groups: np.ndarray | None = None,
+                 method: str = "iterstrat") -> np.ndarray:
+    """Fold index per sample, stratified over the binary ``labels`` (dense n x m array or scipy sparse);
+    a group stays in one fold. ``method``: ``iterstrat``, ``fast`` (``stratify_sparse``) or ``auto``
+    (``resolve_method``). Groups are stratified as units labelled with the union of their samples' labels."""
     if groups is None:
-        groups = np.arange(len(labels))
+        groups = np.arange(labels.shape[0])
     n_groups = int(groups.max()) + 1
-    group_labels = np.zeros((n_groups, labels.shape[1]), dtype=np.uint8)
-    np.maximum.at(group_labels, groups, labels)
     if n_groups < n_splits:
         raise PipelineError(f"only {n_groups} sample group(s) for {n_splits} folds")
+    method = resolve_method(method, n_groups, labels.shape[1])
+    if method == "fast":
+        members = sparse.csr_matrix((np.ones(len(groups), dtype=np.uint8), (groups, np.arange(len(groups)))),
+                                    shape=(n_groups, len(groups)))
+        group_labels = members @ _binary_csr(labels)  # counts; stratify_sparse binarises
+        return stratify_sparse(group_labels, n_splits, seed)[groups]
+    if sparse.issparse(labels):
+        labels = labels.toarray()  # iterstrat needs it dense: only small matrices come here
+    group_labels = np.zeros((n_groups, labels.shape[1]), dtype=np.uint8)
+    np.maximum.at(group_labels, groups, labels)
     group_fold = np.empty(n_groups, dtype=np.int64)
     splitter = MultilabelStratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     for fold, (_, val_index) in enumerate(splitter.split(np.zeros(n_groups), group_labels)):
@@ -68,10 +193,51 @@ def assign_folds(labels: np.ndarray, n_splits: int, seed: int, groups: np.ndarra
     return group_fold[groups]
 
 
-def fold_table(labels: np.ndarray, folds: np.ndarray) -> pd.DataFrame:
-    """Samples per (class, fold), plus the fold sizes, for printing."""
+def fold_counts(labels, folds: np.ndarray, n_splits: int | None = None) -> np.ndarray:
+    """Samples of each class in each fold (m x k), from a dense or sparse label matrix without densifying it."""
+    n_splits = int(folds.max()) + 1 if n_splits is None else n_splits
+    membership = sparse.csr_matrix((np.ones(len(folds), dtype=np.int64), (np.arange(len(folds)), folds)),
+                                   shape=(len(folds), n_splits))
+    matrix = sparse.csr_matrix(labels, dtype=np.int64)
+    return np.asarray((matrix.T @ membership).todense())
+
+
+def balance(labels, folds: np.ndarray, n_splits: int) -> dict[str, float]:
+    """Balance measures of a split. ``LD`` and ``ED``: label and examples distribution (Sechidis et al.
+    2011; 0 is perfect): LD averages over classes and folds |p_fold - p_all| of each class's
+    positive/negative ratio, ED the folds' |size - n/k|. ``max_dev`` and ``mean_dev``: over the classes with
+    at least k samples, the largest |fold count - n_c/k| / (n_c/k) of each class, its maximum and mean.
+    ``empty_pairs``: (class, fold) pairs with no sample of a class that has at least k."""
+    counts = fold_counts(labels, folds, n_splits).astype(np.float64)
+    support = counts.sum(axis=1)
+    sizes = np.bincount(folds, minlength=n_splits).astype(np.float64)
+    n = float(len(folds))
+    present = support > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # A class in every sample (or a fold of only that class) has no negatives: its ratio is skipped.
+        fold_ratio = counts[present] / (sizes[None, :] - counts[present])
+        all_ratio = support[present] / (n - support[present])
+        gaps = np.abs(fold_ratio - all_ratio[:, None])
+    gaps = gaps[np.isfinite(gaps).all(axis=1)]
+    ld = float(gaps.mean()) if gaps.size else 0.0
+    ed = float(np.abs(sizes - n / n_splits).mean())
+    stratifiable = support >= n_splits
+    expected = support[stratifiable, None] / n_splits
+    deviation = (np.abs(counts[stratifiable] - expected) / expected).max(axis=1)
+    return {"LD": ld, "ED": ed,
+            "max_dev": float(deviation.max()) if deviation.size else 0.0,
+            "mean_dev": float(deviation.mean()) if deviation.size else 0.0,
+            "empty_pairs": int((counts[stratifiable] == 0).sum())}
+
+
+# Up to this many classes make_folds prints the full class x fold table; above, a balance summary.
+PRINT_TABLE_MAX_CLASSES = 100
+
+
+def fold_table(labels, folds: np.ndarray) -> pd.DataFrame:
+    """Samples per (class, fold), plus the fold sizes, for printing (dense or sparse ``labels``)."""
     n_splits = int(folds.max()) + 1
-    counts = np.stack([labels[folds == f].sum(axis=0) for f in range(n_splits)], axis=1)
+    counts = fold_counts(labels, folds, n_splits)
     table = pd.DataFrame(counts, columns=[f"fold{f}" for f in range(n_splits)])
     table.index.name = "class"
     table["total"] = counts.sum(axis=1)
@@ -79,29 +245,40 @@ def fold_table(labels: np.ndarray, folds: np.ndarray) -> pd.DataFrame:
     return table
 
 
+def _listing(classes: list[tuple[int, int]], shown: int = 20) -> str:
+    """``class c: n, ...`` for the first ``shown`` classes (thousands of rare classes make one long line)."""
+    text = ", ".join(f"class {c}: {n}" for c, n in classes[:shown])
+    return text + (f", ... and {len(classes) - shown} more" if len(classes) > shown else "")
+
+
 def make_folds(cfg: Config, progress: bool = True) -> pd.DataFrame:
     """Validate the data, split it into folds and write ``cfg.folds.path``; returns ``Id,fold``."""
     require_valid(cfg, progress=progress)
-    table = load_train_table(cfg.data)
-    labels = label_matrix(table["labels"], cfg.data.num_classes)
-    support = labels.sum(axis=0)
+    cfg, table, _ = load_training_data(cfg)  # openimages/csv: data.num_classes from the label vocabulary
+    # Sparse whatever the size: 1.7 M x 7 178 dense would be 12 GB; iterstrat densifies its (small) input.
+    labels = label_csr(table["labels"], cfg.data.num_classes)
+    support = np.bincount(labels.indices, minlength=cfg.data.num_classes)
     rare = [(c, int(n)) for c, n in enumerate(support) if 0 < n < cfg.folds.n_splits]
     if rare:
-        listing = ", ".join(f"class {c}: {n}" for c, n in rare)
         message = (f"{len(rare)} class(es) have fewer samples than folds.n_splits={cfg.folds.n_splits} "
-                   f"({listing}); some validation folds will have none of them.")
+                   f"({_listing(rare)}); some validation folds will have none of them.")
         if cfg.folds.rare_classes == "error":
             raise PipelineError(message + " Lower folds.n_splits, or set folds.rare_classes=warn to "
                                           "accept it (their per-fold F1 is then undefined).")
         print(f"warning: {message} Kept, as folds.rare_classes=warn asks.")
-    absent = [c for c, n in enumerate(support) if n == 0]
+    absent = np.flatnonzero(support == 0).tolist()
     if absent:
-        print(f"warning: class(es) {absent} have no training samples")
+        shown = ", ".join(map(str, absent[:20])) + (f", ... ({len(absent)} in all)" if len(absent) > 20 else "")
+        print(f"warning: class(es) [{shown}] have no training samples")
     groups = None
     if cfg.folds.group_duplicates:
         groups = duplicate_groups(green_hashes(table, progress), cfg.folds.duplicate_distance)
         print(f"duplicate grouping: {len(table)} samples in {groups.max() + 1} groups")
-    folds = assign_folds(labels, cfg.folds.n_splits, cfg.folds.seed, groups)
+    n_units = len(table) if groups is None else int(groups.max()) + 1
+    method = resolve_method(cfg.folds.method, n_units, cfg.data.num_classes)
+    print(f"stratifying {n_units} {'samples' if groups is None else 'sample groups'} x {cfg.data.num_classes} "
+          f"classes with {method} (folds.method={cfg.folds.method})")
+    folds = assign_folds(labels, cfg.folds.n_splits, cfg.folds.seed, groups, method=method)
     result = pd.DataFrame({"Id": table["Id"], "fold": folds})
     path = Path(cfg.folds.path)
     try:
@@ -109,7 +286,14 @@ def make_folds(cfg: Config, progress: bool = True) -> pd.DataFrame:
     except OSError as exc:
         raise PipelineError(f"cannot write folds file {path}: {exc}") from exc
     if progress:
-        print(fold_table(labels, folds).to_string())
+        if cfg.data.num_classes <= PRINT_TABLE_MAX_CLASSES:
+            print(fold_table(labels, folds).to_string())
+        else:
+            stats = balance(labels, folds, cfg.folds.n_splits)
+            sizes = np.bincount(folds, minlength=cfg.folds.n_splits).tolist()
+            print(f"fold sizes {sizes}; over the {int((support >= cfg.folds.n_splits).sum())} classes with at least "
+                  f"{cfg.folds.n_splits} samples the largest fold count is {stats['max_dev']:.1%} off n_c/k "
+                  f"(mean over classes {stats['mean_dev']:.1%}); label distribution LD {stats['LD']:.2e}")
         print(f"wrote {path} ({len(result)} samples, {cfg.folds.n_splits} folds)")
     return result
 
