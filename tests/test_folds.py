@@ -11,12 +11,22 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import sparse
 
 from src.config import PipelineError
-from src.data import CHANNELS, load_train_table
+from src.data import CHANNELS, DataError, label_csr, label_matrix, load_train_table
 from src.demo import make_demo_dataset
-from src.folds import load_folds, make_folds
-from tests.conftest import tiny_config
+from src.folds import (
+    AUTO_ITERSTRAT_MAX_CELLS,
+    assign_folds,
+    balance,
+    fold_table,
+    load_folds,
+    make_folds,
+    resolve_method,
+    stratify_sparse,
+)
+from tests.conftest import TINY_CLASSES, tiny_config
 
 NUM_CLASSES = 28
 N_SPLITS = 3  # as configs/demo.yaml
@@ -293,3 +303,88 @@ def test_load_folds_refuses_a_file_without_id_fold_columns(fresh_data, tmp_path)
     with pytest.raises(PipelineError, match="expected columns Id,fold"):
         load_folds(cfg, load_train_table(cfg.data))
 
+
+
+# -- many classes: the sparse label matrix and the fast stratifier ------------------------------------------
+
+def test_label_csr_equals_the_dense_label_matrix():
+    labels = [(0, 3), (), (2, 2, 1), (4,), (3, 0), ()]  # empty rows, a repeat, unsorted
+    matrix = label_csr(pd.Series(labels), 5)
+    assert sparse.isspmatrix_csr(matrix) and matrix.shape == (6, 5)
+    np.testing.assert_array_equal(matrix.toarray(), label_matrix(labels, 5))
+    folds = np.array([0, 1, 0, 1, 0, 1])
+    pd.testing.assert_frame_equal(fold_table(matrix, folds), fold_table(label_matrix(labels, 5), folds))
+    with pytest.raises(DataError, match=r"row 2: \(1, 5\) has a class outside 0\.\.4"):
+        label_csr([(0,), (), (1, 5)], 5)
+
+
+def power_law_labels(n: int, m: int, k: int, seed: int) -> sparse.csr_matrix:
+    """n samples over m classes: power-law frequencies, co-occurring neighbour classes, a few unlabelled
+    samples, and the last class given to only k - 2 samples (fewer than folds)."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, m) ** 1.2
+    p /= p.sum()
+    first = rng.choice(m - 1, n, p=p)
+    second = np.where(rng.random(n) < 0.6, (first + 1) % (m - 1), rng.choice(m - 1, n, p=p))
+    third = rng.choice(m - 1, n, p=p)
+    rows, cols = np.repeat(np.arange(n), 3), np.stack([first, second, third], axis=1).ravel()
+    keep = rng.random(3 * n) < 0.9
+    rows, cols = np.append(rows[keep], np.arange(k - 2)), np.append(cols[keep], np.full(k - 2, m - 1))
+    return label_csr([tuple(cols[rows == row]) for row in range(n)], m)
+
+
+def test_fast_folds_are_deterministic_complete_and_keep_groups_together():
+    k = 5
+    labels = power_law_labels(1500, 30, k, seed=1)
+    folds = stratify_sparse(labels, k, seed=3)
+    assert folds.shape == (1500,) and set(folds.tolist()) == set(range(k))
+    np.testing.assert_array_equal(stratify_sparse(labels, k, seed=3), folds)
+    assert (stratify_sparse(labels, k, seed=4) != folds).any()
+    # The same entry point as iterstrat's, groups included (as folds.group_duplicates makes them).
+    groups = np.arange(1500) // 3
+    grouped = assign_folds(labels, k, seed=3, groups=groups, method="fast")
+    assert (grouped.reshape(-1, 3) == grouped[::3, None]).all()
+    assert np.bincount(grouped, minlength=k).min() > 0.9 * 1500 / k
+
+
+def test_fast_folds_balance_every_class_far_better_than_random():
+    k, n = 5, 3000
+    labels = power_law_labels(n, 40, k, seed=0)
+    folds = stratify_sparse(labels, k, seed=0)
+    support = np.asarray(labels.sum(axis=0)).ravel()
+    ideal = support[:, None] / k
+    counts = np.stack([np.asarray(labels[folds == f].sum(axis=0)).ravel() for f in range(k)], axis=1)
+    common = support >= k
+    # Every class with at least k samples within 1 + 3% of n_c/k in every fold; the rare class (k - 2
+    # samples) in k - 2 different folds; fold sizes within 3% of n/k.
+    assert (np.abs(counts - ideal)[common] <= 1 + 0.03 * ideal[common]).all(), counts
+    assert (counts[~common] <= 1).all() and support[~common].tolist() == [k - 2]
+    assert np.abs(np.bincount(folds, minlength=k) - n / k).max() <= 0.03 * n / k
+    # A random split of the same fold sizes misses that tolerance for many classes.
+    random_folds = np.random.default_rng(0).permutation(folds)
+    random_counts = np.stack([np.asarray(labels[random_folds == f].sum(axis=0)).ravel() for f in range(k)], axis=1)
+    assert (np.abs(random_counts - ideal)[common] > 1 + 0.03 * ideal[common]).any(axis=1).sum() >= 10
+    # balance() reports the same per-class deviation, and a random split as measurably worse.
+    relative = (np.abs(counts - ideal) / ideal)[common].max(axis=1)
+    stats, random_stats = balance(labels, folds, k), balance(labels, random_folds, k)
+    assert stats["max_dev"] == pytest.approx(relative.max()) and stats["mean_dev"] == pytest.approx(relative.mean())
+    assert stats["mean_dev"] < 0.3 * random_stats["mean_dev"] and stats["LD"] < 0.5 * random_stats["LD"]
+    assert stats["empty_pairs"] == 0
+
+
+def test_fast_method_end_to_end_and_auto_picks_iterstrat_on_small_data(tiny_data, tmp_path, capsys):
+    table = read_targets(tiny_data)
+    fast = make_folds(tiny_config(tiny_data, tmp_path, "folds.method=fast"), progress=False)
+    assert "with fast (folds.method=fast)" in capsys.readouterr().out
+    assert fast["Id"].tolist() == table["Id"].tolist()
+    assert set(fast["fold"]) == {0, 1}
+    labels = label_csr([tuple(map(int, t.split())) for t in table["Target"]], TINY_CLASSES)
+    assert balance(labels, fast["fold"].to_numpy(), 2)["max_dev"] <= 0.5  # halves within 50% on 48 samples
+
+    auto = make_folds(tiny_config(tiny_data, tmp_path, "folds.method=auto"), progress=False)
+    assert "with iterstrat (folds.method=auto)" in capsys.readouterr().out
+    iterstrat = make_folds(tiny_config(tiny_data, tmp_path, "folds.method=iterstrat"), progress=False)
+    pd.testing.assert_frame_equal(auto, iterstrat)
+    # The switch point itself.
+    assert resolve_method("auto", AUTO_ITERSTRAT_MAX_CELLS // 500, 500) == "iterstrat"
+    assert resolve_method("auto", AUTO_ITERSTRAT_MAX_CELLS // 500 + 1, 500) == "fast"
