@@ -1,0 +1,223 @@
+"""The openimages and csv dataset formats: parsing (bad rows named), label vocabularies, sparse labels, image
+channels, score tables for many classes, and folds -> train -> predict end to end on the many-label demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from src.config import PipelineError, load_config
+from src.data import (
+    DataError,
+    Vocabulary,
+    decode_file,
+    label_csr,
+    load_test_table,
+    load_training_data,
+    read_image,
+    read_train_labels,
+)
+from src.demo import make_many_label_dataset
+from src.folds import make_folds
+from src.run_folder import CSV_MAX_CLASSES, RunFolder, copy_scores, read_scores, write_scores
+from src.train import train
+from src.validate import validate
+from tests.conftest import REPO_ROOT
+
+
+def write_jpeg(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+
+
+def openimages_config(data_dir: Path, work: Path, *overrides: str):
+    return load_config(REPO_ROOT / "configs" / "openimages_demo.yaml", [
+        f"data.dir={data_dir}", "data.image_size=32", f"data.cache_dir={work / 'cache'}",
+        f"folds.path={work / 'folds.csv'}", "folds.n_splits=2", "model.backbone=test_resnet", "train.epochs=1",
+        "train.batch_size=8", "train.num_workers=0", "train.device=cpu", "train.precision=fp32",
+        "train.warmup_fraction=0", "wandb.mode=disabled", "predict.force=true", f"run.dir={work / 'run'}",
+        f"submission.path={work / 'submission.csv'}", *overrides])
+
+
+@pytest.fixture
+def small_openimages(tmp_path) -> Path:
+    """Four images by hand: a positive, a verified negative, a label outside the trainable list, a bad row."""
+    data = tmp_path / "oi"
+    for image_id in ("aa01", "bb02", "cc03", "dd04"):
+        write_jpeg(data / "train" / f"{image_id}.jpg", np.full((20, 30, 3), 90, np.uint8))
+    write_jpeg(data / "test" / "ee05.jpg", np.full((20, 20, 3), 90, np.uint8))
+    pd.DataFrame({"ImageID": ["aa01", "aa01", "bb02", "bb02", "cc03", "dd04", "dd04"],
+                  "Source": "verification",
+                  "LabelName": ["/m/cat", "/m/dog", "/m/cat", "/m/fish", "/m/bird", "/m/cat", "/m/cat"],
+                  "Confidence": ["1", "1", "1", "0", "0", "1", "1"]}).to_csv(data / "labels.csv", index=False)
+    (data / "trainable.csv").write_text("label_code\n/m/cat\n/m/fish\n")
+    (data / "descriptions.csv").write_text("/m/cat,Cat\n/m/fish,Fish\n")  # Open Images ships it without a header
+    pd.DataFrame({"image_id": ["ee05"], "labels": ["/m/cat"]}).to_csv(data / "sample.csv", index=False)
+    return data
+
+
+def small_openimages_config(data: Path, tmp_path: Path, *overrides: str):
+    return openimages_config(data, tmp_path, "data.train_csv=labels.csv", "data.sample_submission=sample.csv",
+                             "data.trainable_labels=trainable.csv", "data.class_descriptions=descriptions.csv",
+                             *overrides)
+
+
+def test_openimages_labels_parse_into_a_trainable_vocabulary(small_openimages, tmp_path, capsys):
+    cfg = small_openimages_config(small_openimages, tmp_path)
+    cfg, table, vocabulary = load_training_data(cfg)
+    # Trainable labels by training frequency; names from the header-less description file.
+    assert vocabulary.codes == ("/m/cat", "/m/fish") and vocabulary.names == ("Cat", "Fish")
+    assert cfg.data.num_classes == 2
+    labels = dict(zip(table["Id"], table["labels"]))
+    # Confidence 0 is a verified negative; /m/dog is not trainable; cc03 has only a negative: an image, no labels;
+    # dd04's repeated positive counts once.
+    assert labels == {"aa01": (0,), "bb02": (0,), "cc03": (), "dd04": (0,)}
+    assert table["files"].iloc[0] == (str(small_openimages / "train" / "aa01.jpg"),)
+    assert "1 positive label(s) of 1 label id(s) are not in data.trainable_labels" in capsys.readouterr().err
+    assert load_test_table(cfg.data)["Id"].tolist() == ["ee05"]
+
+
+def test_bad_openimages_rows_are_each_named(small_openimages, tmp_path):
+    labels = pd.read_csv(small_openimages / "labels.csv", dtype=str)
+    labels.loc[len(labels)] = ["../x", "verification", "/m/cat", "1"]
+    labels.loc[len(labels)] = ["ff06", "verification", "/m/cat", "0.5"]
+    labels.loc[len(labels)] = ["ff07", "verification", "", "1"]
+    labels.to_csv(small_openimages / "labels.csv", index=False)
+    table = read_train_labels(small_openimages_config(small_openimages, tmp_path).data)
+    where = [str(p) for p in table.problems]
+    assert len(where) == 3
+    assert "labels.csv row 9: Id '../x' contains a path separator" in where[0]
+    assert "row 10: Confidence '0.5' is not 0 or 1" in where[1] and "row 11: label '' is empty" in where[2]
+    assert set(table.frame["Id"]) == {"aa01", "bb02", "cc03", "dd04"}  # the good rows are kept
+
+
+def test_a_missing_trainable_list_is_a_problem_naming_the_key(small_openimages, tmp_path):
+    cfg = small_openimages_config(small_openimages, tmp_path, "data.trainable_labels=nope.csv")
+    problems = [str(p) for p in read_train_labels(cfg.data).problems]
+    assert any("nope.csv: file not found (data.trainable_labels)" in p for p in problems)
+
+
+def csv_dataset(root: Path, rows: list[tuple[str, str]], channels: int = 3) -> Path:
+    for name, _ in rows:
+        if ".." not in name:
+            write_jpeg(root / "train" / name, np.full((16, 16, channels), 50, np.uint8).squeeze())
+    pd.DataFrame(rows, columns=["image", "tags"]).to_csv(root / "train.csv", index=False)
+    write_jpeg(root / "test" / "t.png", np.full((16, 16, channels), 50, np.uint8).squeeze())
+    pd.DataFrame({"image": ["t.png"], "tags": ["x"]}).to_csv(root / "sample_submission.csv", index=False)
+    return root
+
+
+def csv_config(data: Path, tmp_path: Path, *overrides: str):
+    return load_config(REPO_ROOT / "configs" / "csv_demo.yaml", [f"data.dir={data}", *overrides])
+
+
+def test_csv_labels_are_names_and_the_vocabulary_orders_them_by_frequency(tmp_path):
+    data = csv_dataset(tmp_path / "d", [("a.png", "cat dog"), ("b.png", "dog"), ("c.png", ""), ("d.png", "dog  cat")])
+    cfg, table, vocabulary = load_training_data(csv_config(data, tmp_path))
+    assert vocabulary.codes == ("dog", "cat")  # dog on 3 images, cat on 2
+    assert table["labels"].tolist() == [(0, 1), (0,), (), (0, 1)]  # sorted class indices per row
+    assert cfg.data.num_classes == 2
+    assert (label_csr(table["labels"], 2).toarray() == [[1, 1], [1, 0], [0, 0], [1, 1]]).all()
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("a.png", "x"), ("a.png", "y")], "row 3: duplicate Id 'a.png'"),
+    ([("a.png", "x"), ("../b.png", "y")], "row 3: Id '../b.png' contains a path separator or '..'"),
+])
+def test_bad_csv_rows_are_named(tmp_path, rows, message):
+    data = csv_dataset(tmp_path / "d", rows)
+    problems = [str(p) for p in read_train_labels(csv_config(data, tmp_path).data).problems]
+    assert any(message in p for p in problems), problems
+
+
+def test_a_missing_label_column_names_the_file_and_the_columns(tmp_path):
+    data = csv_dataset(tmp_path / "d", [("a.png", "x")])
+    with pytest.raises(DataError, match=r"train.csv: missing column\(s\) \['labels'\]; has \['image', 'tags'\]"):
+        load_training_data(csv_config(data, tmp_path, "data.label_column=labels"))
+
+
+def test_a_run_vocabulary_reports_labels_it_does_not_know(tmp_path, capsys):
+    data = csv_dataset(tmp_path / "d", [("a.png", "cat dog"), ("b.png", "emu")])
+    _, table, _ = load_training_data(csv_config(data, tmp_path), Vocabulary(("dog", "cat"), ("dog", "cat")))
+    assert table["labels"].tolist() == [(0, 1), ()]
+    assert "1 positive label(s) of 1 label id(s) are not in the run's label vocabulary" in capsys.readouterr().err
+
+
+def test_one_file_images_convert_to_the_model_channels(tmp_path):
+    grey, rgba = tmp_path / "grey.png", tmp_path / "rgba.png"
+    cv2.imwrite(str(grey), np.arange(64, dtype=np.uint8).reshape(8, 8))
+    bgra = np.zeros((8, 8, 4), np.uint8)
+    bgra[..., 0], bgra[..., 2], bgra[..., 3] = 10, 200, 255  # blue 10, red 200 in OpenCV's BGRA order
+    cv2.imwrite(str(rgba), bgra)
+    assert decode_file(grey, 3).shape == (8, 8, 3) and (decode_file(grey, 3)[..., 0] == decode_file(grey, 3)[..., 2]).all()
+    rgb = decode_file(rgba, 3)
+    assert rgb.shape == (8, 8, 3) and rgb[0, 0].tolist() == [200, 0, 10]  # RGB order, alpha dropped
+    assert read_image([rgba], size=4, channels=4).shape == (4, 4, 4)
+    with pytest.raises(DataError, match=r"rgba.png: 4 channel\(s\), the model takes model.in_chans=2"):
+        decode_file(rgba, 2)
+
+
+def test_validate_names_a_truncated_jpeg_and_an_image_with_wrong_channels(tmp_path):
+    data = csv_dataset(tmp_path / "d", [("a.jpg", "x"), ("b.jpg", "y"), ("c.png", "x")])
+    path = data / "train" / "a.jpg"
+    path.write_bytes(path.read_bytes()[:-2])
+    Image.new("LA", (8, 8)).save(data / "train" / "c.png")  # grey + alpha: 2 channels
+    problems = {Path(p.where).name: p.what for p in validate(csv_config(data, tmp_path), progress=False)}
+    assert "truncated JPEG" in problems["a.jpg"] and "b.jpg" not in problems
+    assert problems["c.png"] == "2 channel(s) (mode LA), the model takes model.in_chans=3"
+
+
+def test_score_tables_for_many_classes_are_float16_npz_and_read_back(tmp_path):
+    ids = ["a", "b", "c"]
+    scores = np.random.default_rng(0).random((3, CSV_MAX_CLASSES + 1)).astype(np.float32)
+    written = write_scores(tmp_path / "oof.csv", ids, scores)
+    assert written.suffix == ".npz" and not (tmp_path / "oof.csv").exists()
+    back = read_scores(tmp_path / "oof.csv")
+    assert back["Id"].tolist() == ids and np.allclose(back.iloc[:, 1:].to_numpy(), scores, atol=1e-3)
+    copy_scores(tmp_path / "oof.csv", tmp_path / "best.csv")
+    assert (tmp_path / "best.npz").is_file() and not (tmp_path / "best.csv").exists()
+    # A later run with few classes replaces it with a csv: never two tables side by side.
+    write_scores(tmp_path / "oof.csv", ids, scores[:, :3])
+    assert (tmp_path / "oof.csv").is_file() and not (tmp_path / "oof.npz").exists()
+
+
+@pytest.fixture(scope="module")
+def many_label_demo(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("many")
+    return {fmt: make_many_label_dataset(root / fmt, format=fmt, n_train=72, n_test=12, size=32, num_labels=24,
+                                         seed=0, progress=False) for fmt in ("openimages", "csv")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt, loss", [("openimages", "bce"), ("csv", "label_embedding")])
+def test_many_label_formats_run_folds_train_predict_end_to_end(many_label_demo, tmp_path, fmt, loss):
+    from src.predict import predict
+
+    overrides = [f"data.dir={many_label_demo[fmt]}", "data.image_size=32", f"data.cache_dir={tmp_path / 'cache'}",
+                 f"folds.path={tmp_path / 'folds.csv'}", "folds.n_splits=2", "model.backbone=test_resnet",
+                 "train.epochs=1", "train.batch_size=8", "train.num_workers=0", "train.device=cpu",
+                 "train.precision=fp32", "train.warmup_fraction=0", "wandb.mode=disabled", "predict.force=true",
+                 f"run.dir={tmp_path / 'run'}", f"submission.path={tmp_path / 'submission.csv'}", f"loss.name={loss}",
+                 "loss.embedding_dim=8"]
+    cfg = load_config(REPO_ROOT / "configs" / f"{fmt}_demo.yaml", overrides)
+    make_folds(cfg, progress=False)
+    train(cfg, 0, progress=False)
+    train(cfg, 1, progress=False)
+    path = predict(cfg, progress=False)
+
+    vocabulary = RunFolder(cfg.run.dir).load_vocabulary()
+    assert 10 < len(vocabulary) <= 24
+    sample = pd.read_csv(many_label_demo[fmt] / ("stage_1_sample_submission.csv" if fmt == "openimages"
+                                                 else "sample_submission.csv"), dtype=str)
+    submission = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert list(submission.columns) == list(sample.columns)  # image_id,labels / image,tags
+    assert submission.iloc[:, 0].tolist() == sample.iloc[:, 0].tolist()  # the sample submission's order
+    codes = set(vocabulary.codes)
+    assert all(row and set(row.split()) <= codes for row in submission.iloc[:, 1])
+    if fmt == "openimages":
+        assert all(code.startswith("/m/") for code in codes)
