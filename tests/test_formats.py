@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from src.config import PipelineError, load_config
+from src.config import load_config
 from src.data import (
     DataError,
     Vocabulary,
@@ -154,7 +154,8 @@ def test_one_file_images_convert_to_the_model_channels(tmp_path):
     bgra = np.zeros((8, 8, 4), np.uint8)
     bgra[..., 0], bgra[..., 2], bgra[..., 3] = 10, 200, 255  # blue 10, red 200 in OpenCV's BGRA order
     cv2.imwrite(str(rgba), bgra)
-    assert decode_file(grey, 3).shape == (8, 8, 3) and (decode_file(grey, 3)[..., 0] == decode_file(grey, 3)[..., 2]).all()
+    tripled = decode_file(grey, 3)
+    assert tripled.shape == (8, 8, 3) and (tripled[..., 0] == tripled[..., 2]).all()
     rgb = decode_file(rgba, 3)
     assert rgb.shape == (8, 8, 3) and rgb[0, 0].tolist() == [200, 0, 10]  # RGB order, alpha dropped
     assert read_image([rgba], size=4, channels=4).shape == (4, 4, 4)
