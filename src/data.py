@@ -192,12 +192,14 @@ def _frame(rows: list[tuple], csv_path: Path, ext: str = "png") -> pd.DataFrame:
     return frame
 
 
-def _read_csv(csv_path: Path, columns: tuple[str, ...]) -> tuple[pd.DataFrame | None, list[Problem]]:
-    """A csv as strings, or the one problem that makes it unusable (missing, empty, unreadable, columns)."""
+def _read_csv(csv_path: Path, columns: tuple[str, ...], header_only: bool = False,
+              ) -> tuple[pd.DataFrame | None, list[Problem]]:
+    """A csv as strings (``header_only``: just its header and first row), or the one problem that makes it
+    unusable (missing, empty, unreadable, columns)."""
     if not csv_path.is_file():
         return None, [Problem(str(csv_path), "file not found")]
     try:
-        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, nrows=1 if header_only else None)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         why = "empty file (0 bytes)" if isinstance(exc, pd.errors.EmptyDataError) else f"not a readable csv ({exc})"
         return None, [Problem(str(csv_path), why)]
@@ -247,27 +249,48 @@ def _wide_rows(raw: pd.DataFrame, csv_path: Path, id_column: str, label_column: 
     return rows, problems
 
 
-def _openimages_rows(raw: pd.DataFrame, csv_path: Path, image_dir: Path) -> tuple[pd.DataFrame, list[Problem]]:
+def _openimages_rows(csv_path: Path, image_dir: Path) -> tuple[pd.DataFrame, list[Problem]]:
     """Images of an Open Images image-level label csv (one row per image and label; Confidence 1 marks a
-    positive, 0 a verified negative), in order of first appearance. Vectorised: millions of rows take seconds."""
-    ids, codes = raw["ImageID"].str.strip(), raw["LabelName"].str.strip()
-    confidence = pd.to_numeric(raw["Confidence"], errors="coerce")
-    bad_id = ~ids.str.fullmatch(_ID_RE.pattern)
-    bad_label = codes.eq("") | codes.str.contains(r"\s", regex=True)
-    bad_confidence = ~confidence.isin([0, 1])
+    positive, 0 a verified negative), in order of first appearance, with their positive label ids.
+
+    Built for Inclusive Images' 1.7 M images and ~15 M rows: the columns are read as categoricals and every
+    check runs once per distinct value (Ids, label ids, confidences), every row only as integer codes."""
+    raw = pd.read_csv(csv_path, usecols=["ImageID", "LabelName", "Confidence"], dtype="category")
+    ids, codes, confidence = raw["ImageID"], raw["LabelName"], raw["Confidence"]
+    id_ok = ids.cat.categories.str.fullmatch(_ID_RE.pattern)
+    code_ok = ~codes.cat.categories.str.contains(r"\s|^$", regex=True)
+    conf_value = pd.to_numeric(confidence.cat.categories, errors="coerce")
+    conf_ok, conf_one = np.isin(conf_value, [0, 1]), conf_value == 1
+
+    def per_row(column: pd.Series, ok: np.ndarray) -> np.ndarray:
+        index = column.cat.codes.to_numpy()
+        return np.append(ok, False)[index]  # code -1 (an empty cell) is not ok
+
+    good_id, good_code, good_conf = per_row(ids, id_ok), per_row(codes, code_ok), per_row(confidence, conf_ok)
+    good = good_id & good_code & good_conf
     problems = []
-    for row in np.flatnonzero((bad_id | bad_label | bad_confidence).to_numpy()):
-        why = (id_problem(ids.iat[row]) if bad_id.iat[row] else
-               f"label {codes.iat[row]!r} is empty or holds spaces" if bad_label.iat[row] else
-               f"Confidence {raw['Confidence'].iat[row]!r} is not 0 or 1")
+    for row in np.flatnonzero(~good):
+        value = lambda column: "" if pd.isna(raw[column].iat[row]) else str(raw[column].iat[row])  # noqa: E731
+        why = (id_problem(value("ImageID")) or f"Id {value('ImageID')!r} is not usable") if not good_id[row] else (
+            f"label {value('LabelName')!r} is empty or holds spaces" if not good_code[row] else
+            f"Confidence {value('Confidence')!r} is not 0 or 1")
         problems.append(Problem(f"{csv_path} row {row + 2}", why))
-    good = ~(bad_id | bad_label | bad_confidence)
-    images = pd.unique(ids[good])
-    positive = pd.DataFrame({"Id": ids[good & confidence.eq(1)], "code": codes[good & confidence.eq(1)]})
-    grouped = positive.drop_duplicates().groupby("Id", sort=False)["code"].agg(tuple)
-    labels = grouped.reindex(images)
-    frame = pd.DataFrame({"Id": images, "codes": [c if isinstance(c, tuple) else () for c in labels],
-                          "files": [(str(image_dir / f"{i}.jpg"),) for i in images], "image_dir": ""})
+    image_codes = ids.cat.codes.to_numpy()[good]
+    images, first = np.unique(image_codes, return_index=True)
+    images = images[np.argsort(first)]  # order of first appearance in the file
+    position = np.full(len(ids.cat.categories), -1, dtype=np.int64)
+    position[images] = np.arange(len(images))
+    positive = good & per_row(confidence, conf_one)
+    pairs = np.unique(position[ids.cat.codes.to_numpy()[positive]] * (len(codes.cat.categories) + 1)
+                      + codes.cat.codes.to_numpy()[positive])  # sorted by image, one per (image, label)
+    image_of, code_of = np.divmod(pairs, len(codes.cat.categories) + 1)
+    names = codes.cat.categories.to_numpy(dtype=object)[code_of]
+    bounds = np.searchsorted(image_of, np.arange(len(images) + 1))
+    label_codes = [tuple(names[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    id_names = ids.cat.categories.to_numpy(dtype=object)[images]
+    prefix = f"{image_dir}{os.sep}"
+    frame = pd.DataFrame({"Id": id_names, "codes": label_codes,
+                          "files": [(f"{prefix}{i}.jpg",) for i in id_names], "image_dir": ""})
     frame["source"], frame["ext"] = str(csv_path), "jpg"
     return frame, problems
 
@@ -277,10 +300,12 @@ def read_source(cfg: DataConfig, source: Source, split: str) -> LabelTable:
     rows with problems are reported and left out."""
     test = split == "test"
     if cfg.format == "openimages" and not test:
-        raw, problems = _read_csv(source.csv, ("ImageID", "LabelName", "Confidence"))
+        raw, problems = _read_csv(source.csv, ("ImageID", "LabelName", "Confidence"), header_only=True)
         if raw is None:
             return LabelTable(_frame([], source.csv), problems)
-        frame, problems = _openimages_rows(raw, source.csv, source.images)
+        frame, problems = _openimages_rows(source.csv, source.images)
+        if frame.empty:
+            problems.append(Problem(str(source.csv), "no usable rows"))
         return LabelTable(frame, problems)
     id_column, label_column = submission_columns(cfg) if test else (
         ("Id", "Target") if cfg.format == "hpa" else (cfg.id_column, cfg.label_column))
