@@ -47,6 +47,7 @@ import torch
 from scipy import sparse
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from src.augment import build_cpu_policy, to_chw
 from src.config import AugmentConfig, Config, DataConfig, PipelineError, override
 
 CHANNELS = ("red", "green", "blue", "yellow")
@@ -548,26 +549,11 @@ def write_rgby(image_dir: str | Path, sample_id: str, image: np.ndarray) -> None
 
 
 def build_augment(cfg: AugmentConfig, image_size: int) -> A.Compose:
-    """A 4-channel-safe training policy: D4, affine jitter, brightness/contrast (per image and per
-    channel), gamma, crop."""
-    transforms: list = []
-    if cfg.d4 > 0:
-        transforms.append(A.D4(p=cfg.d4))
-    if cfg.shift_scale_rotate > 0:
-        transforms.append(
-            A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-45, 45),
-                     border_mode=cv2.BORDER_REFLECT_101, p=cfg.shift_scale_rotate)
-        )
-    if cfg.brightness_contrast > 0:
-        transforms.append(A.RandomBrightnessContrast(0.1, 0.1, p=cfg.brightness_contrast))
-        # Per-channel intensity: each of R, G, B, Y scaled by its own factor (stain strength varies).
-        transforms.append(A.MultiplicativeNoise((0.9, 1.1), per_channel=True, elementwise=False,
-                                                p=cfg.brightness_contrast))
-    if cfg.gamma > 0:
-        transforms.append(A.RandomGamma((80, 120), p=cfg.gamma))
-    if cfg.crop_scale < 1.0:
-        transforms.append(A.RandomResizedCrop((image_size, image_size), scale=(cfg.crop_scale, 1.0)))
-    return A.Compose(transforms)
+    """The training policy for the DataLoader workers (``src.augment``): D4 view, affine jitter and crop in
+    one warp, brightness/contrast, per-channel factor and gamma in one lookup table per channel. Takes
+    H x W x C uint8, returns C x H x W uint8; the crop (``crop_scale < 1``) is resized back to the input size
+    (``image_size``: every sample is read at that size)."""
+    return build_cpu_policy(cfg)
 
 
 class PackedImages:
@@ -625,10 +611,12 @@ class RGBYDataset(Dataset):
         if self.augment is not None:
             if seed is not None:
                 self.augment.set_random_seed(seed)
-            image = self.augment(image=image)["image"]
+            image = self.augment(image=image)["image"]  # C x H x W: the policy's last step transposes
+        else:
+            image = to_chw(image)
         target = torch.zeros(self.num_classes, dtype=torch.float32)
         target[list(self.labels[index])] = 1.0
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target
+        return torch.from_numpy(image), target
 
 
 class EpochSampler(Sampler):

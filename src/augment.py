@@ -1,0 +1,356 @@
+"""The training augmentation policy: its random parameters, and two ways to apply them.
+
+One policy (``train.augment``): a D4 view (one of the 8 rotations by k x 90 degrees, with or without a flip), an
+affine jitter (shift, per-axis scale, rotation, reflected borders), an optional random resized crop, and a
+per-channel intensity change (brightness/contrast, a multiplicative factor per stain, gamma). Where it runs is
+``train.augment.where``:
+
+- ``loader``: per sample in the DataLoader workers, as two albumentations transforms
+  (:class:`D4Affine`, :class:`ChannelIntensity`). The geometry is ONE resampling (D4, affine and crop composed
+  into one matrix, one ``cv2.warpAffine``; a D4 view alone is an exact copy), the intensity ONE lookup table per
+  channel (the three uint8 tables composed), applied while transposing to C x H x W.
+- ``device``: on each batch on the training device (:class:`BatchAugment`, torch): one ``grid_sample`` for the
+  batch, then the same lookup tables gathered on the device. The loader only reads and transposes.
+
+Both draw each sample's parameters from that sample's seed (``EpochSampler`` yields ``(index, seed)`` pairs)
+through the same functions (:func:`sample_geometry`, :func:`sample_intensity`), so a run replays exactly when
+resumed, whatever the worker count, and the two placements sample one distribution. Geometry and intensity
+draw from separate streams of the seed, so whether one fires says nothing about the other.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations must not ask PyPI at import
+import albucore  # noqa: E402  (albumentations' own uint8 kernels: a table lookup per plane, in place)
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from src.config import AugmentConfig  # noqa: E402
+
+# The ranges of the policy (those of the albumentations transforms it replaced: Affine(translate_percent=
+# ±0.0625, scale=(0.9, 1.1) per axis, rotate=±45, BORDER_REFLECT_101), RandomBrightnessContrast(0.1, 0.1),
+# MultiplicativeNoise((0.9, 1.1), per_channel=True), RandomGamma((80, 120)), RandomResizedCrop).
+TRANSLATE = 0.0625
+SCALE = (0.9, 1.1)
+ROTATE = 45.0
+BRIGHTNESS = 0.1
+CONTRAST = 0.1
+CHANNEL_FACTOR = (0.9, 1.1)
+GAMMA = (0.8, 1.2)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+# Salts that split one sample seed into independent streams for the geometry and the intensity.
+GEOMETRY_STREAM, INTENSITY_STREAM = 0x5EED_6E0, 0x5EED_1A7
+
+
+def stream(seed: int, salt: int) -> random.Random:
+    """The random stream ``salt`` of a sample seed."""
+    return random.Random((seed << 32) ^ salt)
+
+
+# -- parameters ------------------------------------------------------------------------------------------------
+def d4_matrix(element: int, width: int, height: int) -> tuple[np.ndarray, int, int]:
+    """Forward 3x3 pixel-coordinate matrix of D4 element ``element`` (0..7: bit 2 = horizontal flip first, bits
+    0-1 = k counter-clockwise quarter turns, as ``np.rot90``) on a width x height image, and the output size."""
+    matrix = np.eye(3)
+    if element & 4:
+        matrix = np.array([[-1.0, 0, width - 1], [0, 1, 0], [0, 0, 1]]) @ matrix
+    for _ in range(element & 3):
+        # x' = y, y' = (w - 1) - x; the output is h wide and w high
+        matrix = np.array([[0.0, 1, 0], [-1, 0, width - 1], [0, 0, 1]]) @ matrix
+        width, height = height, width
+    return matrix, width, height
+
+
+def affine_matrix(rng: random.Random, width: int, height: int) -> np.ndarray:
+    """A forward affine jitter about the image centre, sampled as albumentations' ``Affine`` samples it:
+    whole-pixel shifts up to ±TRANSLATE of the size, independent x/y scales, a rotation in degrees."""
+    shift_x = int(rng.uniform(-TRANSLATE, TRANSLATE) * width)
+    shift_y = int(rng.uniform(-TRANSLATE, TRANSLATE) * height)
+    scale_x, scale_y = rng.uniform(*SCALE), rng.uniform(*SCALE)
+    angle = math.radians(rng.uniform(-ROTATE, ROTATE))
+    cx, cy = width / 2 - 0.5, height / 2 - 0.5
+    cos, sin = math.cos(angle), math.sin(angle)
+    linear = np.array([[cos, sin], [-sin, cos]]) @ np.diag([scale_x, scale_y])
+    matrix = np.eye(3)
+    matrix[:2, :2] = linear
+    matrix[:2, 2] = np.array([cx + shift_x, cy + shift_y]) - linear @ np.array([cx, cy])
+    return matrix
+
+
+def crop_matrix(rng: random.Random, width: int, height: int, min_area: float) -> np.ndarray:
+    """A random resized crop (area fraction in [min_area, 1], aspect ratio in CROP_RATIO, sampled as
+    torchvision's and albumentations' ``RandomResizedCrop``) as a forward matrix back to width x height."""
+    area = width * height
+    for _ in range(10):
+        target = rng.uniform(min_area, 1.0) * area
+        ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+        crop_w, crop_h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            x0, y0 = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+            break
+    else:  # both libraries then take the central crop with the ratio clamped: the whole of a square image
+        crop_w = min(width, round(height * CROP_RATIO[1]))
+        crop_h = min(height, round(width / CROP_RATIO[0]))
+        x0, y0 = (width - crop_w) // 2, (height - crop_h) // 2
+    sx, sy = width / crop_w, height / crop_h
+    # pixel centres map to pixel centres, as cv2.resize maps them
+    return np.array([[sx, 0, (0.5 - x0) * sx - 0.5], [0, sy, (0.5 - y0) * sy - 0.5], [0, 0, 1]])
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A sample's geometric augmentation: a D4 element, then (when ``warp`` is set) an affine/crop warp, as
+    forward 3x3 pixel-coordinate matrices."""
+
+    element: int = 0
+    warp: np.ndarray | None = None  # affine and crop, applied after the D4 view; None: the D4 view alone
+
+    def matrix(self, width: int, height: int) -> tuple[np.ndarray, int, int]:
+        """The whole forward map (D4, then warp) and the output size."""
+        d4, out_w, out_h = d4_matrix(self.element, width, height)
+        return (d4 if self.warp is None else self.warp @ d4), out_w, out_h
+
+
+def sample_geometry(rng: random.Random, cfg: AugmentConfig, width: int, height: int) -> Geometry:
+    """The geometric parameters of one sample: a uniform D4 element with probability ``cfg.d4``, an affine
+    jitter with probability ``cfg.shift_scale_rotate``, and a resized crop whenever ``cfg.crop_scale < 1``."""
+    element = rng.randrange(8) if rng.random() < cfg.d4 else 0
+    out_w, out_h = (height, width) if element & 1 else (width, height)
+    warp = None
+    if rng.random() < cfg.shift_scale_rotate:
+        warp = affine_matrix(rng, out_w, out_h)
+    if cfg.crop_scale < 1.0:
+        crop = crop_matrix(rng, out_w, out_h, cfg.crop_scale)
+        warp = crop if warp is None else crop @ warp
+    return Geometry(element, warp)
+
+
+def intensity_tables(channels: int, contrast_brightness: tuple[float, float] | None = None,
+                     factors: list[float] | None = None, gamma: float | None = None) -> np.ndarray:
+    """One uint8 lookup table per channel (channels x 256) doing, in this order, what albumentations' uint8
+    kernels do (float32 maths, clipped and truncated to uint8 after each step): contrast ``alpha`` and
+    brightness ``beta`` (``RandomBrightnessContrast``, beta in units of the max value), a factor per channel
+    (``MultiplicativeNoise``), then ``floor(255 * (v / 255) ** gamma)`` (``RandomGamma``). One lookup in the
+    composed table equals the three steps in a row."""
+    tables = np.tile(np.arange(256, dtype=np.uint8), (channels, 1))
+    if contrast_brightness is not None:
+        alpha, beta = contrast_brightness
+        tables = np.clip(tables.astype(np.float32) * np.float32(alpha) + np.float32(beta * 255), 0, 255)
+        tables = tables.astype(np.uint8)
+    if factors is not None:
+        per_channel = np.asarray(factors, dtype=np.float32)[:, None]
+        tables = np.clip(tables.astype(np.float32) * per_channel, 0, 255).astype(np.uint8)
+    if gamma is not None:
+        tables = ((np.arange(256) / 255.0) ** gamma * 255).astype(np.uint8)[tables]
+    return tables
+
+
+def sample_intensity(rng: random.Random, cfg: AugmentConfig, channels: int) -> np.ndarray | None:
+    """The intensity change of one sample as :func:`intensity_tables`, or None when none fires: brightness/
+    contrast with probability ``cfg.brightness_contrast``, per-channel factors (each stain's strength)
+    independently with the same probability, gamma with probability ``cfg.gamma``."""
+    contrast_brightness = factors = gamma = None
+    if rng.random() < cfg.brightness_contrast:
+        contrast_brightness = (1.0 + rng.uniform(-CONTRAST, CONTRAST), rng.uniform(-BRIGHTNESS, BRIGHTNESS))
+    if rng.random() < cfg.brightness_contrast:
+        factors = [rng.uniform(*CHANNEL_FACTOR) for _ in range(channels)]
+    if rng.random() < cfg.gamma:
+        gamma = rng.uniform(*GAMMA)
+    if contrast_brightness is None and factors is None and gamma is None:
+        return None
+    return intensity_tables(channels, contrast_brightness, factors, gamma)
+
+
+# -- on the CPU, per sample (albumentations) ------------------------------------------------------------------
+class _SaltedSeed:
+    """Transforms of one Compose are all seeded with the sample's seed (``Compose.set_random_seed``): each
+    draws from its own stream of it, so that their draws are independent."""
+
+    salt = 0
+
+    def set_random_seed(self, seed: int | None) -> None:
+        # Only the Python stream: these transforms draw nothing from numpy, and a numpy Generator costs more
+        # to seed than the rest of a sample's parameters to draw.
+        self.seed = seed
+        self.py_random = random.Random() if seed is None else stream(seed, self.salt)
+
+
+_CV2_ROTATE = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}
+
+
+def d4_view(image: np.ndarray, element: int) -> np.ndarray:
+    """D4 element ``element`` of an H x W (x C) image, exactly (no resampling)."""
+    if element & 4:
+        image = cv2.flip(image, 1)
+    return cv2.rotate(image, _CV2_ROTATE[element & 3]) if element & 3 else image
+
+
+def warp_reflect(image: np.ndarray, matrix: np.ndarray, width: int, height: int,
+                 interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """``image`` resampled through the forward 3x3 ``matrix`` to width x height, borders reflected
+    (BORDER_REFLECT_101). OpenCV samples reflected border pixels on a slow path (about 2x the cost of a warp at
+    512 px with a 45 degree turn), so the image is first padded by reflection just as far as the warp reaches,
+    and the warp then stays inside it."""
+    inverse = np.linalg.inv(matrix)
+    corners = inverse @ np.array([[0, width - 1, 0, width - 1], [0, 0, height - 1, height - 1], [1, 1, 1, 1]])
+    src_h, src_w = image.shape[:2]
+    # +2: the bilinear neighbour, and the fixed-point rounding of the source coordinates
+    left = max(0, math.ceil(-corners[0].min()) + 2)
+    right = max(0, math.ceil(corners[0].max() - (src_w - 1)) + 2)
+    top = max(0, math.ceil(-corners[1].min()) + 2)
+    bottom = max(0, math.ceil(corners[1].max() - (src_h - 1)) + 2)
+    if left or right or top or bottom:
+        image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_REFLECT_101)
+        inverse = np.array([[1.0, 0, left], [0, 1, top], [0, 0, 1]]) @ inverse
+    def warp(part: np.ndarray) -> np.ndarray:
+        return cv2.warpAffine(part, inverse[:2], (width, height), flags=interpolation | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_REFLECT_101)
+
+    if image.ndim == 3 and image.shape[2] > 4:  # OpenCV warps at most 4 channels at a time
+        return np.concatenate([warp(np.ascontiguousarray(image[..., i:i + 4])).reshape(height, width, -1)
+                               for i in range(0, image.shape[2], 4)], axis=2)
+    return warp(image)
+
+
+class D4Affine(_SaltedSeed, A.DualTransform):
+    """D4 view, affine jitter and resized crop of the policy in one resampling (H x W x C in and out).
+
+    The D4 element and the warp are composed into one matrix and applied by one ``cv2.warpAffine``; a sample
+    with a D4 view alone is an exact flip/rotation copy. Parameters: :func:`sample_geometry`.
+    """
+
+    salt = GEOMETRY_STREAM
+
+    def __init__(self, cfg: AugmentConfig):
+        super().__init__(p=1.0)  # each part has its own probability in cfg
+        self.cfg = cfg
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        return {"geometry": sample_geometry(self.py_random, self.cfg, width, height)}
+
+    def apply(self, img: np.ndarray, geometry: Geometry, interpolation: int = cv2.INTER_LINEAR,
+              **params: Any) -> np.ndarray:
+        if geometry.warp is None:
+            return d4_view(img, geometry.element)
+        matrix, width, height = geometry.matrix(img.shape[1], img.shape[0])
+        return warp_reflect(img, matrix, width, height, interpolation)
+
+    def apply_to_mask(self, mask: np.ndarray, geometry: Geometry, **params: Any) -> np.ndarray:
+        return self.apply(mask, geometry, cv2.INTER_NEAREST)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("cfg",)
+
+
+def to_chw(image: np.ndarray) -> np.ndarray:
+    """H x W x C uint8 as a contiguous C x H x W array (one pass: ``cv2.split`` into the planes)."""
+    if image.ndim == 2:
+        return image[None].copy()
+    planes = np.empty((image.shape[2], *image.shape[:2]), dtype=image.dtype)
+    cv2.split(image, list(planes))
+    return planes
+
+
+class ChannelIntensity(_SaltedSeed, A.ImageOnlyTransform):
+    """Brightness/contrast, a per-channel factor and gamma as one lookup table per channel; returns the image
+    channels first (C x H x W), like ``ToTensorV2``, so it is the last transform of a policy: the transpose and
+    the table lookups are one pass over the planes. Parameters: :func:`sample_intensity`."""
+
+    salt = INTENSITY_STREAM
+
+    def __init__(self, cfg: AugmentConfig):
+        super().__init__(p=1.0)
+        self.cfg = cfg
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        shape = params["shape"]
+        return {"tables": sample_intensity(self.py_random, self.cfg, shape[2] if len(shape) == 3 else 1)}
+
+    def apply(self, img: np.ndarray, tables: np.ndarray | None, **params: Any) -> np.ndarray:
+        planes = to_chw(img)
+        if tables is not None:
+            for plane, table in zip(planes, tables):
+                albucore.sz_lut(plane, table, inplace=True)
+        return planes
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("cfg",)
+
+
+def build_cpu_policy(cfg: AugmentConfig) -> A.Compose:
+    """The policy as an albumentations Compose: H x W x C uint8 in, C x H x W uint8 out. Reseed it per sample
+    (``set_random_seed``) for reproducible draws."""
+    return A.Compose([D4Affine(cfg), ChannelIntensity(cfg)])
+
+
+# -- on the training device, per batch (torch) ----------------------------------------------------------------
+class BatchAugment:
+    """The policy applied to a uint8 N x C x H x W batch of square images on its device.
+
+    Each sample's parameters come from its seed through :func:`sample_geometry` / :func:`sample_intensity` (the
+    CPU policy's sampling code, on their own Python RNG streams: no global RNG is touched, so dropout masks and
+    a resumed run are unaffected). The geometry of the whole batch is one bilinear ``grid_sample`` (reflected
+    borders about the edge pixels' centres, as BORDER_REFLECT_101; D4-only samples land on pixel centres and
+    come out exact), the intensity one gather from the per-channel tables.
+    """
+
+    def __init__(self, cfg: AugmentConfig):
+        self.cfg = cfg
+
+    def parameters(self, seeds: list[int], channels: int, size: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Inverse pixel-coordinate matrices (N x 3 x 3, or None when no sample moves) and lookup tables
+        (N x C x 256, or None when no sample's intensity changes) of a batch."""
+        inverses, tables, moved, changed = [], [], False, False
+        identity_tables = np.tile(np.arange(256, dtype=np.uint8), (channels, 1))
+        for seed in seeds:
+            geometry = sample_geometry(stream(seed, GEOMETRY_STREAM), self.cfg, size, size)
+            matrix, _, _ = geometry.matrix(size, size)
+            inverses.append(np.linalg.inv(matrix))
+            moved |= geometry.element != 0 or geometry.warp is not None
+            sample_tables = sample_intensity(stream(seed, INTENSITY_STREAM), self.cfg, channels)
+            tables.append(identity_tables if sample_tables is None else sample_tables)
+            changed |= sample_tables is not None
+        return (np.stack(inverses) if moved else None), (np.stack(tables) if changed else None)
+
+    def __call__(self, images: torch.Tensor, seeds: torch.Tensor | list[int]) -> torch.Tensor:
+        """The augmented batch (uint8, same shape and device)."""
+        n, channels, height, width = images.shape
+        if height != width:
+            raise ValueError(f"batch augmentation needs square images, got {height} x {width}")
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for a batch of {n} images")
+        inverses, tables = self.parameters(seeds, channels, height)
+        if inverses is not None:
+            images = self.warp(images, torch.as_tensor(inverses, dtype=torch.float32, device=images.device))
+        if tables is not None:
+            lookup = torch.as_tensor(tables, device=images.device)  # N x C x 256
+            flat = images.reshape(n, channels, -1).long()
+            images = torch.gather(lookup, 2, flat).view(n, channels, height, width)
+        return images
+
+    @staticmethod
+    def warp(images: torch.Tensor, inverses: torch.Tensor) -> torch.Tensor:
+        """Bilinear resampling of each image through its inverse pixel-coordinate matrix (N x 3 x 3)."""
+        n, _, height, width = images.shape
+        ys, xs = torch.meshgrid(torch.arange(height, device=images.device, dtype=torch.float32),
+                                torch.arange(width, device=images.device, dtype=torch.float32), indexing="ij")
+        pixels = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).view(1, -1, 3)  # output pixel centres
+        source = pixels @ inverses[:, :2, :].transpose(1, 2)  # N x HW x 2, source pixel coordinates
+        # align_corners=True: -1 and 1 are the centres of the edge pixels, so "reflection" reflects about
+        # them (cv2's BORDER_REFLECT_101)
+        scale = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)], device=images.device)
+        grid = (source * scale - 1).view(n, height, width, 2)
+        warped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+        return warped.round_().clamp_(0, 255).to(torch.uint8)
