@@ -285,8 +285,8 @@ def _openimages_rows(csv_path: Path, image_dir: Path) -> tuple[pd.DataFrame, lis
     pairs = np.unique(position[ids.cat.codes.to_numpy()[positive]] * (len(codes.cat.categories) + 1)
                       + codes.cat.codes.to_numpy()[positive])  # sorted by image, one per (image, label)
     image_of, code_of = np.divmod(pairs, len(codes.cat.categories) + 1)
-    names = codes.cat.categories.to_numpy(dtype=object)[code_of]
-    bounds = np.searchsorted(image_of, np.arange(len(images) + 1))
+    names = codes.cat.categories.to_numpy(dtype=object)[code_of].tolist()  # list slices: 5x numpy's here
+    bounds = np.searchsorted(image_of, np.arange(len(images) + 1)).tolist()
     label_codes = [tuple(names[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     id_names = ids.cat.categories.to_numpy(dtype=object)[images]
     prefix = f"{image_dir}{os.sep}"
