@@ -58,10 +58,11 @@ def duplicate_groups(hashes: np.ndarray, max_distance: int, chunk: int = 2048) -
 
 
 # folds.method=auto runs iterstrat up to this many cells (groups x classes) and stratify_sparse above. iterstrat
-# recounts the remaining labels of all samples for every label it processes (time ~ n x m x m), and the
-# fast path balances classes as well (benchmarks/bench_folds.py: the same LD and per-class deviations at
-# 100k x 500); the switch keeps HPA (31k x 28, with HPAv18 ~105k x 28) on iterstrat, whose splits existing
-# fold files were made with, and sends anything where iterstrat takes more than ~2 s to the fast path.
+# places samples one at a time in Python and recounts the remaining labels of all samples for every label it
+# processes; measured here (2 shared cores): 0.7 s at 31k x 28 (HPA), 2.2 s at 105k x 28 (HPA + HPAv18),
+# 2.5 s at 40k x 250, 21-38 s at 100k x 500, where the fast path takes 0.01-0.6 s with comparable balance
+# (benchmarks/bench_folds.py). The switch keeps HPA on iterstrat, whose splits existing fold files were
+# made with, and sends larger tables (past ~2 s of iterstrat) to the fast path.
 AUTO_ITERSTRAT_MAX_CELLS = 4_000_000
 FOLD_METHODS = ("iterstrat", "fast")
 
@@ -157,6 +158,7 @@ def stratify_sparse(labels, n_splits: int, seed: int) -> np.ndarray:
                                      minlength=m * n_splits).reshape(m, n_splits)
         label_demand -= per_label_fold
         remaining -= per_label_fold.sum(axis=1)
+        remaining[label] = 0  # already 0 by the count above; set anyway so the loop always ends
     unlabelled = np.flatnonzero(fold < 0)
     if len(unlabelled):
         fold[unlabelled] = np.repeat(np.arange(n_splits),
@@ -291,9 +293,10 @@ def make_folds(cfg: Config, progress: bool = True) -> pd.DataFrame:
         else:
             stats = balance(labels, folds, cfg.folds.n_splits)
             sizes = np.bincount(folds, minlength=cfg.folds.n_splits).tolist()
-            print(f"fold sizes {sizes}; over the {int((support >= cfg.folds.n_splits).sum())} classes with at least "
-                  f"{cfg.folds.n_splits} samples the largest fold count is {stats['max_dev']:.1%} off n_c/k "
-                  f"(mean over classes {stats['mean_dev']:.1%}); label distribution LD {stats['LD']:.2e}")
+            print(f"fold sizes {sizes}; classes with at least {cfg.folds.n_splits} samples "
+                  f"({int((support >= cfg.folds.n_splits).sum())}): fold counts at most {stats['max_dev']:.1%} off "
+                  f"n_c/k (a class's largest miss, mean over classes {stats['mean_dev']:.1%}), "
+                  f"{stats['empty_pairs']} (class, fold) pairs empty; label distribution LD {stats['LD']:.2e}")
         print(f"wrote {path} ({len(result)} samples, {cfg.folds.n_splits} folds)")
     return result
 
