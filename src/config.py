@@ -92,7 +92,7 @@ class FoldsConfig(Section):
     rare_classes: Literal["error", "warn"] = "error"
     # The stratifier: iterstrat (MultilabelStratifiedKFold on a dense matrix; minutes to hours past ~1e7
     # samples x classes), fast (src.folds.stratify_sparse: the same iterative stratification on a sparse
-    # matrix, 1.7 M x 7 178 in about a minute), or auto: iterstrat up to src.folds.AUTO_ITERSTRAT_MAX_CELLS
+    # matrix, 1.7 M x 7 178 in ~13 s on 2 cores), or auto: iterstrat up to src.folds.AUTO_ITERSTRAT_MAX_CELLS
     # samples x classes (HPA), fast above.
     method: Literal["auto", "iterstrat", "fast"] = "auto"
 

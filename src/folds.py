@@ -6,7 +6,7 @@ Writes ``folds.path`` (``Id,fold``), deterministic by ``folds.seed``, and prints
 class every fold holds (a balance summary instead when there are many classes). Two stratifiers
 (``folds.method``): iterstrat's MultilabelStratifiedKFold on a dense label matrix, for small data such as
 HPA, and ``stratify_sparse``, the same iterative stratification (Sechidis et al. 2011) on a sparse matrix
-with one vectorised step per label, for Open Images sizes (1.7 M x 7 178 in about a minute; iterstrat
+with one vectorised step per label, for Open Images sizes (1.7 M x 7 178 in ~13 s on 2 cores; iterstrat
 would take hours and the dense matrix alone is 12 GB). Only ``folds.path`` is written, so ``data.dir``
 may be read-only (as on Kaggle). With ``folds.group_duplicates`` near-duplicate
 images (perceptual hash of the green channel within ``folds.duplicate_distance`` bits) share a fold, so
