@@ -90,10 +90,10 @@ class FoldsConfig(Section):
     duplicate_distance: int = Field(4, ge=0)
     # What to do with a class that has fewer samples than folds: fail, or keep going and warn.
     rare_classes: Literal["error", "warn"] = "error"
-    # The stratifier: iterstrat (MultilabelStratifiedKFold on a dense matrix; minutes to hours past ~1e7
-    # samples x classes), fast (src.folds.stratify_sparse: the same iterative stratification on a sparse
-    # matrix, 1.7 M x 7 178 in ~13 s on 2 cores), or auto: iterstrat up to src.folds.AUTO_ITERSTRAT_MAX_CELLS
-    # samples x classes (HPA), fast above.
+    # The stratifier: iterstrat (MultilabelStratifiedKFold on a dense matrix; ~40 s at 100k x 500, and the
+    # dense 1.7 M x 7 178 matrix alone would be 12 GB), fast (src.folds.stratify_sparse: the same iterative
+    # stratification on a sparse matrix, 1.7 M x 7 178 in ~13 s on 2 cores), or auto: iterstrat up to
+    # src.folds.AUTO_ITERSTRAT_MAX_CELLS samples x classes (HPA), fast above.
     method: Literal["auto", "iterstrat", "fast"] = "auto"
 
 
