@@ -116,13 +116,17 @@ class ModelConfig(Section):
 
 
 class AugmentConfig(Section):
-    """A 4-channel-safe albumentations policy; probabilities of 0 switch a transform off."""
+    """The training augmentation policy (src.augment), any channel count; probabilities of 0 switch a part off."""
 
     d4: float = Field(1.0, ge=0.0, le=1.0)
     shift_scale_rotate: float = Field(0.5, ge=0.0, le=1.0)
     brightness_contrast: float = Field(0.3, ge=0.0, le=1.0)
     gamma: float = Field(0.3, ge=0.0, le=1.0)
     crop_scale: float = Field(1.0, gt=0.0, le=1.0)
+    # Where the policy runs: "loader" per sample in the DataLoader workers (CPU, albumentations); "device" on
+    # each batch on the training device (torch), leaving the workers only reading, for when CPU cores are few.
+    # The same parameters from the same per-sample seeds either way.
+    where: Literal["loader", "device"] = "loader"
 
 
 class TrainConfig(Section):

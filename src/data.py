@@ -583,11 +583,13 @@ class RGBYDataset(Dataset):
     evaluation). The seed reseeds the augmentation pipeline for that one sample: albumentations keeps a
     private RNG that DataLoader workers do not reseed, so without this every worker and every epoch would
     repeat one augmentation sequence. Per-sample seeds also make a run independent of the worker count and
-    let a resumed run replay exactly.
+    let a resumed run replay exactly. With ``with_seeds`` (the policy runs on the training device, see
+    ``src.augment.BatchAugment``) items are (image, target, seed) instead, the seed -1 when there is none.
     """
 
     def __init__(self, table: pd.DataFrame, num_classes: int, image_size: int,
-                 augment: A.Compose | None = None, packed: PackedImages | None = None, channels: int | None = None):
+                 augment: A.Compose | None = None, packed: PackedImages | None = None, channels: int | None = None,
+                 with_seeds: bool = False):
         self.ids = table["Id"].tolist()
         exts = table["ext"] if "ext" in table else ["png"] * len(table)
         self.files = table["files"].tolist() if "files" in table else [
@@ -598,11 +600,12 @@ class RGBYDataset(Dataset):
         self.num_classes = num_classes
         self.image_size = image_size
         self.augment = augment
+        self.with_seeds = with_seeds
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
         index, seed = item if isinstance(item, tuple) else (item, None)
         if self.packed is not None:
             image = self.packed[index]
@@ -616,6 +619,8 @@ class RGBYDataset(Dataset):
             image = to_chw(image)
         target = torch.zeros(self.num_classes, dtype=torch.float32)
         target[list(self.labels[index])] = 1.0
+        if self.with_seeds:
+            return torch.from_numpy(image), target, -1 if seed is None else seed
         return torch.from_numpy(image), target
 
 

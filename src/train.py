@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from src.augment import BatchAugment
 from src.config import Config, PipelineError, cli_parser, config_from_args, ensure_writable, override, run_cli
 from src.data import EpochSampler, RGBYDataset, Vocabulary, build_augment, label_matrix, load_training_data, make_loader
 from src.folds import load_folds
@@ -188,6 +189,9 @@ class FoldParts:
     dist: Dist = SINGLE
     # What the loop calls: the model itself, or its DistributedDataParallel wrapper (all-reduces gradients).
     forward: nn.Module | None = None
+    # train.augment.where=device: the policy applied to each training batch on the device (batches then carry
+    # their samples' seeds); None when the DataLoader workers augment.
+    batch_augment: BatchAugment | None = None
 
     def __post_init__(self) -> None:
         self.forward = self.forward or self.model
@@ -247,6 +251,7 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, round(tc.warmup_fraction * total_steps)))
     n_classes, size = cfg.data.num_classes, cfg.data.image_size
+    on_device = tc.augment.where == "device"
     ema = (ModelEmaV3(model, decay=ema_decay(tc.ema_horizon, total_steps), use_warmup=True, warmup_power=1.0)
            if tc.ema else None)
     forward = model
@@ -265,12 +270,13 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
         # EMA warm-up with power 1: decay t / (t + 1), a plain mean of every step so far, until its time
         # constant reaches the horizon; from then on a fixed-horizon EMA. Both scale with the schedule.
         ema=ema,
-        train_set=RGBYDataset(train_table, n_classes, size, build_augment(tc.augment, size),
-                              open_packed(cfg.data, train_table), channels=cfg.model.in_chans),
+        train_set=RGBYDataset(train_table, n_classes, size, None if on_device else build_augment(tc.augment, size),
+                              open_packed(cfg.data, train_table), channels=cfg.model.in_chans, with_seeds=on_device),
         val_set=RGBYDataset(val_table, n_classes, size, packed=open_packed(cfg.data, val_table),
                             channels=cfg.model.in_chans),
         sampler=EpochSampler(len(train_table), tc.seed, dist.rank, dist.world_size),
         steps_per_epoch=steps_per_epoch, dist=dist, forward=forward,
+        batch_augment=BatchAugment(tc.augment) if on_device else None,
     )
 
 
@@ -441,7 +447,8 @@ class Trainer:
 
     def train_epoch(self, batches: Iterable, tracker: Tracker | None = None) -> bool:
         """Train on ``batches`` (the rest of ``state.epoch``: :meth:`epoch_batches`, or any sized iterable of
-        uint8 image and target batches); returns False when ``train.stop_after_steps`` stopped it."""
+        uint8 image and target batches, with their sample seeds third under ``train.augment.where=device``);
+        returns False when ``train.stop_after_steps`` stopped it."""
         p, tc, state = self.parts, self.cfg.train, self.state
         p.model.train()
         p.optimizer.zero_grad(set_to_none=True)
@@ -450,11 +457,16 @@ class Trainer:
                    desc=f"fold {self.fold} epoch {state.epoch + 1}/{tc.epochs}")
         window_start = time.perf_counter()
         for window in accumulation_windows(batches, tc.accum_steps):
-            window_images = sum(len(images) for images, _ in window)
+            window_images = sum(len(batch[0]) for batch in window)
             window_loss = torch.zeros((), device=p.device)
-            for micro, (images, targets) in enumerate(window, start=1):
+            for micro, (images, targets, *seeds) in enumerate(window, start=1):
                 images = images.to(p.device, non_blocking=True)
                 targets = targets.to(p.device, non_blocking=True)
+                if p.batch_augment is not None:
+                    if not seeds:
+                        raise PipelineError("train.augment.where=device: the training batches carry no sample "
+                                            "seeds (expected (images, targets, seeds) batches)")
+                    images = p.batch_augment(images, seeds[0])
                 if self.cfg.model.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 # Under DDP, gradients are all-reduced once per window: on its last micro-batch.

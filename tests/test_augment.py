@@ -9,8 +9,11 @@ import albumentations as A
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from src.augment import (
+    GEOMETRY_STREAM,
+    BatchAugment,
     Geometry,
     affine_matrix,
     build_cpu_policy,
@@ -18,9 +21,14 @@ from src.augment import (
     intensity_tables,
     sample_geometry,
     sample_intensity,
+    stream,
+    to_chw,
     warp_reflect,
 )
-from src.config import AugmentConfig
+from src.config import AugmentConfig, PipelineError
+from src.folds import make_folds
+from src.train import Trainer, build_parts
+from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +109,58 @@ def test_geometry_and_intensity_fire_independently_at_their_rates(image):
     assert abs(warped / n - 0.5) < 0.07
     assert abs(changed / n - (1 - 0.7**3)) < 0.07  # any of three independent draws at 0.3
     assert abs(both / n - (warped / n) * (changed / n)) < 0.06
+
+
+def batch_of(image: np.ndarray, n: int) -> torch.Tensor:
+    return torch.from_numpy(to_chw(image))[None].repeat(n, 1, 1, 1)
+
+
+@pytest.mark.parametrize("crop_scale", [1.0, 0.6])
+def test_the_device_policy_gives_the_cpu_policys_images_for_the_same_seeds(image, crop_scale):
+    # Same seeds, same sampling code: the same parameters. Samples without a warp are exact; warped ones
+    # differ by OpenCV's fixed-point bilinear rounding only.
+    cfg = AugmentConfig(crop_scale=crop_scale)
+    policy, seeds = build_cpu_policy(cfg), list(range(100, 116))
+    on_cpu = []
+    for seed in seeds:
+        policy.set_random_seed(seed)
+        on_cpu.append(policy(image=image)["image"])
+    on_device = BatchAugment(cfg)(batch_of(image, len(seeds)), torch.tensor(seeds))
+    assert on_device.dtype == torch.uint8 and on_device.shape == (16, 4, 40, 40)
+    difference = np.abs(np.stack(on_cpu).astype(int) - on_device.numpy())
+    assert difference.max() <= 2 and difference.mean() < 0.05
+    for seed, sample_difference in zip(seeds, difference):
+        if sample_geometry(stream(seed, GEOMETRY_STREAM), cfg, 40, 40).warp is None:
+            assert sample_difference.max() == 0, seed
+
+
+def test_the_device_policy_replays_its_seeds_and_leaves_the_global_rng_alone(image):
+    augment = BatchAugment(AugmentConfig())
+    batch, seeds = batch_of(image, 8), torch.arange(8) * 7919
+    rng_before = torch.get_rng_state()
+    first = augment(batch, seeds)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # dropout masks (and resume) must not notice
+    assert torch.equal(augment(batch, seeds), first)
+    other = augment(batch, seeds + 1)
+    assert sum(not torch.equal(a, b) for a, b in zip(first, other)) >= 6
+    assert len({sample.numpy().tobytes() for sample in first}) == 8  # one image, eight augmentations
+
+
+def test_training_with_the_device_policy_augments_the_batches_the_loader_leaves_plain(tiny_data, tmp_path):
+    # train.augment.where=device: the workers only read; each batch carries its seeds, and the policy applied
+    # on the device gives the batch the workers would have augmented (train.augment.where=loader).
+    def first_batch(where: str):
+        cfg = tiny_config(tiny_data, tmp_path / where, f"train.augment.where={where}", "train.augment.gamma=1.0")
+        make_folds(cfg, progress=False)
+        trainer = Trainer(build_parts(cfg, fold=0, progress=False), progress=False)
+        return trainer, next(iter(trainer.epoch_batches()))
+
+    trainer, (images, targets, seeds) = first_batch("device")
+    assert trainer.parts.train_set.augment is None and trainer.parts.batch_augment is not None
+    _, (loader_images, loader_targets) = first_batch("loader")
+    assert torch.equal(targets, loader_targets)
+    assert not torch.equal(images, loader_images)
+    difference = (trainer.parts.batch_augment(images, seeds).int() - loader_images.int()).abs()
+    assert difference.max() <= 2
+    with pytest.raises(PipelineError, match="carry no sample seeds"):
+        trainer.train_epoch([(images, targets)])

@@ -151,9 +151,14 @@ def test_bench_loader(capsys):
 
     bench_loader.main(["--smoke"])
     out = capsys.readouterr().out
-    for path in ("naive PNG decode \\(PIL\\), baseline", "dataset, packed cache, training policy"):
+    for path in ("naive PNG decode \\(PIL\\), baseline", "dataset, packed cache, training policy",
+                 "dataset, packed cache, albumentations chain \\(before\\)",
+                 "dataset, packed cache, device-side policy: loader part"):
         assert has_line(out, rf"^{path}\s+{NUMBER}\s+{NUMBER}$"), path
+    assert has_line(out, rf"^device-side policy on the batch \((cpu|cuda), batch 4\)\s+{NUMBER}\s+-$")
+    assert has_line(out, rf"^training policy vs the albumentations chain it replaced: {NUMBER}x$")
     assert has_line(out, rf"^packed cache \+ training policy: {NUMBER}x the naive loader")
+    assert has_line(out, rf"^packed cache \+ device-side policy \(loader part\): {NUMBER}x the naive loader")
 
 
 def test_bench_folds(capsys):

@@ -29,6 +29,7 @@ VARIANTS = {
     "ema": ("train.ema=true", "train.ema_horizon=0.3"),
     "workers+augment": ("train.num_workers=2",),  # the tiny config keeps the default augmentation on
     "accumulation": ("train.batch_size=4", "train.accum_steps=2"),
+    "device-augment": ("train.augment.where=device",),  # the policy on each batch, from the seeds it carries
 }
 
 
@@ -90,6 +91,7 @@ def reference_run(tiny_data, tmp_path_factory):
     ("workers+augment", 4),
     ("accumulation", 2),  # stops after 4 of the 6 micro-batches of epoch 1
     ("accumulation", 4),  # stops after 2 of the 6 micro-batches of epoch 2
+    ("device-augment", 2),
 ])
 def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tiny_data, tmp_path, reference_run, capsys,
                                                              variant, stop_after):
