@@ -1,81 +1,503 @@
-"""Macro-F1 and vectorised threshold search, shared by training (validation) and prediction.
+"""Competition metrics by config (``metric.name``), label decisions, and vectorised threshold searches, shared
+by training (validation) and prediction.
 
-A sample is predicted positive for a class when its score is ``>=`` the class threshold. F1 of a class
-with no positives and no predictions is 0 (sklearn's ``zero_division=0``).
+A sample is predicted positive for a class when its score is ``>=`` the class threshold. Truth and
+predictions are boolean n x m matrices, dense numpy arrays or scipy.sparse (csr) matrices: the metrics
+never densify a sparse one, so a many-label truth matrix stays small. Scores are dense and finite.
+
+Conventions are scikit-learn's, with ``zero_division`` a number:
+
+- ``macro_f1``: ``f1_score(average="macro", zero_division=z)``: every column counts; a class with no true
+  and no predicted sample scores ``z``.
+- ``fbeta_samples``: ``fbeta_score(average="samples", beta=b, zero_division=z)``: an image with no true
+  and no predicted label scores ``z``; one with predictions but no true label (or the reverse) scores 0.
+- ``micro_f1``: ``f1_score(average="micro", zero_division=z)``: ``z`` only when nothing is true or predicted.
+- ``precision_at_k``: the share of each image's k highest-scoring labels that are true, averaged over
+  images (see :func:`precision_at_k` for ties and images with fewer than k labels).
+
+"The k highest-scoring labels" of a row is one order everywhere (:func:`top_labels`, :func:`ranked_top`,
+the label bounds of :func:`bound_labels`): by score, ties broken towards the lower class index.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+from scipy import sparse
+
+if TYPE_CHECKING:
+    from src.config import MetricConfig
+
+# Row blocks of about this many matrix entries bound the temporaries of the row-wise searches (a few
+# bytes each), whatever n and m are.
+BLOCK_ENTRIES = 1 << 22
 
 
-def f1_per_class(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """F1 of each column of two boolean n x m matrices."""
-    y_true, y_pred = y_true.astype(bool), y_pred.astype(bool)
-    tp = (y_true & y_pred).sum(axis=0)
-    denominator = y_true.sum(axis=0) + y_pred.sum(axis=0)
-    return np.divide(2 * tp, denominator, out=np.zeros(y_true.shape[1]), where=denominator > 0)
+# -- counting on dense or sparse boolean matrices ------------------------------------------------------------
+def _canonical_csr(matrix) -> sparse.csr_matrix:
+    """A boolean csr copy with no explicit zeros and no duplicates, indices sorted within rows."""
+    csr = sparse.csr_matrix(matrix, dtype=bool, copy=True)
+    csr.eliminate_zeros()
+    csr.sum_duplicates()
+    return csr
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    return float(f1_per_class(y_true, y_pred).mean())
+def _nonzero(matrix) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the True entries, row-major, of a dense array or a canonical csr matrix."""
+    if sparse.issparse(matrix):
+        rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+        return rows, matrix.indices.astype(np.int64)
+    return np.nonzero(matrix)
 
 
-def _sorted_columns(y_true: np.ndarray, scores: np.ndarray):
-    order = np.argsort(scores, axis=0)  # ties need no stable order: cuts inside them are masked out
-    sorted_scores = np.take_along_axis(scores, order, axis=0)
-    sorted_true = np.take_along_axis(y_true.astype(np.int64), order, axis=0)
-    # tp_from[i, c]: positives among the samples ranked i..n-1 of class c (those kept by a cut at i).
-    tp_from = np.vstack([np.cumsum(sorted_true[::-1], axis=0)[::-1], np.zeros((1, y_true.shape[1]), np.int64)])
-    return sorted_scores, tp_from
+def _lookup(matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``matrix[rows, cols]`` as booleans, for a dense array or a canonical csr matrix (binary search on
+    its entries' flat positions, never a dense copy)."""
+    if not sparse.issparse(matrix):
+        return np.asarray(matrix)[rows, cols].astype(bool)
+    m = matrix.shape[1]
+    stored_rows, stored_cols = _nonzero(matrix)
+    keys = stored_rows * m + stored_cols  # ascending: rows in order, sorted indices within a row
+    wanted = np.asarray(rows, np.int64) * m + np.asarray(cols, np.int64)
+    at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+    return (keys[at] == wanted) if len(keys) else np.zeros(len(wanted), bool)
 
 
-def best_thresholds(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per class, the threshold that maximises that class's F1 on (y_true, scores), and that F1.
+def _prepare(matrix):
+    return _canonical_csr(matrix) if sparse.issparse(matrix) else np.asarray(matrix).astype(bool, copy=False)
 
-    Exact and vectorised: every cut between two distinct sorted scores is a candidate, so an n x m
-    matrix costs one sort (31k x 28 in well under a second). Thresholds sit midway between the scores
-    they separate. A class with no positives gets threshold 1 (never predicted) and F1 0.
+
+def count_labels(matrix, axis: int | None) -> np.ndarray:
+    """Counts of True (nonzero) entries of a dense or sparse matrix per column (0), per row (1) or in all
+    (None), as int64."""
+    if sparse.issparse(matrix):
+        matrix = _canonical_csr(matrix)
+        if axis is None:
+            return np.int64(matrix.nnz)
+        rows, cols = _nonzero(matrix)
+        return np.bincount(cols if axis == 0 else rows, minlength=matrix.shape[1 - axis]).astype(np.int64)
+    return np.asarray(np.count_nonzero(matrix, axis=axis), dtype=np.int64)
+
+
+def confusion_counts(y_true, y_pred, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(true positives, true labels, predicted labels) per column (``axis=0``), per row (``axis=1``) or in
+    all (``None``), for two boolean n x m matrices, each dense or sparse."""
+    y_true, y_pred = _prepare(y_true), _prepare(y_pred)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"truth is {y_true.shape}, predictions are {y_pred.shape}")
+    if not sparse.issparse(y_true) and not sparse.issparse(y_pred):
+        tp = np.asarray((y_true & y_pred).sum(axis=axis), dtype=np.int64)
+    else:  # walk the entries of the sparse one, look each up in the other
+        walked, other = (y_true, y_pred) if sparse.issparse(y_true) else (y_pred, y_true)
+        rows, cols = _nonzero(walked)
+        hit = _lookup(other, rows, cols)
+        if axis is None:
+            tp = np.int64(hit.sum())
+        else:
+            tp = np.bincount(cols if axis == 0 else rows, weights=hit,
+                             minlength=y_true.shape[1 - axis]).astype(np.int64)
+    return tp, count_labels(y_true, axis), count_labels(y_pred, axis)
+
+
+def _fbeta(tp, true, predicted, beta: float, zero_division: float):
+    """F-beta from counts, sklearn's way: (1 + b^2) tp / (b^2 true + predicted); ``zero_division`` where
+    nothing is true or predicted."""
+    b2 = beta * beta
+    tp, denominator = np.asarray(tp, float), b2 * np.asarray(true, float) + np.asarray(predicted, float)
+    out = np.full(np.shape(tp), float(zero_division))
+    return np.divide((1 + b2) * tp, denominator, out=out, where=denominator > 0)
+
+
+# -- the metrics ---------------------------------------------------------------------------------------------
+def f1_per_class(y_true, y_pred, zero_division: float = 0.0) -> np.ndarray:
+    """F1 of each column of two boolean n x m matrices (dense or sparse)."""
+    tp, true, predicted = confusion_counts(y_true, y_pred, axis=0)
+    denominator = true + predicted
+    out = np.full(len(tp), float(zero_division))
+    return np.divide(2 * tp, denominator, out=out, where=denominator > 0)
+
+
+def macro_f1(y_true, y_pred, zero_division: float = 0.0) -> float:
+    """Mean over columns of each column's F1 (sklearn ``f1_score(average="macro")``)."""
+    return float(f1_per_class(y_true, y_pred, zero_division).mean())
+
+
+def micro_f1(y_true, y_pred, zero_division: float = 0.0) -> float:
+    """F1 of all (sample, label) pairs pooled (sklearn ``f1_score(average="micro")``)."""
+    tp, true, predicted = confusion_counts(y_true, y_pred, axis=None)
+    return float(_fbeta(tp, true, predicted, 1.0, zero_division))
+
+
+def fbeta_samples(y_true, y_pred, beta: float = 2.0, zero_division: float = 0.0) -> float:
+    """Mean over samples of each sample's F-beta (sklearn ``fbeta_score(average="samples")``; the metric of
+    Inclusive Images and iMet with beta 2)."""
+    tp, true, predicted = confusion_counts(y_true, y_pred, axis=1)
+    return float(_fbeta(tp, true, predicted, beta, zero_division).mean())
+
+
+def _top_block(scores: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the k highest scores of each row of one block (ties: lower class index first)."""
+    n, m = scores.shape
+    if k >= m:
+        return np.ones((n, m), bool)
+    if k <= 0:
+        return np.zeros((n, m), bool)
+    kth = np.partition(scores, m - k, axis=1)[:, m - k][:, None]  # the k-th largest score of each row
+    chosen = scores > kth
+    tied = scores == kth
+    room = k - chosen.sum(axis=1)  # places left for the scores equal to the k-th largest
+    crowded = np.flatnonzero(tied.sum(axis=1) > room)  # rare: more ties than places
+    chosen |= tied
+    if len(crowded):  # keep the first `room` tied classes by index
+        sub = tied[crowded]
+        chosen[crowded] &= ~(sub & (np.cumsum(sub, axis=1) > room[crowded, None]))
+    return chosen
+
+
+def _row_blocks(n: int, m: int):
+    step = max(1, BLOCK_ENTRIES // max(m, 1))
+    return (slice(start, min(start + step, n)) for start in range(0, n, step))
+
+
+def top_labels(scores: np.ndarray, k: int) -> np.ndarray:
+    """Boolean n x m mask of each row's ``k`` highest-scoring labels (all m when k >= m); among equal
+    scores the lower class index goes first, so exactly min(k, m) per row. Linear time (a partition, not a
+    sort), in row blocks."""
+    n, m = scores.shape
+    mask = np.empty((n, m), bool)
+    for rows in _row_blocks(n, m):
+        mask[rows] = _top_block(scores[rows], k)
+    return mask
+
+
+def ranked_top(scores: np.ndarray, k: int) -> np.ndarray:
+    """n x min(k, m) class indices: each row's k highest-scoring labels, best first (ties: lower index)."""
+    n, m = scores.shape
+    k = min(k, m)
+    ranked = np.empty((n, k), np.int64)
+    for rows in _row_blocks(n, m):
+        block = scores[rows]
+        # Each row has exactly k chosen entries; nonzero lists them row by row in increasing class order,
+        # so a stable sort by descending score keeps the lower index first among ties.
+        cols = np.nonzero(_top_block(block, k))[1].reshape(len(block), k)
+        order = np.argsort(-np.take_along_axis(block, cols, axis=1), axis=1, kind="stable")
+        ranked[rows] = np.take_along_axis(cols, order, axis=1)
+    return ranked
+
+
+def precision_at_k(y_true, scores: np.ndarray, k: int) -> float:
+    """Mean over samples of |top-k scores ∩ true labels| / k.
+
+    The top k of a row are its k highest scores, ties broken towards the lower class index (so exactly k
+    labels are taken even when scores tie; a different tie order can change the value). A row with fewer
+    than k true labels (none included) still divides by k, so its best possible precision is |true| / k;
+    with k > m every label is taken and the sum still divides by k.
     """
-    n, m = scores.shape
-    if not np.isfinite(scores).all():
-        raise ValueError("best_thresholds: scores hold NaN or inf; no threshold search on them")
-    sorted_scores, tp_from = _sorted_columns(y_true, scores)
-    positives = tp_from[0]
-    predicted = n - np.arange(n)[:, None]  # a cut at i predicts the n - i highest scores
-    f1 = 2 * tp_from[:n] / (predicted + positives)
-    # A cut inside a run of tied scores cannot be realised by any threshold.
-    tied = np.vstack([np.zeros((1, m), bool), sorted_scores[1:] == sorted_scores[:-1]])
-    f1[tied] = -1.0
-    best = np.argmax(f1, axis=0)
-    cols = np.arange(m)
-    below = np.where(best > 0, sorted_scores[np.maximum(best - 1, 0), cols], -np.inf)
-    at = sorted_scores[best, cols]
-    thresholds = np.where(best > 0, (below + at) / 2, at)
-    best_f1 = f1[best, cols]
-    no_positives = positives == 0
-    thresholds[no_positives], best_f1[no_positives] = 1.0, 0.0
-    return thresholds, best_f1
+    if k < 1:
+        raise ValueError(f"precision_at_k: k must be at least 1, got {k}")
+    y_true = _prepare(y_true)
+    n = scores.shape[0]
+    if n == 0:
+        return 0.0
+    top = ranked_top(scores, k)
+    hits = _lookup(y_true, np.repeat(np.arange(n), top.shape[1]), top.ravel())
+    return float(hits.sum() / (n * k))
 
 
-def f1_curves(y_true: np.ndarray, scores: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """F1 of every class at every threshold of ``grid``: a len(grid) x m matrix (for plots and
-    the one-global-threshold search)."""
-    n, m = scores.shape
-    sorted_scores, tp_from = _sorted_columns(y_true, scores)
-    positives = tp_from[0]
-    curves = np.empty((len(grid), m))
-    for c in range(m):
-        cut = np.searchsorted(sorted_scores[:, c], grid, side="left")
-        tp, predicted = tp_from[cut, c], n - cut
-        denominator = predicted + positives[c]
-        curves[:, c] = np.divide(2 * tp, denominator, out=np.zeros(len(grid)), where=denominator > 0)
-    return curves
+def metric_score(metric: MetricConfig, y_true, y_pred, scores: np.ndarray | None = None) -> float:
+    """The configured competition metric (``metric.name``) of boolean predictions against the truth
+    (either dense or sparse); ``precision_at_k`` reads ``scores`` instead of the predictions."""
+    if metric.name == "macro_f1":
+        return macro_f1(y_true, y_pred, metric.zero_division)
+    if metric.name == "fbeta_samples":
+        return fbeta_samples(y_true, y_pred, metric.beta, metric.zero_division)
+    if metric.name == "micro_f1":
+        return micro_f1(y_true, y_pred, metric.zero_division)
+    if metric.name == "precision_at_k":
+        if scores is None:
+            raise ValueError("precision_at_k ranks scores: pass them")
+        return precision_at_k(y_true, scores, metric.k)
+    raise ValueError(f"unknown metric {metric.name!r}")
+
+
+def metric_label(metric: MetricConfig) -> str:
+    """Short name for column and W&B keys: macro_f1, f2_samples, micro_f1, p_at_3."""
+    if metric.name == "fbeta_samples":
+        return f"f{metric.beta:g}_samples"
+    if metric.name == "precision_at_k":
+        return f"p_at_{metric.k}"
+    return metric.name
+
+
+def metric_title(metric: MetricConfig) -> str:
+    """Name for people: macro-F1, mean per-image F2, micro-F1, P@3."""
+    return {"macro_f1": "macro-F1", "micro_f1": "micro-F1", "fbeta_samples": f"mean per-image F{metric.beta:g}",
+            "precision_at_k": f"P@{metric.k}"}[metric.name]
+
+
+def depends_on_decision(metric: MetricConfig) -> bool:
+    """False for ranking metrics (precision at k): every decision strategy scores the same."""
+    return metric.name != "precision_at_k"
+
+
+# -- decisions -----------------------------------------------------------------------------------------------
+def bound_labels(scores: np.ndarray, predicted: np.ndarray, min_labels: int = 1,
+                 max_labels: int | None = None) -> np.ndarray:
+    """``predicted`` with at least ``min_labels`` and at most ``max_labels`` labels per row: a row with too
+    few gets its highest-scoring unpredicted labels added, a row with too many keeps its highest-scoring
+    predicted ones. Only the rows out of bounds are touched. Returns a new array."""
+    predicted = np.array(predicted, dtype=bool)
+    count = predicted.sum(axis=1)
+    few = np.flatnonzero(count < min_labels)
+    if len(few):  # predicted labels rank above every other, so they all stay
+        predicted[few] = top_labels(np.where(predicted[few], np.inf, scores[few]), min_labels)
+    if max_labels is not None:
+        many = np.flatnonzero(count > max_labels)
+        if len(many):
+            predicted[many] = top_labels(np.where(predicted[many], scores[many], -np.inf), max_labels)
+    return predicted
 
 
 def decide(scores: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
     """Boolean predictions: score >= threshold, and at least one label per sample (its top class)."""
-    predicted = scores >= thresholds
-    empty = ~predicted.any(axis=1)
-    predicted[empty, np.argmax(scores[empty], axis=1)] = True
-    return predicted
+    return bound_labels(scores, scores >= thresholds, 1, None)
+
+
+# -- threshold searches --------------------------------------------------------------------------------------
+def _dense_columns(y_true, cols: slice | np.ndarray) -> np.ndarray:
+    """Dense boolean columns ``cols`` of the truth (one block at a time for a sparse truth)."""
+    part = y_true[:, cols]
+    return part.toarray().astype(bool) if sparse.issparse(part) else np.asarray(part).astype(bool)
+
+
+def _sorted_classes(y_true, scores: np.ndarray, block: slice) -> tuple[np.ndarray, np.ndarray]:
+    """The classes of ``block``, one per row (contiguous, so the sorts run along memory): their scores
+    sorted ascending, and tp_from[c, i], the positives among the samples ranked i..n-1 of class c (those
+    kept by a cut at i)."""
+    scores_t = np.ascontiguousarray(scores[:, block].T)
+    truth_t = np.ascontiguousarray(_dense_columns(y_true, block).T)
+    order = np.argsort(scores_t, axis=1)  # ties need no stable order: cuts inside them are masked out
+    sorted_scores = np.take_along_axis(scores_t, order, axis=1)
+    sorted_true = np.take_along_axis(truth_t, order, axis=1)
+    tp_from = np.zeros((len(scores_t), scores_t.shape[1] + 1), np.int64)
+    tp_from[:, :-1] = np.cumsum(sorted_true[:, ::-1], axis=1, dtype=np.int64)[:, ::-1]
+    return sorted_scores, tp_from
+
+
+def _column_blocks(n: int, m: int):
+    # best_thresholds holds ~40 bytes per entry of its block: blocks of columns keep that bounded.
+    step = max(1, BLOCK_ENTRIES // max(n, 1))
+    return (slice(start, min(start + step, m)) for start in range(0, m, step))
+
+
+def largest_per_column(scores: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """For each column c and each row r of the r x m ``ranks``, its ``ranks[r, c]``-th largest score (0: the
+    largest): one sort per column, in blocks of columns (transposed, so the sort runs along memory)."""
+    n, m = scores.shape
+    ranks = np.atleast_2d(ranks)
+    values = np.empty(ranks.shape, dtype=scores.dtype)
+    for block in _column_blocks(n, m):
+        ascending = np.sort(scores[:, block].T, axis=1)
+        values[:, block] = ascending[np.arange(len(ascending)), n - 1 - ranks[:, block]]
+    return values
+
+
+def _search_rows(sorted_rows: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(sorted_rows[r], v, side="left")`` for every pair (r, v) of ``rows`` and ``values``
+    at once: a binary search run on all queries together (log2(n) vectorised steps)."""
+    n = sorted_rows.shape[1]
+    lo, hi = np.zeros(len(values), np.int64), np.full(len(values), n, np.int64)
+    while True:
+        active = np.flatnonzero(lo < hi)
+        if not len(active):
+            return lo
+        mid = (lo[active] + hi[active]) // 2
+        less = sorted_rows[rows[active], mid] < values[active]
+        lo[active] = np.where(less, mid + 1, lo[active])
+        hi[active] = np.where(less, hi[active], mid)
+
+
+def best_thresholds(y_true, scores: np.ndarray, beta: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, the threshold that maximises that class's F-beta (F1 by default) on (y_true, scores), and
+    that score.
+
+    Exact: raising a cut past negatives only removes false positives, so the best cut sits right below one of
+    the class's positive scores; those are the candidates, each scored from its rank in the sorted column
+    (one vectorised binary search for all of them). The cost is one sort per column, done in blocks of
+    columns (transposed, so the sort runs along memory) that keep memory bounded for thousands of classes; a
+    sparse truth is densified one block at a time. Of equal scores the lowest threshold wins. Thresholds sit
+    midway between the scores they separate. A class with no positives gets threshold 1 (never predicted)
+    and score 0.
+    """
+    n, m = scores.shape
+    if not np.isfinite(scores).all():
+        raise ValueError("best_thresholds: scores hold NaN or inf; no threshold search on them")
+    thresholds, best_score = np.ones(m), np.zeros(m)
+    b2 = beta * beta
+    for block in _column_blocks(n, m):
+        scores_t = np.ascontiguousarray(scores[:, block].T)  # one class per row
+        sorted_t = np.sort(scores_t, axis=1)
+        pos_class, pos_sample = np.nonzero(_dense_columns(y_true, block).T)
+        positives = np.bincount(pos_class, minlength=len(scores_t))
+        # Each class's positive scores, ascending; a candidate per distinct value.
+        order = np.lexsort((scores_t[pos_class, pos_sample], pos_class))
+        cls, value = pos_class[order], scores_t[pos_class, pos_sample][order]
+        rank_in_class = np.arange(len(cls)) - (np.cumsum(positives) - positives)[cls]
+        first = np.ones(len(cls), bool)
+        first[1:] = (cls[1:] != cls[:-1]) | (value[1:] != value[:-1])
+        cls, value, tp = cls[first], value[first], positives[cls[first]] - rank_in_class[first]
+        cut = _search_rows(sorted_t, cls, value)  # the first sample ranked at or above the candidate
+        score = (1 + b2) * tp / ((n - cut) + b2 * positives[cls])
+        # Per class, the first (lowest) candidate reaching the class's best score.
+        class_best = np.full(len(scores_t), -np.inf)
+        np.maximum.at(class_best, cls, score)
+        winners = np.flatnonzero(score == class_best[cls])
+        winners = winners[np.unique(cls[winners], return_index=True)[1]]
+        c, at_cut = cls[winners], cut[winners]
+        at = sorted_t[c, at_cut]
+        below = np.where(at_cut > 0, sorted_t[c, np.maximum(at_cut - 1, 0)], -np.inf)
+        columns = np.arange(block.start, block.stop)[c]
+        thresholds[columns] = np.where(at_cut > 0, (below + at) / 2, at)
+        best_score[columns] = score[winners]
+    return thresholds, best_score
+
+
+def f1_curves(y_true, scores: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """F1 of every class at every threshold of ``grid``: a len(grid) x m matrix (for plots)."""
+    n, m = scores.shape
+    curves = np.empty((len(grid), m))
+    for block in _column_blocks(n, m):
+        sorted_scores, tp_from = _sorted_classes(y_true, scores, block)
+        positives = tp_from[:, 0]
+        for j, c in enumerate(range(block.start, block.stop)):
+            cut = np.searchsorted(sorted_scores[j], grid, side="left")
+            tp, predicted = tp_from[j, cut], n - cut
+            denominator = predicted + positives[j]
+            curves[:, c] = np.divide(2 * tp, denominator, out=np.zeros(len(grid)), where=denominator > 0)
+    return curves
+
+
+def _effective_scores(scores: np.ndarray, min_labels: int, max_labels: int | None) -> np.ndarray:
+    """Scores whose plain threshold ``>= t`` gives the bounded decision at every global threshold t: the
+    ``min_labels`` top labels of a row at +inf (always kept), those below its ``max_labels`` top at -inf
+    (never kept). Exact: at a global threshold the predicted labels of a row are its top ones, so the
+    bounds only ever add the next-ranked or drop the lowest-ranked."""
+    effective = scores.astype(np.result_type(scores.dtype, np.float32))  # a copy; holds +-inf
+    m = scores.shape[1]
+    if min_labels > 0:
+        effective[top_labels(scores, min_labels)] = np.inf
+    if max_labels is not None and max_labels < m:
+        effective[~top_labels(scores, max_labels)] = -np.inf
+    return effective
+
+
+def grid_bins(grid: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """How many thresholds of the ascending ``grid`` each value passes (``grid[i] <= value``): exactly
+    ``np.searchsorted(grid, values, side="right")``, more than 10x faster on an evenly spaced grid: the bin
+    comes from arithmetic, and the few values within rounding distance of a threshold are searched."""
+    g = len(grid)
+    step = (grid[-1] - grid[0]) / (g - 1) if g > 1 else 0.0
+    if g < 2 or step <= 0 or not np.allclose(np.diff(grid), step, rtol=1e-6, atol=0):
+        return np.searchsorted(grid, values, side="right")
+    dtype = np.result_type(values.dtype, np.float32)
+    position = values * dtype.type(1 / step)  # in bins from grid[0]; float32 is ~1e-5 bins off at worst
+    position -= dtype.type(grid[0] / step)
+    np.clip(position, -1, g, out=position)  # also brings +-inf into range
+    whole = np.floor(position)
+    inside = position - whole
+    near = np.flatnonzero((inside < 1e-3) | (inside > 1 - 1e-3))
+    bins = whole.astype(np.int64)
+    bins += 1
+    bins.flat[near] = np.searchsorted(grid, values.flat[near], side="right")
+    return bins
+
+
+def metric_curve(metric: MetricConfig, y_true, scores: np.ndarray, grid: np.ndarray, min_labels: int = 0,
+                 max_labels: int | None = None) -> np.ndarray:
+    """The configured metric of the decision "one global threshold t, then ``min_labels``..``max_labels``
+    labels per row" at every t of the ascending ``grid``.
+
+    One pass over the matrix in row blocks: each entry is binned once into the grid, and the per-class
+    (macro), per-row (samples) or total (micro) counts at every threshold come from cumulative histograms,
+    so the cost is about that of one decision, not one per threshold.
+    """
+    n, m = scores.shape
+    g = len(grid)
+    if not depends_on_decision(metric):
+        return np.full(g, metric_score(metric, y_true, None, scores))
+    y_true = _prepare(y_true)
+    true_rows, true_cols = _nonzero(y_true) if sparse.issparse(y_true) else (None, None)
+    per_class_pred = np.zeros((m, g + 1), np.int64)
+    per_class_tp = np.zeros((m, g + 1), np.int64)
+    row_score_sum = np.zeros(g)
+    for rows in _row_blocks(n, m):
+        effective = _effective_scores(scores[rows], min_labels, max_labels)
+        # bins[r, c]: how many grid thresholds the entry passes (grid[i] <= score for i < bins).
+        bins = grid_bins(grid, effective)
+        if sparse.issparse(y_true):
+            in_block = slice(*np.searchsorted(true_rows, [rows.start, rows.stop]))
+            t_rows, t_cols = true_rows[in_block] - rows.start, true_cols[in_block]
+        else:
+            t_rows, t_cols = np.nonzero(y_true[rows])
+        true_bins = bins[t_rows, t_cols]
+        if metric.name == "macro_f1" or metric.name == "micro_f1":
+            cols = np.broadcast_to(np.arange(m), bins.shape)
+            per_class_pred += np.bincount((cols * (g + 1) + bins).ravel(), minlength=m * (g + 1)).reshape(m, g + 1)
+            per_class_tp += np.bincount(t_cols * (g + 1) + true_bins, minlength=m * (g + 1)).reshape(m, g + 1)
+        else:  # fbeta_samples: per-row counts at every threshold, then each row's F-beta
+            size = rows.stop - rows.start
+            row_ids = np.broadcast_to(np.arange(size)[:, None], bins.shape)
+            pred_hist = np.bincount((row_ids * (g + 1) + bins).ravel(), minlength=size * (g + 1)).reshape(size, g + 1)
+            tp_hist = np.bincount(t_rows * (g + 1) + true_bins, minlength=size * (g + 1)).reshape(size, g + 1)
+            # passed[:, i]: entries with bins > i, i.e. kept at threshold grid[i].
+            pred_at = np.cumsum(pred_hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
+            tp_at = np.cumsum(tp_hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
+            true_per_row = np.bincount(t_rows, minlength=size)[:, None]
+            row_score_sum += _fbeta(tp_at, np.broadcast_to(true_per_row, tp_at.shape), pred_at, metric.beta,
+                                    metric.zero_division).sum(axis=0)
+    if metric.name == "fbeta_samples":
+        return row_score_sum / max(n, 1)
+    # Per class, kept at grid[i]: entries with bins > i. Laid out g x m (as f1_curves) so that the macro mean
+    # sums in the same order as the per-class F1 curves.
+    pred_at = np.ascontiguousarray(np.cumsum(per_class_pred[:, ::-1], axis=1)[:, ::-1][:, 1:].T)
+    tp_at = np.ascontiguousarray(np.cumsum(per_class_tp[:, ::-1], axis=1)[:, ::-1][:, 1:].T)
+    positives = count_labels(y_true, 0)
+    if metric.name == "micro_f1":
+        return _fbeta(tp_at.sum(axis=1), positives.sum(), pred_at.sum(axis=1), 1.0, metric.zero_division)
+    denominator = pred_at + positives[None, :]
+    curves = np.divide(2 * tp_at, denominator, out=np.full(pred_at.shape, float(metric.zero_division)),
+                       where=denominator > 0)
+    return curves.mean(axis=1)
+
+
+def top_k_curve(metric: MetricConfig, y_true, scores: np.ndarray, max_k: int) -> np.ndarray:
+    """The configured metric of "each row's k highest-scoring labels" for k = 1..max_k (capped at m): one
+    partial sort of each row's top ``max_k``, then every k from cumulative counts."""
+    n, m = scores.shape
+    max_k = min(max_k, m)
+    if not depends_on_decision(metric):
+        return np.full(max_k, metric_score(metric, y_true, None, scores))
+    y_true = _prepare(y_true)
+    top = ranked_top(scores, max_k)
+    hits = _lookup(y_true, np.repeat(np.arange(n), max_k), top.ravel()).reshape(n, max_k)
+    ks = np.arange(1, max_k + 1)
+    if metric.name == "fbeta_samples":
+        true_per_row = count_labels(y_true, 1)[:, None]
+        tp = np.cumsum(hits, axis=1)
+        return _fbeta(tp, np.broadcast_to(true_per_row, tp.shape), np.broadcast_to(ks, tp.shape), metric.beta,
+                      metric.zero_division).mean(axis=0)
+    if metric.name == "micro_f1":
+        return _fbeta(np.cumsum(hits.sum(axis=0)), count_labels(y_true, None), n * ks, 1.0, metric.zero_division)
+    # macro: the k-th ranked label of every row joins its class's predictions (and true positives if a hit).
+    pred_per_class = np.zeros((max_k, m), np.int64)
+    tp_per_class = np.zeros((max_k, m), np.int64)
+    for j in range(max_k):
+        pred_per_class[j] = np.bincount(top[:, j], minlength=m)
+        tp_per_class[j] = np.bincount(top[:, j], weights=hits[:, j], minlength=m)
+    pred_at, tp_at = np.cumsum(pred_per_class, axis=0), np.cumsum(tp_per_class, axis=0)
+    positives = count_labels(y_true, 0)
+    denominator = pred_at + positives[None, :]
+    curves = np.divide(2 * tp_at, denominator, out=np.full(pred_at.shape, float(metric.zero_division)),
+                       where=denominator > 0)
+    return curves.mean(axis=1)

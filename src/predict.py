@@ -42,10 +42,10 @@ from src.data import (
     submission_columns,
     with_vocabulary,
 )
-from src.metrics import decide
+from src.metrics import metric_title
 from src.model import build_model, check_views, infer, resolve_device
 from src.pack import open_packed
-from src.report import write_report
+from src.report import listed_classes, metric_columns, write_report
 from src.run_folder import (
     RunFolder,
     class_columns,
@@ -56,7 +56,7 @@ from src.run_folder import (
     read_scores,
     write_scores,
 )
-from src.thresholds import ThresholdInputs, compare_strategies, thresholds_for
+from src.thresholds import Decision, ThresholdInputs, compare_strategies, decision_for
 from src.tracking import Tracker
 
 
@@ -250,22 +250,27 @@ def make_submission(test_table: pd.DataFrame, predicted: np.ndarray, vocabulary:
     return submission
 
 
-def report_header(cfg: Config, refs: list[RunRef], oof: pd.DataFrame, n_test: int) -> str:
+def report_header(cfg: Config, refs: list[RunRef], oof: pd.DataFrame, n_test: int,
+                  decision: Decision | None = None) -> str:
+    """The report's opening paragraph: what was ensembled, the metric, the chosen decision."""
+    chosen = cfg.predict.threshold + (f" ({decision.describe()})" if decision is not None else "")
     return (f"Experiments: {', '.join(f'{r.dir} (weight {r.weight})' for r in refs)}; "
             f"TTA {cfg.predict.tta} ({cfg.predict.tta_reduce}); {len(oof)} OOF rows, {n_test} test rows. "
-            f"Chosen strategy: **{cfg.predict.threshold}**. Cross-fold scores fit thresholds on the other folds' "
-            "OOF rows: the honest estimate of the test score."
+            f"Metric: {metric_title(cfg.metric)}. Chosen strategy: **{chosen}**. Cross-fold scores fit the "
+            "decision on the other folds' OOF rows: the honest estimate of the test score."
             + (" Only one fold's OOF rows: cross-fold equals in-sample." if oof["fold"].nunique() < 2 else ""))
 
 
 def track(cfg: Config, out_dir: Path, strategies: pd.DataFrame, classes: pd.DataFrame, plots: dict[str, Path]) -> None:
-    """The OOF comparison, per-class table and report figures to W&B."""
+    """The OOF comparison (keys named after the metric, e.g. ``oof/f2_samples_cross_fold/top_k``), the
+    per-class table (when it is short enough to read) and report figures to W&B."""
     tracker = Tracker(cfg, out_dir, name=f"{out_dir.name}-predict", group=out_dir.name, job_type="predict")
     try:
-        tracker.log({f"oof/{k}/{row['strategy']}": row[f"oof_macro_f1_{k}"]
-                     for _, row in strategies.iterrows() for k in ("in_sample", "cross_fold")})
-        tracker.log_per_class("oof/per_class", {"f1": classes["f1"].to_numpy(),
-                                                "threshold": classes["threshold"].to_numpy()})
+        tracker.log({f"oof/{column.removeprefix('oof_')}/{row['strategy']}": row[column]
+                     for _, row in strategies.iterrows() for column in metric_columns(cfg.metric)})
+        if len(listed_classes(classes)) == len(classes):  # thousands of classes: per_class.csv only
+            tracker.log_per_class("oof/per_class", {"f1": classes["f1"].to_numpy(),
+                                                    "threshold": classes["threshold"].to_numpy()})
         tracker.log_images({f"report/{name}": path for name, path in plots.items()})
     finally:
         tracker.finish()
@@ -286,22 +291,24 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     oof_true, oof_scores = oof_truth(oof, train_table, m)
     train_labels = label_matrix(train_table["labels"], m)
     train_rate = label_rates(cfg, train_labels)
-    results = compare_strategies(oof_true, oof_scores, oof["fold"].to_numpy(), train_rate, cfg.predict)
-    thresholds = thresholds_for(chosen, ThresholdInputs(oof_true, oof_scores, test_scores, train_rate), cfg.predict)
-    predicted = decide(test_scores, thresholds)
+    results = compare_strategies(oof_true, oof_scores, oof["fold"].to_numpy(), train_rate, cfg.predict, cfg.metric)
+    # Fitted as in the comparison, on the test scores (the rate strategy reads the scores it is applied to).
+    decision = decision_for(chosen, ThresholdInputs(oof_true, oof_scores, test_scores, train_rate), cfg.predict,
+                            cfg.metric)
+    predicted = decision.apply(test_scores)
     submission = make_submission(test_table, predicted, vocabulary, submission_columns(cfg.data))
     degenerate = degenerate_reasons(predicted, train_labels)
 
     # All outputs as one set (staged, then renamed into place): the run-folder outputs first, the submission
     # last. A failure on the way leaves every previous output as it was.
     out = RunFolder(cfg.run.dir)
-    header = report_header(cfg, refs, oof, len(test_table))
+    header = report_header(cfg, refs, oof, len(test_table), decision)
     if degenerate:
         header += "\n\n**Warning: the submission looks degenerate:** " + "; ".join(degenerate) + "."
     with Staging() as staging:
         staging.file(out.test_scores, lambda tmp: write_scores(tmp, test_table["Id"], test_scores))
         strategies, classes, plots = write_report(out.report, header, results, chosen, oof_true, oof_scores,
-                                                  train_rate, predicted.mean(axis=0), staging)
+                                                  train_rate, predicted.mean(axis=0), staging, cfg.metric)
         if degenerate and not cfg.predict.force:
             staging.commit()  # the report shows what went wrong; the submission is not replaced
             raise PipelineError(
@@ -318,8 +325,10 @@ def predict(cfg: Config, progress: bool = True) -> Path:
 
     if progress:
         print(strategies.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        print(f"\nper class ({chosen}):")
-        print(classes.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        listed = listed_classes(classes)
+        print(f"\nper class ({chosen}" + (f"; the {len(listed)} most frequent of {len(classes)}" if
+                                          len(listed) < len(classes) else "") + "):")
+        print(listed.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print(f"\nwrote {sub_path} ({len(submission)} rows, {predicted.sum(axis=1).mean():.2f} labels per image), "
               f"{out.test_scores} and the report in {out.report}/")
     return sub_path

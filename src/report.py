@@ -1,7 +1,10 @@
 """The plots a person looks at, and the prediction report: strategy comparison and per-class table.
 
 Only this module draws (matplotlib, headless). The prediction report goes under ``run.dir/report/``; the
-label-embedding plots next to the fold that fitted the embedding.
+label-embedding plots next to the fold that fitted the embedding. Column names and titles follow the
+configured metric (``metric.name``): ``oof_macro_f1_in_sample`` for HPA, ``oof_f2_samples_in_sample`` for
+Inclusive Images. With thousands of classes the per-class plots and the per-class table of report.md show the
+most frequent classes only; ``per_class.csv`` keeps every class.
 """
 
 from __future__ import annotations
@@ -17,21 +20,33 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from src.config import Staging  # noqa: E402
+from src.config import MetricConfig, Staging  # noqa: E402
 from src.label_embedding import _normalize_rows  # noqa: E402
-from src.metrics import f1_curves  # noqa: E402
+from src.metrics import count_labels, depends_on_decision, f1_curves, metric_label, metric_title  # noqa: E402
 
 MAX_CLASSES_PLOTTED = 28  # many-label sets: the most frequent classes only
+MAX_CLASSES_LISTED = 50  # rows of the per-class table in report.md (and in W&B); per_class.csv has all
 
 
-def strategy_table(results: dict[str, dict], chosen: str) -> pd.DataFrame:
-    rows = [{"strategy": name, "oof_macro_f1_in_sample": r["in_sample"], "oof_macro_f1_cross_fold": r["cross_fold"],
+def metric_columns(metric: MetricConfig) -> tuple[str, str]:
+    """The strategies table's two score columns: (in-sample, cross-fold), e.g. oof_macro_f1_in_sample."""
+    label = metric_label(metric)
+    return f"oof_{label}_in_sample", f"oof_{label}_cross_fold"
+
+
+def strategy_table(results: dict[str, dict], chosen: str, metric: MetricConfig | None = None) -> pd.DataFrame:
+    """One row per strategy: the metric in-sample and cross-fold, labels per image, the decision in words."""
+    in_sample, cross_fold = metric_columns(metric or MetricConfig())
+    rows = [{"strategy": name, in_sample: r["in_sample"], cross_fold: r["cross_fold"],
+             "labels_per_image": r["labels_per_image"], "decision": r["decision"].describe(),
              "chosen": "<-" if name == chosen else ""} for name, r in results.items()]
     return pd.DataFrame(rows)
 
 
 def class_table(results: dict[str, dict], chosen: str, support: np.ndarray, train_rate: np.ndarray,
                 test_rate: np.ndarray) -> pd.DataFrame:
+    """One row per class (all of them): support, the chosen strategy's threshold (NaN for top_k), F1 and
+    predicted rates, and every other strategy's F1."""
     r = results[chosen]
     frame = pd.DataFrame({"class": np.arange(len(support)), "support": support, "threshold": r["thresholds"],
                           "f1": r["per_class_f1"], "true_rate": train_rate, "oof_pred_rate": r["predicted_rate"],
@@ -42,47 +57,65 @@ def class_table(results: dict[str, dict], chosen: str, support: np.ndarray, trai
     return frame
 
 
-def _plotted_classes(support: np.ndarray) -> np.ndarray:
-    if len(support) <= MAX_CLASSES_PLOTTED:
+def _most_frequent(support: np.ndarray, limit: int) -> np.ndarray:
+    """All classes when there are at most ``limit``, else the ``limit`` with the most OOF positives, in
+    class order."""
+    if len(support) <= limit:
         return np.arange(len(support))
-    return np.sort(np.argsort(-support, kind="stable")[:MAX_CLASSES_PLOTTED])
+    return np.sort(np.argsort(-support, kind="stable")[:limit])
 
 
-def plot_per_class_f1(results: dict[str, dict], support: np.ndarray, path: Path) -> Path:
-    """Grouped bars: OOF F1 of each class under each strategy, support under the class number."""
+def listed_classes(classes: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the per-class table worth printing: all, or the MAX_CLASSES_LISTED most frequent."""
+    return classes.iloc[_most_frequent(classes["support"].to_numpy(), MAX_CLASSES_LISTED)]
+
+
+def _plotted_classes(support: np.ndarray) -> np.ndarray:
+    return _most_frequent(support, MAX_CLASSES_PLOTTED)
+
+
+def plot_per_class_f1(results: dict[str, dict], support: np.ndarray, path: Path,
+                      metric: MetricConfig | None = None) -> Path:
+    """Grouped bars: OOF F1 of each class under each strategy, support under the class number; the legend
+    gives each strategy's score by the configured metric."""
+    metric = metric or MetricConfig()
     classes = _plotted_classes(support)
     names = list(results)
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(max(10, 0.55 * len(classes)), 4.5))
     for i, name in enumerate(names):
         ax.bar(np.arange(len(classes)) + i * width, results[name]["per_class_f1"][classes], width,
-               label=f"{name} (macro {results[name]['in_sample']:.3f})")
+               label=f"{name} ({metric_title(metric)} {results[name]['in_sample']:.3f})")
     ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2,
                   [f"{c}\n{int(support[c])}" for c in classes], fontsize=7)
-    ax.set_xlabel("class (OOF positives)")
+    shown = "" if len(classes) == len(support) else f" ({len(classes)} most frequent of {len(support)})"
+    ax.set_xlabel(f"class (OOF positives){shown}")
     ax.set_ylabel("OOF F1")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, ncols=len(names))
-    ax.set_title("Per-class F1 on out-of-fold predictions, by threshold strategy")
+    ax.legend(fontsize=8, ncols=min(len(names), 3))
+    ax.set_title("Per-class F1 on out-of-fold predictions, by decision strategy")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_f1_vs_threshold(oof_true: np.ndarray, oof_scores: np.ndarray, results: dict[str, dict], chosen: str,
+def plot_f1_vs_threshold(oof_true, oof_scores: np.ndarray, results: dict[str, dict], chosen: str,
                          path: Path) -> Path:
-    """Small multiples: F1 of each class as its threshold moves; the chosen threshold marked."""
-    support = oof_true.sum(axis=0)
+    """Small multiples: F1 of each class as its threshold moves; the chosen threshold marked (when the chosen
+    decision has thresholds)."""
+    support = count_labels(oof_true, 0)
     classes = _plotted_classes(support)
     grid = np.linspace(0.0, 1.0, 101)
-    curves = f1_curves(oof_true, oof_scores, grid)
+    curves = f1_curves(oof_true[:, classes], oof_scores[:, classes], grid)  # the plotted classes only
+    thresholds = results[chosen]["thresholds"]
     cols = 7
     rows = math.ceil(len(classes) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows), sharex=True, sharey=True, squeeze=False)
-    for ax, c in zip(axes.flat, classes):
-        ax.plot(grid, curves[:, c], lw=1.2)
-        ax.axvline(results[chosen]["thresholds"][c], color="crimson", lw=0.9, ls="--")
+    for ax, j, c in zip(axes.flat, range(len(classes)), classes):
+        ax.plot(grid, curves[:, j], lw=1.2)
+        if np.isfinite(thresholds[c]):
+            ax.axvline(thresholds[c], color="crimson", lw=0.9, ls="--")
         ax.set_title(f"class {c} (n={int(support[c])})", fontsize=8)
         ax.set_ylim(0, 1)
     for ax in list(axes.flat)[len(classes):]:
@@ -118,33 +151,38 @@ def plot_label_rates(train_rate: np.ndarray, test_rate: np.ndarray, path: Path, 
     return path
 
 
-def plot_strategies(table: pd.DataFrame, path: Path) -> Path:
-    """Macro-F1 of each strategy: fitted and scored in-sample vs cross-fold (the honest estimate)."""
+def plot_strategies(table: pd.DataFrame, path: Path, metric: MetricConfig | None = None) -> Path:
+    """The configured metric of each strategy: fitted and scored in-sample vs cross-fold (the honest estimate)."""
+    metric = metric or MetricConfig()
+    in_sample, cross_fold = metric_columns(metric)
     x = np.arange(len(table))
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    ax.bar(x - 0.2, table["oof_macro_f1_in_sample"], 0.4, label="in-sample (optimistic)")
-    ax.bar(x + 0.2, table["oof_macro_f1_cross_fold"], 0.4, label="cross-fold (honest)")
-    for xi, value in zip(x, table["oof_macro_f1_cross_fold"]):
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(table)), 3.6))
+    ax.bar(x - 0.2, table[in_sample], 0.4, label="in-sample (optimistic)")
+    ax.bar(x + 0.2, table[cross_fold], 0.4, label="cross-fold (honest)")
+    for xi, value in zip(x, table[cross_fold]):
         ax.text(xi + 0.2, value + 0.01, f"{value:.3f}", ha="center", fontsize=8)
-    ax.set_xticks(x, table["strategy"])
-    ax.set_ylabel("OOF macro-F1")
+    ax.set_xticks(x, table["strategy"], fontsize=8)
+    ax.set_ylabel(f"OOF {metric_title(metric)}")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title("Threshold strategies on out-of-fold predictions")
+    ax.set_title("Decision strategies on out-of-fold predictions")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen: str, oof_true: np.ndarray,
+def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen: str, oof_true,
                  oof_scores: np.ndarray, train_rate: np.ndarray, test_rate: np.ndarray,
-                 staging: Staging | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Path]]:
+                 staging: Staging | None = None, metric: MetricConfig | None = None,
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Path]]:
     """The prediction report, written as a whole folder: ``strategies.csv``, ``per_class.csv``, four plots
-    and ``report.md``. Staged in ``staging`` (committed with the caller's other outputs), or swapped in at
-    once. Returns the two tables and the plots' final paths."""
-    support = oof_true.sum(axis=0)
-    strategies = strategy_table(results, chosen)
+    and ``report.md``, scored by ``metric`` (default macro-F1; ``oof_true`` dense or sparse). Staged in
+    ``staging`` (committed with the caller's other outputs), or swapped in at once. Returns the two tables
+    (the per-class one with every class) and the plots' final paths."""
+    metric = metric or MetricConfig()
+    support = count_labels(oof_true, 0)
+    strategies = strategy_table(results, chosen, metric)
     classes = class_table(results, chosen, support, train_rate, test_rate)
     names = {"strategies": "strategies.png", "per_class_f1": "per_class_f1.png",
              "f1_vs_threshold": "f1_vs_threshold.png", "label_rates": "label_rates.png"}
@@ -152,11 +190,11 @@ def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen
     def write(folder: Path) -> None:
         strategies.to_csv(folder / "strategies.csv", index=False)
         classes.to_csv(folder / "per_class.csv", index=False)
-        plot_strategies(strategies, folder / names["strategies"])
-        plot_per_class_f1(results, support, folder / names["per_class_f1"])
+        plot_strategies(strategies, folder / names["strategies"], metric)
+        plot_per_class_f1(results, support, folder / names["per_class_f1"], metric)
         plot_f1_vs_threshold(oof_true, oof_scores, results, chosen, folder / names["f1_vs_threshold"])
         plot_label_rates(train_rate, test_rate, folder / names["label_rates"])
-        write_markdown(folder / "report.md", header, strategies, classes, names)
+        write_markdown(folder / "report.md", header, strategies, classes, names, metric)
 
     if staging is not None:
         staging.folder(report_dir, write)
@@ -168,13 +206,25 @@ def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen
 
 
 def write_markdown(path: Path, header: str, strategies: pd.DataFrame, classes: pd.DataFrame,
-                   plots: dict[str, str]) -> Path:
-    """report.md: the two tables as fixed-width text and the plots inline."""
+                   plots: dict[str, str], metric: MetricConfig | None = None) -> Path:
+    """report.md: the two tables as fixed-width text (the per-class one capped at the most frequent
+    classes) and the plots inline."""
+    metric = metric or MetricConfig()
+
     def block(frame: pd.DataFrame) -> str:
         return "```\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.4f}") + "\n```\n"
 
-    text = [f"# Prediction report\n\n{header}\n", "## Threshold strategies (OOF macro-F1)\n", block(strategies),
-            "## Per class (chosen strategy)\n", block(classes), "## Plots\n"]
+    listed = listed_classes(classes)
+    per_class = "## Per class (chosen strategy)\n"
+    if len(listed) < len(classes):
+        per_class += (f"\nThe {len(listed)} most frequent of {len(classes)} classes; per_class.csv lists them "
+                      "all.\n")
+    note = "" if depends_on_decision(metric) else (
+        f"\n{metric_title(metric)} ranks the scores, so every strategy scores the same by it; the per-class "
+        "F1 below still tells the strategies apart.\n")
+    text = [f"# Prediction report\n\n{header}\n",
+            f"## Decision strategies (OOF {metric_title(metric)}, `metric.name={metric.name}`)\n{note}",
+            block(strategies), per_class, block(listed), "## Plots\n"]
     text += [f"![{name}]({file_name})\n" for name, file_name in plots.items()]
     path.write_text("\n".join(text))
     return path

@@ -1,97 +1,200 @@
-"""Threshold strategies by name (``predict.threshold``), compared on out-of-fold predictions.
+"""Decision strategies by name (``predict.threshold``), compared on out-of-fold predictions by the
+configured competition metric (``metric.name``).
+
+A strategy maps (OOF truth, OOF scores, the scores to be decided, label rates) to a :class:`Decision`:
+per-class thresholds, or a top k, plus the bounds on labels per image (``predict.min_labels``,
+``predict.max_labels``). The Decision is what gets scored on OOF and what predict applies to test.
 
 - ``fixed``: one threshold for every class (``predict.fixed_threshold``).
-- ``oof_f1``: per class, the threshold maximising that class's F1 on OOF scores, shrunk towards the
-  ``global_oof`` threshold by ``predict.shrink``; classes with fewer than ``predict.min_positives`` OOF
-  positives take the ``global_oof`` threshold (too rare to tune). The anchor comes from the scores
-  themselves, so it suits sigmoid outputs and decoded label-embedding scores (where 0.5 means cosine 0)
-  alike.
+- ``oof_f1``: per class, the threshold maximising that class's F1 (F-beta with ``metric.beta`` when the
+  metric is ``fbeta_samples``) on OOF scores, shrunk towards the ``global_oof`` threshold by
+  ``predict.shrink``; classes with fewer than ``predict.min_positives`` OOF positives take the
+  ``global_oof`` threshold (too rare to tune). The anchor comes from the scores themselves, so it suits
+  sigmoid outputs and decoded label-embedding scores (where 0.5 means cosine 0) alike.
 - ``rate``: per class, the threshold whose predicted-positive rate on the scores it is applied to equals
   the class's label rate in train (or ``predict.rate_table``).
-- ``global_oof``: one threshold for every class, maximising OOF macro-F1.
+- ``global_oof``: one threshold for every class, maximising the OOF metric of ``score >= t`` (the label
+  bounds are applied afterwards, as for the strategies above).
+- ``global_bounded``: one threshold for every class, maximising the OOF metric of the bounded decision
+  itself (``score >= t``, then ``min_labels``..``max_labels`` labels per image): the decision that suits
+  per-image F-beta.
+- ``top_k``: each image's k highest-scoring labels, k in 1..``predict.max_labels`` (or a cap from the OOF
+  label counts) maximising the OOF metric.
 
-Each strategy maps (OOF truth, OOF scores, the scores to be thresholded, label rates) to one threshold
-per class. Every sample keeps at least one label (:func:`src.metrics.decide`).
+Every search is vectorised (src.metrics: a partition per row, a binning of every entry into the threshold
+grid, one sort per column block), so a few thousand classes and tens of thousands of OOF rows take seconds.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from src.config import PredictConfig
-from src.metrics import best_thresholds, decide, f1_curves, f1_per_class
+from src.config import MetricConfig, PredictConfig
+from src.metrics import (
+    best_thresholds,
+    bound_labels,
+    count_labels,
+    f1_per_class,
+    largest_per_column,
+    metric_curve,
+    metric_score,
+    top_k_curve,
+    top_labels,
+)
 
 GLOBAL_GRID = np.linspace(0.005, 0.995, 199)
+# top_k without predict.max_labels tries k up to this many times the mean OOF labels per image (at least
+# TOP_K_MIN_CAP): per-image F2 rewards recall, so its best k lies above the mean label count, rarely far above.
+TOP_K_CAP_FACTOR = 3.0
+TOP_K_MIN_CAP = 10
+
+
+@dataclass(frozen=True, eq=False)
+class Decision:
+    """How scores become labels: per-class thresholds then ``min_labels``..``max_labels`` labels per image,
+    or each image's ``top_k`` highest-scoring labels (thresholds then unused)."""
+
+    thresholds: np.ndarray | None = None
+    min_labels: int = 1
+    max_labels: int | None = None
+    top_k: int | None = None
+
+    def apply(self, scores: np.ndarray) -> np.ndarray:
+        """Boolean n x m predictions for dense n x m scores."""
+        if self.top_k is not None:
+            return top_labels(scores, self.top_k)
+        return bound_labels(scores, scores >= self.thresholds, self.min_labels, self.max_labels)
+
+    def class_thresholds(self, m: int) -> np.ndarray:
+        """The per-class thresholds, NaN where the decision has none (top_k)."""
+        return np.full(m, np.nan) if self.thresholds is None else np.broadcast_to(self.thresholds, (m,)).astype(float)
+
+    def describe(self) -> str:
+        """One line for the report: 'top 3', 'threshold 0.350, 1+ labels', 'per class 0.12..0.61, 1-5 labels'."""
+        if self.top_k is not None:
+            return f"top {self.top_k}"
+        values = np.asarray(self.thresholds, dtype=float)
+        low, high = float(values.min()), float(values.max())
+        rule = f"threshold {low:.3f}" if low == high else f"per class {low:.3f}..{high:.3f}"
+        if self.max_labels is not None:
+            return f"{rule}, {self.min_labels}-{self.max_labels} labels"
+        return f"{rule}, {self.min_labels}+ labels" if self.min_labels else rule
 
 
 @dataclass
 class ThresholdInputs:
-    oof_true: np.ndarray  # n x m multi-hot
+    oof_true: np.ndarray  # n x m multi-hot, dense or scipy.sparse
     oof_scores: np.ndarray  # n x m
-    target_scores: np.ndarray  # the scores the thresholds will be applied to (OOF or test)
+    target_scores: np.ndarray  # the scores the decision will be applied to (OOF or test)
     label_rate: np.ndarray  # m: positive rate of each class in train (or the user's table)
 
 
-def fixed(inputs: ThresholdInputs, cfg: PredictConfig) -> np.ndarray:
-    return np.full(inputs.oof_scores.shape[1], cfg.fixed_threshold)
+def _bounded(thresholds: np.ndarray, cfg: PredictConfig) -> Decision:
+    return Decision(np.asarray(thresholds, dtype=float), cfg.min_labels, cfg.max_labels)
 
 
-def oof_f1(inputs: ThresholdInputs, cfg: PredictConfig) -> np.ndarray:
-    tuned, _ = best_thresholds(inputs.oof_true, inputs.oof_scores)
-    anchor = global_oof(inputs, cfg)
-    shrunk = cfg.shrink * tuned + (1 - cfg.shrink) * anchor
-    too_rare = inputs.oof_true.sum(axis=0) < cfg.min_positives
-    return np.where(too_rare, anchor, shrunk)
+def _global_threshold(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig, bounded: bool) -> float:
+    """The grid threshold maximising the OOF metric (the first of equals), with or without the label bounds."""
+    bounds = (cfg.min_labels, cfg.max_labels) if bounded else (0, None)
+    curve = metric_curve(metric, inputs.oof_true, inputs.oof_scores, GLOBAL_GRID, *bounds)
+    return float(GLOBAL_GRID[int(np.argmax(curve))])
 
 
-def rate(inputs: ThresholdInputs, cfg: PredictConfig) -> np.ndarray:
+def fixed(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> Decision:
+    return _bounded(np.full(inputs.oof_scores.shape[1], cfg.fixed_threshold), cfg)
+
+
+def oof_f1(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> Decision:
+    m = inputs.oof_scores.shape[1]
+    anchor = _global_threshold(inputs, cfg, metric, bounded=False)
+    thresholds = np.full(m, anchor)
+    tuned_classes = np.flatnonzero(count_labels(inputs.oof_true, 0) >= cfg.min_positives)  # the others: too rare
+    if len(tuned_classes):
+        beta = metric.beta if metric.name == "fbeta_samples" else 1.0
+        truth = inputs.oof_true[:, tuned_classes] if len(tuned_classes) < m else inputs.oof_true
+        tuned, _ = best_thresholds(truth, inputs.oof_scores[:, tuned_classes], beta)
+        thresholds[tuned_classes] = cfg.shrink * tuned + (1 - cfg.shrink) * anchor
+    return _bounded(thresholds, cfg)
+
+
+def rate(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> Decision:
     scores = inputs.target_scores
     n = scores.shape[0]
-    ranked = -np.sort(-scores, axis=0)  # descending per class
     keep = np.clip(np.rint(inputs.label_rate * n).astype(int), 0, n)  # samples to predict positive
-    top = ranked[np.maximum(keep - 1, 0), np.arange(scores.shape[1])]
-    return np.where(keep > 0, top, np.nextafter(ranked[0], np.inf))  # keep == 0: above every score
+    top, highest = largest_per_column(scores, np.stack([np.maximum(keep - 1, 0), np.zeros_like(keep)]))
+    return _bounded(np.where(keep > 0, top, np.nextafter(highest, np.inf)), cfg)  # keep == 0: above every score
 
 
-def global_oof(inputs: ThresholdInputs, cfg: PredictConfig) -> np.ndarray:
-    macro = f1_curves(inputs.oof_true, inputs.oof_scores, GLOBAL_GRID).mean(axis=1)
-    return np.full(inputs.oof_scores.shape[1], GLOBAL_GRID[int(np.argmax(macro))])
+def global_oof(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> Decision:
+    threshold = _global_threshold(inputs, cfg, metric, bounded=False)
+    return _bounded(np.full(inputs.oof_scores.shape[1], threshold), cfg)
 
 
-STRATEGIES = {"fixed": fixed, "oof_f1": oof_f1, "rate": rate, "global_oof": global_oof}
+def global_bounded(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> Decision:
+    threshold = _global_threshold(inputs, cfg, metric, bounded=True)
+    return _bounded(np.full(inputs.oof_scores.shape[1], threshold), cfg)
 
 
-def thresholds_for(name: str, inputs: ThresholdInputs, cfg: PredictConfig) -> np.ndarray:
-    """One threshold per class by strategy ``name``."""
-    return STRATEGIES[name](inputs, cfg)
+def top_k_cap(oof_true, m: int, cfg: PredictConfig) -> int:
+    """Largest k top_k tries: ``predict.max_labels``, else a multiple of the mean OOF labels per image."""
+    if cfg.max_labels is not None:
+        return min(cfg.max_labels, m)
+    n = max(oof_true.shape[0], 1)
+    mean_labels = float(count_labels(oof_true, None)) / n
+    return min(m, max(TOP_K_MIN_CAP, math.ceil(TOP_K_CAP_FACTOR * mean_labels)))
 
 
-def compare_strategies(oof_true: np.ndarray, oof_scores: np.ndarray, oof_fold: np.ndarray,
-                       label_rate: np.ndarray, cfg: PredictConfig) -> dict[str, dict]:
-    """Every strategy on the OOF predictions, two ways:
+def top_k(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> Decision:
+    m = inputs.oof_scores.shape[1]
+    curve = top_k_curve(metric, inputs.oof_true, inputs.oof_scores, top_k_cap(inputs.oof_true, m, cfg))
+    k = int(np.argmax(curve)) + 1  # the smallest of equally good k
+    return Decision(None, k, k, top_k=k)
 
-    - ``in_sample``: thresholds fitted on all OOF rows and scored on the same rows (optimistic for the
+
+STRATEGIES = {"fixed": fixed, "oof_f1": oof_f1, "rate": rate, "global_oof": global_oof,
+              "global_bounded": global_bounded, "top_k": top_k}
+
+
+def decision_for(name: str, inputs: ThresholdInputs, cfg: PredictConfig,
+                 metric: MetricConfig | None = None) -> Decision:
+    """The decision of strategy ``name``, tuned for ``metric`` (default: macro-F1)."""
+    return STRATEGIES[name](inputs, cfg, metric or MetricConfig())
+
+
+def compare_strategies(oof_true, oof_scores: np.ndarray, oof_fold: np.ndarray, label_rate: np.ndarray,
+                       cfg: PredictConfig, metric: MetricConfig | None = None) -> dict[str, dict]:
+    """Every strategy on the OOF predictions, scored by ``metric`` (default: macro-F1), two ways:
+
+    - ``in_sample``: decision fitted on all OOF rows and scored on the same rows (optimistic for the
       tuned strategies);
-    - ``cross_fold``: for each fold, thresholds fitted on the other folds' OOF rows and applied to this
-      fold's rows; pooled macro-F1. This is the honest estimate of what the strategy will score on
-      unseen data, and shows when per-class tuning overfits.
+    - ``cross_fold``: for each fold, decision fitted on the other folds' OOF rows and applied to this
+      fold's rows; the metric of the pooled predictions. This is the honest estimate of what the strategy
+      will score on unseen data, and shows when tuning overfits.
+
+    Each entry also holds the fitted ``decision``, its per-class ``thresholds`` (NaN for top_k), the in-sample
+    ``per_class_f1`` and ``predicted_rate`` per class, and ``labels_per_image`` (mean, in-sample).
     """
+    metric = metric or MetricConfig()
     results = {}
     folds = np.unique(oof_fold)
+    m = oof_scores.shape[1]
     for name in STRATEGIES:
         inputs = ThresholdInputs(oof_true, oof_scores, oof_scores, label_rate)
-        thresholds = thresholds_for(name, inputs, cfg)
-        predicted = decide(oof_scores, thresholds)
+        decision = decision_for(name, inputs, cfg, metric)
+        predicted = decision.apply(oof_scores)
         cross = np.zeros_like(predicted)
         for fold in folds:
-            held = oof_fold == fold
-            fit = ~held if len(folds) > 1 else held
+            held = np.flatnonzero(oof_fold == fold)
+            fit = np.flatnonzero(oof_fold != fold) if len(folds) > 1 else held
             fold_inputs = ThresholdInputs(oof_true[fit], oof_scores[fit], oof_scores[held], label_rate)
-            cross[held] = decide(oof_scores[held], thresholds_for(name, fold_inputs, cfg))
-        per_class = f1_per_class(oof_true, predicted)
-        results[name] = {"thresholds": thresholds, "per_class_f1": per_class, "in_sample": float(per_class.mean()),
-                         "cross_fold": float(f1_per_class(oof_true, cross).mean()),
-                         "predicted_rate": predicted.mean(axis=0)}
+            cross[held] = decision_for(name, fold_inputs, cfg, metric).apply(oof_scores[held])
+        results[name] = {"decision": decision, "thresholds": decision.class_thresholds(m),
+                         "per_class_f1": f1_per_class(oof_true, predicted),
+                         "in_sample": metric_score(metric, oof_true, predicted, oof_scores),
+                         "cross_fold": metric_score(metric, oof_true, cross, oof_scores),
+                         "predicted_rate": predicted.mean(axis=0),
+                         "labels_per_image": float(predicted.sum(axis=1).mean())}
     return results

@@ -46,7 +46,7 @@ def test_predict_writes_valid_submission_and_report(trained):
     assert probs["Id"].tolist() == sample["Id"].tolist() and probs.shape[1] == TINY_CLASSES + 1
     assert probs.iloc[:, 1:].to_numpy().min() >= 0 and probs.iloc[:, 1:].to_numpy().max() <= 1
     strategies = pd.read_csv(f"{run}/report/strategies.csv")
-    assert strategies["strategy"].tolist() == ["fixed", "oof_f1", "rate", "global_oof"]
+    assert strategies["strategy"].tolist() == ["fixed", "oof_f1", "rate", "global_oof", "global_bounded", "top_k"]
     assert strategies["oof_macro_f1_in_sample"].between(0, 1).all()
     per_class = pd.read_csv(f"{run}/report/per_class.csv")
     assert len(per_class) == TINY_CLASSES
@@ -64,6 +64,22 @@ def test_each_strategy_gives_a_valid_submission(trained, strategy, tmp_path):
                                "predict.tta": ["identity"]})
     predict(cfg, progress=False)
     assert len(read_submission(cfg)) == 12
+
+
+@pytest.mark.slow
+def test_per_image_f2_with_label_bounds_names_the_report_after_the_metric(trained, tmp_path):
+    cfg = override(trained, **{"metric.name": "fbeta_samples", "metric.beta": 2.0, "predict.threshold": "top_k",
+                               "predict.max_labels": 2, "predict.tta": ["identity"],
+                               "run.dir": str(tmp_path / "out"), "predict.runs": [{"dir": trained.run.dir}],
+                               "submission.path": str(tmp_path / "s.csv")})
+    predict(cfg, progress=False)
+    counts = read_submission(cfg)["Predicted"].str.split().str.len()
+    strategies = pd.read_csv(tmp_path / "out" / "report" / "strategies.csv", keep_default_na=False)
+    chosen = strategies[strategies["chosen"] == "<-"].iloc[0]
+    assert chosen["strategy"] == "top_k" and chosen["decision"] in ("top 1", "top 2")
+    assert (counts == int(chosen["decision"].split()[1])).all()  # the k compared on OOF is the k applied
+    assert strategies["oof_f2_samples_cross_fold"].between(0, 1).all()
+    assert "mean per-image F2" in (tmp_path / "out" / "report" / "report.md").read_text()
 
 
 @pytest.mark.slow

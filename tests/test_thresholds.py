@@ -1,14 +1,21 @@
-"""Threshold search and strategies against brute-force references."""
+"""Threshold search and decision strategies against brute-force references and constructed OOF sets whose
+best decision is known; the default config against the figures of the previous release."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import sparse
 from sklearn.metrics import f1_score
 
-from src.config import PredictConfig
-from src.metrics import best_thresholds, decide, f1_curves, f1_per_class
-from src.thresholds import GLOBAL_GRID, ThresholdInputs, compare_strategies, thresholds_for
+from benchmarks.bench_thresholds import synthetic_oof
+from src.config import ConfigError, MetricConfig, PredictConfig, build_config
+from src.metrics import best_thresholds, decide, f1_curves, f1_per_class, fbeta_samples
+from src.thresholds import GLOBAL_GRID, STRATEGIES, ThresholdInputs, compare_strategies, decision_for
+
+
+def thresholds_for(name, inputs, cfg, metric=None):
+    return decision_for(name, inputs, cfg, metric).thresholds
 
 
 def make_oof(n=300, m=6, seed=0, quantize=False):
@@ -26,7 +33,9 @@ def test_best_thresholds_match_brute_force(quantize):
     thresholds, best = best_thresholds(truth, scores)
     for c in range(truth.shape[1]):
         candidates = np.unique(np.concatenate([scores[:, c], [2.0]]))
-        brute = max(f1_score(truth[:, c], scores[:, c] >= t, zero_division=0) for t in candidates)
+        kept = scores[:, c][None, :] >= candidates[:, None]  # every candidate threshold at once
+        tp = (kept & truth[:, c].astype(bool)).sum(axis=1)
+        brute = np.max(2 * tp / (truth[:, c].sum() + kept.sum(axis=1)))
         assert best[c] == pytest.approx(brute)
         # The returned threshold realises that F1.
         assert f1_score(truth[:, c], scores[:, c] >= thresholds[c], zero_division=0) == pytest.approx(brute)
@@ -99,9 +108,130 @@ def test_compare_strategies_cross_fold():
     truth, scores = make_oof(n=400, seed=6)
     folds = np.arange(400) % 4
     results = compare_strategies(truth, scores, folds, truth.mean(0), PredictConfig())
-    assert set(results) == {"fixed", "oof_f1", "rate", "global_oof"}
+    assert set(results) == {"fixed", "oof_f1", "rate", "global_oof", "global_bounded", "top_k"}
     # fixed fits nothing, so both estimates agree; tuning in-sample is never worse than cross-fold here.
     assert results["fixed"]["in_sample"] == pytest.approx(results["fixed"]["cross_fold"])
     assert results["oof_f1"]["in_sample"] >= results["oof_f1"]["cross_fold"]
     expected = f1_per_class(truth, decide(scores, results["oof_f1"]["thresholds"])).mean()
     assert results["oof_f1"]["in_sample"] == pytest.approx(expected)
+
+
+# Figures of the previous release (macro-F1, four strategies), computed before decisions and metrics became
+# configurable: the default config must give exactly these, so nothing changes for existing users.
+PREVIOUS_RELEASE = {
+    "make_oof": {"fixed": (0.4932881512476058, 0.4932881512476058, 3.0),
+                 "oof_f1": (0.6024198049996744, 0.5812925178926968, 3.8741812291007913),
+                 "rate": (0.5635431299907292, 0.5573070024217127, 3.769822221738469),
+                 "global_oof": (0.550118486143449, 0.550118486143449, 4.2)},
+    "hpa_like": {"fixed": (0.5659567712223293, 0.5659567712223293, 14.0),
+                 "oof_f1": (0.6101630418386937, 0.5902183722482466, 15.744699090719223),
+                 "rate": (0.5950630331915585, 0.5920026898973424, 15.307122230529785),
+                 "global_oof": (0.5854380531820887, 0.5835092031258033, 16.099999999999998)},
+}
+
+
+@pytest.mark.parametrize("dataset", ["make_oof", "hpa_like"])
+def test_default_config_reproduces_the_previous_release(dataset):
+    if dataset == "make_oof":
+        truth, scores = make_oof(n=400, seed=6)
+        folds = np.arange(400) % 4
+    else:  # power-law label rates and 6-decimal probabilities, as HPA's oof.csv
+        truth, scores = synthetic_oof(3000, 28, seed=3)
+        folds = np.random.default_rng(1).integers(0, 5, 3000)
+    results = compare_strategies(truth, scores, folds, truth.mean(axis=0), build_config({}).predict,
+                                 build_config({}).metric)
+    for name, (in_sample, cross_fold, threshold_sum) in PREVIOUS_RELEASE[dataset].items():
+        assert results[name]["in_sample"] == in_sample, name  # exactly: same decisions, same arithmetic
+        assert results[name]["cross_fold"] == cross_fold, name
+        assert results[name]["thresholds"].sum() == pytest.approx(threshold_sum, rel=1e-6), name
+
+
+def ranked_oof(n=120, m=10, positives=3, seed=7):
+    """Every image has exactly ``positives`` true labels, and they outrank its other labels; the score
+    levels differ between images, so no single threshold separates them all."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((n, m), bool)
+    for row in truth:
+        row[rng.choice(m, positives, replace=False)] = True
+    level = rng.uniform(0.1, 0.8, (n, 1))  # per image
+    scores = np.where(truth, level + rng.uniform(0.1, 0.2, (n, m)), level * rng.uniform(0.3, 0.9, (n, m)))
+    return truth, np.clip(scores, 0, 1)
+
+
+@pytest.mark.parametrize("metric", [MetricConfig(name="fbeta_samples", beta=2.0), MetricConfig(name="micro_f1"),
+                                    MetricConfig(name="macro_f1")], ids=lambda m: m.name)
+def test_top_k_picks_three_when_every_image_has_three_positives_ranked_first(metric):
+    truth, scores = ranked_oof()
+    results = compare_strategies(truth, scores, np.arange(len(truth)) % 3, truth.mean(axis=0), PredictConfig(),
+                                 metric)
+    assert results["top_k"]["decision"].top_k == 3
+    assert results["top_k"]["in_sample"] == results["top_k"]["cross_fold"] == 1.0
+    assert results["top_k"]["labels_per_image"] == 3
+    assert np.isnan(results["top_k"]["thresholds"]).all()
+    # The per-image score levels defeat any single threshold.
+    assert results["global_oof"]["in_sample"] < 0.95
+
+
+def test_global_bounded_tunes_its_threshold_knowing_the_minimum_label_rule():
+    # Half the images: one positive at 0.2 over negatives at 0.1; the other half: one positive at 0.8 over
+    # three negatives at 0.5. A threshold in (0.5, 0.8] is perfect once every empty row gets its top label; a
+    # threshold tuned without that rule stays below 0.2 to catch the first half, and over-predicts the second.
+    n, m = 40, 5
+    truth = np.zeros((n, m), bool)
+    scores = np.zeros((n, m))
+    truth[:20, 0], scores[:20, 0], scores[:20, 1:] = True, 0.2, 0.1
+    truth[20:, 1], scores[20:, 1], scores[20:, 2:] = True, 0.8, 0.5
+    metric = MetricConfig(name="fbeta_samples")
+    results = compare_strategies(truth, scores, np.arange(n) % 2, truth.mean(axis=0), PredictConfig(), metric)
+    bounded = results["global_bounded"]["decision"].thresholds[0]
+    assert 0.5 < bounded <= 0.8 and results["global_bounded"]["in_sample"] == 1.0
+    assert results["global_oof"]["decision"].thresholds[0] <= 0.2
+    assert results["global_oof"]["in_sample"] == pytest.approx((1 + 5 / 8) / 2)  # F2 of 1 right + 3 wrong: 5/8
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_label_bounds_hold_on_every_row_for_every_strategy(name):
+    truth, scores = make_oof(n=200, m=8, seed=8)
+    cfg = PredictConfig(min_labels=2, max_labels=3, fixed_threshold=0.3)
+    inputs = ThresholdInputs(truth, scores, scores[::-1], truth.mean(axis=0))
+    count = decision_for(name, inputs, cfg, MetricConfig(name="fbeta_samples")).apply(scores[::-1]).sum(axis=1)
+    assert count.min() >= 2 and count.max() <= 3
+    if name != "top_k":  # unbounded, the strategies would give some rows fewer or more
+        loose = decision_for(name, inputs, PredictConfig(min_labels=0, fixed_threshold=0.3),
+                             MetricConfig(name="fbeta_samples")).apply(scores[::-1]).sum(axis=1)
+        assert loose.min() < 2 or loose.max() > 3
+
+
+def test_min_above_max_labels_is_a_config_error():
+    with pytest.raises(ConfigError, match="max_labels"):
+        build_config({"predict": {"min_labels": 3, "max_labels": 2}})
+
+
+def test_sparse_truth_gives_the_same_comparison_as_dense():
+    truth, scores = make_oof(n=300, m=8, seed=9)
+    folds = np.arange(300) % 3
+    metric = MetricConfig(name="fbeta_samples")
+    cfg = PredictConfig(max_labels=4)
+    dense = compare_strategies(truth, scores, folds, truth.mean(axis=0), cfg, metric)
+    csr = compare_strategies(sparse.csr_matrix(truth), scores, folds, truth.mean(axis=0), cfg, metric)
+    for name in STRATEGIES:
+        assert csr[name]["in_sample"] == pytest.approx(dense[name]["in_sample"])
+        assert csr[name]["cross_fold"] == pytest.approx(dense[name]["cross_fold"])
+        np.testing.assert_array_equal(csr[name]["thresholds"], dense[name]["thresholds"])
+        expected = fbeta_samples(truth, csr[name]["decision"].apply(scores), beta=2.0)
+        assert csr[name]["in_sample"] == pytest.approx(expected)
+
+
+def test_per_class_strategy_tunes_f2_thresholds_where_a_class_has_enough_positives():
+    truth, scores = make_oof(seed=10)
+    truth[:, 5] = 0
+    truth[:3, 5] = 1  # 3 positives: below min_positives
+    metric = MetricConfig(name="fbeta_samples", beta=2.0)
+    inputs = ThresholdInputs(truth, scores, scores, truth.mean(axis=0))
+    cfg = PredictConfig(min_positives=5)
+    result = thresholds_for("oof_f1", inputs, cfg, metric)
+    tuned_f2, _ = best_thresholds(truth[:, :5], scores[:, :5], beta=2.0)
+    np.testing.assert_array_equal(result[:5], tuned_f2)
+    assert result[5] == thresholds_for("global_oof", inputs, cfg, metric)[0]
+    # F2 favours recall: its thresholds sit at or below the F1 ones.
+    assert (tuned_f2 <= best_thresholds(truth[:, :5], scores[:, :5])[0]).all()
