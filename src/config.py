@@ -112,7 +112,12 @@ class ModelConfig(Section):
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
     modifier: ModifierConfig = ModifierConfig()
     channels_last: bool = False
+    # Recompute activations in the backward pass instead of storing them (less memory, more compute): timm's
+    # set_grad_checkpointing where the backbone has it, else per cell (NASNet, PNASNet: src.model).
     grad_checkpointing: bool = False
+    # torch.compile the training forward and backward (the first steps compile, minutes for a big backbone;
+    # validation and prediction run eager). For long GPU runs; off on CPUs, where compiling outweighs the gain.
+    compile: bool = False
 
 
 class AugmentConfig(Section):
@@ -217,9 +222,10 @@ class PredictConfig(Section):
     # oof_f1: classes with fewer OOF positives than this take the global_oof threshold.
     min_positives: int = Field(5, ge=1)
     # Labels per image after thresholding: rows with fewer get their highest-scoring labels added, rows with
-    # more keep their highest-scoring ones (every strategy but top_k). 1 is HPA's rule (no empty row);
-    # max_labels null: no cap. top_k tunes its k in 1..max_labels (or a cap from the OOF label counts).
-    min_labels: int = Field(1, ge=0)
+    # more keep their highest-scoring ones (every strategy but top_k). At least 1 (HPA's rule): the submission
+    # check refuses empty rows. max_labels null: no cap. top_k tunes its k in 1..max_labels (or a cap from the
+    # OOF label counts).
+    min_labels: int = Field(1, ge=1)
     max_labels: int | None = Field(None, ge=1)
     # rate: csv "class,rate" overriding the train label rates.
     rate_table: str | None = None
@@ -227,7 +233,6 @@ class PredictConfig(Section):
     # Write a submission that looks degenerate (the same labels on nearly every row, or predicted label rates
     # far from the training rates on most classes) instead of stopping with exit 2. Also: predict --force.
     force: bool = False
-
 
     @model_validator(mode="after")
     def _label_bounds(self) -> PredictConfig:

@@ -197,7 +197,7 @@ def test_label_bounds_hold_on_every_row_for_every_strategy(name):
     count = decision_for(name, inputs, cfg, MetricConfig(name="fbeta_samples")).apply(scores[::-1]).sum(axis=1)
     assert count.min() >= 2 and count.max() <= 3
     if name != "top_k":  # unbounded, the strategies would give some rows fewer or more
-        loose = decision_for(name, inputs, PredictConfig(min_labels=0, fixed_threshold=0.3),
+        loose = decision_for(name, inputs, PredictConfig(fixed_threshold=0.3),
                              MetricConfig(name="fbeta_samples")).apply(scores[::-1]).sum(axis=1)
         assert loose.min() < 2 or loose.max() > 3
 
