@@ -662,16 +662,19 @@ class EpochSampler(Sampler):
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, device: torch.device,
-                sampler: EpochSampler | None = None) -> DataLoader:
+                sampler: EpochSampler | None = None, persistent: bool = False) -> DataLoader:
     """The DataLoader of every stage. With an :class:`EpochSampler` (training) only full batches are
-    yielded (drop_last); without one (evaluation) every sample, in table order."""
+    yielded (drop_last); without one (evaluation) every sample, in table order. Batches are pinned on CUDA
+    (for non-blocking copies). ``persistent``: the workers outlive an iteration, for a loader iterated once
+    per epoch (the sampler runs in the main process, so a new epoch's order and seeds, or a resume's skip,
+    reach the same workers)."""
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=sampler is not None,
         num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
         # Its own generator: creating an iterator must not draw from the global torch RNG, or a run
         # resumed mid-epoch would see different dropout masks than an uninterrupted one.
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        persistent_workers=persistent and num_workers > 0, prefetch_factor=4 if num_workers else None,
     )
 
 

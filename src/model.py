@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 import sys
+import types
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,6 +25,7 @@ import numpy as np
 import timm
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from src.config import Config, ModelConfig, PipelineError, TrainConfig
@@ -93,14 +96,49 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         raise
 
 
+# The cells of timm's NASNet-A-Large and PNASNet-5-Large, which have no set_grad_checkpointing of their own.
+CELL_NAME = re.compile(r"cell_stem_\d+|cell_\d+|reduction_cell_\d+")
+
+
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    """A cell's forward that keeps only its inputs for the backward pass and recomputes the rest there."""
+    forward = type(self).forward
+    if self.training and torch.is_grad_enabled():
+        return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+    return forward(self, *args, **kwargs)
+
+
+def checkpoint_cells(backbone: nn.Module) -> list[str]:
+    """Activation checkpointing per cell of a NASNet-style backbone (children named ``cell_stem_<i>``,
+    ``cell_<i>``, ``reduction_cell_<i>``); returns the cells' names (none: not such a backbone). Each cell's
+    forward is replaced on the instance, so parameter names and state dicts stay those of the plain model,
+    and a deep copy (the EMA) binds the copy's cells to themselves. As with timm's own checkpointing,
+    BatchNorm running statistics are updated again by the recomputation."""
+    names = [name for name, _ in backbone.named_children() if CELL_NAME.fullmatch(name)]
+    for name in names:
+        cell = getattr(backbone, name)
+        cell.forward = types.MethodType(_checkpointed_forward, cell)
+    return names
+
+
+def enable_grad_checkpointing(backbone: nn.Module, name: str) -> str:
+    """Turn on activation checkpointing: timm's ``set_grad_checkpointing`` where the backbone implements it,
+    else per cell (:func:`checkpoint_cells`). Returns which one ("timm" or "per cell")."""
+    try:
+        backbone.set_grad_checkpointing(True)
+        return "timm"
+    except (AssertionError, NotImplementedError, AttributeError) as exc:  # timm asserts; a non-timm module has none
+        if checkpoint_cells(backbone):
+            return "per cell"
+        raise PipelineError(f"model.grad_checkpointing: {name} has neither timm's gradient checkpointing nor "
+                            "NASNet-style cells to checkpoint; set model.grad_checkpointing=false") from exc
+
+
 def build_model(cfg: Config, out_dim: int | None = None) -> Net:
     """The network of ``cfg.model`` with a head of ``out_dim`` outputs (default: number of classes)."""
     backbone = create_backbone(cfg.model)
     if cfg.model.grad_checkpointing:
-        try:
-            backbone.set_grad_checkpointing(True)
-        except (AssertionError, NotImplementedError) as exc:
-            raise PipelineError(f"model.grad_checkpointing: {cfg.model.backbone} does not support it") from exc
+        enable_grad_checkpointing(backbone, cfg.model.backbone)
     num_features = backbone.num_features
     modifier = FeatureModifier(num_features, cfg.model.modifier.gate_reduction, cfg.model.modifier.feature_dropout)
     head = nn.Linear(num_features, out_dim or cfg.data.num_classes)
@@ -199,15 +237,16 @@ def infer(model: nn.Module, loader, device: torch.device, *, precision: str = "f
     results, total_loss, count = [], 0.0, 0
     for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         per_view = []
         for view in views:
+            view_images = d4_view(images, view)
+            if channels_last:  # after the view: a rotation of a channels_last tensor is not channels_last
+                view_images = view_images.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):
-                outputs = model(d4_view(images, view))
+                outputs = model(view_images)
             outputs = outputs.float()
             if loss_fn is not None and not per_view:
-                total_loss += float(loss_fn(outputs, targets.to(device))) * len(images)
+                total_loss += float(loss_fn(outputs, targets.to(device, non_blocking=True))) * len(images)
                 count += len(images)
             outputs = outputs.cpu().numpy()
             per_view.append(to_scores(outputs) if to_scores is not None else outputs)

@@ -21,7 +21,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -194,7 +194,8 @@ class FoldParts:
     batch_augment: BatchAugment | None = None
 
     def __post_init__(self) -> None:
-        self.forward = self.forward or self.model
+        if self.forward is None:  # (not `or`: a compiled module has no truth value)
+            self.forward = self.model
 
 
 def resolve_accumulation(cfg: Config, dist: Dist) -> Config:
@@ -261,6 +262,14 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
         forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                       else None)
         torch.manual_seed(tc.seed + dist.rank)  # dropout masks differ across ranks; the weights do not
+    if cfg.model.compile:
+        # The training step only (DDP included: compiled after wrapping); p.model stays the plain module that
+        # checkpoints, EMA and validation use.
+        forward = torch.compile(forward)
+    if device.type == "cuda":
+        # Every training batch has one shape (data.image_size, full batches): cuDNN's autotuned kernels are
+        # chosen once and reused. (Resume is not bit-exact on GPUs in any case.)
+        torch.backends.cudnn.benchmark = True
     return FoldParts(
         cfg=cfg, fold=fold, device=device, vocabulary=vocabulary, train_table=train_table, val_table=val_table,
         embedding=embedding,
@@ -366,6 +375,7 @@ class Trainer:
         self.history: list[dict] = []
         self.prior = prior_metrics(parts)
         self.saved_step: int | None = None  # optimizer step of the last checkpoint this run wrote or resumed
+        self._loaders: dict[str, tuple[object, DataLoader]] = {}  # kept across epochs: see kept_loader
 
     # -- checkpoints ------------------------------------------------------------------------------
     def checkpoint(self, rng_ranks: list[dict] | None = None) -> dict:
@@ -443,7 +453,17 @@ class Trainer:
         # Always from the saved epoch-start state: after a resume from an end-of-epoch checkpoint the
         # sampler's generator is freshly seeded, and drawing from it would replay epoch 1's order.
         p.sampler.start_epoch(p.sampler.epoch_state, skip=self.state.batches_done * tc.batch_size)
-        return make_loader(p.train_set, tc.batch_size, tc.num_workers, tc.seed, p.device, sampler=p.sampler)
+        return self.kept_loader("train", (p.train_set, p.sampler), lambda: make_loader(
+            p.train_set, tc.batch_size, tc.num_workers, tc.seed, p.device, sampler=p.sampler, persistent=True))
+
+    def kept_loader(self, name: str, sources: tuple, make: Callable[[], DataLoader]) -> DataLoader:
+        """The loader ``make()`` builds over ``sources`` (its dataset, and sampler), built once and iterated
+        every epoch: its workers persist, instead of a process start per worker per epoch. Rebuilt when
+        ``parts`` hold other objects (a test or benchmark swapped the dataset)."""
+        kept = self._loaders.get(name)
+        if kept is None or any(old is not new for old, new in zip(kept[0], sources)):
+            self._loaders[name] = kept = (sources, make())
+        return kept[1]
 
     def train_epoch(self, batches: Iterable, tracker: Tracker | None = None) -> bool:
         """Train on ``batches`` (the rest of ``state.epoch``: :meth:`epoch_batches`, or any sized iterable of
@@ -530,7 +550,8 @@ class Trainer:
         # Each rank scores every world_size-th validation row; the rows are gathered back in order, each
         # exactly once, so every rank computes the same metrics and takes the same best-checkpoint decision.
         shard = list(range(dist.rank, len(p.val_set), dist.world_size))
-        loader = make_loader(Subset(p.val_set, shard), tc.batch_size * 2, tc.num_workers, tc.seed, p.device)
+        loader = self.kept_loader("validation", (p.val_set,), lambda: make_loader(
+            Subset(p.val_set, shard), tc.batch_size * 2, tc.num_workers, tc.seed, p.device, persistent=True))
         shard_probs, shard_loss = infer(model, loader, p.device, precision=tc.precision,
                                         channels_last=self.cfg.model.channels_last,
                                         to_scores=output_scorer(self.cfg, p.embedding), loss_fn=p.loss_fn,
