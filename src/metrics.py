@@ -143,6 +143,10 @@ def _top_block(scores: np.ndarray, k: int) -> np.ndarray:
         return np.ones((n, m), bool)
     if k <= 0:
         return np.zeros((n, m), bool)
+    if k == 1:  # argmax takes the first of equal maxima: the lower class index, as below
+        chosen = np.zeros((n, m), bool)
+        chosen[np.arange(n), np.argmax(scores, axis=1)] = True
+        return chosen
     kth = np.partition(scores, m - k, axis=1)[:, m - k][:, None]  # the k-th largest score of each row
     chosen = scores > kth
     tied = scores == kth

@@ -28,7 +28,7 @@ grid, one sort per column block), so a few thousand classes and tens of thousand
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -90,6 +90,8 @@ class ThresholdInputs:
     oof_scores: np.ndarray  # n x m
     target_scores: np.ndarray  # the scores the decision will be applied to (OOF or test)
     label_rate: np.ndarray  # m: positive rate of each class in train (or the user's table)
+    # Global thresholds already searched on these inputs (global_oof and oof_f1's anchor are the same search).
+    searched: dict = field(default_factory=dict, repr=False)
 
 
 def _bounded(thresholds: np.ndarray, cfg: PredictConfig) -> Decision:
@@ -99,8 +101,11 @@ def _bounded(thresholds: np.ndarray, cfg: PredictConfig) -> Decision:
 def _global_threshold(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig, bounded: bool) -> float:
     """The grid threshold maximising the OOF metric (the first of equals), with or without the label bounds."""
     bounds = (cfg.min_labels, cfg.max_labels) if bounded else (0, None)
-    curve = metric_curve(metric, inputs.oof_true, inputs.oof_scores, GLOBAL_GRID, *bounds)
-    return float(GLOBAL_GRID[int(np.argmax(curve))])
+    key = (metric.name, metric.beta, metric.k, metric.zero_division, bounds)
+    if key not in inputs.searched:
+        curve = metric_curve(metric, inputs.oof_true, inputs.oof_scores, GLOBAL_GRID, *bounds)
+        inputs.searched[key] = float(GLOBAL_GRID[int(np.argmax(curve))])
+    return inputs.searched[key]
 
 
 def fixed(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> Decision:
@@ -181,15 +186,17 @@ def compare_strategies(oof_true, oof_scores: np.ndarray, oof_fold: np.ndarray, l
     results = {}
     folds = np.unique(oof_fold)
     m = oof_scores.shape[1]
+    inputs = ThresholdInputs(oof_true, oof_scores, oof_scores, label_rate)
+    splits = []  # (held rows, the inputs fitted on the other folds), shared by every strategy
+    for fold in folds:
+        held = np.flatnonzero(oof_fold == fold)
+        fit = np.flatnonzero(oof_fold != fold) if len(folds) > 1 else held
+        splits.append((held, ThresholdInputs(oof_true[fit], oof_scores[fit], oof_scores[held], label_rate)))
     for name in STRATEGIES:
-        inputs = ThresholdInputs(oof_true, oof_scores, oof_scores, label_rate)
         decision = decision_for(name, inputs, cfg, metric)
         predicted = decision.apply(oof_scores)
         cross = np.zeros_like(predicted)
-        for fold in folds:
-            held = np.flatnonzero(oof_fold == fold)
-            fit = np.flatnonzero(oof_fold != fold) if len(folds) > 1 else held
-            fold_inputs = ThresholdInputs(oof_true[fit], oof_scores[fit], oof_scores[held], label_rate)
+        for held, fold_inputs in splits:
             cross[held] = decision_for(name, fold_inputs, cfg, metric).apply(oof_scores[held])
         results[name] = {"decision": decision, "thresholds": decision.class_thresholds(m),
                          "per_class_f1": f1_per_class(oof_true, predicted),

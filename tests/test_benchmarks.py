@@ -86,6 +86,9 @@ def test_bench_thresholds(capsys):
     assert "WARNING" not in out  # the exact search never scores below the grid
     assert has_line(out, rf"^  oof_f1\s+in-sample macro-F1 {NUMBER}, cross-fold {NUMBER}$")
     assert has_line(out, rf"^best_thresholds\s+{NUMBER}\s+{NUMBER}$")  # the large size
+    assert has_line(out, rf"^global_bounded: metric_curve, one binning pass\s+{NUMBER}\s+{NUMBER}$")  # decisions
+    assert has_line(out, rf"^top_k: top_k_curve, one partial sort\s+{NUMBER}\s+{NUMBER}$")
+    assert has_line(out, rf"^  top_k\s+in-sample F2 {NUMBER}, cross-fold {NUMBER}, {NUMBER} labels per image \(top \d+\)$")
     assert has_line(out, rf"^  5000 x 50: {NUMBER} s, {NUMBER} ns per entry")
 
 
