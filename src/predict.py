@@ -54,7 +54,8 @@ from src.run_folder import (
     model_weights,
     output_scorer,
     read_scores,
-    write_scores,
+    score_file,
+    write_score_table,
 )
 from src.thresholds import Decision, ThresholdInputs, compare_strategies, decision_for
 from src.tracking import Tracker
@@ -306,7 +307,7 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     if degenerate:
         header += "\n\n**Warning: the submission looks degenerate:** " + "; ".join(degenerate) + "."
     with Staging() as staging:
-        staging.file(out.test_scores, lambda tmp: write_scores(tmp, test_table["Id"], test_scores))
+        staging.file(score_file(out.test_scores, m), lambda tmp: write_score_table(tmp, test_table["Id"], test_scores))
         strategies, classes, plots = write_report(out.report, header, results, chosen, oof_true, oof_scores,
                                                   train_rate, predicted.mean(axis=0), staging, cfg.metric)
         if degenerate and not cfg.predict.force:

@@ -221,21 +221,29 @@ def class_columns(num_classes: int) -> list[str]:
 CSV_MAX_CLASSES = 1000
 
 
-def write_scores(path: Path, ids: Sequence[str], scores: np.ndarray) -> Path:
-    """A score table: ``Id`` + one column per class, 6 decimals, at ``path`` (a .csv); with more than
-    ``CSV_MAX_CLASSES`` classes the same table as ``path`` with suffix .npz. Returns the file written."""
-    csv, npz = path.with_suffix(".csv"), path.with_suffix(".npz")
+def score_file(path: Path, num_classes: int) -> Path:
+    """Where a score table named ``path`` (a .csv) lives: the .csv, or above ``CSV_MAX_CLASSES`` the .npz."""
+    return path.with_suffix(".npz" if num_classes > CSV_MAX_CLASSES else ".csv")
+
+
+def write_score_table(file: Path, ids: Sequence[str], scores: np.ndarray) -> None:
+    """Write a score table to exactly ``file`` (a temp name is fine), in the format :func:`score_file` chose:
+    ``Id`` + one column per class with 6 decimals, or an npz of Ids and float16 scores."""
     if scores.shape[1] > CSV_MAX_CLASSES:
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as handle:  # a handle: np.savez would append .npz to the temp name
-                np.savez(handle, ids=np.asarray(list(ids), dtype=str), scores=scores.astype(np.float16))
-        written = write_atomic(npz, write)
-        csv.unlink(missing_ok=True)  # never two tables of different runs side by side
-        return written
+        with open(file, "wb") as handle:  # a handle: np.savez would append .npz to a temp name
+            np.savez(handle, ids=np.asarray(list(ids), dtype=str), scores=scores.astype(np.float16))
+        return
     frame = pd.DataFrame(scores, columns=class_columns(scores.shape[1]))
     frame.insert(0, "Id", list(ids))
-    written = write_atomic(csv, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6f"))
-    npz.unlink(missing_ok=True)
+    frame.to_csv(file, index=False, float_format="%.6f")
+
+
+def write_scores(path: Path, ids: Sequence[str], scores: np.ndarray) -> Path:
+    """The score table named ``path`` (see :func:`score_file`), written atomically; returns the file."""
+    target = score_file(path, scores.shape[1])
+    written = write_atomic(target, lambda tmp: write_score_table(tmp, ids, scores))
+    other = path.with_suffix(".csv" if target.suffix == ".npz" else ".npz")
+    other.unlink(missing_ok=True)  # never two tables of different runs side by side
     return written
 
 
@@ -252,7 +260,7 @@ def copy_scores(source: Path, target: Path) -> Path:
 def read_scores(path: Path) -> pd.DataFrame:
     """A score table written by :func:`write_scores` (Ids as strings), from the .csv or the .npz."""
     csv, npz = path.with_suffix(".csv"), path.with_suffix(".npz")
-    if csv.is_file():
+    if csv.is_file() and not (npz.is_file() and npz.stat().st_mtime_ns > csv.stat().st_mtime_ns):
         return pd.read_csv(csv, dtype={"Id": str})
     if npz.is_file():
         with np.load(npz) as stored:
