@@ -160,7 +160,10 @@ class TrainConfig(Section):
     # after timm's EMA warm-up (power 1: the plain mean of all steps so far until then). Validation scores the
     # raw and the EMA weights; the better one is checkpointed and used by predict.
     ema_horizon: float = Field(0.1, gt=0.0, le=1.0)
-    monitor: Literal["macro_f1", "macro_f1_tuned", "val_loss"] = "macro_f1_tuned"
+    # What picks best.pt: macro-F1 at 0.5 or at per-class tuned thresholds, validation loss, or "metric": the
+    # competition metric (metric.name, e.g. per-image F2) at the best global threshold with predict.min_labels..
+    # predict.max_labels labels per image (the global_bounded decision).
+    monitor: Literal["macro_f1", "macro_f1_tuned", "val_loss", "metric"] = "macro_f1_tuned"
     # Warn (console, history, W&B) when, from this epoch on, validation is no better than the prior predictor
     # (every class at its training rate) in loss or tuned macro-F1: the model learned nothing. 0: never.
     warn_no_learning_after: int = Field(2, ge=0)

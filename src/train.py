@@ -41,7 +41,7 @@ from src.data import EpochSampler, RGBYDataset, Vocabulary, build_augment, label
 from src.folds import load_folds
 from src.label_embedding import LabelEmbedding
 from src.losses import build_loss
-from src.metrics import best_thresholds, decide, f1_per_class
+from src.metrics import best_thresholds, decide, f1_per_class, metric_curve
 from src.model import autocast, build_model, infer, param_groups, resolve_device
 from src.pack import open_packed
 from src.report import plot_label_map, plot_similarity_heatmap
@@ -56,6 +56,7 @@ from src.run_folder import (
     write_history,
     write_scores,
 )
+from src.thresholds import GLOBAL_GRID
 from src.tracking import Tracker
 
 
@@ -566,9 +567,14 @@ class Trainer:
         truth = label_matrix(p.val_table["labels"], self.cfg.data.num_classes)
         thresholds, tuned_f1 = best_thresholds(truth, probs)
         f1_half = f1_per_class(truth, decide(probs, 0.5))
-        return {"val_loss": val_loss, "macro_f1": float(f1_half.mean()), "macro_f1_tuned": float(tuned_f1.mean()),
-                "per_class_f1": f1_half, "per_class_f1_tuned": tuned_f1, "thresholds": thresholds,
-                "support": truth.sum(axis=0), "probs": probs}
+        result = {"val_loss": val_loss, "macro_f1": float(f1_half.mean()), "macro_f1_tuned": float(tuned_f1.mean()),
+                  "per_class_f1": f1_half, "per_class_f1_tuned": tuned_f1, "thresholds": thresholds,
+                  "support": truth.sum(axis=0), "probs": probs}
+        if tc.monitor == "metric":  # the competition metric under predict's global_bounded decision
+            pc = self.cfg.predict
+            result["metric"] = float(metric_curve(self.cfg.metric, truth, probs, GLOBAL_GRID, pc.min_labels,
+                                                  pc.max_labels).max())
+        return result
 
     # -- the whole fold ---------------------------------------------------------------------------
     def monitored(self, metrics: dict) -> float:
