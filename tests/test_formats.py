@@ -211,7 +211,10 @@ def test_many_label_formats_run_folds_train_predict_end_to_end(many_label_demo, 
     train(cfg, 1, progress=False)
     path = predict(cfg, progress=False)
 
-    vocabulary = RunFolder(cfg.run.dir).load_vocabulary()
+    folder = RunFolder(cfg.run.dir)
+    history = pd.read_csv(folder.history(0))
+    assert cfg.train.monitor == "metric" and history["metric_raw"].between(0, 1).all()  # best.pt by per-image F2
+    vocabulary = folder.load_vocabulary()
     assert 10 < len(vocabulary) <= 24
     sample = pd.read_csv(many_label_demo[fmt] / ("stage_1_sample_submission.csv" if fmt == "openimages"
                                                  else "sample_submission.csv"), dtype=str)
