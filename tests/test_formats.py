@@ -225,3 +225,16 @@ def test_many_label_formats_run_folds_train_predict_end_to_end(many_label_demo, 
     assert all(row and set(row.split()) <= codes for row in submission.iloc[:, 1])
     if fmt == "openimages":
         assert all(code.startswith("/m/") for code in codes)
+
+
+def test_openimages_packs_and_the_cache_gives_the_image_files_arrays(many_label_demo, tmp_path):
+    from src.pack import open_packed, pack
+
+    cfg = openimages_config(many_label_demo["openimages"], tmp_path)
+    cfg, table, _ = load_training_data(cfg)
+    pack(cfg, workers=1, progress=False)
+    packed = open_packed(cfg.data, table)
+    assert packed is not None
+    for row in (0, len(table) - 1):
+        assert np.array_equal(packed[row], read_image(table["files"].iloc[row], 32, 3))
+    assert packed[0].shape == (32, 32, 3)
