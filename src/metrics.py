@@ -308,18 +308,13 @@ def largest_per_column(scores: np.ndarray, ranks: np.ndarray) -> np.ndarray:
 
 
 def _search_rows(sorted_rows: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``np.searchsorted(sorted_rows[r], v, side="left")`` for every pair (r, v) of ``rows`` and ``values``
-    at once: a binary search run on all queries together (log2(n) vectorised steps)."""
-    n = sorted_rows.shape[1]
-    lo, hi = np.zeros(len(values), np.int64), np.full(len(values), n, np.int64)
-    while True:
-        active = np.flatnonzero(lo < hi)
-        if not len(active):
-            return lo
-        mid = (lo[active] + hi[active]) // 2
-        less = sorted_rows[rows[active], mid] < values[active]
-        lo[active] = np.where(less, mid + 1, lo[active])
-        hi[active] = np.where(less, hi[active], mid)
+    """``np.searchsorted(sorted_rows[r], v, side="left")`` for every pair (r, v) of ``rows`` (grouped: equal
+    rows next to each other) and ``values``: one C-level search per row that has queries."""
+    cut = np.empty(len(values), np.int64)
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if len(rows) else np.zeros(0, np.int64)
+    for start, stop in zip(starts, np.r_[starts[1:], len(rows)]):
+        cut[start:stop] = np.searchsorted(sorted_rows[rows[start]], values[start:stop], side="left")
+    return cut
 
 
 def best_thresholds(y_true, scores: np.ndarray, beta: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
