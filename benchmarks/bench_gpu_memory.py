@@ -11,11 +11,11 @@ batches already on the GPU: one untimed pass (allocator, cuDNN, optimizer state)
 ``max_memory_allocated`` (the figure the target is about), ``max_memory_reserved`` (what the caching
 allocator held), images/s. Target: batch >= 16 under 24 GiB.
 
-- ``--grad-checkpointing`` sets ``model.grad_checkpointing=true``, which ``build_model`` passes to timm's
-  ``set_grad_checkpointing``; timm's NASNet-A-Large does not implement it (it asserts), so the script
-  reports "not supported" for that configuration and goes on.
-- ``--cell-checkpointing`` (benchmark only, not in ``src``) wraps each NASNet cell's forward in
-  ``torch.utils.checkpoint`` (non-reentrant): what checkpointing would save if ``src`` offered it.
+- ``--grad-checkpointing`` sets ``model.grad_checkpointing=true``: ``build_model`` uses timm's
+  ``set_grad_checkpointing`` where the backbone has it and otherwise checkpoints per cell
+  (``src.model.checkpoint_cells``: timm's NASNet-A-Large has no checkpointing of its own, it asserts).
+- ``--cell-checkpointing`` (this script's own wrapper, from before ``src`` had one; kept for comparison)
+  wraps each NASNet cell's forward in ``torch.utils.checkpoint`` (non-reentrant).
 - ``--all`` runs NCHW, channels_last, timm checkpointing and cell checkpointing, each over the batch sizes.
 
 Every result is printed (and flushed) as soon as it is measured; configurations that would overrun

@@ -178,3 +178,21 @@ def test_bench_folds(capsys):
     assert has_line(out, rf"^label_csr \(label tuples -> csr\)\s+2,000\s+50(\s+{NUMBER}){{3}}(\s+-){{5}}$")
     assert has_line(out, rf"^fast vs iterstrat at 2,000 x 50 \(same table, same run\): {NUMBER} s vs {NUMBER} s "
                          rf"\(ratio {NUMBER}x\); LD ")
+
+
+def test_bench_gpu(capsys):
+    from benchmarks import bench_gpu
+
+    bench_gpu.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert has_line(out, r"^model\s+prec\s+mode\s+ckpt\s+batch\s+pipeline img/s\s+bare img/s\s+ratio\s+peak GiB")
+    # bf16 on a CPU without bf16 kernels runs (and is reported) as fp32; no GPU memory figures on a CPU
+    for model, ckpt in (("test_resnet", "off"), ("test_resnet", "on"), ("test_efficientnet", "off")):
+        cell = rf"^{model}\s+(bf16|fp32)\s+eager\s+{ckpt}\s+2\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+-\s+-$"
+        assert has_line(out, cell), (model, ckpt)
+    for loader in ("cache \\+ CPU policy, per core", "cache, device policy: reads, per core",
+                   "device policy on cpu, batch 2"):
+        assert has_line(out, rf"^loader: {loader}\s+{NUMBER}$"), loader
+    assert has_line(out, rf"^goal pipeline within 1\.2x of bare timm: lowest ratio {NUMBER} \(.*\): (met|not met)$")
+    assert has_line(out, rf"^goal loader feeds test_efficientnet \({NUMBER} img/s\) on 4 cores with .*: {NUMBER} "
+                         r"cores needed: (met|not met)$")
