@@ -343,14 +343,12 @@ class BatchAugment:
     @staticmethod
     def warp(images: torch.Tensor, inverses: torch.Tensor) -> torch.Tensor:
         """Bilinear resampling of each image through its inverse pixel-coordinate matrix (N x 3 x 3)."""
-        n, _, height, width = images.shape
-        ys, xs = torch.meshgrid(torch.arange(height, device=images.device, dtype=torch.float32),
-                                torch.arange(width, device=images.device, dtype=torch.float32), indexing="ij")
-        pixels = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).view(1, -1, 3)  # output pixel centres
-        source = pixels @ inverses[:, :2, :].transpose(1, 2)  # N x HW x 2, source pixel coordinates
-        # align_corners=True: -1 and 1 are the centres of the edge pixels, so "reflection" reflects about
-        # them (cv2's BORDER_REFLECT_101)
-        scale = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)], device=images.device)
-        grid = (source * scale - 1).view(n, height, width, 2)
+        n, channels, height, width = images.shape
+        # Pixel coordinates to grid_sample's [-1, 1] with align_corners=True: -1 and 1 are the centres of the
+        # edge pixels, so "reflection" reflects about them (cv2's BORDER_REFLECT_101).
+        to_unit = torch.tensor([[2 / max(width - 1, 1), 0, -1], [0, 2 / max(height - 1, 1), -1], [0, 0, 1]],
+                               device=images.device)
+        theta = to_unit @ inverses @ torch.linalg.inv(to_unit)
+        grid = F.affine_grid(theta[:, :2], [n, channels, height, width], align_corners=True)
         warped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=True)
         return warped.round_().clamp_(0, 255).to(torch.uint8)
