@@ -88,7 +88,8 @@ def test_bench_thresholds(capsys):
     assert has_line(out, rf"^best_thresholds\s+{NUMBER}\s+{NUMBER}$")  # the large size
     assert has_line(out, rf"^global_bounded: metric_curve, one binning pass\s+{NUMBER}\s+{NUMBER}$")  # decisions
     assert has_line(out, rf"^top_k: top_k_curve, one partial sort\s+{NUMBER}\s+{NUMBER}$")
-    assert has_line(out, rf"^  top_k\s+in-sample F2 {NUMBER}, cross-fold {NUMBER}, {NUMBER} labels per image \(top \d+\)$")
+    assert has_line(out, rf"^  top_k\s+in-sample F2 {NUMBER}, cross-fold {NUMBER}, {NUMBER} labels per image "
+                         r"\(top \d+\)$")
     assert has_line(out, rf"^  5000 x 50: {NUMBER} s, {NUMBER} ns per entry")
 
 
