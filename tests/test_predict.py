@@ -202,11 +202,13 @@ def test_oof_tta_rescores_the_validation_rows_like_the_test_rows(trained, tmp_pa
 
 @pytest.mark.slow
 def test_a_degenerate_submission_is_refused_and_the_previous_one_kept(trained, tmp_path):
-    # The one-epoch tiny model gives nearly every test image the same labels.
+    # A threshold below every score gives every test image every label: what a model that learned nothing
+    # produces with tuned thresholds (the same label set on every row, label rates far from training's).
     target = tmp_path / "submission.csv"
     target.write_text("previous\n")
     cfg = override(trained, **{"predict.force": False, "submission.path": str(target),
-                               "run.dir": str(tmp_path / "out"), "predict.runs": [{"dir": trained.run.dir}]})
+                               "run.dir": str(tmp_path / "out"), "predict.runs": [{"dir": trained.run.dir}],
+                               "predict.threshold": "fixed", "predict.fixed_threshold": 1e-6})
     with pytest.raises(PipelineError, match="degenerate") as raised:
         predict(cfg, progress=False)
     assert "--force" in str(raised.value)
