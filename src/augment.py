@@ -212,6 +212,7 @@ def warp_reflect(image: np.ndarray, matrix: np.ndarray, width: int, height: int,
     if left or right or top or bottom:
         image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_REFLECT_101)
         inverse = np.array([[1.0, 0, left], [0, 1, top], [0, 0, 1]]) @ inverse
+
     def warp(part: np.ndarray) -> np.ndarray:
         return cv2.warpAffine(part, inverse[:2], (width, height), flags=interpolation | cv2.WARP_INVERSE_MAP,
                               borderMode=cv2.BORDER_REFLECT_101)
