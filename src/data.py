@@ -271,10 +271,10 @@ def _openimages_rows(csv_path: Path, image_dir: Path) -> tuple[pd.DataFrame, lis
     good = good_id & good_code & good_conf
     problems = []
     for row in np.flatnonzero(~good):
-        value = lambda column: "" if pd.isna(raw[column].iat[row]) else str(raw[column].iat[row])  # noqa: E731
-        why = (id_problem(value("ImageID")) or f"Id {value('ImageID')!r} is not usable") if not good_id[row] else (
-            f"label {value('LabelName')!r} is empty or holds spaces" if not good_code[row] else
-            f"Confidence {value('Confidence')!r} is not 0 or 1")
+        value = {c: "" if pd.isna(raw[c].iat[row]) else str(raw[c].iat[row]) for c in raw.columns}
+        why = (id_problem(value["ImageID"]) or f"Id {value['ImageID']!r} is not usable") if not good_id[row] else (
+            f"label {value['LabelName']!r} is empty or holds spaces" if not good_code[row] else
+            f"Confidence {value['Confidence']!r} is not 0 or 1")
         problems.append(Problem(f"{csv_path} row {row + 2}", why))
     image_codes = ids.cat.codes.to_numpy()[good]
     images, first = np.unique(image_codes, return_index=True)
