@@ -65,7 +65,7 @@ def test_train_fold_script_writes_everything_with_an_offline_wandb_run(tiny_data
     for name in ("best.pt", "last.pt", "oof.csv", "history.csv", "config.yaml"):
         assert (fold_dir / name).is_file(), name
     assert (run_dir / "config.yaml").read_text() == (fold_dir / "config.yaml").read_text()
-    assert "data:\n  dir: " + str(tiny_data) in (run_dir / "config.yaml").read_text()
+    assert "  dir: " + str(tiny_data) in (run_dir / "config.yaml").read_text()
     assert len(pd.read_csv(fold_dir / "history.csv")) == 1
     offline_runs = list((fold_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline_runs) == 1 and offline_runs[0].stat().st_size > 0
