@@ -211,6 +211,11 @@ def resolve_accumulation(cfg: Config, dist: Dist) -> Config:
     return override(cfg, **{"train.accum_steps": accum})
 
 
+# Fewer optimizer steps than this in a whole run: warned about (the rest of the schedule is relative, so the
+# number of updates is what a dataset-size change silently breaks).
+FEW_STEPS = 100
+
+
 def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SINGLE) -> FoldParts:
     """Data split, label embedding, model, loss, optimizer, schedule, scaler, EMA and datasets of one fold.
     Under torch.distributed (``dist``): DDP over the whole network, the sampler sharded by rank, the model
@@ -250,6 +255,12 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
     optimizer = torch.optim.AdamW(param_groups(model, tc, pretrained), lr=tc.lr)
     steps_per_epoch = math.ceil(batches / tc.accum_steps)
     total_steps = tc.epochs * steps_per_epoch
+    if progress and dist.main and total_steps < FEW_STEPS:
+        # A config made for a large set (global batch 64, 30 epochs) gives a small one a few dozen updates.
+        print(f"warning: {total_steps} optimizer steps in all ({tc.epochs} epochs x {steps_per_epoch} steps of "
+              f"{tc.batch_size * tc.accum_steps * dist.world_size} images): too few for most networks to learn"
+              f"{' from scratch' if not pretrained else ''}; lower train.global_batch (or train.accum_steps) or "
+              "raise train.epochs")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, round(tc.warmup_fraction * total_steps)))
     n_classes, size = cfg.data.num_classes, cfg.data.image_size

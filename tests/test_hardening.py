@@ -307,3 +307,16 @@ def test_predict_on_a_run_folder_that_does_not_exist_says_train_first(tiny_cfg, 
     cfg = override(tiny_cfg, **{"run.dir": str(tmp_path / "never_trained")})
     with pytest.raises(PipelineError, match="holds no trained run.*train it first"):
         predict(cfg, progress=False)
+
+
+def test_a_schedule_of_a_few_dozen_updates_is_warned_about(tiny_data, tmp_path, capsys):
+    # The main config's global batch of 64 on a small set: a handful of optimizer steps per epoch.
+    cfg = tiny_config(tiny_data, tmp_path, "train.epochs=3", "train.batch_size=4", "train.global_batch=16")
+    make_folds(cfg, progress=False)
+    parts = src.train.build_parts(cfg, 0, progress=True)
+    steps = cfg.train.epochs * parts.steps_per_epoch
+    assert steps < src.train.FEW_STEPS
+    assert f"warning: {steps} optimizer steps in all (3 epochs x {parts.steps_per_epoch} steps of 16 images)" in \
+        capsys.readouterr().out
+    src.train.build_parts(override(cfg, **{"train.global_batch": 4, "train.epochs": 30}), 0, progress=True)
+    assert "optimizer steps in all" not in capsys.readouterr().out
