@@ -144,8 +144,9 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table:
             val_rows = rows_by_id.loc[oof["Id"]].reset_index()
             oof.iloc[:, 1:] = scores_of(model, dataset_of(val_rows), to_scores, f"{name} OOF")
         require_finite(oof.iloc[:, 1:].to_numpy(dtype=float), f"{oof_path}: OOF scores")
-        oof.insert(1, "fold", fold)
-        oof_parts.append(oof)
+        # One concat, not insert: a frame of thousands of class columns would fragment.
+        oof_parts.append(pd.concat([oof[["Id"]], pd.DataFrame({"fold": fold}, index=oof.index),
+                                    oof.drop(columns="Id")], axis=1))
     return np.mean(fold_scores, axis=0), pd.concat(oof_parts, ignore_index=True)
 
 
@@ -158,9 +159,8 @@ def combine_runs(per_run: list[tuple[float, np.ndarray, pd.DataFrame]]) -> tuple
         print(f"warning: experiments have different OOF Ids; thresholds use the {len(common)} they share")
     frames = [oof[oof["Id"].isin(common)].sort_values("Id").reset_index(drop=True) for _, _, oof in per_run]
     classes = [c for c in frames[0].columns if c not in ("Id", "fold")]
-    combined = frames[0][["Id", "fold"]].copy()
-    combined[classes] = sum(w * f[classes].to_numpy() for (w, _, _), f in zip(per_run, frames)) / total
-    return test, combined
+    scores = sum(w * f[classes].to_numpy() for (w, _, _), f in zip(per_run, frames)) / total
+    return test, pd.concat([frames[0][["Id", "fold"]], pd.DataFrame(scores, columns=classes)], axis=1)
 
 
 def label_rates(cfg: Config, train_labels: np.ndarray) -> np.ndarray:
