@@ -197,3 +197,14 @@ def test_bench_gpu(capsys):
     assert has_line(out, rf"^goal pipeline within 1\.2x of bare timm: lowest ratio {NUMBER} \(.*\): (met|not met)$")
     assert has_line(out, rf"^goal loader feeds test_efficientnet \({NUMBER} img/s\) on 4 cores with .*: {NUMBER} "
                          r"cores needed: (met|not met)$")
+
+
+def test_many_labels(capsys, tmp_path):
+    from benchmarks import many_labels
+
+    result = many_labels.main(["--smoke", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert has_line(out, r"^\| loss \| P@1 \| P@3 \| F2 \| macro-F1 \| OOF \(chosen, cross-fold\) \| minutes \|")
+    for loss in ("bce", "label_embedding"):
+        assert has_line(out, rf"^\| {loss} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \|"), loss
+    assert list(result["loss"]) == ["bce", "label_embedding"] and (tmp_path / "out" / "many_labels.md").is_file()
