@@ -454,7 +454,7 @@ def label_matrix(labels: pd.Series | list, num_classes: int) -> np.ndarray:
     return matrix
 
 
-def label_csr(labels: pd.Series | list, num_classes: int) -> sparse.csr_matrix:
+def label_csr(labels: pd.Series | list, num_classes: int, dtype: np.dtype = np.uint8) -> sparse.csr_matrix:
     """Binary (uint8) n x num_classes CSR matrix from per-sample label tuples: ``label_matrix`` for many
     classes, where the dense matrix would not fit (1.7 M x 7 178 is 12 GB dense, ~80 MB here).
 
@@ -472,7 +472,7 @@ def label_csr(labels: pd.Series | list, num_classes: int) -> sparse.csr_matrix:
         row = int(np.searchsorted(indptr, np.flatnonzero(bad)[0], side="right")) - 1
         raise DataError(f"labels of row {row}: {tuple(labels[row])} has a class outside 0..{num_classes - 1}")
     index_dtype = np.int32 if max(len(indices), num_classes) < np.iinfo(np.int32).max else np.int64
-    matrix = sparse.csr_matrix((np.ones(len(indices), dtype=np.uint8), indices.astype(index_dtype),
+    matrix = sparse.csr_matrix((np.ones(len(indices), dtype=dtype), indices.astype(index_dtype),
                                 indptr.astype(index_dtype)), shape=(n, num_classes))
     matrix.sum_duplicates()  # sorts each row's classes and merges repeats ...
     matrix.data[:] = 1  # ... whose sum would otherwise be 2

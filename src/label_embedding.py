@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +32,7 @@ from sklearn.utils.extmath import randomized_svd, svd_flip
 from torch import nn
 
 from src.config import PipelineError, write_atomic
+from src.data import label_csr
 
 FORMAT_VERSION = 1
 # Below this many labels (or when dim is a large share of them) an exact dense SVD is cheap and exact.
@@ -43,28 +43,8 @@ EXACT_SVD_MAX_LABELS = 1024
 def label_matrix_sparse(labels: Sequence[Sequence[int]], num_labels: int,
                         dtype: np.dtype = np.float32) -> sparse.csr_matrix:
     """The n x ``num_labels`` binary CSR matrix of a label column (one sequence of class indices per
-    sample, as the ``labels`` column of the data tables; empty sequences and repeats are fine).
-
-    Built from indptr/indices in one pass at C speed (``np.fromiter`` over the chained sequences): no
-    Python loop per sample or per label. A class outside ``0..num_labels-1`` is an error naming the row.
-    """
-    if hasattr(labels, "tolist"):  # pandas Series, numpy arrays
-        labels = labels.tolist()
-    n = len(labels)
-    lengths = np.fromiter(map(len, labels), dtype=np.int64, count=n)
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    indices = np.fromiter(chain.from_iterable(labels), dtype=np.int64, count=int(indptr[-1]))
-    bad = (indices < 0) | (indices >= num_labels)
-    if bad.any():
-        row = int(np.searchsorted(indptr, np.flatnonzero(bad)[0], side="right")) - 1
-        raise ValueError(f"labels[{row}] = {tuple(labels[row])} has a class outside 0..{num_labels - 1}")
-    index_dtype = np.int32 if max(len(indices), num_labels) < np.iinfo(np.int32).max else np.int64
-    matrix = sparse.csr_matrix((np.ones(len(indices), dtype=dtype), indices.astype(index_dtype),
-                                indptr.astype(index_dtype)), shape=(n, num_labels))
-    matrix.sum_duplicates()  # sorts each row and merges repeated labels ...
-    matrix.data[:] = 1  # ... which summed to 2
-    return matrix
+    sample, as the ``labels`` column of the data tables), in ``dtype``: :func:`src.data.label_csr`."""
+    return label_csr(labels, num_labels, dtype)
 
 
 def _binary(matrix, dtype) -> sparse.csr_matrix:

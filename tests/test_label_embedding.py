@@ -13,7 +13,7 @@ from scipy import sparse
 from threadpoolctl import threadpool_limits
 
 from src.config import PipelineError
-from src.data import label_matrix
+from src.data import DataError, label_matrix
 from src.label_embedding import (
     CosineProximityLoss,
     LabelEmbedding,
@@ -91,7 +91,7 @@ def test_label_matrix_sparse_matches_the_dense_data_layer():
 
 
 def test_label_matrix_sparse_names_the_bad_row():
-    with pytest.raises(ValueError, match=r"labels\[2\] = \(1, 9\).*0\.\.8"):
+    with pytest.raises(DataError, match=r"labels of row 2: \(1, 9\) has a class outside 0\.\.8"):
         label_matrix_sparse([(0,), (), (1, 9)], 9)
 
 
