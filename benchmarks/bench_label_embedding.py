@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import time
 import tracemalloc
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 from scipy import sparse
 
+from benchmarks.common import GIB, peak_rss_gib, reset_peak_rss, status_gib
 from src.label_embedding import (
     _normalize_rows,
     _raw_embedding,
@@ -38,8 +38,6 @@ from src.label_embedding import (
     targets,
     truncated_svd,
 )
-
-GIB = 2**30
 
 
 def power_law(size: int, exponent: float) -> np.ndarray:
@@ -68,43 +66,18 @@ def as_label_column(indptr: np.ndarray, indices: np.ndarray) -> list[tuple[int, 
     return [tuple(flat[a:b]) for a, b in zip(indptr[:-1].tolist(), indptr[1:].tolist())]
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_gib(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024 / GIB
-    except OSError:
-        pass
-    return None
-
-
-def _peak_rss_gib() -> float:
-    peak = _status_gib("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
-
-
 @contextmanager
 def stage(results: dict, name: str):
     """Wall time, peak RSS and peak traced allocations of the enclosed block into ``results[name]``."""
-    _reset_peak_rss()
-    before = _status_gib("VmRSS") or float("nan")
+    reset_peak_rss()
+    before = status_gib("VmRSS") or float("nan")
     tracemalloc.start()
     start = time.perf_counter()
     yield
     seconds = time.perf_counter() - start
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    results[name] = {"s": seconds, "rss_before_gib": before, "rss_gib": _peak_rss_gib(),
+    results[name] = {"s": seconds, "rss_before_gib": before, "rss_gib": peak_rss_gib(),
                      "traced_gib": traced_peak / GIB}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -118,3 +119,35 @@ def median(values: list[float]) -> float:
 def spread(values: list[float]) -> str:
     """min..max of a list of figures, for judging the noise next to a median."""
     return f"{min(values):.1f}..{max(values):.1f}" if values else "-"
+
+
+# -- peak memory of the running process (Linux /proc; elsewhere ru_maxrss, the peak so far) --------------------
+GIB = 2**30
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak resident memory (VmHWM) so a later reading covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def status_gib(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in GiB, or None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory since the last :func:`reset_peak_rss` (or process start), in GiB."""
+    peak = status_gib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB

@@ -170,13 +170,14 @@ def test_bench_folds(capsys):
 
     bench_folds.main(["--smoke"])
     out = capsys.readouterr().out
-    assert has_line(out, r"^method\s+n\s+m\s+seconds\s+RSS before GB\s+peak RSS GB\s+LD\s+ED\s+max dev\s+mean dev"
+    assert has_line(out, r"^method\s+n\s+m\s+seconds\s+RSS before GiB\s+peak RSS GiB\s+LD\s+ED\s+max dev\s+mean dev"
                          r"\s+empty$")
     balance = rf"\s+{NUMBER}e[+-]\d+(\s+{NUMBER}){{3}}\s+\d+$"  # LD, ED, max dev, mean dev, empty pairs
     for method in (r"random KFold \(baseline\)", r"iterstrat \(folds\.method=iterstrat\)",
                    r"fast \(folds\.method=fast\)"):
         assert has_line(out, rf"^{method}\s+2,000\s+50(\s+{NUMBER}){{3}}{balance}"), method
-    assert has_line(out, rf"^label_csr \(label tuples -> csr\)\s+2,000\s+50(\s+{NUMBER}){{3}}(\s+-){{5}}$")
+    for row in (r"label_csr \(label tuples -> csr\)", r"read labels csv \(openimages format\)"):
+        assert has_line(out, rf"^{row}\s+2,000\s+50(\s+{NUMBER}){{3}}(\s+-){{5}}$"), row
     assert has_line(out, rf"^fast vs iterstrat at 2,000 x 50 \(same table, same run\): {NUMBER} s vs {NUMBER} s "
                          rf"\(ratio {NUMBER}x\); LD ")
 
