@@ -58,7 +58,8 @@ class DataConfig(Section):
     # (default: <id><data.image_ext>).
     id_column: str = "image"
     label_column: str = "labels"
-    label_separator: str = " "
+    # On the command line quote YAML's special characters: "data.label_separator='|'".
+    label_separator: str = Field(" ", min_length=1)
     path_column: str | None = None
     image_ext: str = ".jpg"
     # openimages format: the label id -> display name csv, and the list of trainable label ids (optional:

@@ -107,9 +107,9 @@ class Vocabulary:
             encoded.append(tuple(sorted(set(known))))
         return encoded, unknown
 
-    def decode(self, row: Iterable[int]) -> str:
-        """Class indices -> the submission's label string (codes, space-separated)."""
-        return " ".join(self.codes[i] for i in row)
+    def decode(self, row: Iterable[int], separator: str = " ") -> str:
+        """Class indices -> the submission's label string (codes joined by ``separator``)."""
+        return separator.join(self.codes[i] for i in row)
 
 
 @dataclass
@@ -179,6 +179,11 @@ def test_source(cfg: DataConfig) -> Source:
     return Source("test", root / cfg.sample_submission, root / cfg.test_images)
 
 
+def label_separator(cfg: DataConfig) -> str:
+    """What separates the labels of one image in label csvs and the submission (csv: data.label_separator)."""
+    return cfg.label_separator if cfg.format == "csv" else " "
+
+
 def submission_columns(cfg: DataConfig) -> tuple[str, str]:
     """The (id, labels) columns of the sample submission and of the submission written by predict."""
     return {"hpa": ("Id", "Predicted"), "openimages": ("image_id", "labels")}.get(
@@ -224,8 +229,9 @@ def _file_problem(name: str) -> str | None:
 def _wide_rows(raw: pd.DataFrame, csv_path: Path, id_column: str, label_column: str | None,
                parse: Callable[[str], tuple[tuple[str, ...], str | None]],
                files_of: Callable[[str, int], tuple[str, ...]], path_column: str | None = None,
-               ) -> tuple[list[tuple], list[Problem]]:
-    """Rows of a one-row-per-image csv (hpa, csv): Ids checked, duplicates refused, labels parsed."""
+               check_id: Callable[[str], str | None] = id_problem) -> tuple[list[tuple], list[Problem]]:
+    """Rows of a one-row-per-image csv (hpa, csv): Ids checked (``check_id``), duplicates refused, labels
+    parsed."""
     problems: list[Problem] = []
     rows = []
     seen: dict[str, int] = {}
@@ -234,7 +240,7 @@ def _wide_rows(raw: pd.DataFrame, csv_path: Path, id_column: str, label_column: 
     for row_number, (sample_id, cell, name) in enumerate(zip(raw[id_column], labels, paths), start=2):
         where = f"{csv_path} row {row_number}"
         sample_id = sample_id.strip()
-        why = id_problem(sample_id) or (_file_problem(name.strip()) if name is not None else None)
+        why = check_id(sample_id) or (_file_problem(name.strip()) if name is not None else None)
         if why:
             problems.append(Problem(where, why))
             continue
@@ -250,7 +256,8 @@ def _wide_rows(raw: pd.DataFrame, csv_path: Path, id_column: str, label_column: 
     return rows, problems
 
 
-def _openimages_rows(csv_path: Path, image_dir: Path) -> tuple[pd.DataFrame, list[Problem]]:
+def _openimages_rows(csv_path: Path, image_dir: Path, image_ext: str = ".jpg",
+                     ) -> tuple[pd.DataFrame, list[Problem]]:
     """Images of an Open Images image-level label csv (one row per image and label; Confidence 1 marks a
     positive, 0 a verified negative), in order of first appearance, with their positive label ids.
 
@@ -291,7 +298,7 @@ def _openimages_rows(csv_path: Path, image_dir: Path) -> tuple[pd.DataFrame, lis
     id_names = ids.cat.categories.to_numpy(dtype=object)[images]
     prefix = f"{image_dir}{os.sep}"
     frame = pd.DataFrame({"Id": id_names, "codes": label_codes,
-                          "files": [(f"{prefix}{i}.jpg",) for i in id_names], "image_dir": ""})
+                          "files": [(f"{prefix}{i}{image_ext}",) for i in id_names], "image_dir": ""})
     frame["source"], frame["ext"] = str(csv_path), "jpg"
     return frame, problems
 
@@ -304,16 +311,22 @@ def read_source(cfg: DataConfig, source: Source, split: str) -> LabelTable:
         raw, problems = _read_csv(source.csv, ("ImageID", "LabelName", "Confidence"), header_only=True)
         if raw is None:
             return LabelTable(_frame([], source.csv), problems)
-        frame, problems = _openimages_rows(source.csv, source.images)
+        frame, problems = _openimages_rows(source.csv, source.images, cfg.image_ext)
         if frame.empty:
             problems.append(Problem(str(source.csv), "no usable rows"))
         return LabelTable(frame, problems)
     id_column, label_column = submission_columns(cfg) if test else (
         ("Id", "Target") if cfg.format == "hpa" else (cfg.id_column, cfg.label_column))
     path_column = cfg.path_column if cfg.format == "csv" else None
-    raw, problems = _read_csv(source.csv, (id_column, label_column) + ((path_column,) if path_column else ()))
+    # A sample submission holds the id and label columns only: there the path column is used when present.
+    required = (id_column, label_column) + ((path_column,) if path_column and not test else ())
+    raw, problems = _read_csv(source.csv, required)
     if raw is None:
         return LabelTable(_frame([], source.csv), problems)
+    if path_column and path_column not in raw.columns:
+        path_column = None
+    # With a path column the Id is only a key (it may hold '/' or spaces, e.g. when it is the file name itself).
+    check_id = (lambda i: None if i else "empty Id") if path_column else id_problem
     if cfg.format == "hpa":
         def parse(cell: str) -> tuple[tuple[str, ...], str | None]:
             labels, why = parse_target(cell, cfg.num_classes)
@@ -330,7 +343,7 @@ def read_source(cfg: DataConfig, source: Source, split: str) -> LabelTable:
                 return (str(source.images / name.strip()),)
             return (str(source.images / f"{sample_id}{cfg.image_ext}"),)
     rows, problems = _wide_rows(raw, source.csv, id_column, None if test else label_column,
-                                (lambda _: ((), None)) if test else parse, files_of, path_column)
+                                (lambda _: ((), None)) if test else parse, files_of, path_column, check_id)
     frame = _frame(rows, source.csv, source.ext)
     if cfg.format == "hpa":
         frame["image_dir"] = str(source.images)
@@ -595,6 +608,12 @@ class RGBYDataset(Dataset):
         self.files = table["files"].tolist() if "files" in table else [
             channel_paths(d, i, e) for d, i, e in zip(table["image_dir"], self.ids, exts)]
         self.channels = channels  # one-file images are converted to this many channels (model.in_chans)
+        if packed is not None and channels is not None:
+            for path, shape in packed.arrays.values():
+                if shape[-1] != channels:
+                    raise DataError(f"the packed cache {path} holds {shape[-1]}-channel images, the model takes "
+                                    f"model.in_chans={channels}: run `python -m src.pack` again (or "
+                                    "data.cache_dir=null)")
         self.packed = packed  # the packed cache's rows of this table, when there is a fresh cache
         self.labels = table["labels"].tolist() if "labels" in table else [()] * len(table)
         self.num_classes = num_classes

@@ -90,7 +90,8 @@ def pack_source(cfg: DataConfig, source: Source, table: pd.DataFrame, workers: i
     progress_file = final.with_name(final.name + ".progress.json")
     size, ids = cfg.image_size, table["Id"].tolist()
     shape = (len(ids), size, size, channels)
-    plan = {"ids": ids, "size": size, "csv": str(source.csv), "images": str(source.images), "ext": source.ext}
+    plan = {"ids": ids, "size": size, "csv": str(source.csv), "images": str(source.images), "ext": source.ext,
+            "channels": channels}
     done: dict[int, tuple] = {}
     if partial.is_file() and progress_file.is_file():
         saved = json.loads(progress_file.read_text())

@@ -36,6 +36,7 @@ from src.data import (
     RGBYDataset,
     Vocabulary,
     label_matrix,
+    label_separator,
     load_test_table,
     load_training_data,
     make_loader,
@@ -163,18 +164,22 @@ def combine_runs(per_run: list[tuple[float, np.ndarray, pd.DataFrame]]) -> tuple
     return test, pd.concat([frames[0][["Id", "fold"]], pd.DataFrame(scores, columns=classes)], axis=1)
 
 
-def label_rates(cfg: Config, train_labels: np.ndarray) -> np.ndarray:
-    """Positive rate of each class in train, or the user's table (csv ``class,rate``)."""
+def label_rates(cfg: Config, train_labels: np.ndarray, vocabulary: Vocabulary | None = None) -> np.ndarray:
+    """Positive rate of each class in train, or the user's table (csv ``class,rate``; ``class`` is the label
+    as the data writes it: a class index for hpa, a label id or name for openimages and csv)."""
     rates = train_labels.mean(axis=0)
     if cfg.predict.rate_table:
-        table = pd.read_csv(cfg.predict.rate_table)
+        vocabulary = vocabulary or Vocabulary.numbered(len(rates))
+        table = pd.read_csv(cfg.predict.rate_table, dtype={"class": str})
         if not {"class", "rate"} <= set(table.columns):
             raise PipelineError(f"{cfg.predict.rate_table}: expected columns class,rate")
-        bad = table[(table["class"] < 0) | (table["class"] >= len(rates)) | (table["rate"] < 0) | (table["rate"] > 1)]
+        index = table["class"].str.strip().map(vocabulary.index)
+        rate = pd.to_numeric(table["rate"], errors="coerce")
+        bad = table[index.isna() | ~rate.between(0, 1)]
         if len(bad):
-            raise PipelineError(f"{cfg.predict.rate_table}: row(s) {list(bad.index + 2)} have a class or rate "
-                                "out of range")
-        rates[table["class"].to_numpy()] = table["rate"].to_numpy()
+            raise PipelineError(f"{cfg.predict.rate_table}: row(s) {list(bad.index + 2)} name a label outside the "
+                                f"run's vocabulary (such as {vocabulary.codes[0]!r}) or a rate outside [0, 1]")
+        rates[index.astype(int).to_numpy()] = rate.to_numpy()
     return rates
 
 
@@ -194,12 +199,12 @@ def run_vocabulary(cfg: Config) -> Vocabulary:
     return vocabulary
 
 
-def format_labels(predicted: np.ndarray, vocabulary: Vocabulary) -> list[str]:
-    return [vocabulary.decode(np.flatnonzero(row)) for row in predicted]
+def format_labels(predicted: np.ndarray, vocabulary: Vocabulary, separator: str = " ") -> list[str]:
+    return [vocabulary.decode(np.flatnonzero(row), separator) for row in predicted]
 
 
 def validate_submission(frame: pd.DataFrame, expected_ids: list[str], vocabulary: Vocabulary,
-                        columns: tuple[str, str] = ("Id", "Predicted")) -> None:
+                        columns: tuple[str, str] = ("Id", "Predicted"), separator: str = " ") -> None:
     """The sample submission's columns; every expected Id exactly once, in order; labels codes of the
     vocabulary; nothing empty or NaN."""
     if tuple(frame.columns) != columns:
@@ -215,7 +220,7 @@ def validate_submission(frame: pd.DataFrame, expected_ids: list[str], vocabulary
         problems.append(f"Ids differ from sample_submission (duplicates {dup[:5]}, missing {missing[:5]})")
     known = vocabulary.index
     for row, value in enumerate(frame[label_column].fillna("").astype(str), start=2):
-        tokens = value.split()
+        tokens = value.split() if separator.isspace() else [t.strip() for t in value.split(separator)]
         if not tokens or not all(t in known for t in tokens):
             problems.append(f"row {row}: labels {value!r} are not labels of the run's vocabulary "
                             f"(such as {vocabulary.codes[0]!r})")
@@ -243,11 +248,13 @@ def oof_truth(oof: pd.DataFrame, train_table: pd.DataFrame, num_classes: int) ->
 
 
 def make_submission(test_table: pd.DataFrame, predicted: np.ndarray, vocabulary: Vocabulary,
-                    columns: tuple[str, str] = ("Id", "Predicted")) -> pd.DataFrame:
+                    columns: tuple[str, str] = ("Id", "Predicted"), separator: str = " ") -> pd.DataFrame:
     """The submission table in the sample submission's columns (hpa ``Id,Predicted`` with class indices;
-    openimages ``image_id,labels`` with label ids; csv the configured columns with label names), validated."""
-    submission = pd.DataFrame({columns[0]: test_table["Id"], columns[1]: format_labels(predicted, vocabulary)})
-    validate_submission(submission, test_table["Id"].tolist(), vocabulary, columns)
+    openimages ``image_id,labels`` with label ids; csv the configured columns with label names joined by
+    ``separator``), validated."""
+    labels = format_labels(predicted, vocabulary, separator)
+    submission = pd.DataFrame({columns[0]: test_table["Id"], columns[1]: labels})
+    validate_submission(submission, test_table["Id"].tolist(), vocabulary, columns, separator)
     return submission
 
 
@@ -291,13 +298,14 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     test_scores, oof, refs = score_experiments(cfg, test_table, train_table, device, progress)
     oof_true, oof_scores = oof_truth(oof, train_table, m)
     train_labels = label_matrix(train_table["labels"], m)
-    train_rate = label_rates(cfg, train_labels)
+    train_rate = label_rates(cfg, train_labels, vocabulary)
     results = compare_strategies(oof_true, oof_scores, oof["fold"].to_numpy(), train_rate, cfg.predict, cfg.metric)
     # Fitted as in the comparison, on the test scores (the rate strategy reads the scores it is applied to).
     decision = decision_for(chosen, ThresholdInputs(oof_true, oof_scores, test_scores, train_rate), cfg.predict,
                             cfg.metric)
     predicted = decision.apply(test_scores)
-    submission = make_submission(test_table, predicted, vocabulary, submission_columns(cfg.data))
+    submission = make_submission(test_table, predicted, vocabulary, submission_columns(cfg.data),
+                                 label_separator(cfg.data))
     degenerate = degenerate_reasons(predicted, train_labels)
 
     # All outputs as one set (staged, then renamed into place): the run-folder outputs first, the submission

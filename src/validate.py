@@ -54,6 +54,13 @@ def _ends_complete(path: Path, end: bytes) -> bool:
         return file.read() == end
 
 
+def _png_bit_depth(path: Path) -> int:
+    """The bit depth per sample in a PNG's IHDR chunk (byte 24 of the file)."""
+    with open(path, "rb") as file:
+        header = file.read(25)
+    return header[24] if len(header) == 25 else 0
+
+
 def _inspect_png(path: Path, deep: bool, ext: str = "png", channels: int | None = None
                  ) -> tuple[tuple[int, int] | None, str | None]:
     """(width, height) of a channel image (PNG, or JPEG for an extra source), or why it cannot be used.
@@ -75,6 +82,9 @@ def _inspect_png(path: Path, deep: bool, ext: str = "png", channels: int | None 
     if not _ends_complete(path, FILE_END[fmt]):
         return None, f"truncated {fmt} (no end marker: an interrupted download or copy?)"
     if channels is not None:
+        if fmt == "PNG" and (depth := _png_bit_depth(path)) != 8 and mode not in ("1", "P"):
+            # PIL opens a 16-bit RGB PNG as 8-bit "RGB"; the reader (OpenCV) keeps 16 bits and refuses it.
+            return None, f"{depth}-bit PNG: the pipeline reads 8-bit images"
         bands = len(Image.new(mode, (1, 1)).getbands()) if mode not in ("I;16", "I;16B", "I", "F") else 0
         if mode in ("I;16", "I;16B", "I", "F") or bands == 0:
             return None, f"mode {mode}: the pipeline reads 8-bit images"

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from src.config import load_config
+from src.config import PipelineError, load_config
 from src.data import (
     DataError,
     Vocabulary,
@@ -127,7 +127,7 @@ def test_csv_labels_are_names_and_the_vocabulary_orders_them_by_frequency(tmp_pa
 
 @pytest.mark.parametrize("rows, message", [
     ([("a.png", "x"), ("a.png", "y")], "row 3: duplicate Id 'a.png'"),
-    ([("a.png", "x"), ("../b.png", "y")], "row 3: Id '../b.png' contains a path separator or '..'"),
+    ([("a.png", "x"), ("../b.png", "y")], "row 3: image path '../b.png' is absolute or contains '..'"),
 ])
 def test_bad_csv_rows_are_named(tmp_path, rows, message):
     data = csv_dataset(tmp_path / "d", rows)
@@ -237,3 +237,63 @@ def test_openimages_packs_and_the_cache_gives_the_image_files_arrays(many_label_
     for row in (0, len(table) - 1):
         assert np.array_equal(packed[row], read_image(table["files"].iloc[row], 32, 3))
     assert packed[0].shape == (32, 32, 3)
+
+
+def test_csv_with_a_path_column_keeps_ids_as_keys_and_a_sample_submission_needs_no_path(tmp_path):
+    data = tmp_path / "d"
+    for name in ("sub/a.png", "b c.png", "t.jpg"):
+        write_jpeg(data / ("test" if name == "t.jpg" else "train") / name, np.full((8, 8, 3), 9, np.uint8))
+    pd.DataFrame({"key": ["sub/a.png", "b c.png"], "file": ["sub/a.png", "b c.png"],
+                  "tags": ["golden retriever|dog", "dog"]}).to_csv(data / "train.csv", index=False)
+    pd.DataFrame({"key": ["t"], "tags": ["dog"]}).to_csv(data / "sample_submission.csv", index=False)
+    cfg = csv_config(data, tmp_path, "data.id_column=key", "data.path_column=file", "data.label_separator='|'",
+                     "data.label_column=tags")
+    _, table, vocabulary = load_training_data(cfg)
+    assert table["Id"].tolist() == ["sub/a.png", "b c.png"]  # a key, not a file name: '/' and spaces are fine
+    assert vocabulary.codes == ("dog", "golden retriever")
+    test = load_test_table(cfg.data)  # no path column there: <test>/<id><data.image_ext>
+    assert test["files"].iloc[0] == (str(data / "test" / "t.jpg"),)
+
+    from src.predict import make_submission
+
+    submission = make_submission(test, np.array([[True, True]]), vocabulary, ("key", "tags"), "|")
+    assert submission["tags"].tolist() == ["dog|golden retriever"]  # the data's separator, names with spaces kept
+
+
+def test_openimages_images_follow_the_image_extension(small_openimages, tmp_path):
+    cfg = small_openimages_config(small_openimages, tmp_path, "data.image_ext=.png")
+    _, table, _ = load_training_data(cfg)
+    assert table["files"].iloc[0] == (str(small_openimages / "train" / "aa01.png"),)
+    assert load_test_table(cfg.data)["files"].iloc[0] == (str(small_openimages / "test" / "ee05.png"),)
+
+
+def test_a_rate_table_names_labels_by_code(tmp_path):
+    from src.predict import label_rates
+
+    table = tmp_path / "rates.csv"
+    table.write_text("class,rate\n/m/fish,0.25\n")
+    vocabulary = Vocabulary(("/m/cat", "/m/fish"), ("Cat", "Fish"))
+    cfg = load_config(REPO_ROOT / "configs" / "openimages_demo.yaml", [f"predict.rate_table={table}"])
+    rates = label_rates(cfg, np.array([[1, 0], [1, 1]]), vocabulary)
+    assert rates.tolist() == [1.0, 0.25]
+    table.write_text("class,rate\n/m/emu,0.25\n")
+    with pytest.raises(PipelineError, match=r"row\(s\) \[2\] name a label outside the run's vocabulary"):
+        label_rates(cfg, np.array([[1, 0], [1, 1]]), vocabulary)
+
+
+def test_validate_refuses_a_16_bit_rgb_png(tmp_path):
+    data = csv_dataset(tmp_path / "d", [("a.png", "x"), ("b.png", "y")])
+    cv2.imwrite(str(data / "train" / "a.png"), np.full((8, 8, 3), 4000, np.uint16))
+    problems = {Path(p.where).name: p.what for p in validate(csv_config(data, tmp_path), progress=False)}
+    assert problems == {"a.png": "16-bit PNG: the pipeline reads 8-bit images"}
+
+
+def test_a_cache_packed_for_other_channels_is_refused(many_label_demo, tmp_path):
+    from src.data import RGBYDataset
+    from src.pack import open_packed, pack
+
+    cfg = openimages_config(many_label_demo["openimages"], tmp_path)
+    cfg, table, _ = load_training_data(cfg)
+    pack(cfg, workers=1, progress=False)
+    with pytest.raises(DataError, match=r"holds 3-channel images, the model takes model.in_chans=4"):
+        RGBYDataset(table, cfg.data.num_classes, 32, packed=open_packed(cfg.data, table), channels=4)

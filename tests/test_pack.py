@@ -91,7 +91,7 @@ def test_packing_resumes_where_it_stopped(data, tmp_path):
     array.tofile(partial)
     complete.unlink()
     manifest_path(cfg.data, "train").unlink()
-    plan = {k: manifest[k] for k in ("ids", "size", "csv", "images", "ext")}
+    plan = {k: manifest[k] for k in ("ids", "size", "csv", "images", "ext", "channels")}
     done = [[row, s["files"], s["blake2b"]] for row, s in enumerate(manifest["samples"][:half])]
     progress = complete.with_name(complete.name + ".progress.json")
     progress.write_text(json.dumps({"plan": plan, "done": done}))

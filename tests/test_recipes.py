@@ -253,3 +253,23 @@ def test_backbone_lr_is_for_pretrained_backbones_only(tiny_cfg):
     assert rates["backbone"] == 1e-4 and rates["modifier+head"] == 1e-3
     rates = {g["name"]: g["lr"] for g in param_groups(model, cfg.train, pretrained=False)}
     assert rates["backbone"] == rates["modifier+head"] == 1e-3
+
+
+def test_the_prior_predictor_scores_like_constant_scores_on_the_validation_rows(tiny_data, tmp_path):
+    # prior_metrics works on sparse labels in batches; the reference is the dense definition: every validation
+    # row scored at the training rates, thresholds tuned per class, the loss of those outputs.
+    from src.metrics import best_thresholds
+    from src.train import prior_metrics
+
+    cfg = tiny_config(tiny_data, tmp_path, "loss.name=bce")
+    make_folds(cfg, progress=False)
+    parts = build_parts(cfg, 0, progress=False)
+    prior = prior_metrics(parts)
+    m = cfg.data.num_classes
+    rate = label_matrix(parts.train_table["labels"], m).mean(axis=0)
+    truth = label_matrix(parts.val_table["labels"], m)
+    _, tuned = best_thresholds(truth, np.tile(rate, (len(truth), 1)))
+    logits = torch.logit(torch.tensor(np.clip(rate, 1e-4, 1 - 1e-4), dtype=torch.float32)).expand(len(truth), -1)
+    loss = float(nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor(truth, dtype=torch.float32)))
+    assert prior["macro_f1_tuned"] == pytest.approx(float(tuned.mean()), abs=1e-9)
+    assert prior["val_loss"] == pytest.approx(loss, rel=1e-5)  # BCE is a per-element mean: batches do not matter
