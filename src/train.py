@@ -223,6 +223,8 @@ def resolve_accumulation(cfg: Config, dist: Dist) -> Config:
 # Fewer optimizer steps than this in a whole run: warned about (the rest of the schedule is relative, so the
 # number of updates is what a dataset-size change silently breaks).
 FEW_STEPS = 100
+# Per-class validation tables go to W&B each epoch up to this many classes (as predict's report does).
+PER_CLASS_LOG_MAX = 50
 
 
 def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SINGLE) -> FoldParts:
@@ -655,10 +657,11 @@ class Trainer:
         tracker.log({f"val/{k}": row[k] for k in ("val_loss", "macro_f1", "macro_f1_tuned", "beats_prior")}
                     | {f"val/{tc.monitor}_{name}": value for name, value in scores.items()}
                     | {"val/ema_chosen": state.eval_weights == "ema", "epoch": state.epoch}, step=state.step)
-        tracker.log_per_class("val/per_class", {"f1@0.5": metrics["per_class_f1"],
-                                                "f1_tuned": metrics["per_class_f1_tuned"],
-                                                "threshold": metrics["thresholds"],
-                                                "support": metrics["support"]}, step=state.step)
+        if self.cfg.data.num_classes <= PER_CLASS_LOG_MAX:  # a W&B table of thousands of rows per epoch: no
+            tracker.log_per_class("val/per_class", {"f1@0.5": metrics["per_class_f1"],
+                                                    "f1_tuned": metrics["per_class_f1_tuned"],
+                                                    "threshold": metrics["thresholds"],
+                                                    "support": metrics["support"]}, step=state.step)
         if self.progress:
             print(f"fold {fold} epoch {state.epoch}: val_loss {row['val_loss']:.4f}  "
                   f"macro-F1@0.5 {row['macro_f1']:.4f}  tuned {row['macro_f1_tuned']:.4f}  ({state.eval_weights} "
@@ -712,8 +715,9 @@ class Trainer:
             if self.history:
                 best = self.history[self.state.best_epoch - 1] if self.state.best_epoch > 0 else self.history[-1]
                 result |= {k: self.history[-1][k] for k in ("val_loss", "macro_f1", "macro_f1_tuned", "beats_prior")}
-                result |= {"best_weights": best.get("weights", "raw"),
-                           "prior_macro_f1_tuned": self.prior["macro_f1_tuned"]}
+                result |= {"best_weights": best.get("weights", "raw"), "prior_val_loss": self.prior["val_loss"],
+                           "prior_macro_f1_tuned": self.prior["macro_f1_tuned"],
+                           "not_learning": self.check_learning(self.history[-1]) or ""}
             tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
             result["wandb_run"] = tracker.run_path
         finally:
@@ -731,8 +735,8 @@ def print_summary(history: list[dict], result: dict) -> None:
           f"({result['monitor']} {result['best_score']:.4f}, {result.get('best_weights', 'raw')} weights)"
           + ("; stopped early" if result["stopped_early"] else ""))
     if "beats_prior" in result and not result["beats_prior"]:
-        print(f"warning: the last epoch was no better than the prior predictor (tuned macro-F1 "
-              f"{result['macro_f1_tuned']:.4f} vs {result['prior_macro_f1_tuned']:.4f}): see the warnings above")
+        print(f"warning: the last epoch was no better than the prior predictor ({result['not_learning']}): see the "
+              "warnings above")
     written = [name for name in FOLD_FILES if (Path(result["run_dir"]) / name).is_file()]
     print(f"outputs: {result['run_dir']}/{{{','.join(written)}}}")
     if result.get("wandb_run"):
