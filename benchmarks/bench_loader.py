@@ -36,9 +36,9 @@ import torch
 from PIL import Image
 
 from benchmarks.common import REPO_ROOT, add_smoke_option, timed
-from src.augment import BatchAugment
+from src.augment import BatchAugment, build_cpu_policy
 from src.config import Config, load_config, run_cli
-from src.data import RGBYDataset, build_augment, channel_paths, load_train_table
+from src.data import RGBYDataset, channel_paths, load_train_table
 from src.demo import make_demo_dataset
 from src.pack import open_packed, pack
 
@@ -98,7 +98,7 @@ def prepare(work: Path, samples: int, size: int) -> tuple[Config, pd.DataFrame]:
 def loader_paths(cfg: Config, table: pd.DataFrame, names: list[str] | None = None) -> dict[str, Callable[[], None]]:
     """Each loader path as a function that reads every row of ``table`` once (all paths, or ``names``)."""
     n, size, seeds = cfg.data.num_classes, cfg.data.image_size, list(range(len(table)))
-    policy = build_augment(cfg.train.augment, size)
+    policy = build_cpu_policy(cfg.train.augment)
 
     def cached(**kwargs) -> Callable[[], None]:
         return lambda: dataset_read(RGBYDataset(table, n, size, packed=open_packed(cfg.data, table), **kwargs), seeds)

@@ -47,8 +47,8 @@ import torch
 from scipy import sparse
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from src.augment import build_cpu_policy, to_chw
-from src.config import AugmentConfig, Config, DataConfig, PipelineError, override
+from src.augment import to_chw
+from src.config import Config, DataConfig, PipelineError, override
 
 CHANNELS = ("red", "green", "blue", "yellow")
 _ID_RE = re.compile(r"^[A-Za-z0-9_\-.]+$")
@@ -350,8 +350,9 @@ def read_source(cfg: DataConfig, source: Source, split: str) -> LabelTable:
     return LabelTable(frame, problems)
 
 
-def _first_column(path: Path, headers: set[str]) -> list[str]:
-    """The first column of a small csv whose header row is optional (Open Images ships both kinds)."""
+def _headerless_table(path: Path, headers: set[str]) -> pd.DataFrame:
+    """The first two columns of a small csv whose header row is optional (Open Images ships both kinds): a
+    first row whose first cell is one of ``headers`` is dropped."""
     values = pd.read_csv(path, header=None, dtype=str, keep_default_na=False).iloc[:, :2]
     if len(values) and values.iat[0, 0].strip() in headers:
         values = values.iloc[1:]
@@ -371,7 +372,7 @@ def build_vocabulary(cfg: DataConfig, rows: Iterable[tuple[str, ...]]) -> tuple[
         path = Path(cfg.dir) / cfg.trainable_labels
         if not path.is_file():
             return Vocabulary((), ()), [Problem(str(path), "file not found (data.trainable_labels)")]
-        trainable = list(dict.fromkeys(v.strip() for v in _first_column(path, LABEL_HEADERS).iloc[:, 0]))
+        trainable = list(dict.fromkeys(v.strip() for v in _headerless_table(path, LABEL_HEADERS).iloc[:, 0]))
         codes = sorted(trainable, key=lambda code: (-counts.get(code, 0), code))
     names = dict(zip(codes, codes))
     if cfg.class_descriptions:
@@ -379,7 +380,7 @@ def build_vocabulary(cfg: DataConfig, rows: Iterable[tuple[str, ...]]) -> tuple[
         if not path.is_file():
             problems.append(Problem(str(path), "file not found (data.class_descriptions)"))
         else:
-            table = _first_column(path, LABEL_HEADERS)
+            table = _headerless_table(path, LABEL_HEADERS)
             described = dict(zip(table.iloc[:, 0].str.strip(), table.iloc[:, -1].str.strip()))
             names.update({code: described[code] for code in codes if described.get(code)})
     if not codes:
@@ -449,9 +450,9 @@ def load_training_data(cfg: Config, vocabulary: Vocabulary | None = None) -> tup
     return with_vocabulary(cfg, table.vocabulary), frame, table.vocabulary
 
 
-def load_train_table(cfg: DataConfig, vocabulary: Vocabulary | None = None) -> pd.DataFrame:
+def load_train_table(cfg: DataConfig) -> pd.DataFrame:
     """Training samples of all sources; raises DataError naming each bad row."""
-    return _raise_on(read_train_labels(cfg, vocabulary), "training data")
+    return _raise_on(read_train_labels(cfg), "training data")
 
 
 def load_test_table(cfg: DataConfig) -> pd.DataFrame:
@@ -559,14 +560,6 @@ def write_rgby(image_dir: str | Path, sample_id: str, image: np.ndarray) -> None
     for path, plane in zip(channel_paths(image_dir, sample_id), np.moveaxis(image, -1, 0)):
         if not cv2.imwrite(str(path), np.ascontiguousarray(plane)):
             raise DataError(f"{path}: could not write image")
-
-
-def build_augment(cfg: AugmentConfig, image_size: int) -> A.Compose:
-    """The training policy for the DataLoader workers (``src.augment``): D4 view, affine jitter and crop in
-    one warp, brightness/contrast, per-channel factor and gamma in one lookup table per channel. Takes
-    H x W x C uint8, returns C x H x W uint8; the crop (``crop_scale < 1``) is resized back to the input size
-    (``image_size``: every sample is read at that size)."""
-    return build_cpu_policy(cfg)
 
 
 class PackedImages:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from src.config import Config, PipelineError, cli_parser, config_from_args, run_cli, write_atomic
 from src.data import CHANNELS, label_csr, load_training_data
+from src.metrics import binary_csr
 from src.validate import require_valid
 
 
@@ -77,15 +78,6 @@ def resolve_method(method: str, n_samples: int, num_classes: int) -> str:
     return method
 
 
-def _binary_csr(labels) -> sparse.csr_matrix:
-    """A canonical binary uint8 CSR copy of a dense or sparse label matrix (repeats merged, zeros dropped)."""
-    matrix = sparse.csr_matrix(labels, dtype=np.uint8, copy=True)
-    matrix.sum_duplicates()
-    matrix.eliminate_zeros()
-    matrix.data[:] = 1
-    return matrix
-
-
 def _quotas(count: int, label_demand: np.ndarray, size_demand: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """How many of ``count`` samples of one label each fold takes: what iterstrat's greedy loop (each sample to
     the fold that most wants the label, ties to the fold that most wants samples, then random) ends with,
@@ -124,7 +116,7 @@ def stratify_sparse(labels, n_splits: int, seed: int) -> np.ndarray:
     which samples go where is random), and the remaining counts are updated from the sparse rows just
     placed instead of recounting the whole matrix: ~ nnz + m^2 work, not n x m per label. Samples without
     labels fill the folds' remaining sizes last. Deterministic by ``seed``."""
-    matrix = _binary_csr(labels)
+    matrix = binary_csr(labels)
     n, m = matrix.shape
     if n < n_splits:
         raise PipelineError(f"only {n} sample group(s) for {n_splits} folds")
@@ -182,7 +174,7 @@ def assign_folds(labels, n_splits: int, seed: int, groups: np.ndarray | None = N
     if method == "fast":
         members = sparse.csr_matrix((np.ones(len(groups), dtype=np.uint8), (groups, np.arange(len(groups)))),
                                     shape=(n_groups, len(groups)))
-        group_labels = members @ _binary_csr(labels)  # counts; stratify_sparse binarises
+        group_labels = members @ binary_csr(labels)  # counts; stratify_sparse binarises
         return stratify_sparse(group_labels, n_splits, seed)[groups]
     if sparse.issparse(labels):
         labels = labels.toarray()  # iterstrat needs it dense: only small matrices come here

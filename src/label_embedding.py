@@ -33,6 +33,7 @@ from torch import nn
 
 from src.config import PipelineError, write_atomic
 from src.data import label_csr
+from src.metrics import binary_csr
 
 FORMAT_VERSION = 1
 # Below this many labels (or when dim is a large share of them) an exact dense SVD is cheap and exact.
@@ -47,22 +48,13 @@ def label_matrix_sparse(labels: Sequence[Sequence[int]], num_labels: int,
     return label_csr(labels, num_labels, dtype)
 
 
-def _binary(matrix, dtype) -> sparse.csr_matrix:
-    """A canonical CSR copy of ``matrix`` with every stored non-zero set to 1 (``dtype``)."""
-    binary = sparse.csr_matrix(matrix, dtype=dtype, copy=True)
-    binary.sum_duplicates()
-    binary.eliminate_zeros()
-    binary.data[:] = 1
-    return binary
-
-
 def cooccurrence(M) -> sparse.csr_matrix:
     """C = M^T M of a binary n x m label matrix: C_ij = samples having both i and j, C_ii = support of i.
 
     Integer counts (int32 while n fits, else int64), so they are exact at any n.
     """
     count_dtype = np.int32 if M.shape[0] < np.iinfo(np.int32).max else np.int64
-    B = _binary(M, count_dtype)
+    B = binary_csr(M, count_dtype)
     C = (B.T.tocsr() @ B).tocsr()
     C.sort_indices()
     return C

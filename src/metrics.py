@@ -35,12 +35,14 @@ BLOCK_ENTRIES = 1 << 22
 
 
 # -- counting on dense or sparse boolean matrices ------------------------------------------------------------
-def _canonical_csr(matrix) -> sparse.csr_matrix:
-    """A boolean csr copy with no explicit zeros and no duplicates, indices sorted within rows."""
-    csr = sparse.csr_matrix(matrix, dtype=bool, copy=True)
-    csr.eliminate_zeros()
-    csr.sum_duplicates()
-    return csr
+def binary_csr(matrix, dtype: np.dtype = np.uint8) -> sparse.csr_matrix:
+    """A canonical CSR copy of a dense or sparse label matrix with every stored non-zero set to 1 (``dtype``):
+    repeats merged, explicit zeros dropped, classes sorted within each row."""
+    binary = sparse.csr_matrix(matrix, dtype=dtype, copy=True)
+    binary.sum_duplicates()
+    binary.eliminate_zeros()
+    binary.data[:] = 1
+    return binary
 
 
 def _nonzero(matrix) -> tuple[np.ndarray, np.ndarray]:
@@ -65,14 +67,14 @@ def _lookup(matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
 
 
 def _prepare(matrix):
-    return _canonical_csr(matrix) if sparse.issparse(matrix) else np.asarray(matrix).astype(bool, copy=False)
+    return binary_csr(matrix, bool) if sparse.issparse(matrix) else np.asarray(matrix).astype(bool, copy=False)
 
 
 def count_labels(matrix, axis: int | None) -> np.ndarray:
     """Counts of True (nonzero) entries of a dense or sparse matrix per column (0), per row (1) or in all
     (None), as int64."""
     if sparse.issparse(matrix):
-        matrix = _canonical_csr(matrix)
+        matrix = binary_csr(matrix, bool)
         if axis is None:
             return np.int64(matrix.nnz)
         rows, cols = _nonzero(matrix)

@@ -35,13 +35,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from src.augment import BatchAugment
+from src.augment import BatchAugment, build_cpu_policy
 from src.config import Config, PipelineError, cli_parser, config_from_args, ensure_writable, override, run_cli
 from src.data import (
     EpochSampler,
     RGBYDataset,
     Vocabulary,
-    build_augment,
     label_csr,
     label_matrix,
     load_training_data,
@@ -302,7 +301,7 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
         # EMA warm-up with power 1: decay t / (t + 1), a plain mean of every step so far, until its time
         # constant reaches the horizon; from then on a fixed-horizon EMA. Both scale with the schedule.
         ema=ema,
-        train_set=RGBYDataset(train_table, n_classes, size, None if on_device else build_augment(tc.augment, size),
+        train_set=RGBYDataset(train_table, n_classes, size, None if on_device else build_cpu_policy(tc.augment),
                               open_packed(cfg.data, train_table), channels=cfg.model.in_chans, with_seeds=on_device),
         val_set=RGBYDataset(val_table, n_classes, size, packed=open_packed(cfg.data, val_table),
                             channels=cfg.model.in_chans),

@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
+from src.augment import build_cpu_policy
 from src.config import AugmentConfig
-from src.data import EpochSampler, RGBYDataset, build_augment, load_train_table, worker_init
+from src.data import EpochSampler, RGBYDataset, load_train_table, worker_init
 from src.folds import make_folds
 from src.train import Trainer, build_parts
 from tests.conftest import tiny_config
@@ -65,7 +66,7 @@ def same_image_table(train_table) -> pd.DataFrame:
 
 @pytest.fixture
 def augmented_copies(same_image_table) -> RGBYDataset:
-    return RGBYDataset(same_image_table, 6, IMAGE_SIZE, build_augment(AugmentConfig(), IMAGE_SIZE))
+    return RGBYDataset(same_image_table, 6, IMAGE_SIZE, build_cpu_policy(AugmentConfig()))
 
 
 def test_augmentations_differ_within_an_epoch_and_across_workers(augmented_copies):
