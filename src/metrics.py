@@ -291,19 +291,13 @@ def _sorted_classes(y_true, scores: np.ndarray, block: slice) -> tuple[np.ndarra
     return sorted_scores, tp_from
 
 
-def _column_blocks(n: int, m: int):
-    # best_thresholds holds ~40 bytes per entry of its block: blocks of columns keep that bounded.
-    step = max(1, BLOCK_ENTRIES // max(n, 1))
-    return (slice(start, min(start + step, m)) for start in range(0, m, step))
-
-
 def largest_per_column(scores: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     """For each column c and each row r of the r x m ``ranks``, its ``ranks[r, c]``-th largest score (0: the
     largest): one sort per column, in blocks of columns (transposed, so the sort runs along memory)."""
     n, m = scores.shape
     ranks = np.atleast_2d(ranks)
     values = np.empty(ranks.shape, dtype=scores.dtype)
-    for block in _column_blocks(n, m):
+    for block in _row_blocks(m, n):  # blocks of columns: ~40 bytes per entry held, bounded
         ascending = np.sort(scores[:, block].T, axis=1)
         values[:, block] = ascending[np.arange(len(ascending)), n - 1 - ranks[:, block]]
     return values
@@ -336,7 +330,7 @@ def best_thresholds(y_true, scores: np.ndarray, beta: float = 1.0) -> tuple[np.n
         raise ValueError("best_thresholds: scores hold NaN or inf; no threshold search on them")
     thresholds, best_score = np.ones(m), np.zeros(m)
     b2 = beta * beta
-    for block in _column_blocks(n, m):
+    for block in _row_blocks(m, n):  # blocks of columns: ~40 bytes per entry held, bounded
         scores_t = np.ascontiguousarray(scores[:, block].T)  # one class per row
         sorted_t = np.sort(scores_t, axis=1)
         pos_class, pos_sample = np.nonzero(_dense_columns(y_true, block).T)
@@ -368,7 +362,7 @@ def f1_curves(y_true, scores: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """F1 of every class at every threshold of ``grid``: a len(grid) x m matrix (for plots)."""
     n, m = scores.shape
     curves = np.empty((len(grid), m))
-    for block in _column_blocks(n, m):
+    for block in _row_blocks(m, n):  # blocks of columns: ~40 bytes per entry held, bounded
         sorted_scores, tp_from = _sorted_classes(y_true, scores, block)
         positives = tp_from[:, 0]
         for j, c in enumerate(range(block.start, block.stop)):

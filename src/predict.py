@@ -300,9 +300,10 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     train_labels = label_matrix(train_table["labels"], m)
     train_rate = label_rates(cfg, train_labels, vocabulary)
     results = compare_strategies(oof_true, oof_scores, oof["fold"].to_numpy(), train_rate, cfg.predict, cfg.metric)
-    # Fitted as in the comparison, on the test scores (the rate strategy reads the scores it is applied to).
-    decision = decision_for(chosen, ThresholdInputs(oof_true, oof_scores, test_scores, train_rate), cfg.predict,
-                            cfg.metric)
+    # The comparison's in-sample decision; only the rate strategy reads the scores it is applied to, so it is
+    # fitted again on the test scores.
+    decision = results[chosen]["decision"] if chosen != "rate" else decision_for(
+        chosen, ThresholdInputs(oof_true, oof_scores, test_scores, train_rate), cfg.predict, cfg.metric)
     predicted = decision.apply(test_scores)
     submission = make_submission(test_table, predicted, vocabulary, submission_columns(cfg.data),
                                  label_separator(cfg.data))
