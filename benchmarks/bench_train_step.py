@@ -80,7 +80,7 @@ class TimmStyleLoop:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.load_state_dict(parts.model.state_dict())  # same weights as the loop's network
         self.loss_fn = parts.loss_fn  # the same loss (also a label-embedding one); it holds no state
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.train), lr=cfg.train.lr)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     def run(self, batches, sync_loss: bool = False) -> None:

@@ -313,7 +313,7 @@ class BatchAugment:
         """Inverse pixel-coordinate matrices (N x 3 x 3, or None when no sample moves) and lookup tables
         (N x C x 256, or None when no sample's intensity changes) of a batch."""
         inverses, tables, moved, changed = [], [], False, False
-        identity_tables = np.tile(np.arange(256, dtype=np.uint8), (channels, 1))
+        identity_tables = intensity_tables(channels)
         for seed in seeds:
             geometry = sample_geometry(stream(seed, GEOMETRY_STREAM), self.cfg, size, size)
             matrix, _, _ = geometry.matrix(size, size)

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from src.config import Config, PipelineError, cli_parser, config_from_args, override, run_cli, write_atomic
+from src.model import backbone_lr
 from src.report import plot_lr_find
 from src.run_folder import RunFolder
 from src.tracking import Tracker
@@ -95,8 +96,8 @@ def lr_find(cfg: Config, fold: int = 0, steps: int = 100, start: float = 1e-7, e
     # Only the loop is wanted: no EMA, no checkpoints of any kind.
     cfg = override(cfg, **{"train.ema": False, "train.stop_after_steps": None, "train.checkpoint_every_steps": 0,
                            "train.resume": False})
-    pretrained = cfg.model.pretrained is not False  # a backbone from scratch trains at train.lr
-    ratio = None if tc.backbone_lr is None or not pretrained else tc.backbone_lr / tc.lr
+    own = backbone_lr(cfg)  # None: the backbone trains at train.lr
+    ratio = None if own is None else own / tc.lr
     growth = (end / start) ** (1 / (steps - 1))
     parts = build_parts(cfg, fold, progress)
     # LambdaLR scales each group's configured lr: the head group runs at start * growth^t, the backbone keeps

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from src.config import Config, ModelConfig, PipelineError, TrainConfig
+from src.config import Config, ModelConfig, PipelineError
 
 
 class FeatureModifier(nn.Module):
@@ -148,18 +148,24 @@ def build_model(cfg: Config, out_dim: int | None = None) -> Net:
     return Net(backbone, modifier, head, mean, std)
 
 
-def param_groups(model: Net, cfg: TrainConfig, pretrained: bool = True) -> list[dict]:
-    """Optimizer groups: backbone at ``backbone_lr`` (when ``pretrained``; a backbone from scratch at ``lr``),
-    modifier + head at ``lr``; no weight decay on norms and biases (1-d parameters)."""
+def backbone_lr(cfg: Config) -> float | None:
+    """The backbone's own learning rate: ``train.backbone_lr`` for a pretrained backbone (fine-tuning), None (it
+    trains at ``train.lr``) when that is unset or the backbone is trained from scratch (no features to protect)."""
+    return None if cfg.model.pretrained is False else cfg.train.backbone_lr
+
+
+def param_groups(model: Net, cfg: Config) -> list[dict]:
+    """Optimizer groups: backbone at :func:`backbone_lr` (else ``train.lr``), modifier + head at ``train.lr``;
+    no weight decay on norms and biases (1-d parameters)."""
+    tc, own = cfg.train, backbone_lr(cfg)
     groups = []
     # 0 freezes the backbone's updates
-    backbone_lr = cfg.lr if cfg.backbone_lr is None or not pretrained else cfg.backbone_lr
-    for name, modules, lr in (("backbone", [model.backbone], backbone_lr),
-                              ("modifier+head", [model.modifier, model.head], cfg.lr)):
+    for name, modules, lr in (("backbone", [model.backbone], tc.lr if own is None else own),
+                              ("modifier+head", [model.modifier, model.head], tc.lr)):
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
-        groups.append({"name": name, "params": decay, "lr": lr, "weight_decay": cfg.weight_decay})
+        groups.append({"name": name, "params": decay, "lr": lr, "weight_decay": tc.weight_decay})
         groups.append({"name": f"{name} (no decay)", "params": no_decay, "lr": lr, "weight_decay": 0.0})
     return [g for g in groups if g["params"]]
 

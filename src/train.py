@@ -262,7 +262,7 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
     if progress and not pretrained and tc.backbone_lr is not None and tc.backbone_lr != tc.lr:
         print(f"note: model.pretrained=false: the backbone trains at train.lr={tc.lr:g} (train.backbone_lr="
               f"{tc.backbone_lr:g} is for fine-tuning pretrained weights)")
-    optimizer = torch.optim.AdamW(param_groups(model, tc, pretrained), lr=tc.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=tc.lr)
     steps_per_epoch = math.ceil(batches / tc.accum_steps)
     total_steps = tc.epochs * steps_per_epoch
     if progress and dist.main and total_steps < FEW_STEPS:

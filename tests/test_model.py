@@ -52,7 +52,7 @@ def test_feature_modifier_starts_as_identity_and_is_trainable():
 def test_one_optimizer_groups_backbone_and_modifier_head_without_decay_on_norms_and_biases(tiny_cfg):
     cfg = override(tiny_cfg, **{"train.lr": 1e-3, "train.backbone_lr": 1e-4, "train.weight_decay": 0.05})
     model = build_model(cfg)
-    groups = param_groups(model, cfg.train)
+    groups = param_groups(model, override(cfg, **{"model.pretrained": True}))  # fine-tuning: its own rate
     grouped = [p for g in groups for p in g["params"]]
     assert len(grouped) == len(list(model.parameters())) == len({id(p) for p in grouped})  # each exactly once
     backbone_ids = {id(p) for p in model.backbone.parameters()}
@@ -77,7 +77,7 @@ def test_backbone_lr_zero_is_kept_not_replaced_by_lr(tiny_cfg):
     cfg = override(tiny_cfg, **{"train.lr": 1e-3, "train.backbone_lr": 0.0})
     model = build_model(cfg)
     backbone_ids = {id(p) for p in model.backbone.parameters()}
-    for group in param_groups(model, cfg.train):
+    for group in param_groups(model, override(cfg, **{"model.pretrained": True})):
         assert group["lr"] == (0.0 if id(group["params"][0]) in backbone_ids else 1e-3)
 
 

@@ -249,9 +249,9 @@ def test_backbone_lr_is_for_pretrained_backbones_only(tiny_cfg):
 
     cfg = override(tiny_cfg, **{"train.lr": 1e-3, "train.backbone_lr": 1e-4})
     model = build_model(cfg)
-    rates = {g["name"]: g["lr"] for g in param_groups(model, cfg.train, pretrained=True)}
+    rates = {g["name"]: g["lr"] for g in param_groups(model, override(cfg, **{"model.pretrained": True}))}
     assert rates["backbone"] == 1e-4 and rates["modifier+head"] == 1e-3
-    rates = {g["name"]: g["lr"] for g in param_groups(model, cfg.train, pretrained=False)}
+    rates = {g["name"]: g["lr"] for g in param_groups(model, override(cfg, **{"model.pretrained": False}))}
     assert rates["backbone"] == rates["modifier+head"] == 1e-3
 
 
