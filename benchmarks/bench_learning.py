@@ -26,8 +26,6 @@ for the logistic regression, W&B off: every code path of the script, no meaningf
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
-from benchmarks.common import REPO_ROOT, add_smoke_option, add_threads_option, limit_cpu_threads
+from benchmarks.common import REPO_ROOT, add_smoke_option, add_threads_option, limit_cpu_threads, work_folder
 from src.config import load_config, run_cli
 from src.data import label_matrix, load_train_table, read_rgby
 from src.demo import make_demo_dataset
@@ -109,8 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     limit_cpu_threads(args.threads)
-    work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_learning_"))
-    try:
+    with work_folder(args.work_dir, "bench_learning_") as work_dir:
         overrides = [f"data.dir={work_dir / 'data'}", f"folds.path={work_dir / 'folds.csv'}",
                      f"run.dir={work_dir / 'run'}", f"model.backbone={args.backbone}"]
         if args.epochs:
@@ -165,9 +162,6 @@ def main(argv: list[str] | None = None) -> None:
         margin = pipeline["macro_f1_cross_tuned"] - pixels["macro_f1_cross_tuned"]
         verdict = "the pipeline learns beyond the pixel baseline" if margin > 0 else "NOT better than pixels"
         print(f"pipeline - pixel logistic regression (cross-tuned macro-F1): {margin:+.4f} -> {verdict}")
-    finally:
-        if not args.work_dir:
-            shutil.rmtree(work_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ import argparse
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +62,14 @@ import torch
 from sklearn.metrics import f1_score
 
 from benchmarks.bench_learning import pixel_features, pixel_logistic_regression
-from benchmarks.common import REPO_ROOT, add_smoke_option, add_threads_option, describe_device, limit_cpu_threads
+from benchmarks.common import (
+    REPO_ROOT,
+    add_smoke_option,
+    add_threads_option,
+    describe_device,
+    limit_cpu_threads,
+    work_folder,
+)
 from benchmarks.real_images import make_real_dataset
 from src.config import Config, load_config, override, run_cli
 from src.data import label_matrix, load_test_table, load_train_table, parse_target, read_rgby
@@ -262,11 +268,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     limit_cpu_threads(args.threads)
-    work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_recipes_"))
     num_classes = args.classes
     precision = args.precision if args.precision != "auto" else "bf16" if native_bf16() else "fp32"
     bf16 = precision == "bf16"
-    try:
+    with work_folder(args.work_dir, "bench_recipes_") as work_dir:
         data_dir = Path(args.data) if args.data else work_dir / "data"
         if (data_dir / "train.csv").is_file() and (data_dir / "test_solution.csv").is_file():
             print(f"data        reusing {data_dir}", flush=True)
@@ -358,9 +363,6 @@ def main(argv: list[str] | None = None) -> None:
                      else ""))
         (out / "recipes.md").write_text(markdown(rows, header, comparisons))
         print(f"wrote {out / 'recipes.csv'}, {out / 'recipes.md'}")
-    finally:
-        if not args.work_dir:
-            shutil.rmtree(work_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

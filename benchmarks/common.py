@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
+import shutil
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -151,3 +154,15 @@ def peak_rss_gib() -> float:
     """Peak resident memory since the last :func:`reset_peak_rss` (or process start), in GiB."""
     peak = status_gib("VmHWM")
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+@contextmanager
+def work_folder(given: str | None, prefix: str) -> Iterator[Path]:
+    """The benchmark's work folder: ``given`` (``--work-dir``, kept and reused), else a temp folder removed
+    afterwards."""
+    folder = Path(given) if given else Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield folder
+    finally:
+        if not given:
+            shutil.rmtree(folder, ignore_errors=True)
