@@ -9,7 +9,7 @@ methods split the same table. At the comparison size (100 000 x 500, where iters
 table has a random split (sklearn ``KFold``, the baseline), iterstrat (``folds.method=iterstrat``) and the
 fast sparse path (``folds.method=fast``); at the Inclusive Images size (1.7 M x 7 178, full mode only) the
 random split and the fast path, ``label_csr`` from the label tuples the data tables hold, and the data stage
-itself: ``src.data.read_train_labels`` on the same table written as an Open Images label csv (positives plus
+itself: ``src.formats.read_train_labels`` on the same table written as an Open Images label csv (positives plus
 one verified negative per four; writing it is not timed).
 
 Each row runs in its own forked child process, so the rows' memory does not mix: ``RSS before`` is the
@@ -37,8 +37,9 @@ from sklearn.model_selection import KFold
 from benchmarks.bench_label_embedding import as_label_column, synthetic_labels
 from benchmarks.common import GIB, peak_rss_gib, reset_peak_rss, status_gib
 from src.config import load_config
-from src.data import label_csr, read_train_labels
+from src.data import label_csr
 from src.folds import assign_folds, balance
+from src.formats import read_train_labels
 
 TIME_TARGET_S, RSS_TARGET_GIB = 120.0, 8e9 / GIB  # the issue's 8 GB
 METHODS = {

@@ -46,7 +46,8 @@ from torch import nn
 
 from benchmarks import bench_loader
 from benchmarks.common import REPO_ROOT, add_smoke_option, describe_device, synthetic_batches, timed, trainer_config
-from src.config import Config, override, run_cli
+from src.cli import run_cli
+from src.config import Config, override
 from src.model import autocast, effective_precision, enable_grad_checkpointing
 from src.train import Trainer, build_parts
 

@@ -48,7 +48,8 @@ from benchmarks.common import (
     timed,
     trainer_config,
 )
-from src.config import PipelineError, run_cli
+from src.cli import run_cli
+from src.config import PipelineError
 from src.train import Trainer
 
 GIB = 2**30

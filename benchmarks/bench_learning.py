@@ -37,10 +37,13 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
 from benchmarks.common import REPO_ROOT, add_smoke_option, add_threads_option, limit_cpu_threads, work_folder
-from src.config import load_config, run_cli
-from src.data import label_matrix, load_train_table, read_rgby
+from src.cli import run_cli
+from src.config import load_config
+from src.data import label_matrix
 from src.demo import make_demo_dataset
 from src.folds import load_folds, make_folds
+from src.formats import load_train_table
+from src.images import read_rgby
 from src.metrics import best_thresholds, decide, f1_per_class
 from src.train import train
 

@@ -37,9 +37,12 @@ from PIL import Image
 
 from benchmarks.common import REPO_ROOT, add_smoke_option, timed
 from src.augment import BatchAugment, build_cpu_policy
-from src.config import Config, load_config, run_cli
-from src.data import RGBYDataset, channel_paths, load_train_table
+from src.cli import run_cli
+from src.config import Config, load_config
+from src.dataset import RGBYDataset
 from src.demo import make_demo_dataset
+from src.formats import load_train_table
+from src.images import channel_paths
 from src.pack import open_packed, pack
 
 TARGET_RATIO = 10.0

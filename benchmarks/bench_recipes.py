@@ -71,9 +71,12 @@ from benchmarks.common import (
     work_folder,
 )
 from benchmarks.real_images import make_real_dataset
-from src.config import Config, load_config, override, run_cli
-from src.data import label_matrix, load_test_table, load_train_table, parse_target, read_rgby
+from src.cli import run_cli
+from src.config import Config, load_config, override
+from src.data import label_matrix
 from src.folds import load_folds, make_folds
+from src.formats import load_test_table, load_train_table, parse_target
+from src.images import read_rgby
 from src.metrics import decide
 from src.predict import degenerate_reasons, predict
 from src.train import train

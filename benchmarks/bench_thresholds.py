@@ -37,7 +37,8 @@ import numpy as np
 from scipy import sparse
 from sklearn.metrics import f1_score, fbeta_score
 
-from src.config import MetricConfig, PredictConfig, run_cli
+from src.cli import run_cli
+from src.config import MetricConfig, PredictConfig
 from src.demo import label_rates
 from src.metrics import best_thresholds, metric_curve, top_k_curve
 from src.thresholds import GLOBAL_GRID, Decision, compare_strategies, top_k_cap

@@ -59,7 +59,8 @@ from benchmarks.common import (
     timed,
     trainer_config,
 )
-from src.config import load_config, override, run_cli
+from src.cli import run_cli
+from src.config import load_config, override
 from src.model import autocast, build_model, param_groups, resolve_device
 from src.tracking import Tracker
 from src.train import FoldParts, Trainer, TrainState

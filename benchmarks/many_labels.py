@@ -32,9 +32,10 @@ import pandas as pd
 
 from benchmarks.common import REPO_ROOT
 from src.config import MetricConfig, load_config
-from src.data import label_csr, load_test_table, load_training_data
+from src.data import label_csr
 from src.demo import make_many_label_dataset
 from src.folds import make_folds
+from src.formats import load_test_table, load_training_data
 from src.metrics import metric_score, precision_at_k
 from src.predict import predict
 from src.run_folder import RunFolder, read_scores
@@ -69,7 +70,7 @@ def score_run(cfg, submission: Path, test_ids: list[str], truth_path: Path) -> d
     scores = read_scores(folder.test_scores).set_index("Id").loc[test_ids].to_numpy(dtype=np.float32)
     predicted = truth_matrix(submission, test_ids, vocabulary, id_column, label_column)
     strategies = pd.read_csv(folder.report / "strategies.csv")
-    chosen = strategies[strategies["strategy"] == cfg.predict.threshold].iloc[0]
+    chosen = strategies[strategies["chosen"] == "<-"].iloc[0]  # the strategy predict applied
     cross = [c for c in strategies.columns if c.endswith("cross_fold")]
     return {"P@1": precision_at_k(truth, scores, 1), "P@3": precision_at_k(truth, scores, 3),
             "F2": metric_score(MetricConfig(name="fbeta_samples", beta=2.0), truth, predicted),

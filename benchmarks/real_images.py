@@ -112,8 +112,8 @@ def make_real_dataset(out: str | Path, n_train: int = 600, n_test: int = 200, si
     if not 1 <= num_classes <= len(CLASS_SOURCES):
         raise ValueError(f"num_classes must be 1..{len(CLASS_SOURCES)}, got {num_classes}")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else importing albumentations asks PyPI for news
-    from src.data import write_rgby
     from src.demo import finish_dataset
+    from src.images import write_rgby
 
     out, rng = Path(out), np.random.default_rng(seed)
     tmp = out.with_name(out.name + ".partial")

@@ -50,10 +50,12 @@ import pandas as pd
 import torch
 
 from benchmarks.common import add_smoke_option
-from src.config import Config, PipelineError, load_config, run_cli
-from src.data import label_matrix, write_rgby
+from src.cli import run_cli
+from src.config import Config, PipelineError, load_config
+from src.data import label_matrix
 from src.demo import class_glyphs, render_image
 from src.folds import make_folds
+from src.images import write_rgby
 from src.label_embedding import top_k
 from src.metrics import best_thresholds, decide, f1_per_class
 from src.train import Trainer, build_parts

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=python
 [ -x .venv/bin/python ] && PY=.venv/bin/python
-n_splits=$("$PY" -m src.config --config "${CONFIG:-configs/hpa_nasnet512.yaml}" "$@" --get folds.n_splits)
+n_splits=$("$PY" -m src.cli --config "${CONFIG:-configs/hpa_nasnet512.yaml}" "$@" --get folds.n_splits)
 for ((fold = 0; fold < n_splits; fold++)); do
   bash scripts/train_fold.sh "$fold" "$@"
 done

@@ -18,7 +18,7 @@ shift
 PY=python
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 config=${CONFIG:-configs/hpa_nasnet512.yaml}
-values=$("$PY" -m src.config --config "$config" "$@" --get folds.path --get train.nproc)  # one start-up
+values=$("$PY" -m src.cli --config "$config" "$@" --get folds.path --get train.nproc)  # one start-up
 folds_path=$(sed -n 1p <<< "$values")
 config_nproc=$(sed -n 2p <<< "$values")
 if [ ! -f "$folds_path" ]; then

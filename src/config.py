@@ -7,13 +7,7 @@ key or a wrong type fails at once with a message naming the key and the closest 
 
 from __future__ import annotations
 
-import argparse
 import difflib
-import os
-import re
-import shutil
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -217,8 +211,9 @@ class PredictConfig(Section):
     # like the test scores (training's OOF is one view; matters most with tta_reduce=max). One more pass
     # over the training set.
     oof_tta: bool = False
-    # The decision strategy applied to test (all are compared in the report, see src.thresholds).
-    threshold: Literal["fixed", "oof_f1", "rate", "global_oof", "top_k", "global_bounded"] = "oof_f1"
+    # The decision strategy applied to test (all are compared in the report, see src.thresholds); auto: the one
+    # with the best cross-fold OOF estimate, a tie going to the simpler strategy.
+    threshold: Literal["auto", "fixed", "oof_f1", "rate", "global_oof", "top_k", "global_bounded"] = "auto"
     fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     # oof_f1: final = shrink * tuned + (1 - shrink) * (the global_oof threshold); below 1 it guards against
     # overfitting the tuned thresholds to a small OOF set (2nd place HPA shrank with 0.7).
@@ -271,6 +266,48 @@ class WandbConfig(Section):
     mode: Literal["disabled", "offline", "online"] = "offline"
     project: str = "multilabel-pipeline"
     entity: str | None = None
+    # The run's W&B group and name; null: the run folder's name, and "<run folder>-fold<N>" (src.tune sets the
+    # study as the group and "<study>-trial<N>" as the name of each trial).
+    group: str | None = None
+    name: str | None = None
+
+
+class TuneConfig(Section):
+    """Hyperparameter search (``python -m src.tune``): every trial trains fold ``tune.fold`` and reports its
+    monitored validation score (``train.monitor``) after each epoch, one pruning step per epoch."""
+
+    fold: int = Field(0, ge=0)
+    # Stops a trial whose score at an epoch is worse than the finished trials' at that epoch: median (worse than
+    # their median), percentile (worse than tune.percentile of them), hyperband (successive halving over
+    # epochs, optuna's HyperbandPruner), none (every trial runs all epochs).
+    pruner: Literal["median", "percentile", "hyperband", "none"] = "median"
+    # median/percentile: finished trials before any trial is pruned, and epochs every trial trains before it can
+    # be pruned (0: from the first epoch on).
+    n_startup_trials: int = Field(4, ge=0)
+    n_warmup_steps: int = Field(1, ge=0)
+    # percentile: the share (in %) of trials kept at each epoch.
+    percentile: float = Field(25.0, gt=0.0, lt=100.0)
+    # tpe: random trials first (tune.random_trials), then optuna's TPE model; random: random trials only.
+    sampler: Literal["tpe", "random"] = "tpe"
+    random_trials: int = Field(5, ge=1)
+    # Sampler seed; null: a fresh one per process (processes sharing a study must not repeat each other's draws).
+    seed: int | None = None
+    # A running trial records a heartbeat this often; one silent for twice as long (its process was killed) is
+    # marked FAIL by the next tuner of the study and never counted.
+    heartbeat_seconds: int = Field(30, ge=1)
+
+
+class KaggleConfig(Section):
+    """The Kaggle round trip (``python -m src.submit``) and the inference bundle (``python -m src.bundle``)."""
+
+    # The competition's slug, as in kaggle.com/competitions/<slug>.
+    competition: str = "human-protein-atlas-image-classification"
+    # One row per submission attempt (append-only); the resolved configs go beside it in configs/<hash>.yaml,
+    # the OOF-vs-leaderboard plot in oof_vs_lb.png.
+    log: str = "submissions/log.csv"
+    # The bundle's Kaggle dataset "owner/slug" (dataset-metadata.json's id); null: "<run folder>-bundle" under a
+    # placeholder owner to replace before `kaggle datasets create`.
+    dataset: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+/[a-z0-9-]{5,50}$")
 
 
 class Config(Section):
@@ -284,6 +321,8 @@ class Config(Section):
     metric: MetricConfig = MetricConfig()
     submission: SubmissionConfig = SubmissionConfig()
     wandb: WandbConfig = WandbConfig()
+    tune: TuneConfig = TuneConfig()
+    kaggle: KaggleConfig = KaggleConfig()
 
 
 class PipelineError(Exception):
@@ -291,7 +330,11 @@ class PipelineError(Exception):
 
 
 class ConfigError(PipelineError):
-    """A config file or override that does not fit the schema."""
+    """A config file or override that does not fit the schema; ``problems`` lists each problem on its own."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -355,8 +398,8 @@ def build_config(tree: dict) -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        problems = "\n  ".join(_describe(error) for error in exc.errors())
-        raise ConfigError(f"invalid config:\n  {problems}") from None
+        problems = [_describe(error) for error in exc.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems), problems) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -382,149 +425,3 @@ def override(cfg: Config, **changes: Any) -> Config:
     for key, value in changes.items():
         _set_dotted(tree, key, value)
     return build_config(tree)
-
-
-def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp)`` on a temp file beside ``path`` (named by process, so concurrent writers never
-    share one), then rename it into place: readers see the old file or the new one, never half a file,
-    and a failed write leaves no temp file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-class Staging:
-    """Outputs written as a set: each file or folder goes to a temp path beside its target; ``commit`` then
-    moves them all into place, in the order staged (so the one staged last appears last), and ``discard``
-    (or leaving the ``with`` block by an error) removes them all, leaving every target as it was."""
-
-    def __init__(self):
-        self.pending: list[tuple[Path, Path]] = []
-
-    def __enter__(self) -> Staging:
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        self.discard()
-
-    def _tmp(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path.with_name(f"{path.name}.{os.getpid()}.staged.tmp")
-
-    def file(self, path: str | Path, write: Callable[[Path], Any]) -> Path:
-        path = Path(path)
-        tmp = self._tmp(path)
-        self.pending.append((tmp, path))
-        write(tmp)
-        return path
-
-    def folder(self, path: str | Path, write: Callable[[Path], Any]) -> Path:
-        path = Path(path)
-        tmp = self._tmp(path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.pending.append((tmp, path))
-        tmp.mkdir()
-        write(tmp)
-        return path
-
-    def commit(self) -> None:
-        for tmp, path in self.pending:
-            if tmp.is_dir():
-                old = path.with_name(f"{path.name}.{os.getpid()}.old")
-                if path.exists():
-                    os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        self.pending = []
-
-    def discard(self) -> None:
-        for tmp, _ in self.pending:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
-        self.pending = []
-
-
-def save_config(cfg: Config, path: str | Path) -> Path:
-    """Write the resolved config as YAML (atomically), so every output says how it was made."""
-    return write_atomic(path, lambda tmp: tmp.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False)))
-
-
-def cli_parser(description: str) -> argparse.ArgumentParser:
-    """The argument parser every stage starts from: ``--config FILE`` and ``key=value`` overrides."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
-
-
-def user_message(exc: BaseException) -> str:
-    """The message of a user-fixable error, without the worker traceback that a DataLoader worker wraps
-    around an exception it re-raises in the main process ("Caught DataError in DataLoader worker...")."""
-    message = str(exc)
-    if "Original Traceback" in message:
-        last = [line for line in message.splitlines() if line.strip()][-1]
-        message = re.sub(r"^(?:[a-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Failed|Diverged): ", "", last)
-    return message
-
-
-def run_cli(main: Callable[[], Any]) -> None:
-    """Run a stage's CLI: a user-fixable problem, or a file that cannot be read or written, prints one
-    clear line and exits 2, no traceback."""
-    try:
-        main()
-    except PipelineError as exc:
-        print(f"error: {user_message(exc)}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as exc:  # disk full, permission denied, a file where a folder should be, ...
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-def ensure_writable(folder: str | Path, what: str) -> Path:
-    """Create ``folder`` if needed and prove a file can be written in it, before any expensive work."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test.{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise PipelineError(f"cannot write {what} to {folder}: {exc.strerror or exc}") from None
-    return folder
-
-
-def main() -> None:
-    parser = cli_parser("Print the resolved config (or one key of it).")
-    parser.add_argument("--get", metavar="KEY", action="append",
-                        help="print only this dotted key's value (repeatable: one line per key)")
-    args = parser.parse_args()
-    cfg = config_from_args(args)
-    if args.get:
-        for key in args.get:
-            value = cfg.model_dump()
-            for part in key.split("."):
-                if not isinstance(value, dict) or part not in value:
-                    raise ConfigError(f"unknown config key '{key}'")
-                value = value[part]
-            print(value)
-    else:
-        print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), end="")
-
-
-if __name__ == "__main__":
-    run_cli(main)

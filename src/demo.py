@@ -20,13 +20,13 @@ import shutil
 from collections.abc import Collection
 from pathlib import Path
 
-import cv2
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
-from src.config import PipelineError, run_cli
-from src.data import write_rgby
+from src.cli import run_cli
+from src.config import PipelineError
+from src.formats import FORMATS, DemoLabels, get_format
+from src.images import write_jpeg, write_rgby
 
 GLYPH_SIDES = ((90, 3), (10_000, 4))  # glyph side in cells: 3 x 3 has 90 usable patterns, 4 x 4 thousands
 
@@ -138,12 +138,13 @@ def make_demo_dataset(out: str | Path, n_train: int = 2000, n_test: int = 300, s
 
 def finish_dataset(tmp: Path, out: Path, rows: dict[str, list[tuple[str, str]]]) -> Path:
     """Write the label tables of a generated HPA-layout dataset built in ``tmp`` (``train.csv``,
-    ``sample_submission.csv`` and ``test_solution.csv``, the hidden test labels) from ``(Id, Target)`` rows
-    per split, then move it into place at ``out``."""
-    pd.DataFrame(rows["train"], columns=["Id", "Target"]).to_csv(tmp / "train.csv", index=False)
-    pd.DataFrame(rows["test"], columns=["Id", "Target"]).to_csv(tmp / "test_solution.csv", index=False)
-    pd.DataFrame({"Id": [r[0] for r in rows["test"]], "Predicted": "0"}).to_csv(
-        tmp / "sample_submission.csv", index=False)
+    ``sample_submission.csv`` and ``test_solution.csv``, the hidden test labels: the hpa format writes them)
+    from ``(Id, Target)`` rows per split, then move it into place at ``out``."""
+    def split(name: str) -> tuple[list[str], list[tuple[int, ...]]]:
+        return ([sample_id for sample_id, _ in rows[name]],
+                [tuple(int(label) for label in target.split()) for _, target in rows[name]])
+
+    get_format("hpa").write_demo_tables(tmp, DemoLabels(*split("train"), *split("test")))
     return _replace_folder(tmp, out)
 
 
@@ -163,7 +164,6 @@ def _replace_folder(tmp: Path, out: Path) -> Path:
 # colour) in one cell of a 4 x 4 grid, so a small CNN can read every label and the topics from the
 # background.
 
-MANY_LABEL_FORMATS = ("openimages", "csv")
 GRID = 4  # glyph cells per image side: at most GRID**2 labels show in one image
 LABELS_PER_TOPIC = 12
 MIN_TRAIN_IMAGES = 3  # every label is on at least this many training images
@@ -303,12 +303,6 @@ class GlyphArt:
         return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def write_jpeg(path: Path, rgb: np.ndarray) -> None:
-    """Write an RGB image as a JPEG (OpenCV stores BGR)."""
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
-        raise PipelineError(f"could not write {path}")
-
-
 def make_many_label_dataset(out: str | Path, *, format: str = "openimages", n_train: int = 2000,
                             n_test: int = 300, size: int = 64, num_labels: int = 300, seed: int = 0,
                             progress: bool = True) -> Path:
@@ -327,8 +321,10 @@ def make_many_label_dataset(out: str | Path, *, format: str = "openimages", n_tr
 
     Written to a temporary sibling folder and renamed into place, as ``make_demo_dataset`` does.
     """
-    if format not in MANY_LABEL_FORMATS:
-        raise PipelineError(f"unknown many-label demo format {format!r}; expected one of {MANY_LABEL_FORMATS}")
+    layout = get_format(format)
+    if layout.planes:
+        raise PipelineError(f"data.format={format} stores a file per channel plane; the many-label demo writes one "
+                            "RGB file per image (make_demo_dataset writes per-plane data)")
     if size < 8 * GRID:
         raise PipelineError(f"image size {size} px is too small for the glyph grid: use >= {8 * GRID}")
     out = Path(out)
@@ -345,7 +341,7 @@ def make_many_label_dataset(out: str | Path, *, format: str = "openimages", n_tr
         train_labels[i] = np.array([], dtype=int)
     ensure_min_count(train_labels, train_topics, model.topic_of, num_labels, MIN_TRAIN_IMAGES, rng, empty)
     # Ids from their own generator, so that both layouts get the same pixels from the same seed.
-    ids = hex_ids(n_train + n_test, np.random.default_rng([seed, 1]), 16 if format == "openimages" else 8)
+    ids = hex_ids(n_train + n_test, np.random.default_rng([seed, 1]), layout.demo_id_chars)
     splits = {"train": (ids[:n_train], train_labels, train_topics), "test": (ids[n_train:], test_labels, test_topics)}
 
     tmp = out.with_name(out.name + ".partial")
@@ -354,55 +350,39 @@ def make_many_label_dataset(out: str | Path, *, format: str = "openimages", n_tr
         (tmp / split).mkdir(parents=True)
         for image_id, labels, topics in tqdm(list(zip(split_ids, split_labels, split_topics)),
                                              desc=f"{split} images -> {out}", disable=not progress):
-            write_jpeg(tmp / split / f"{image_id}.jpg", art.render(labels, topics, rng))
-    writer = _write_openimages_tables if format == "openimages" else _write_csv_tables
-    writer(tmp, splits, codes, names, model, rng)
+            write_jpeg(tmp / split / f"{image_id}.jpg", art.render(labels, topics, rng), JPEG_QUALITY)
+    # Drawn after every image (and for either layout), so that both layouts get the same pixels from a seed.
+    verified = human_verifications(*splits["train"], model.topic_of, rng)
+    num_trainable = num_labels - max(1, num_labels // 60)  # the rarest are not (Inclusive Images kept 7 178)
+    descriptions = [f"label {label} (topic {topic})" for label, topic in enumerate(model.topic_of)]
+    descriptions += [f"unused label {i}" for i in range(len(codes) - num_labels)]
+    layout.write_demo_tables(tmp, DemoLabels(
+        train_ids=splits["train"][0], train_labels=train_labels, test_ids=splits["test"][0], test_labels=test_labels,
+        codes=codes, names=names, descriptions=descriptions, trainable=num_trainable, verified=verified,
+        image_ext=".jpg"))
     return _replace_folder(tmp, out)
 
 
-def _write_openimages_tables(tmp: Path, splits: dict, codes: list[str], names: list[str], model: TopicModel,
-                             rng: np.random.Generator) -> None:
-    num_labels = len(names)
+def human_verifications(ids: list[str], labels: list[np.ndarray], topics: np.ndarray, topic_of: np.ndarray,
+                        rng: np.random.Generator) -> list[tuple[str, str, int, int]]:
+    """Open Images-style human verifications of the training images: ``(image id, source, label, confidence)``
+    for every positive label (confidence 1), and verified negatives (confidence 0) for some images: labels of
+    the image's topics that it does not show (every image without labels has some)."""
     rows = []
-    for image_id, labels, topics in zip(*splits["train"]):
-        for label in labels:
+    for image_id, image_labels, image_topics in zip(ids, labels, topics):
+        for label in image_labels:
             source = "crowdsource-verified" if rng.random() < 0.1 else "verification"
-            rows.append((image_id, source, codes[label], 1))
-        # Verified negatives, as Open Images has them: labels of the image's topics that it does not show.
-        absent = np.setdiff1d(np.flatnonzero(np.isin(model.topic_of, topics)), labels)
-        if len(labels) == 0 or (len(absent) and rng.random() < 0.3):  # an image with only negatives, too
+            rows.append((image_id, source, label, 1))
+        absent = np.setdiff1d(np.flatnonzero(np.isin(topic_of, image_topics)), image_labels)
+        if len(image_labels) == 0 or (len(absent) and rng.random() < 0.3):  # an image with only negatives, too
             for label in rng.choice(absent, size=min(len(absent), int(rng.integers(1, 3))), replace=False):
-                rows.append((image_id, "verification", codes[label], 0))
-    table = pd.DataFrame(rows, columns=["ImageID", "Source", "LabelName", "Confidence"])
-    table.sort_values(["ImageID", "LabelName"], kind="stable").to_csv(tmp / "train_human_labels.csv", index=False)
-    descriptions = [f"label {label} (topic {topic})" for label, topic in enumerate(model.topic_of)]
-    descriptions += [f"unused label {i}" for i in range(len(codes) - num_labels)]
-    pd.DataFrame({"label_code": codes, "description": descriptions}).sort_values("label_code").to_csv(
-        tmp / "class-descriptions.csv", index=False)
-    # The rarest labels are not trainable (Inclusive Images kept 7 178 of Open Images' labels).
-    trainable = set(range(num_labels - max(1, num_labels // 60)))
-    pd.DataFrame({"label_code": sorted(codes[label] for label in trainable)}).to_csv(
-        tmp / "classes-trainable.csv", index=False)
-    test_ids, test_labels, _ = splits["test"]
-    truth = [" ".join(codes[label] for label in labels if label in trainable) for labels in test_labels]
-    pd.DataFrame({"image_id": test_ids, "labels": truth}).to_csv(tmp / "test_labels.csv", index=False)
-    pd.DataFrame({"image_id": test_ids, "labels": codes[0]}).to_csv(tmp / "stage_1_sample_submission.csv", index=False)
-
-
-def _write_csv_tables(tmp: Path, splits: dict, codes: list[str], names: list[str], model: TopicModel,
-                      rng: np.random.Generator) -> None:
-    for split, csv in (("train", "train.csv"), ("test", "test_labels.csv")):
-        split_ids, split_labels, _ = splits[split]
-        pd.DataFrame({"image": [f"{image_id}.jpg" for image_id in split_ids],
-                      "tags": [" ".join(names[label] for label in labels) for labels in split_labels]}).to_csv(
-            tmp / csv, index=False)
-    pd.DataFrame({"image": [f"{image_id}.jpg" for image_id in splits["test"][0]], "tags": names[0]}).to_csv(
-        tmp / "sample_submission.csv", index=False)
+                rows.append((image_id, "verification", label, 0))
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--format", choices=("hpa",) + MANY_LABEL_FORMATS, default="hpa",
+    parser.add_argument("--format", choices=list(FORMATS), default="hpa",
                         help="hpa: 4-channel PNGs, 28 classes; openimages (Inclusive Images) or csv: RGB JPEGs, "
                              "a few hundred labels")
     parser.add_argument("--out", help="folder to write (replaced if present); default input/demo for hpa, "
@@ -413,7 +393,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, help="number of classes (labels); default 28 for hpa, 300 otherwise")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.format == "hpa":
+    if get_format(args.format).planes:  # a file per channel plane (hpa): the glyph demo, labels in the green plane
         classes = args.classes or 28
         out = make_demo_dataset(args.out or "input/demo", args.train, args.test, args.size, classes, args.seed)
     else:

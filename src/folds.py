@@ -26,19 +26,22 @@ from scipy import sparse
 from scipy.cluster.hierarchy import DisjointSet
 from tqdm import tqdm
 
-from src.config import Config, PipelineError, cli_parser, config_from_args, run_cli, write_atomic
-from src.data import CHANNELS, label_csr, load_training_data
+from src.cli import cli_parser, config_from_args, run_cli
+from src.config import Config, PipelineError
+from src.data import label_csr
+from src.files import write_atomic
+from src.formats import DatasetFormat, get_format, load_training_data
 from src.metrics import binary_csr
 from src.validate import require_valid
 
 
-def green_hashes(table: pd.DataFrame, progress: bool = True) -> np.ndarray:
-    """64-bit perceptual hash (imagehash.phash) of each sample's green channel, as uint64."""
+def image_hashes(table: pd.DataFrame, fmt: DatasetFormat, progress: bool = True) -> np.ndarray:
+    """64-bit perceptual hash (imagehash.phash) of each sample's image that ``fmt`` hashes (``hash_file``: HPA's
+    green plane; a one-file image's luminance), as uint64."""
     hashes = np.zeros(len(table), dtype=np.uint64)
     for row, files in enumerate(tqdm(table["files"], total=len(table), desc="hashing green channels",
                                      disable=not progress, mininterval=1.0)):
-        # HPA: the green (protein) plane; a one-file image: its luminance.
-        with Image.open(files[1] if len(files) == len(CHANNELS) else files[0]) as image:
+        with Image.open(fmt.hash_file(files)) as image:
             bits = imagehash.phash(image.convert("L")).hash.flatten()
         hashes[row] = np.packbits(bits).view(">u8")[0]
     return hashes
@@ -266,7 +269,7 @@ def make_folds(cfg: Config, progress: bool = True) -> pd.DataFrame:
         print(f"warning: class(es) [{shown}] have no training samples")
     groups = None
     if cfg.folds.group_duplicates:
-        groups = duplicate_groups(green_hashes(table, progress), cfg.folds.duplicate_distance)
+        groups = duplicate_groups(image_hashes(table, get_format(cfg.data), progress), cfg.folds.duplicate_distance)
         print(f"duplicate grouping: {len(table)} samples in {groups.max() + 1} groups")
     n_units = len(table) if groups is None else int(groups.max()) + 1
     method = resolve_method(cfg.folds.method, n_units, cfg.data.num_classes)

@@ -31,9 +31,10 @@ from scipy import sparse
 from sklearn.utils.extmath import randomized_svd, svd_flip
 from torch import nn
 
-from src.config import PipelineError, write_atomic
+from src.config import PipelineError
 from src.data import label_csr
-from src.metrics import binary_csr
+from src.files import write_atomic
+from src.metrics import binary_csr, ranked_top
 
 FORMAT_VERSION = 1
 # Below this many labels (or when dim is a large share of them) an exact dense SVD is cheap and exact.
@@ -274,8 +275,10 @@ def decode(outputs: np.ndarray, E: np.ndarray, chunk_rows: int = 4096, out: np.n
 
 
 def top_k(scores: np.ndarray, k: int, chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best labels of each row: (indices n x k int32, scores n x k), best first (ties: lower
-    index). Chunked over rows, so the temporaries stay a few chunk_rows x m arrays."""
+    """The ``k`` best labels of each row: (indices n x k int32, scores n x k), best first. The ranking is
+    :func:`src.metrics.ranked_top`, the pipeline's one top-k: among equal scores the lower label index comes
+    first (a stable sort by descending score), also at the k-th place, where labels never seen in training
+    all tie at score 0. Chunked over rows, so the temporaries stay a few chunk_rows x m arrays."""
     scores = np.asarray(scores)
     n, m = scores.shape
     k = min(k, m)
@@ -283,15 +286,9 @@ def top_k(scores: np.ndarray, k: int, chunk_rows: int = 4096) -> tuple[np.ndarra
     values = np.empty((n, k), dtype=scores.dtype)
     for start in range(0, n, chunk_rows):
         block = scores[start:start + chunk_rows]
-        if k < m:
-            candidates = np.argpartition(-block, k - 1, axis=1)[:, :k]
-            candidates.sort(axis=1)  # ties broken by index, independent of argpartition's order
-        else:
-            candidates = np.broadcast_to(np.arange(m), block.shape)
-        candidate_scores = np.take_along_axis(block, candidates, axis=1)
-        order = np.argsort(-candidate_scores, axis=1, kind="stable")
-        indices[start:start + chunk_rows] = np.take_along_axis(candidates, order, axis=1)
-        values[start:start + chunk_rows] = np.take_along_axis(candidate_scores, order, axis=1)
+        ranked = ranked_top(block, k)
+        indices[start:start + chunk_rows] = ranked
+        values[start:start + chunk_rows] = np.take_along_axis(block, ranked, axis=1)
     return indices, values
 
 

@@ -1,18 +1,28 @@
 """Losses by name, and weighted mixes of them (``loss.name="bce+soft_f1"``, ``"0.5*bce+2*focal"``).
 
-Every loss takes raw outputs (logits) and multi-hot targets and is computed in float32: the training
-loop calls it outside the autocast region on ``outputs.float()``.
+Every loss takes raw outputs and multi-hot targets and is computed in float32: the training loop calls it
+outside the autocast region on ``outputs.float()``. A registry entry (:class:`LossKind`) also answers what the
+stages ask of a loss beyond the loss itself: what it fits on the training labels before the network is built,
+how many outputs the network has, and how raw outputs become per-class scores. The losses on per-class logits
+(BCE, focal, soft-F1; mixable) fit nothing and are scored by the sigmoid; ``label_embedding`` (alone only) fits
+PMI/SVD label vectors, regresses onto them and is decoded with them.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from src.config import ConfigError, LossConfig
+from src.config import Config, ConfigError, LossConfig
+from src.label_embedding import LabelEmbedding
 
 
 class SoftMacroF1Loss(nn.Module):
@@ -60,26 +70,89 @@ class WeightedSum(nn.Module):
         return sum(weight * loss(outputs, targets) for weight, loss in zip(self.weights, self.terms))
 
 
+Scorer = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class LossKind:
+    """A registry entry: what the stages ask of a loss, by its name. The defaults are those of a loss on
+    per-class logits: nothing fitted, one output per class, scored by the sigmoid, mixable with the others."""
+
+    # (loss config, fitted state or None) -> the loss module.
+    make: Callable[[LossConfig, LabelEmbedding | None], nn.Module]
+    # (config, the training fold's label column, verbose) -> the state the loss needs before the network is
+    # built. Training saves it in the fold folder (src.run_folder) so prediction scores with the same state.
+    fit: Callable[[Config, Sequence[Sequence[int]], bool], LabelEmbedding | None] = lambda cfg, labels, verbose: None
+    # Saved fitted state file -> the state; None: the loss fits nothing, so there is nothing to load.
+    load: Callable[[Path], LabelEmbedding] | None = None
+    # Fitted state -> the network's output size (None: one output per class).
+    out_dim: Callable[[LabelEmbedding | None], int | None] = lambda fitted: None
+    # Fitted state -> how raw network outputs become per-class scores in [0, 1].
+    scorer: Callable[[LabelEmbedding | None], Scorer] = lambda fitted: expit
+    mixable: bool = True
+
+
+def _fit_label_embedding(cfg: Config, labels: Sequence[Sequence[int]], verbose: bool) -> LabelEmbedding:
+    lc = cfg.loss
+    return LabelEmbedding.fit(labels, cfg.data.num_classes, dim=min(lc.embedding_dim, cfg.data.num_classes),
+                              positive=lc.pmi_positive, smoothing=lc.pmi_smoothing, seed=cfg.train.seed,
+                              verbose=verbose)
+
+
+def _fitted(embedding: LabelEmbedding | None, what: str) -> LabelEmbedding:
+    if embedding is None:
+        raise ValueError(f"loss.name=label_embedding needs the fold's label embedding to {what}")
+    return embedding
+
+
 LOSSES = {
-    "bce": lambda cfg: nn.BCEWithLogitsLoss(),
-    "focal": lambda cfg: FocalLoss(cfg.focal_gamma),
-    "soft_f1": lambda cfg: SoftMacroF1Loss(),
+    "bce": LossKind(lambda cfg, fitted: nn.BCEWithLogitsLoss()),
+    "focal": LossKind(lambda cfg, fitted: FocalLoss(cfg.focal_gamma)),
+    "soft_f1": LossKind(lambda cfg, fitted: SoftMacroF1Loss()),
+    # PMI -> SVD label vectors fitted on the training fold, cosine-proximity regression onto them, scores by
+    # cosine similarity to every label vector (src.label_embedding).
+    "label_embedding": LossKind(
+        make=lambda cfg, fitted: _fitted(fitted, "build its loss").loss(), fit=_fit_label_embedding,
+        load=LabelEmbedding.load, out_dim=lambda fitted: _fitted(fitted, "size the head").embedding.shape[1],
+        scorer=lambda fitted: _fitted(fitted, "score outputs").decode, mixable=False),
 }
 
 
 def parse_mix(name: str) -> list[tuple[float, str]]:
-    """``"0.5*bce+soft_f1"`` -> ``[(0.5, "bce"), (1.0, "soft_f1")]``; unknown names are an error."""
+    """``"0.5*bce+soft_f1"`` -> ``[(0.5, "bce"), (1.0, "soft_f1")]``; unknown names, and losses that only
+    stand alone, are an error."""
+    mixable = sorted(key for key, kind in LOSSES.items() if kind.mixable)
+    alone = " or ".join(repr(key) for key, kind in LOSSES.items() if not kind.mixable)
     terms = []
     for part in name.replace(" ", "").split("+"):
         match = re.fullmatch(r"(?:((?:\d+\.?\d*|\.\d+)(?:[eE]-?\d+)?)\*)?([a-z_0-9]+)", part)
-        if not match or match.group(2) not in LOSSES:
-            raise ConfigError(f"loss.name: {part!r} in {name!r} is not a loss; choose from {sorted(LOSSES)}, "
-                              "optionally weighted and mixed, e.g. '0.5*bce+soft_f1', or 'label_embedding' alone")
+        if not match or match.group(2) not in mixable:
+            raise ConfigError(f"loss.name: {part!r} in {name!r} is not a loss; choose from {mixable}, "
+                              f"optionally weighted and mixed, e.g. '0.5*bce+soft_f1', or {alone} alone")
         terms.append((float(match.group(1) or 1.0), match.group(2)))
     return terms
 
 
-def build_loss(cfg: LossConfig) -> nn.Module:
-    """The loss (or weighted mix) named by ``cfg.name``."""
-    terms = [(weight, LOSSES[name](cfg)) for weight, name in parse_mix(cfg.name)]
+def loss_kind(name: str) -> LossKind:
+    """The registry entry of ``loss.name``: the loss that stands alone, or for a mix its first term's (every
+    mixable loss works on per-class logits, so any term answers for the mix); an unknown name is an error."""
+    kind = LOSSES.get(name)
+    if kind is not None and not kind.mixable:
+        return kind
+    return LOSSES[parse_mix(name)[0][1]]
+
+
+def build_loss(cfg: LossConfig, fitted: LabelEmbedding | None = None) -> nn.Module:
+    """The loss (or weighted mix) named by ``cfg.name``; ``fitted``: what its entry fitted on the training
+    labels (:attr:`LossKind.fit`), for a loss that needs it."""
+    kind = LOSSES.get(cfg.name)
+    if kind is not None and not kind.mixable:
+        return kind.make(cfg, fitted)
+    terms = [(weight, LOSSES[name].make(cfg, fitted)) for weight, name in parse_mix(cfg.name)]
     return terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else WeightedSum(terms)
+
+
+def output_scorer(cfg: LossConfig, fitted: LabelEmbedding | None = None) -> Scorer:
+    """Raw network outputs -> per-class scores in [0, 1] under loss ``cfg.name``: the sigmoid, or for
+    ``label_embedding`` the cosine similarity to every label vector of ``fitted``, mapped to [0, 1]."""
+    return loss_kind(cfg.name).scorer(fitted)

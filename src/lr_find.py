@@ -22,31 +22,30 @@ import numpy as np
 import pandas as pd
 import torch
 
-from src.config import Config, PipelineError, cli_parser, config_from_args, override, run_cli, write_atomic
+from src.cli import cli_parser, config_from_args, run_cli
+from src.config import Config, PipelineError, override
+from src.files import write_atomic
 from src.model import backbone_lr
 from src.report import plot_lr_find
 from src.run_folder import RunFolder
 from src.tracking import Tracker
-from src.train import Trainer, TrainingDiverged, build_parts
+from src.train import LoopHooks, Trainer, TrainingDiverged, build_parts
 
 SMOOTHING = 0.98
 DIVERGED_FACTOR = 4.0
 
 
-class _RangeDone(Exception):
-    """Raised by the recorder to end the range test (enough steps, or the loss diverged)."""
-
-
-class RangeRecorder:
-    """Stands in for the tracker ``Trainer.train_epoch`` logs to: records the loss of every optimizer step
-    against the learning rates that step used, and ends the test when it is over."""
+class RangeRecorder(LoopHooks):
+    """Hears every optimizer step of ``Trainer.train_epoch``: records its loss against the learning rates that
+    step used, logs it to ``tracker``, and stops the loop when the test is over (enough steps, or the loss
+    diverged)."""
 
     def __init__(self, lr_at, steps: int, tracker: Tracker | None = None):
         self.lr_at, self.steps, self.tracker = lr_at, steps, tracker
         self.rows: list[dict] = []
         self._average, self._best = 0.0, math.inf
 
-    def log(self, metrics: dict, step: int | None = None) -> None:
+    def on_step(self, step: int, metrics: dict) -> bool:
         index = len(self.rows)
         loss = metrics["train/loss"]
         self._average = SMOOTHING * self._average + (1 - SMOOTHING) * loss
@@ -58,8 +57,7 @@ class RangeRecorder:
             self.tracker.log({"lr_find/lr": head_lr, "lr_find/loss": loss, "lr_find/smoothed_loss": smoothed},
                              step=index + 1)
         self._best = min(self._best, smoothed)
-        if index + 1 >= self.steps or not math.isfinite(smoothed) or smoothed > DIVERGED_FACTOR * self._best:
-            raise _RangeDone
+        return index + 1 >= self.steps or not math.isfinite(smoothed) or smoothed > DIVERGED_FACTOR * self._best
 
 
 @dataclass
@@ -116,10 +114,10 @@ def lr_find(cfg: Config, fold: int = 0, steps: int = 100, start: float = 1e-7, e
     try:
         recorder = RangeRecorder(lr_at, steps, tracker)
         trainer = Trainer(parts, progress)
-        try:
-            while True:  # as many epochs as the steps need (a small data set has few steps per epoch)
-                trainer.train_epoch(trainer.epoch_batches(), recorder)
-        except (_RangeDone, TrainingDiverged):
+        try:  # as many epochs as the steps need (a small data set has few steps per epoch)
+            while trainer.train_epoch(trainer.epoch_batches(), hooks=recorder):
+                pass
+        except TrainingDiverged:
             pass
         table = pd.DataFrame(recorder.rows)
         suggestion = suggest(table, ratio)

@@ -16,7 +16,11 @@ Conventions are scikit-learn's, with ``zero_division`` a number:
   images (see :func:`precision_at_k` for ties and images with fewer than k labels).
 
 "The k highest-scoring labels" of a row is one order everywhere (:func:`top_labels`, :func:`ranked_top`,
-the label bounds of :func:`bound_labels`): by score, ties broken towards the lower class index.
+the label bounds of :func:`bound_labels`, ``src.label_embedding.top_k``): by score, ties broken towards the
+lower class index, as a stable sort by descending score would.
+
+Every F-beta (F1 included) is computed from counts by :func:`fbeta_from_counts`. Truth matrices are
+canonicalised once, where they enter a public function (``_prepare``); the helpers below take them prepared.
 """
 
 from __future__ import annotations
@@ -67,19 +71,25 @@ def _lookup(matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
 
 
 def _prepare(matrix):
+    """The one canonical form of a label matrix: a boolean array, or a canonical boolean csr matrix."""
     return binary_csr(matrix, bool) if sparse.issparse(matrix) else np.asarray(matrix).astype(bool, copy=False)
+
+
+def _counts(prepared, axis: int | None) -> np.ndarray:
+    """:func:`count_labels` of a matrix already through ``_prepare`` (no second canonical copy)."""
+    if sparse.issparse(prepared):
+        if axis is None:
+            return np.int64(prepared.nnz)
+        rows, cols = _nonzero(prepared)
+        return np.bincount(cols if axis == 0 else rows, minlength=prepared.shape[1 - axis]).astype(np.int64)
+    return np.asarray(np.count_nonzero(prepared, axis=axis), dtype=np.int64)
 
 
 def count_labels(matrix, axis: int | None) -> np.ndarray:
     """Counts of True (nonzero) entries of a dense or sparse matrix per column (0), per row (1) or in all
     (None), as int64."""
-    if sparse.issparse(matrix):
-        matrix = binary_csr(matrix, bool)
-        if axis is None:
-            return np.int64(matrix.nnz)
-        rows, cols = _nonzero(matrix)
-        return np.bincount(cols if axis == 0 else rows, minlength=matrix.shape[1 - axis]).astype(np.int64)
-    return np.asarray(np.count_nonzero(matrix, axis=axis), dtype=np.int64)
+    # count_nonzero needs no boolean copy of a dense matrix; a sparse one is made canonical (repeats merged).
+    return _counts(binary_csr(matrix, bool) if sparse.issparse(matrix) else np.asarray(matrix), axis)
 
 
 def confusion_counts(y_true, y_pred, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,15 +109,15 @@ def confusion_counts(y_true, y_pred, axis: int | None) -> tuple[np.ndarray, np.n
         else:
             tp = np.bincount(cols if axis == 0 else rows, weights=hit,
                              minlength=y_true.shape[1 - axis]).astype(np.int64)
-    return tp, count_labels(y_true, axis), count_labels(y_pred, axis)
+    return tp, _counts(y_true, axis), _counts(y_pred, axis)
 
 
-def _fbeta(tp, true, predicted, beta: float, zero_division: float):
-    """F-beta from counts, sklearn's way: (1 + b^2) tp / (b^2 true + predicted); ``zero_division`` where
-    nothing is true or predicted."""
+def fbeta_from_counts(tp, true, predicted, beta: float, zero_division: float):
+    """F-beta from counts (arrays broadcast together), sklearn's way: (1 + b^2) tp / (b^2 true + predicted);
+    ``zero_division`` where nothing is true or predicted. The one F-beta formula of the pipeline (F1: beta 1)."""
     b2 = beta * beta
     tp, denominator = np.asarray(tp, float), b2 * np.asarray(true, float) + np.asarray(predicted, float)
-    out = np.full(np.shape(tp), float(zero_division))
+    out = np.full(np.broadcast_shapes(tp.shape, denominator.shape), float(zero_division))
     return np.divide((1 + b2) * tp, denominator, out=out, where=denominator > 0)
 
 
@@ -115,9 +125,7 @@ def _fbeta(tp, true, predicted, beta: float, zero_division: float):
 def f1_per_class(y_true, y_pred, zero_division: float = 0.0) -> np.ndarray:
     """F1 of each column of two boolean n x m matrices (dense or sparse)."""
     tp, true, predicted = confusion_counts(y_true, y_pred, axis=0)
-    denominator = true + predicted
-    out = np.full(len(tp), float(zero_division))
-    return np.divide(2 * tp, denominator, out=out, where=denominator > 0)
+    return fbeta_from_counts(tp, true, predicted, 1.0, zero_division)
 
 
 def macro_f1(y_true, y_pred, zero_division: float = 0.0) -> float:
@@ -128,14 +136,14 @@ def macro_f1(y_true, y_pred, zero_division: float = 0.0) -> float:
 def micro_f1(y_true, y_pred, zero_division: float = 0.0) -> float:
     """F1 of all (sample, label) pairs pooled (sklearn ``f1_score(average="micro")``)."""
     tp, true, predicted = confusion_counts(y_true, y_pred, axis=None)
-    return float(_fbeta(tp, true, predicted, 1.0, zero_division))
+    return float(fbeta_from_counts(tp, true, predicted, 1.0, zero_division))
 
 
 def fbeta_samples(y_true, y_pred, beta: float = 2.0, zero_division: float = 0.0) -> float:
     """Mean over samples of each sample's F-beta (sklearn ``fbeta_score(average="samples")``; the metric of
     Inclusive Images and iMet with beta 2)."""
     tp, true, predicted = confusion_counts(y_true, y_pred, axis=1)
-    return float(_fbeta(tp, true, predicted, beta, zero_division).mean())
+    return float(fbeta_from_counts(tp, true, predicted, beta, zero_division).mean())
 
 
 def _top_block(scores: np.ndarray, k: int) -> np.ndarray:
@@ -277,20 +285,6 @@ def _dense_columns(y_true, cols: slice | np.ndarray) -> np.ndarray:
     return part.toarray().astype(bool) if sparse.issparse(part) else np.asarray(part).astype(bool)
 
 
-def _sorted_classes(y_true, scores: np.ndarray, block: slice) -> tuple[np.ndarray, np.ndarray]:
-    """The classes of ``block``, one per row (contiguous, so the sorts run along memory): their scores
-    sorted ascending, and tp_from[c, i], the positives among the samples ranked i..n-1 of class c (those
-    kept by a cut at i)."""
-    scores_t = np.ascontiguousarray(scores[:, block].T)
-    truth_t = np.ascontiguousarray(_dense_columns(y_true, block).T)
-    order = np.argsort(scores_t, axis=1)  # ties need no stable order: cuts inside them are masked out
-    sorted_scores = np.take_along_axis(scores_t, order, axis=1)
-    sorted_true = np.take_along_axis(truth_t, order, axis=1)
-    tp_from = np.zeros((len(scores_t), scores_t.shape[1] + 1), np.int64)
-    tp_from[:, :-1] = np.cumsum(sorted_true[:, ::-1], axis=1, dtype=np.int64)[:, ::-1]
-    return sorted_scores, tp_from
-
-
 def largest_per_column(scores: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     """For each column c and each row r of the r x m ``ranks``, its ``ranks[r, c]``-th largest score (0: the
     largest): one sort per column, in blocks of columns (transposed, so the sort runs along memory)."""
@@ -329,7 +323,6 @@ def best_thresholds(y_true, scores: np.ndarray, beta: float = 1.0) -> tuple[np.n
     if not np.isfinite(scores).all():
         raise ValueError("best_thresholds: scores hold NaN or inf; no threshold search on them")
     thresholds, best_score = np.ones(m), np.zeros(m)
-    b2 = beta * beta
     for block in _row_blocks(m, n):  # blocks of columns: ~40 bytes per entry held, bounded
         scores_t = np.ascontiguousarray(scores[:, block].T)  # one class per row
         sorted_t = np.sort(scores_t, axis=1)
@@ -343,7 +336,7 @@ def best_thresholds(y_true, scores: np.ndarray, beta: float = 1.0) -> tuple[np.n
         first[1:] = (cls[1:] != cls[:-1]) | (value[1:] != value[:-1])
         cls, value, tp = cls[first], value[first], positives[cls[first]] - rank_in_class[first]
         cut = _search_rows(sorted_t, cls, value)  # the first sample ranked at or above the candidate
-        score = (1 + b2) * tp / ((n - cut) + b2 * positives[cls])
+        score = fbeta_from_counts(tp, positives[cls], n - cut, beta, 0.0)  # n - cut >= 1: never 0 / 0
         # Per class, the first (lowest) candidate reaching the class's best score.
         class_best = np.full(len(scores_t), -np.inf)
         np.maximum.at(class_best, cls, score)
@@ -358,19 +351,12 @@ def best_thresholds(y_true, scores: np.ndarray, beta: float = 1.0) -> tuple[np.n
     return thresholds, best_score
 
 
-def f1_curves(y_true, scores: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """F1 of every class at every threshold of ``grid``: a len(grid) x m matrix (for plots)."""
-    n, m = scores.shape
-    curves = np.empty((len(grid), m))
-    for block in _row_blocks(m, n):  # blocks of columns: ~40 bytes per entry held, bounded
-        sorted_scores, tp_from = _sorted_classes(y_true, scores, block)
-        positives = tp_from[:, 0]
-        for j, c in enumerate(range(block.start, block.stop)):
-            cut = np.searchsorted(sorted_scores[j], grid, side="left")
-            tp, predicted = tp_from[j, cut], n - cut
-            denominator = predicted + positives[j]
-            curves[:, c] = np.divide(2 * tp, denominator, out=np.zeros(len(grid)), where=denominator > 0)
-    return curves
+def f1_curves(y_true, scores: np.ndarray, grid: np.ndarray, zero_division: float = 0.0) -> np.ndarray:
+    """F1 of every class at every threshold of the ascending ``grid`` (``score >= t``): a len(grid) x m
+    matrix (for plots). The per-class counts of :func:`metric_curve`, so its macro curve is their mean."""
+    y_true = _prepare(y_true)
+    tp_at, pred_at = _class_counts_at(y_true, scores, grid)
+    return fbeta_from_counts(tp_at, _counts(y_true, 0)[None, :], pred_at, 1.0, zero_division)
 
 
 def _effective_scores(scores: np.ndarray, min_labels: int, max_labels: int | None) -> np.ndarray:
@@ -408,6 +394,43 @@ def grid_bins(grid: np.ndarray, values: np.ndarray) -> np.ndarray:
     return bins
 
 
+def _binned_blocks(y_true, scores: np.ndarray, grid: np.ndarray, min_labels: int, max_labels: int | None):
+    """For each row block of the prepared truth and the scores: (rows, bins, true rows, true columns, true
+    bins). ``bins[r, c]`` is how many thresholds of ``grid`` entry (r, c) passes under the bounded decision
+    (``grid[i] <= score``, so it is kept at ``grid[i]`` when ``bins > i``); the true entries are listed with
+    their rows relative to the block."""
+    n, m = scores.shape
+    true_rows, true_cols = _nonzero(y_true) if sparse.issparse(y_true) else (None, None)
+    for rows in _row_blocks(n, m):
+        bins = grid_bins(grid, _effective_scores(scores[rows], min_labels, max_labels))
+        if sparse.issparse(y_true):
+            in_block = slice(*np.searchsorted(true_rows, [rows.start, rows.stop]))
+            t_rows, t_cols = true_rows[in_block] - rows.start, true_cols[in_block]
+        else:
+            t_rows, t_cols = np.nonzero(y_true[rows])
+        yield rows, bins, t_rows, t_cols, bins[t_rows, t_cols]
+
+
+def _kept_at(histogram: np.ndarray) -> np.ndarray:
+    """Counts kept at each grid threshold from a k x (g + 1) histogram of bins: column i sums bins > i."""
+    return np.cumsum(histogram[:, ::-1], axis=1)[:, ::-1][:, 1:]
+
+
+def _class_counts_at(y_true, scores: np.ndarray, grid: np.ndarray, min_labels: int = 0,
+                     max_labels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, predicted) of every class at every threshold of ``grid`` under the bounded decision:
+    two len(grid) x m int64 matrices, from one binning pass over the prepared truth and the scores."""
+    m, g = scores.shape[1], len(grid)
+    per_class_pred = np.zeros((m, g + 1), np.int64)
+    per_class_tp = np.zeros((m, g + 1), np.int64)
+    for _, bins, _, t_cols, true_bins in _binned_blocks(y_true, scores, grid, min_labels, max_labels):
+        cols = np.broadcast_to(np.arange(m), bins.shape)
+        per_class_pred += np.bincount((cols * (g + 1) + bins).ravel(), minlength=m * (g + 1)).reshape(m, g + 1)
+        per_class_tp += np.bincount(t_cols * (g + 1) + true_bins, minlength=m * (g + 1)).reshape(m, g + 1)
+    # Laid out g x m, so that a macro mean over classes sums each threshold's row in class order.
+    return np.ascontiguousarray(_kept_at(per_class_tp).T), np.ascontiguousarray(_kept_at(per_class_pred).T)
+
+
 def metric_curve(metric: MetricConfig, y_true, scores: np.ndarray, grid: np.ndarray, min_labels: int = 0,
                  max_labels: int | None = None) -> np.ndarray:
     """The configured metric of the decision "one global threshold t, then ``min_labels``..``max_labels``
@@ -417,53 +440,28 @@ def metric_curve(metric: MetricConfig, y_true, scores: np.ndarray, grid: np.ndar
     (macro), per-row (samples) or total (micro) counts at every threshold come from cumulative histograms,
     so the cost is about that of one decision, not one per threshold.
     """
-    n, m = scores.shape
+    n = scores.shape[0]
     g = len(grid)
     if not depends_on_decision(metric):
         return np.full(g, metric_score(metric, y_true, None, scores))
     y_true = _prepare(y_true)
-    true_rows, true_cols = _nonzero(y_true) if sparse.issparse(y_true) else (None, None)
-    per_class_pred = np.zeros((m, g + 1), np.int64)
-    per_class_tp = np.zeros((m, g + 1), np.int64)
-    row_score_sum = np.zeros(g)
-    for rows in _row_blocks(n, m):
-        effective = _effective_scores(scores[rows], min_labels, max_labels)
-        # bins[r, c]: how many grid thresholds the entry passes (grid[i] <= score for i < bins).
-        bins = grid_bins(grid, effective)
-        if sparse.issparse(y_true):
-            in_block = slice(*np.searchsorted(true_rows, [rows.start, rows.stop]))
-            t_rows, t_cols = true_rows[in_block] - rows.start, true_cols[in_block]
-        else:
-            t_rows, t_cols = np.nonzero(y_true[rows])
-        true_bins = bins[t_rows, t_cols]
-        if metric.name == "macro_f1" or metric.name == "micro_f1":
-            cols = np.broadcast_to(np.arange(m), bins.shape)
-            per_class_pred += np.bincount((cols * (g + 1) + bins).ravel(), minlength=m * (g + 1)).reshape(m, g + 1)
-            per_class_tp += np.bincount(t_cols * (g + 1) + true_bins, minlength=m * (g + 1)).reshape(m, g + 1)
-        else:  # fbeta_samples: per-row counts at every threshold, then each row's F-beta
+    if metric.name == "fbeta_samples":  # per-row counts at every threshold, then each row's F-beta
+        row_score_sum = np.zeros(g)
+        for rows, bins, t_rows, _, true_bins in _binned_blocks(y_true, scores, grid, min_labels, max_labels):
             size = rows.stop - rows.start
             row_ids = np.broadcast_to(np.arange(size)[:, None], bins.shape)
             pred_hist = np.bincount((row_ids * (g + 1) + bins).ravel(), minlength=size * (g + 1)).reshape(size, g + 1)
             tp_hist = np.bincount(t_rows * (g + 1) + true_bins, minlength=size * (g + 1)).reshape(size, g + 1)
-            # passed[:, i]: entries with bins > i, i.e. kept at threshold grid[i].
-            pred_at = np.cumsum(pred_hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
-            tp_at = np.cumsum(tp_hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
+            tp_at = _kept_at(tp_hist)
             true_per_row = np.bincount(t_rows, minlength=size)[:, None]
-            row_score_sum += _fbeta(tp_at, np.broadcast_to(true_per_row, tp_at.shape), pred_at, metric.beta,
-                                    metric.zero_division).sum(axis=0)
-    if metric.name == "fbeta_samples":
+            row_score_sum += fbeta_from_counts(tp_at, true_per_row, _kept_at(pred_hist), metric.beta,
+                                               metric.zero_division).sum(axis=0)
         return row_score_sum / max(n, 1)
-    # Per class, kept at grid[i]: entries with bins > i. Laid out g x m (as f1_curves) so that the macro mean
-    # sums in the same order as the per-class F1 curves.
-    pred_at = np.ascontiguousarray(np.cumsum(per_class_pred[:, ::-1], axis=1)[:, ::-1][:, 1:].T)
-    tp_at = np.ascontiguousarray(np.cumsum(per_class_tp[:, ::-1], axis=1)[:, ::-1][:, 1:].T)
-    positives = count_labels(y_true, 0)
+    tp_at, pred_at = _class_counts_at(y_true, scores, grid, min_labels, max_labels)
+    positives = _counts(y_true, 0)
     if metric.name == "micro_f1":
-        return _fbeta(tp_at.sum(axis=1), positives.sum(), pred_at.sum(axis=1), 1.0, metric.zero_division)
-    denominator = pred_at + positives[None, :]
-    curves = np.divide(2 * tp_at, denominator, out=np.full(pred_at.shape, float(metric.zero_division)),
-                       where=denominator > 0)
-    return curves.mean(axis=1)
+        return fbeta_from_counts(tp_at.sum(axis=1), positives.sum(), pred_at.sum(axis=1), 1.0, metric.zero_division)
+    return fbeta_from_counts(tp_at, positives[None, :], pred_at, 1.0, metric.zero_division).mean(axis=1)
 
 
 def top_k_curve(metric: MetricConfig, y_true, scores: np.ndarray, max_k: int) -> np.ndarray:
@@ -478,12 +476,11 @@ def top_k_curve(metric: MetricConfig, y_true, scores: np.ndarray, max_k: int) ->
     hits = _lookup(y_true, np.repeat(np.arange(n), max_k), top.ravel()).reshape(n, max_k)
     ks = np.arange(1, max_k + 1)
     if metric.name == "fbeta_samples":
-        true_per_row = count_labels(y_true, 1)[:, None]
         tp = np.cumsum(hits, axis=1)
-        return _fbeta(tp, np.broadcast_to(true_per_row, tp.shape), np.broadcast_to(ks, tp.shape), metric.beta,
-                      metric.zero_division).mean(axis=0)
+        return fbeta_from_counts(tp, _counts(y_true, 1)[:, None], ks, metric.beta, metric.zero_division).mean(axis=0)
     if metric.name == "micro_f1":
-        return _fbeta(np.cumsum(hits.sum(axis=0)), count_labels(y_true, None), n * ks, 1.0, metric.zero_division)
+        return fbeta_from_counts(np.cumsum(hits.sum(axis=0)), _counts(y_true, None), n * ks, 1.0,
+                                 metric.zero_division)
     # macro: the k-th ranked label of every row joins its class's predictions (and true positives if a hit).
     pred_per_class = np.zeros((max_k, m), np.int64)
     tp_per_class = np.zeros((max_k, m), np.int64)
@@ -491,8 +488,4 @@ def top_k_curve(metric: MetricConfig, y_true, scores: np.ndarray, max_k: int) ->
         pred_per_class[j] = np.bincount(top[:, j], minlength=m)
         tp_per_class[j] = np.bincount(top[:, j], weights=hits[:, j], minlength=m)
     pred_at, tp_at = np.cumsum(pred_per_class, axis=0), np.cumsum(tp_per_class, axis=0)
-    positives = count_labels(y_true, 0)
-    denominator = pred_at + positives[None, :]
-    curves = np.divide(2 * tp_at, denominator, out=np.full(pred_at.shape, float(metric.zero_division)),
-                       where=denominator > 0)
-    return curves.mean(axis=1)
+    return fbeta_from_counts(tp_at, _counts(y_true, 0)[None, :], pred_at, 1.0, metric.zero_division).mean(axis=1)

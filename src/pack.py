@@ -29,18 +29,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from src.config import Config, DataConfig, PipelineError, cli_parser, config_from_args, run_cli, write_atomic
-from src.data import (
-    PackedImages,
-    Source,
-    decode_file,
-    decode_plane,
-    fit_size,
-    read_source,
-    stack_planes,
-    test_source,
-    train_sources,
-)
+from src.cli import cli_parser, config_from_args, run_cli
+from src.config import Config, DataConfig, PipelineError
+from src.data import Source, test_source, train_sources
+from src.dataset import PackedImages
+from src.files import write_atomic
+from src.formats import get_format
+from src.images import decode_file, decode_plane, fit_size, stack_planes
 from src.validate import require_valid
 
 CHUNK = 64  # samples per task: big enough to amortise the task overhead, small enough to resume finely
@@ -133,9 +128,10 @@ def pack(cfg: Config, workers: int | None = None, progress: bool = True) -> list
     require_valid(cfg, progress=progress)
     workers = workers or os.cpu_count() or 1
     written = []
-    channels = 4 if cfg.data.format == "hpa" else cfg.model.in_chans
+    fmt = get_format(cfg.data)
+    channels = fmt.channels(cfg)
     for source, split in [(s, "train") for s in train_sources(cfg.data)] + [(test_source(cfg.data), "test")]:
-        table = read_source(cfg.data, source, split).frame
+        table = fmt.read_source(cfg.data, source, split).frame
         path = pack_source(cfg.data, source, table, workers, progress, channels)
         written.append(path)
         if progress:

@@ -6,10 +6,12 @@ For each experiment (``predict.runs``, or just ``run.dir``) every fold checkpoin
 under the chosen D4 test-time views (``predict.tta``, reduced by ``predict.tta_reduce``); folds are
 averaged, experiments combined with their weights. Out-of-fold predictions are combined the same way,
 so thresholds are tuned on the very ensemble the submission uses. All threshold strategies are
-compared on OOF (in-sample and cross-fold); ``predict.threshold`` picks the one applied to test.
+compared on OOF (in-sample and cross-fold); ``predict.threshold`` picks the one applied to test (``auto``:
+the best cross-fold estimate, a tie going to the simpler strategy).
 
-Writes ``submission.path`` (validated, atomic), ``run.dir/test_probs.csv`` (for later ensembles) and
-``run.dir/report/`` (report.md, strategies.csv, per_class.csv, PNG plots).
+Writes ``submission.path`` (validated, atomic), ``run.dir/test_probs.csv`` (for later ensembles),
+``run.dir/report/`` (report.md, strategies.csv, per_class.csv, PNG plots) and ``run.dir/decision.json`` (the
+decision as applied, with the config and the submission's hash: src.decision_record).
 """
 
 from __future__ import annotations
@@ -21,44 +23,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from src.config import (
-    Config,
-    PipelineError,
-    RunRef,
-    Staging,
-    cli_parser,
-    config_from_args,
-    ensure_writable,
-    override,
-    run_cli,
-)
-from src.data import (
-    RGBYDataset,
-    Vocabulary,
-    label_matrix,
-    label_separator,
-    load_test_table,
-    load_training_data,
-    make_loader,
-    submission_columns,
-    with_vocabulary,
-)
+from src.checkpoint import load_checkpoint, model_weights
+from src.cli import cli_parser, config_from_args, run_cli
+from src.config import Config, PipelineError, RunRef, override
+from src.data import Vocabulary, label_matrix, with_vocabulary
+from src.dataset import RGBYDataset, make_loader
+from src.decision_record import decision_path, decision_record, write_record
+from src.files import Staging, ensure_writable
+from src.formats import label_separator, load_test_table, load_training_data, submission_columns
 from src.metrics import metric_title
 from src.model import build_model, check_views, infer, resolve_device
 from src.pack import open_packed
 from src.report import listed_classes, metric_columns, write_report
-from src.run_folder import (
-    RunFolder,
-    class_columns,
-    load_checkpoint,
-    load_embedding,
-    model_weights,
-    output_scorer,
-    read_scores,
-    score_file,
-    write_score_table,
-)
-from src.thresholds import Decision, ThresholdInputs, compare_strategies, decision_for
+from src.run_folder import RunFolder, class_columns, read_scores, score_file, write_score_table
+from src.thresholds import AUTO, Decision, ThresholdInputs, choose_strategy, compare_strategies, decision_for
 from src.tracking import Tracker
 
 
@@ -135,8 +113,7 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table:
             if run_cfg.model.channels_last:
                 model = model.to(memory_format=torch.channels_last)
         model.load_state_dict(weights)
-        embedding = load_embedding(folder.embedding(fold)) if run_cfg.loss.name == "label_embedding" else None
-        to_scores = output_scorer(run_cfg, embedding)
+        to_scores = folder.output_scorer(run_cfg, fold)
         name = f"{folder.root.name} fold {fold}"
         fold_scores.append(require_finite(scores_of(model, test_set, to_scores, name), f"{path}: test scores"))
         oof_path = folder.oof(fold, cfg.predict.checkpoint)
@@ -258,10 +235,11 @@ def make_submission(test_table: pd.DataFrame, predicted: np.ndarray, vocabulary:
     return submission
 
 
-def report_header(cfg: Config, refs: list[RunRef], oof: pd.DataFrame, n_test: int,
+def report_header(cfg: Config, refs: list[RunRef], oof: pd.DataFrame, n_test: int, chosen: str,
                   decision: Decision | None = None) -> str:
-    """The report's opening paragraph: what was ensembled, the metric, the chosen decision."""
-    chosen = cfg.predict.threshold + (f" ({decision.describe()})" if decision is not None else "")
+    """The report's opening paragraph: what was ensembled, the metric, the chosen strategy and decision."""
+    chosen += f" ({decision.describe()})" if decision is not None else ""
+    chosen += f", by predict.threshold={AUTO}" if cfg.predict.threshold == AUTO else ""
     return (f"Experiments: {', '.join(f'{r.dir} (weight {r.weight})' for r in refs)}; "
             f"TTA {cfg.predict.tta} ({cfg.predict.tta_reduce}); {len(oof)} OOF rows, {n_test} test rows. "
             f"Metric: {metric_title(cfg.metric)}. Chosen strategy: **{chosen}**. Cross-fold scores fit the "
@@ -293,13 +271,14 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     vocabulary = run_vocabulary(cfg)  # the runs' labels, unchanged; training labels outside it are reported
     cfg, train_table, _ = load_training_data(with_vocabulary(cfg, vocabulary), vocabulary)
     test_table = load_test_table(cfg.data)
-    m, chosen = cfg.data.num_classes, cfg.predict.threshold
+    m = cfg.data.num_classes
 
     test_scores, oof, refs = score_experiments(cfg, test_table, train_table, device, progress)
     oof_true, oof_scores = oof_truth(oof, train_table, m)
     train_labels = label_matrix(train_table["labels"], m)
     train_rate = label_rates(cfg, train_labels, vocabulary)
     results = compare_strategies(oof_true, oof_scores, oof["fold"].to_numpy(), train_rate, cfg.predict, cfg.metric)
+    chosen, why = choose_strategy(cfg.predict.threshold, results)
     # The comparison's in-sample decision; only the rate strategy reads the scores it is applied to, so it is
     # fitted again on the test scores.
     decision = results[chosen]["decision"] if chosen != "rate" else decision_for(
@@ -312,13 +291,13 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     # All outputs as one set (staged, then renamed into place): the run-folder outputs first, the submission
     # last. A failure on the way leaves every previous output as it was.
     out = RunFolder(cfg.run.dir)
-    header = report_header(cfg, refs, oof, len(test_table), decision)
+    header = report_header(cfg, refs, oof, len(test_table), chosen, decision)
     if degenerate:
         header += "\n\n**Warning: the submission looks degenerate:** " + "; ".join(degenerate) + "."
     with Staging() as staging:
         staging.file(score_file(out.test_scores, m), lambda tmp: write_score_table(tmp, test_table["Id"], test_scores))
         strategies, classes, plots = write_report(out.report, header, results, chosen, oof_true, oof_scores,
-                                                  train_rate, predicted.mean(axis=0), staging, cfg.metric)
+                                                  train_rate, predicted.mean(axis=0), staging, cfg.metric, why)
         if degenerate and not cfg.predict.force:
             staging.commit()  # the report shows what went wrong; the submission is not replaced
             raise PipelineError(
@@ -326,6 +305,10 @@ def predict(cfg: Config, progress: bool = True) -> Path:
                 f"(see the history's beats_prior column and {plots['label_rates']}); nothing written to the "
                 "submission, the previous one is kept. Write it anyway with `python -m src.predict --force` "
                 "(predict.force=true).")
+        # The decision as applied, the config and the submission's hash, beside it: src.submit checks against it,
+        # src.bundle ships it.
+        record = decision_record(cfg, chosen, decision, results[chosen], train_rate, refs, submission)
+        staging.file(decision_path(out.root), lambda tmp: write_record(tmp, record))
         sub_path = staging.file(cfg.submission.path, lambda tmp: submission.to_csv(tmp, index=False))
         staging.commit()
     if degenerate:
@@ -335,6 +318,7 @@ def predict(cfg: Config, progress: bool = True) -> Path:
 
     if progress:
         print(strategies.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"applied to test: {chosen}: {why}")
         listed = listed_classes(classes)
         print(f"\nper class ({chosen}" + (f"; the {len(listed)} most frequent of {len(classes)}" if
                                           len(listed) < len(classes) else "") + "):")

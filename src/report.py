@@ -4,12 +4,14 @@ Only this module draws (matplotlib, headless). The prediction report goes under 
 label-embedding plots next to the fold that fitted the embedding. Column names and titles follow the
 configured metric (``metric.name``): ``oof_macro_f1_in_sample`` for HPA, ``oof_f2_samples_in_sample`` for
 Inclusive Images. With thousands of classes the per-class plots and the per-class table of report.md show the
-most frequent classes only; ``per_class.csv`` keeps every class.
+most frequent classes only; ``per_class.csv`` keeps every class. The strategy applied to test is marked in
+the tables and the strategies plot, with the reason it was chosen (``auto``: the best cross-fold estimate).
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,9 +22,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from src.config import MetricConfig, Staging  # noqa: E402
+from src.config import MetricConfig
+from src.files import Staging
 from src.label_embedding import _normalize_rows  # noqa: E402
-from src.metrics import count_labels, depends_on_decision, f1_curves, metric_label, metric_title  # noqa: E402
+from src.metrics import (  # noqa: E402
+    count_labels,
+    depends_on_decision,
+    f1_curves,
+    metric_label,
+    metric_title,
+    ranked_top,
+)
 
 MAX_CLASSES_PLOTTED = 28  # many-label sets: the most frequent classes only
 MAX_CLASSES_LISTED = 50  # rows of the per-class table in report.md (and in W&B); per_class.csv has all
@@ -62,7 +72,7 @@ def _most_frequent(support: np.ndarray, limit: int) -> np.ndarray:
     class order."""
     if len(support) <= limit:
         return np.arange(len(support))
-    return np.sort(np.argsort(-support, kind="stable")[:limit])
+    return np.sort(ranked_top(np.asarray(support)[None, :], limit)[0])  # ties: the lower class
 
 
 def listed_classes(classes: pd.DataFrame) -> pd.DataFrame:
@@ -151,21 +161,30 @@ def plot_label_rates(train_rate: np.ndarray, test_rate: np.ndarray, path: Path, 
     return path
 
 
-def plot_strategies(table: pd.DataFrame, path: Path, metric: MetricConfig | None = None) -> Path:
-    """The configured metric of each strategy: fitted and scored in-sample vs cross-fold (the honest estimate)."""
+def plot_strategies(table: pd.DataFrame, path: Path, metric: MetricConfig | None = None,
+                    reason: str | None = None) -> Path:
+    """The configured metric of each strategy: fitted and scored in-sample vs cross-fold (the honest estimate);
+    the strategy applied to test (``chosen`` in the table) outlined and named, with ``reason`` under the title."""
     metric = metric or MetricConfig()
     in_sample, cross_fold = metric_columns(metric)
     x = np.arange(len(table))
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(table)), 3.6))
+    chosen = (table["chosen"] != "").to_numpy()
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(table)), 3.9))
     ax.bar(x - 0.2, table[in_sample], 0.4, label="in-sample (optimistic)")
-    ax.bar(x + 0.2, table[cross_fold], 0.4, label="cross-fold (honest)")
+    ax.bar(x + 0.2, table[cross_fold], 0.4, label="cross-fold (honest)",
+           edgecolor=np.where(chosen, "black", "none"), linewidth=np.where(chosen, 1.8, 0.0))
     for xi, value in zip(x, table[cross_fold]):
         ax.text(xi + 0.2, value + 0.01, f"{value:.3f}", ha="center", fontsize=8)
-    ax.set_xticks(x, table["strategy"], fontsize=8)
+    ax.set_xticks(x, [f"{name}\n(chosen)" if is_chosen else name for name, is_chosen in zip(table["strategy"], chosen)],
+                  fontsize=8)
+    for label, is_chosen in zip(ax.get_xticklabels(), chosen):
+        label.set_fontweight("bold" if is_chosen else "normal")
     ax.set_ylabel(f"OOF {metric_title(metric)}")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title("Decision strategies on out-of-fold predictions")
+    if reason:
+        fig.suptitle("\n".join(textwrap.wrap(f"chosen: {reason}", 110)), fontsize=7, y=0.99, va="top")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -174,12 +193,13 @@ def plot_strategies(table: pd.DataFrame, path: Path, metric: MetricConfig | None
 
 def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen: str, oof_true,
                  oof_scores: np.ndarray, train_rate: np.ndarray, test_rate: np.ndarray,
-                 staging: Staging | None = None, metric: MetricConfig | None = None,
+                 staging: Staging | None = None, metric: MetricConfig | None = None, reason: str | None = None,
                  ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Path]]:
     """The prediction report, written as a whole folder: ``strategies.csv``, ``per_class.csv``, four plots
-    and ``report.md``, scored by ``metric`` (default macro-F1; ``oof_true`` dense or sparse). Staged in
-    ``staging`` (committed with the caller's other outputs), or swapped in at once. Returns the two tables
-    (the per-class one with every class) and the plots' final paths."""
+    and ``report.md``, scored by ``metric`` (default macro-F1; ``oof_true`` dense or sparse); ``reason`` says
+    why ``chosen`` was applied (``src.thresholds.choose_strategy``). Staged in ``staging`` (committed with the
+    caller's other outputs), or swapped in at once. Returns the two tables (the per-class one with every class)
+    and the plots' final paths."""
     metric = metric or MetricConfig()
     support = count_labels(oof_true, 0)
     strategies = strategy_table(results, chosen, metric)
@@ -190,11 +210,11 @@ def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen
     def write(folder: Path) -> None:
         strategies.to_csv(folder / "strategies.csv", index=False)
         classes.to_csv(folder / "per_class.csv", index=False)
-        plot_strategies(strategies, folder / names["strategies"], metric)
+        plot_strategies(strategies, folder / names["strategies"], metric, reason)
         plot_per_class_f1(results, support, folder / names["per_class_f1"], metric)
         plot_f1_vs_threshold(oof_true, oof_scores, results, chosen, folder / names["f1_vs_threshold"])
         plot_label_rates(train_rate, test_rate, folder / names["label_rates"])
-        write_markdown(folder / "report.md", header, strategies, classes, names, metric)
+        write_markdown(folder / "report.md", header, strategies, classes, names, metric, reason)
 
     if staging is not None:
         staging.folder(report_dir, write)
@@ -206,10 +226,12 @@ def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen
 
 
 def write_markdown(path: Path, header: str, strategies: pd.DataFrame, classes: pd.DataFrame,
-                   plots: dict[str, str], metric: MetricConfig | None = None) -> Path:
+                   plots: dict[str, str], metric: MetricConfig | None = None, reason: str | None = None) -> Path:
     """report.md: the two tables as fixed-width text (the per-class one capped at the most frequent
-    classes) and the plots inline."""
+    classes), the strategy applied to test and why, and the plots inline."""
     metric = metric or MetricConfig()
+    chosen = strategies.loc[strategies["chosen"] != "", "strategy"].tolist()
+    applied = f"Applied to test: **{', '.join(chosen)}**" + (f": {reason}" if reason else "") + ".\n"
 
     def block(frame: pd.DataFrame) -> str:
         return "```\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.4f}") + "\n```\n"
@@ -224,7 +246,7 @@ def write_markdown(path: Path, header: str, strategies: pd.DataFrame, classes: p
         "F1 below still tells the strategies apart.\n")
     text = [f"# Prediction report\n\n{header}\n",
             f"## Decision strategies (OOF {metric_title(metric)}, `metric.name={metric.name}`)\n{note}",
-            block(strategies), per_class, block(listed), "## Plots\n"]
+            block(strategies), applied, per_class, block(listed), "## Plots\n"]
     text += [f"![{name}]({file_name})\n" for name, file_name in plots.items()]
     path.write_text("\n".join(text))
     return path
@@ -271,7 +293,7 @@ def _chosen_labels(E: np.ndarray, support: np.ndarray | None, max_labels: int) -
         return seen
     if support is None:
         return seen[:max_labels]
-    return np.sort(seen[np.argsort(-np.asarray(support)[seen], kind="stable")[:max_labels]])
+    return np.sort(seen[ranked_top(np.asarray(support)[seen][None, :], max_labels)[0]])
 
 
 def plot_similarity_heatmap(E: np.ndarray, path: str | Path, max_labels: int = 60, support: np.ndarray | None = None,
@@ -335,4 +357,78 @@ def plot_label_map(E: np.ndarray, path: str | Path, support: np.ndarray | None =
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
+    return path
+
+
+# -- hyperparameter search plots (src.tune) -----------------------------------------------------------------
+def plot_tune_history(trials: pd.DataFrame, path: Path, objective: str, minimize: bool) -> Path:
+    """Optimisation history of a study: each finished trial's score by trial number (complete trials: their
+    result; pruned ones: the score of the last epoch they ran, marked apart) and the best result so far."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    complete = trials[trials["state"] == "COMPLETE"].sort_values("number")
+    pruned = trials[trials["state"] == "PRUNED"]
+    ax.scatter(complete["number"], complete["value"], color="tab:blue", zorder=3, label="complete: result")
+    if len(pruned):
+        ax.scatter(pruned["number"], pruned["last_score"], color="tab:orange", marker="x", zorder=3,
+                   label="pruned: score at its last epoch")
+    if len(complete):
+        best = complete["value"].cummin() if minimize else complete["value"].cummax()
+        ax.step(complete["number"], best, where="post", color="crimson", lw=1.4, label="best so far")
+    failed = int((trials["state"] == "FAIL").sum())
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"{objective} ({'lower' if minimize else 'higher'} is better)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    ax.set_title("Optimisation history" + (f" ({failed} failed trial(s) not shown)" if failed else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_param_importances(importances: dict[str, float], path: Path, note: str = "") -> Path:
+    """Each searched parameter's importance (a share of the objective's variance, summing to 1) as bars, the
+    most important on top; ``note`` replaces the bars when there is nothing to show (too few complete trials)."""
+    fig, ax = plt.subplots(figsize=(7, 0.5 * max(3, len(importances)) + 1.2))
+    if importances:
+        names = list(importances)[::-1]
+        values = [importances[name] for name in names]
+        ax.barh(names, values, color="tab:blue")
+        for y, value in enumerate(values):
+            ax.text(value, y, f" {value:.2f}", va="center", fontsize=8)
+        ax.set_xlim(0, max(values) * 1.15 + 1e-9)
+        ax.set_xlabel("importance (fANOVA share of the objective's variance)")
+    else:
+        ax.axis("off")
+    ax.set_title("Parameter importances" + (f"\n{note}" if note else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_oof_vs_public(oof_estimate: np.ndarray, public_score: np.ndarray, labels: Sequence[str], path: Path,
+                       metric: str, rho: float | None) -> Path:
+    """Each scored submission as a point (its OOF cross-fold estimate vs its public leaderboard score, labelled),
+    the y = x line, and the Spearman rank correlation ``rho`` in the title (None: too few points). Written as
+    PNG to exactly ``path`` (a temp name is fine)."""
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    shown = np.concatenate([oof_estimate, public_score]) if len(oof_estimate) else np.array([0.0, 1.0])
+    low, high = float(shown.min()), float(shown.max())
+    pad = max(0.02, 0.08 * (high - low))
+    ax.plot([low - pad, high + pad], [low - pad, high + pad], color="grey", linestyle="--", linewidth=1,
+            label="y = x")
+    ax.scatter(oof_estimate, public_score, color="tab:blue", zorder=3)
+    for x, y, label in zip(oof_estimate, public_score, labels):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlim(low - pad, high + pad)
+    ax.set_ylim(low - pad, high + pad)
+    ax.set_xlabel(f"OOF {metric}, cross-fold estimate")
+    ax.set_ylabel("public leaderboard score")
+    correlation = f"Spearman rho {rho:.2f}" if rho is not None else "Spearman rho: needs 2+ scored submissions"
+    ax.set_title(f"OOF estimate vs public score ({len(oof_estimate)} submissions; {correlation})", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
     return path

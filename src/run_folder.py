@@ -16,31 +16,31 @@
       test_probs.csv              the ensemble's test scores (same table format as oof.csv)
       report/                     the prediction report (written by src.report)
       lr_find/                    the learning-rate range test (src.lr_find): table and plot
+      tune.db                     the hyperparameter studies (src.tune; optuna's SQLite storage, the default)
+      tune/<study>/<trial>/       one run folder per trial (fold<tune.fold>/ as above); report/: the study report
 
 Training writes it, prediction and the benchmarks read it; neither stage imports the other. Every write is
-atomic (temp file + rename). Checkpoints hold tensors and plain Python only and load with
-``weights_only=True``.
+atomic (temp file + rename). What a checkpoint holds, and its saving and loading, is :mod:`src.checkpoint`'s;
+this module says where checkpoints live.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from scipy.special import expit
 
-from src.config import Config, PipelineError, load_config, override, save_config, write_atomic
+from src.checkpoint import copy_checkpoint
+from src.config import Config, PipelineError, load_config, override
 from src.data import Vocabulary
-from src.label_embedding import LabelEmbedding
+from src.files import save_config, write_atomic
+from src.losses import Scorer, loss_kind
 
-CHECKPOINTS = ("best", "last")
 CONFIG_FILE = "config.yaml"
 VOCABULARY_FILE = "labels.csv"
 HISTORY_FILE = "history.csv"
@@ -48,6 +48,8 @@ EMBEDDING_FILE = "label_embedding.npz"
 TEST_SCORES_FILE = "test_probs.csv"
 REPORT_DIR = "report"
 LR_FIND_DIR = "lr_find"
+TUNE_DIR = "tune"
+TUNE_STORAGE_FILE = "tune.db"
 LOCK_FILE = ".lock"
 # Validation scores of each checkpoint, so predict tunes thresholds on the model it applies them to.
 OOF_FILES = {"best": "oof.csv", "last": "oof_last.csv"}
@@ -79,6 +81,17 @@ class RunFolder:
     def config(self, fold: int | None = None) -> Path:
         return (self.root if fold is None else self.fold(fold)) / CONFIG_FILE
 
+    def output_scorer(self, cfg: Config, fold: int) -> Scorer:
+        """How fold ``fold``'s raw network outputs become per-class scores (``cfg``: the run's config): its loss's
+        scorer (src.losses), with what the loss fitted at training (a label embedding) read from the fold folder."""
+        kind = loss_kind(cfg.loss.name)
+        if kind.load is None:  # the loss fitted nothing
+            return kind.scorer(None)
+        path = self.embedding(fold)
+        if not path.is_file():
+            raise PipelineError(f"{path} not found: a label-embedding run saves one per fold")
+        return kind.scorer(kind.load(path))
+
     @property
     def vocabulary(self) -> Path:
         return self.root / VOCABULARY_FILE
@@ -94,6 +107,18 @@ class RunFolder:
     @property
     def lr_find(self) -> Path:
         return self.root / LR_FIND_DIR
+
+    @property
+    def tune_storage(self) -> Path:
+        return self.root / TUNE_STORAGE_FILE
+
+    def tune_study(self, study: str) -> Path:
+        """The folder of study ``study``: one run folder per trial, and the study's report."""
+        return self.root / TUNE_DIR / study
+
+    def tune_trial(self, study: str, number: int) -> Path:
+        """Trial ``number``'s own run folder (its ``run.dir``)."""
+        return self.tune_study(study) / str(number)
 
     def trained_folds(self, which: str = "best") -> dict[int, Path]:
         """Fold number -> checkpoint path, for every fold folder holding ``which``.pt."""
@@ -175,42 +200,6 @@ class RunFolder:
         return override(load_config(path), **{"model.pretrained": False})
 
 
-# -- checkpoints ------------------------------------------------------------------------------------------
-def save_checkpoint(state: dict, path: Path) -> Path:
-    """torch.save to a temp file beside ``path``, then rename: a crash never leaves half a file."""
-    return write_atomic(path, lambda tmp: torch.save(state, tmp))
-
-
-def copy_checkpoint(source: Path, target: Path) -> Path:
-    """``target`` becomes a copy of ``source`` without serialising again: a hard link where the file
-    system allows (as timm's CheckpointSaver does), else a file copy; atomic either way."""
-
-    def link_or_copy(tmp: Path) -> None:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-
-    return write_atomic(target, link_or_copy)
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only: weights_only)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"checkpoint not found: {path}") from None
-    except Exception as exc:
-        raise PipelineError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from None
-
-
-def model_weights(ckpt: dict) -> dict:
-    """The weights validation chose at that checkpoint (``state.eval_weights``): the EMA copy or the raw model."""
-    if ckpt.get("ema") and ckpt.get("state", {}).get("eval_weights", "ema") == "ema":
-        return {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
-    return ckpt["model"]
-
-
 # -- score tables (OOF and test) --------------------------------------------------------------------------
 def class_columns(num_classes: int) -> list[str]:
     return [str(c) for c in range(num_classes)]
@@ -274,19 +263,3 @@ def write_history(path: Path, rows: list[dict]) -> Path:
     frame = pd.DataFrame(rows)
     return write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
 
-
-# -- raw outputs -> class scores --------------------------------------------------------------------------
-def output_scorer(cfg: Config, embedding: LabelEmbedding | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """Raw network outputs -> per-class scores in [0, 1]: the sigmoid, or for ``loss.name=label_embedding``
-    the cosine similarity to every label vector of the fold's ``embedding``, mapped to [0, 1]."""
-    if cfg.loss.name == "label_embedding":
-        if embedding is None:
-            raise ValueError("loss.name=label_embedding needs the fold's label embedding to score outputs")
-        return embedding.decode
-    return expit
-
-
-def load_embedding(path: Path) -> LabelEmbedding:
-    if not path.is_file():
-        raise PipelineError(f"{path} not found: a label-embedding run saves one per fold")
-    return LabelEmbedding.load(path)

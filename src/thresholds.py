@@ -21,6 +21,9 @@ per-class thresholds, or a top k, plus the bounds on labels per image (``predict
 - ``top_k``: each image's k highest-scoring labels, k in 1..``predict.max_labels`` (or a cap from the OOF
   label counts) maximising the OOF metric.
 
+``auto`` (the default) is a choice among them, made by :func:`choose_strategy`: the strategy with the best
+cross-fold OOF estimate, a tie going to the simpler one (:data:`SIMPLICITY`).
+
 Every search is vectorised (src.metrics: a partition per row, a binning of every entry into the threshold
 grid, one sort per column block), so a few thousand classes and tens of thousands of OOF rows take seconds.
 """
@@ -161,12 +164,40 @@ def top_k(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> 
 
 STRATEGIES = {"fixed": fixed, "oof_f1": oof_f1, "rate": rate, "global_oof": global_oof,
               "global_bounded": global_bounded, "top_k": top_k}
+# Simplest first, by what a strategy fits: nothing; one threshold; one threshold knowing the label bounds; one k;
+# a threshold per class from label rates (not from the OOF truth); a threshold per class tuned on OOF F1. Of
+# strategies with equal cross-fold estimates, auto takes the simplest: it has the fewest ways to have been lucky.
+SIMPLICITY = ("fixed", "global_oof", "global_bounded", "top_k", "rate", "oof_f1")
+AUTO = "auto"
+# Cross-fold estimates equal to this many decimals are a tie (the same decisions give the same score; sums in
+# another order may differ in the last bits).
+TIE_DECIMALS = 12
 
 
 def decision_for(name: str, inputs: ThresholdInputs, cfg: PredictConfig,
                  metric: MetricConfig | None = None) -> Decision:
     """The decision of strategy ``name``, tuned for ``metric`` (default: macro-F1)."""
     return STRATEGIES[name](inputs, cfg, metric or MetricConfig())
+
+
+def choose_strategy(requested: str, results: dict[str, dict]) -> tuple[str, str]:
+    """The strategy to apply to test and why, in words for the report. ``auto``: the best ``cross_fold``
+    estimate of :func:`compare_strategies`' ``results``, a tie going to the simpler strategy (``SIMPLICITY``);
+    any other name is the configured strategy, taken as it is."""
+    if requested != AUTO:
+        return requested, f"configured (predict.threshold={requested})"
+
+    def estimate(name: str) -> float:
+        return round(results[name]["cross_fold"], TIE_DECIMALS)
+
+    ranked = sorted(results, key=lambda name: (-estimate(name), SIMPLICITY.index(name)))
+    best = ranked[0]
+    tied = [name for name in ranked[1:] if estimate(name) == estimate(best)]
+    behind = [f"{results[name]['cross_fold']:.3f} ({name})" for name in ranked[1:] if name not in tied]
+    why = f"auto: best cross-fold OOF estimate {results[best]['cross_fold']:.3f}"
+    if tied:
+        why += f", tied with {', '.join(tied)}; ties go to the simpler strategy"
+    return best, why + (f" vs {', '.join(behind)}" if behind else "")
 
 
 def compare_strategies(oof_true, oof_scores: np.ndarray, oof_fold: np.ndarray, label_rate: np.ndarray,

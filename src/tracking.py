@@ -24,7 +24,9 @@ class Tracker:
         self.enabled = cfg.wandb.mode != "disabled"
         self.run = wandb.init(
             mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity, dir=str(run_dir),
-            name=name, group=group, job_type=job_type, config=cfg.model_dump(), reinit="finish_previous",
+            # wandb.group / wandb.name, when set, win over the caller's (src.tune: the study and the trial).
+            name=cfg.wandb.name or name, group=cfg.wandb.group or group, job_type=job_type,
+            config=cfg.model_dump(), reinit="finish_previous",
             settings=wandb.Settings(console="off", silent=True),
         )
 

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,34 +36,30 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from src.augment import BatchAugment, build_cpu_policy
-from src.config import Config, PipelineError, cli_parser, config_from_args, ensure_writable, override, run_cli
-from src.data import (
-    EpochSampler,
-    RGBYDataset,
-    Vocabulary,
-    label_csr,
-    label_matrix,
-    load_training_data,
-    make_loader,
+from src.checkpoint import (
+    NonFiniteWeights,
+    capture_checkpoint,
+    copy_checkpoint,
+    load_checkpoint,
+    require_finite,
+    restore_checkpoint,
+    rng_states,
+    save_checkpoint,
 )
+from src.cli import cli_parser, config_from_args, run_cli
+from src.config import Config, PipelineError, override
+from src.data import Vocabulary, label_csr, label_matrix
+from src.dataset import EpochSampler, RGBYDataset, make_loader
+from src.files import ensure_writable
 from src.folds import load_folds
+from src.formats import load_training_data
 from src.label_embedding import LabelEmbedding
-from src.losses import build_loss
-from src.metrics import best_thresholds, decide, f1_per_class, metric_curve
+from src.losses import build_loss, loss_kind, output_scorer
+from src.metrics import best_thresholds, decide, f1_per_class, fbeta_from_counts, metric_curve
 from src.model import autocast, build_model, infer, param_groups, resolve_device
 from src.pack import open_packed
 from src.report import plot_label_map, plot_similarity_heatmap
-from src.run_folder import (
-    FOLD_FILES,
-    RunFolder,
-    copy_checkpoint,
-    copy_scores,
-    load_checkpoint,
-    output_scorer,
-    save_checkpoint,
-    write_history,
-    write_scores,
-)
+from src.run_folder import FOLD_FILES, RunFolder, copy_scores, write_history, write_scores
 from src.thresholds import GLOBAL_GRID
 from src.tracking import Tracker
 
@@ -84,6 +80,25 @@ class TrainState:
     eval_weights: str = "raw"  # which weights the last validation chose: "raw" or "ema"
 
 
+class LoopHooks:
+    """What a caller (lr_find, the tuner) hears from the loop; the default hears nothing.
+
+    Under DDP every rank calls them with the same arguments; their answers must agree across ranks."""
+
+    def on_step(self, step: int, metrics: dict) -> bool:
+        """After each optimizer step (``step``: steps so far); ``metrics`` holds ``train/loss``, ``train/lr``,
+        ``train/images_per_s`` and ``train/epoch``. True stops the loop now."""
+        return False
+
+    def on_epoch(self, epoch: int, row: dict) -> bool:
+        """After each epoch's validation and checkpoint (``epoch``: 1-based); ``row`` is its history row. True
+        stops the run after this epoch (pruned): the run ends as a finished one does."""
+        return False
+
+
+NO_HOOKS = LoopHooks()
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int):
     """LR multiplier per optimizer step: linear warm-up, then cosine decay to zero."""
 
@@ -100,28 +115,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_states() -> dict:
-    """Python, numpy and torch RNG states, in types that ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
-    states = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict) -> None:
-    random.setstate(tuple(states["python"][:1]) + (tuple(states["python"][1]),) + tuple(states["python"][2:]))
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 @dataclass(frozen=True)
@@ -249,13 +242,11 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
         raise PipelineError(f"fold {fold} has {len(train_table)} training samples, fewer than "
                             f"train.batch_size={tc.batch_size}")
 
-    embedding = None
-    if cfg.loss.name == "label_embedding":
-        # Fitted on the training folds only: the validation fold's labels stay unseen.
-        embedding = LabelEmbedding.fit(
-            train_table["labels"], cfg.data.num_classes, dim=min(cfg.loss.embedding_dim, cfg.data.num_classes),
-            positive=cfg.loss.pmi_positive, smoothing=cfg.loss.pmi_smoothing, seed=tc.seed, verbose=progress)
-    model = build_model(cfg, embedding.embedding.shape[1] if embedding else None).to(device)
+    # What the loss fits before the network exists (label_embedding: its label vectors), on the training folds
+    # only: the validation fold's labels stay unseen.
+    kind = loss_kind(cfg.loss.name)
+    embedding = kind.fit(cfg, train_table["labels"], progress)
+    model = build_model(cfg, kind.out_dim(embedding)).to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     pretrained = cfg.model.pretrained is not False
@@ -295,7 +286,7 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
     return FoldParts(
         cfg=cfg, fold=fold, device=device, vocabulary=vocabulary, train_table=train_table, val_table=val_table,
         embedding=embedding,
-        model=model, loss_fn=(embedding.loss() if embedding else build_loss(cfg.loss)).to(device),
+        model=model, loss_fn=build_loss(cfg.loss, embedding).to(device),
         optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16"),
         # EMA warm-up with power 1: decay t / (t + 1), a plain mean of every step so far, until its time
@@ -323,6 +314,7 @@ def prior_metrics(parts: FoldParts) -> dict:
 
     Sparse labels and validation-sized batches: no n x m matrix (350 k x 7 178 would be 20 GB), and the loss is
     averaged over batches as validation averages the model's (a soft-F1 loss depends on the batch)."""
+
     m, tc = parts.cfg.data.num_classes, parts.cfg.train
     rate = np.asarray(label_csr(parts.train_table["labels"], m, np.float32).mean(axis=0)).ravel()
     truth = label_csr(parts.val_table["labels"], m)
@@ -337,54 +329,11 @@ def prior_metrics(parts: FoldParts) -> dict:
         for start in range(0, n, batch):
             target = torch.tensor(truth[start : start + batch].toarray(), dtype=torch.float32, device=parts.device)
             loss_sum += float(parts.loss_fn(row.expand(len(target), -1), target)) * len(target)
-    # Constant scores per class: the tuned threshold predicts either every image (F1 = 2 pos / (pos + n)) or none
-    # (F1 = 0), so the tuned macro-F1 has a closed form.
+    # Constant scores per class: the tuned threshold predicts either every image (tp = positives, n predicted)
+    # or none (F1 = 0), so the tuned macro-F1 has a closed form.
     positives = np.bincount(truth.indices, minlength=m)
-    tuned_f1 = 2 * positives / (positives + n)
+    tuned_f1 = fbeta_from_counts(positives, positives, n, 1.0, 0.0)
     return {"val_loss": loss_sum / n, "macro_f1_tuned": float(tuned_f1.mean())}
-
-
-def nonfinite_tensors(module: nn.Module | None) -> list[str]:
-    """Names of the floating-point parameters and buffers of ``module`` that hold NaN or inf."""
-    if module is None:
-        return []
-    return [name for name, tensor in module.state_dict().items()
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-
-
-# Keys whose change makes a checkpoint's weights or its position in the data order meaningless.
-RESUME_MUST_MATCH = ("data.num_classes", "model.backbone", "model.in_chans", "model.modifier", "loss.name",
-                     "loss.embedding_dim", "train.batch_size", "train.accum_steps", "train.seed", "folds")
-RESUME_IGNORED = ("train.resume", "train.stop_after_steps")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def check_resumable(saved: dict, current: dict, path: Path, saved_world: int = 1, current_world: int = 1) -> None:
-    """Refuse to resume ``path`` under a config that changes the model or the data order, naming the keys;
-    mention other changed keys. The batch compared is the global one (per-process batch x processes), so a
-    run saved by 2 processes x batch 8 resumes in 1 process x batch 16 and the other way round."""
-    saved_flat, current_flat = _flatten(saved), _flatten(current)
-    for flat, world in ((saved_flat, saved_world), (current_flat, current_world)):
-        if "train.batch_size" in flat:
-            flat["train.batch_size"] = flat["train.batch_size"] * world
-    changed = sorted(k for k in saved_flat.keys() | current_flat.keys()
-                     if saved_flat.get(k) != current_flat.get(k) and not k.startswith(RESUME_IGNORED))
-    blocking = [k for k in changed if k.startswith(RESUME_MUST_MATCH)]
-    if blocking:
-        listing = ", ".join(f"{k}: {saved_flat.get(k)!r} -> {current_flat.get(k)!r}" for k in blocking)
-        raise PipelineError(f"cannot resume {path}: it was trained with a different {listing}. Resume with the "
-                            "checkpoint's settings, or start fresh with another run.dir (or train.resume=false).")
-    if changed:
-        print(f"note: resuming {path} with changed setting(s): {', '.join(changed)}")
 
 
 def accumulation_windows(batches: Iterable, accum_steps: int) -> Iterator[list]:
@@ -409,24 +358,10 @@ class Trainer:
         self.saved_step: int | None = None  # optimizer step of the last checkpoint this run wrote or resumed
         self._loaders: dict[str, tuple[object, DataLoader]] = {}  # kept across epochs: see kept_loader
 
-    # -- checkpoints ------------------------------------------------------------------------------
+    # -- checkpoints (what they hold: src.checkpoint) ---------------------------------------------
     def checkpoint(self, rng_ranks: list[dict] | None = None) -> dict:
-        p = self.parts
-        return {
-            "model": p.model.state_dict(),
-            "optimizer": p.optimizer.state_dict(),
-            "scheduler": p.scheduler.state_dict(),
-            "scaler": p.scaler.state_dict(),
-            "ema": p.ema.state_dict() if p.ema else None,
-            "state": asdict(self.state),
-            "sampler_epoch_state": p.sampler.epoch_state,
-            "rng": rng_states(),
-            # Under DDP every rank's RNG (dropout masks), so a resume with the same world size is exact.
-            "rng_ranks": rng_ranks,
-            "world_size": self.dist.world_size,
-            "config": self.cfg.model_dump(),
-            "history": self.history,
-        }
+        """This run's training state as a checkpoint would hold it now."""
+        return capture_checkpoint(self.parts, self.state, self.history, rng_ranks)
 
     def rank_rng_states(self) -> list[dict]:
         """Every rank's RNG states, in rank order (passed as torch.save bytes: tensors do not survive
@@ -437,15 +372,16 @@ class Trainer:
 
     def save(self) -> Path:
         """The full training state to last.pt, only ever from finite weights."""
-        # Every rank checks (their weights are equal), so all stop together; rank 0 alone writes.
-        bad = nonfinite_tensors(self.parts.model) + nonfinite_tensors(self.parts.ema.module if self.parts.ema else None)
-        if bad:
-            raise self.diverged(f"{len(bad)} weight tensor(s) hold NaN/inf (e.g. {bad[0]})")
         path = self.folder.checkpoint(self.fold, "last")
-        # The RNG gather is a collective (every rank joins); only rank 0 builds and writes the state.
+        # The RNG gather is a collective: every rank joins it before any can stop.
         rng_ranks = self.rank_rng_states() if self.dist.world_size > 1 else None
-        if self.dist.main:
-            save_checkpoint(self.checkpoint(rng_ranks), path)
+        try:  # every rank checks the weights (they are equal), so all stop together; rank 0 alone writes
+            if self.dist.main:
+                save_checkpoint(self.parts, self.state, self.history, path, rng_ranks)
+            else:
+                require_finite(self.parts)
+        except NonFiniteWeights as bad:
+            raise self.diverged(str(bad)) from None
         self.saved_step = self.state.step
         return path
 
@@ -461,21 +397,9 @@ class Trainer:
                                 f"train.clip_grad{hint}.")
 
     def resume(self, path: Path) -> None:
-        p, ckpt = self.parts, load_checkpoint(path)
-        check_resumable(ckpt.get("config", {}), self.cfg.model_dump(), path, ckpt.get("world_size", 1),
-                        self.dist.world_size)
-        p.model.load_state_dict(ckpt["model"])
-        p.optimizer.load_state_dict(ckpt["optimizer"])
-        p.scheduler.load_state_dict(ckpt["scheduler"])
-        p.scaler.load_state_dict(ckpt["scaler"])
-        if p.ema and ckpt["ema"] is not None:
-            p.ema.load_state_dict(ckpt["ema"])
-        self.state = TrainState(**ckpt["state"])
-        p.sampler.epoch_state = ckpt["sampler_epoch_state"]
-        self.history = list(ckpt["history"])
-        per_rank = ckpt.get("rng_ranks")
-        same_world = per_rank is not None and len(per_rank) == self.dist.world_size
-        restore_rng_states(per_rank[self.dist.rank] if same_world else ckpt["rng"])
+        """Continue from the checkpoint at ``path``: parts, RNGs, loop state and history."""
+        state, self.history = restore_checkpoint(self.parts, load_checkpoint(path), path)
+        self.state = TrainState(**state)
         self.saved_step = self.state.step
 
     # -- one epoch --------------------------------------------------------------------------------
@@ -497,11 +421,12 @@ class Trainer:
             self._loaders[name] = kept = (sources, make())
         return kept[1]
 
-    def train_epoch(self, batches: Iterable, tracker: Tracker | None = None) -> bool:
+    def train_epoch(self, batches: Iterable, tracker: Tracker | None = None, hooks: LoopHooks | None = None) -> bool:
         """Train on ``batches`` (the rest of ``state.epoch``: :meth:`epoch_batches`, or any sized iterable of
         uint8 image and target batches, with their sample seeds third under ``train.augment.where=device``);
-        returns False when ``train.stop_after_steps`` stopped it."""
-        p, tc, state = self.parts, self.cfg.train, self.state
+        returns False when ``train.stop_after_steps`` (which writes last.pt) or ``hooks.on_step`` (which writes
+        nothing) stopped it."""
+        p, tc, state, hooks = self.parts, self.cfg.train, self.state, hooks or NO_HOOKS
         p.model.train()
         p.optimizer.zero_grad(set_to_none=True)
         n_batches = state.batches_done + len(batches)
@@ -550,9 +475,13 @@ class Trainer:
             lr = p.optimizer.param_groups[-1]["lr"]
             speed = window_images / elapsed if elapsed > 0 else float("nan")
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
+            metrics = {"train/loss": loss_value, "train/lr": lr, "train/images_per_s": speed,
+                       "train/epoch": state.epoch + state.batches_done / n_batches}
             if tracker:
-                tracker.log({"train/loss": loss_value, "train/lr": lr, "train/images_per_s": speed,
-                             "train/epoch": state.epoch + state.batches_done / n_batches}, step=state.step)
+                tracker.log(metrics, step=state.step)
+            if hooks.on_step(state.step, metrics):
+                bar.close()
+                return False
             window_start = time.perf_counter()
             if tc.stop_after_steps is not None and state.step >= tc.stop_after_steps:
                 bar.close()
@@ -586,7 +515,7 @@ class Trainer:
             Subset(p.val_set, shard), tc.batch_size * 2, tc.num_workers, tc.seed, p.device, persistent=True))
         shard_probs, shard_loss = infer(model, loader, p.device, precision=tc.precision,
                                         channels_last=self.cfg.model.channels_last,
-                                        to_scores=output_scorer(self.cfg, p.embedding), loss_fn=p.loss_fn,
+                                        to_scores=output_scorer(self.cfg.loss, p.embedding), loss_fn=p.loss_fn,
                                         desc="validating", progress=self.progress)
         gathered = dist.all_gather((shard_probs, (shard_loss or 0.0) * len(shard)))
         probs = np.empty((len(p.val_set), shard_probs.shape[1]), dtype=shard_probs.dtype)
@@ -673,8 +602,10 @@ class Trainer:
                   "train.ema_horizon and the data.", file=sys.stderr)
         return row
 
-    def fit(self) -> dict:
-        tc, p, folder = self.cfg.train, self.parts, self.folder
+    def fit(self, hooks: LoopHooks | None = None) -> dict:
+        """Train the remaining epochs (resuming last.pt under ``train.resume``), validating and checkpointing
+        each; ``hooks`` hear every optimizer step and epoch and may stop the run. Returns the fold's metrics."""
+        tc, p, folder, hooks = self.cfg.train, self.parts, self.folder, hooks or NO_HOOKS
         fold_dir = folder.fold(self.fold)
         fold_dir.mkdir(parents=True, exist_ok=True)
         last = folder.checkpoint(self.fold, "last")
@@ -693,7 +624,7 @@ class Trainer:
         # W&B from rank 0 only; the other ranks log nowhere.
         tracked = self.cfg if self.dist.main else override(self.cfg, **{"wandb.mode": "disabled"})
         tracker = Tracker(tracked, fold_dir, name=f"{run_name}-fold{self.fold}", group=run_name)
-        stopped = False
+        stopped, why = False, None
         try:
             if p.embedding and self.dist.main:
                 p.embedding.save(folder.embedding(self.fold))
@@ -704,20 +635,28 @@ class Trainer:
                     "label_embedding/map": plot_label_map(E, fold_dir / "label_map.png", support=support)})
             while self.state.epoch < tc.epochs:
                 start = time.perf_counter()
-                if not self.train_epoch(self.epoch_batches(), tracker):
+                if not self.train_epoch(self.epoch_batches(), tracker, hooks):
                     stopped = True
+                    if self.saved_step != self.state.step:  # on_step stopped it: last.pt resumes from here
+                        self.save()
+                        why = f"stopped by a loop hook at step {self.state.step}"
                     break
-                self.end_epoch(time.perf_counter() - start, tracker)
+                row = self.end_epoch(time.perf_counter() - start, tracker)
+                if hooks.on_epoch(self.state.epoch, row):
+                    why = f"pruned at epoch {self.state.epoch}"
+                    break
             result = {"fold": self.fold, "stopped_early": stopped, "steps": self.state.step,
                       "best_epoch": self.state.best_epoch, "best_score": self.state.best_score,
                       "monitor": tc.monitor, "run_dir": str(fold_dir)}
+            if why:
+                result["stopped"] = why
             if self.history:
                 best = self.history[self.state.best_epoch - 1] if self.state.best_epoch > 0 else self.history[-1]
                 result |= {k: self.history[-1][k] for k in ("val_loss", "macro_f1", "macro_f1_tuned", "beats_prior")}
                 result |= {"best_weights": best.get("weights", "raw"), "prior_val_loss": self.prior["val_loss"],
                            "prior_macro_f1_tuned": self.prior["macro_f1_tuned"],
                            "not_learning": self.check_learning(self.history[-1]) or ""}
-            tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
+            tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float)) or k == "stopped"})
             result["wandb_run"] = tracker.run_path
         finally:
             tracker.finish()
@@ -730,9 +669,10 @@ def print_summary(history: list[dict], result: dict) -> None:
     """One screen: the epoch table and where everything was written."""
     if history:
         print(pd.DataFrame(history).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    stopped = result.get("stopped") or ("stopped early" if result["stopped_early"] else "")
     print(f"fold {result['fold']}: {result['steps']} optimizer steps; best epoch {result['best_epoch']} "
           f"({result['monitor']} {result['best_score']:.4f}, {result.get('best_weights', 'raw')} weights)"
-          + ("; stopped early" if result["stopped_early"] else ""))
+          + (f"; {stopped}" if stopped else ""))
     if "beats_prior" in result and not result["beats_prior"]:
         print(f"warning: the last epoch was no better than the prior predictor ({result['not_learning']}): see the "
               "warnings above")
@@ -742,16 +682,17 @@ def print_summary(history: list[dict], result: dict) -> None:
         print(f"W&B offline run: {result['wandb_run']}  (upload with `wandb sync {result['wandb_run']}`)")
 
 
-def train(cfg: Config, fold: int, progress: bool = True) -> dict:
-    """Train fold ``fold`` and return its metrics (best epoch and score, last validation metrics)."""
+def train(cfg: Config, fold: int, progress: bool = True, hooks: LoopHooks | None = None) -> dict:
+    """Train fold ``fold`` and return its metrics (best epoch and score, last validation metrics); ``hooks``
+    (:class:`LoopHooks`) hear every optimizer step and epoch and may stop the run."""
     dist = init_distributed(cfg.train.device)
     folder = RunFolder(cfg.run.dir)
     try:
         if not dist.main:  # rank 0 checks the folder and holds its lock for the whole run
-            return Trainer(build_parts(cfg, fold, False, dist), False).fit()
+            return Trainer(build_parts(cfg, fold, False, dist), False).fit(hooks)
         ensure_writable(folder.fold(fold), "training outputs")  # before loading data and building the model
         with folder.lock(fold):
-            return Trainer(build_parts(cfg, fold, progress, dist), progress).fit()
+            return Trainer(build_parts(cfg, fold, progress, dist), progress).fit(hooks)
     finally:
         if dist.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 
 from src.config import Config
-from src.data import load_train_table
+from src.formats import load_train_table
 
 
 def write_folds(cfg: Config, n_train: int) -> tuple[list[str], list[str]]:

@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader, default_collate, get_worker_info
 
 from src.augment import build_cpu_policy
 from src.config import AugmentConfig
-from src.data import EpochSampler, RGBYDataset, load_train_table, worker_init
+from src.dataset import EpochSampler, RGBYDataset, worker_init
 from src.folds import make_folds
+from src.formats import load_train_table
 from src.train import Trainer, build_parts
 from tests.conftest import tiny_config
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 import yaml
 
-from src.config import Config, ConfigError, load_config, save_config
+from src.config import Config, ConfigError, load_config
+from src.files import save_config
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -155,8 +156,8 @@ def test_save_config_round_trips(path, tmp_path):
 
 def test_cli_reports_unknown_key_in_one_line_without_traceback():
     result = subprocess.run(
-        # src.config parses like every stage (cli_parser, config_from_args, run_cli) without importing torch.
-        [sys.executable, "-m", "src.config", "--config", "configs/demo.yaml", "train.lrr=1"],
+        # src.cli parses like every stage (cli_parser, config_from_args, run_cli) without importing torch.
+        [sys.executable, "-m", "src.cli", "--config", "configs/demo.yaml", "train.lrr=1"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2, result.stderr

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.data import CHANNELS, read_rgby
 from src.demo import class_glyphs, make_demo_dataset, make_many_label_dataset, render_image
+from src.images import CHANNELS, read_rgby
 from src.metrics import macro_f1
 
 NUM_CLASSES = 28

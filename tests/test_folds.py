@@ -14,7 +14,7 @@ import pytest
 from scipy import sparse
 
 from src.config import PipelineError
-from src.data import CHANNELS, DataError, label_csr, label_matrix, load_train_table
+from src.data import DataError, label_csr, label_matrix
 from src.demo import make_demo_dataset
 from src.folds import (
     AUTO_ITERSTRAT_MAX_CELLS,
@@ -26,6 +26,8 @@ from src.folds import (
     resolve_method,
     stratify_sparse,
 )
+from src.formats import load_train_table
+from src.images import CHANNELS
 from tests.conftest import TINY_CLASSES, tiny_config
 
 NUM_CLASSES = 28

@@ -12,18 +12,11 @@ import pytest
 from PIL import Image
 
 from src.config import PipelineError, load_config
-from src.data import (
-    DataError,
-    Vocabulary,
-    decode_file,
-    label_csr,
-    load_test_table,
-    load_training_data,
-    read_image,
-    read_train_labels,
-)
+from src.data import DataError, Vocabulary, label_csr
 from src.demo import make_many_label_dataset
 from src.folds import make_folds
+from src.formats import load_test_table, load_training_data, read_train_labels
+from src.images import decode_file, read_image
 from src.run_folder import CSV_MAX_CLASSES, RunFolder, copy_scores, read_scores, write_scores
 from src.train import train
 from src.validate import validate
@@ -288,7 +281,7 @@ def test_validate_refuses_a_16_bit_rgb_png(tmp_path):
 
 
 def test_a_cache_packed_for_other_channels_is_refused(many_label_demo, tmp_path):
-    from src.data import RGBYDataset
+    from src.dataset import RGBYDataset
     from src.pack import open_packed, pack
 
     cfg = openimages_config(many_label_demo["openimages"], tmp_path)

@@ -19,13 +19,16 @@ from hypothesis import strategies as st
 
 import src.predict
 import src.train
-from src.config import PipelineError, Staging, load_config, override, run_cli, user_message
-from src.data import id_problem, parse_target
+from src.checkpoint import check_resumable
+from src.cli import run_cli, user_message
+from src.config import PipelineError, load_config, override
+from src.files import Staging
 from src.folds import load_folds, make_folds
+from src.formats import id_problem, parse_target
 from src.model import build_model
 from src.predict import predict
 from src.run_folder import RunFolder
-from src.train import TrainingDiverged, check_resumable, print_summary, train
+from src.train import TrainingDiverged, print_summary, train
 from tests.conftest import REPO_ROOT, TINY_CLASSES, tiny_config
 from tests.helpers import write_folds
 
@@ -167,7 +170,7 @@ def test_a_zero_byte_folds_file_is_a_clear_error(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path)
     Path(cfg.folds.path).write_text("")
     with pytest.raises(PipelineError, match="empty or not a csv"):
-        from src.data import load_train_table
+        from src.formats import load_train_table
 
         load_folds(cfg, load_train_table(cfg.data))
 

@@ -15,9 +15,13 @@ from sklearn.metrics import f1_score, fbeta_score
 
 import src.metrics
 from src.config import MetricConfig
+from src.label_embedding import decode, decode_top_k, top_k
 from src.metrics import (
     best_thresholds,
     bound_labels,
+    count_labels,
+    f1_curves,
+    fbeta_from_counts,
     grid_bins,
     metric_curve,
     metric_score,
@@ -170,3 +174,60 @@ def test_grid_bins_equal_searchsorted_at_and_around_every_threshold():
         np.testing.assert_array_equal(grid_bins(grid, v), np.searchsorted(grid, v, side="right"))
     uneven = np.array([0.1, 0.2, 0.5, 0.9])
     np.testing.assert_array_equal(grid_bins(uneven, values), np.searchsorted(uneven, values, side="right"))
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 7, 12, 15])
+def test_one_top_k_breaks_ties_at_the_kth_place_like_a_stable_sort(k):
+    # Integer scores in 0..4 over 12 labels: most rows have ties straddling the k-th place, where a partition
+    # picks an arbitrary subset of the tied labels. The rule: lower class index first, as a stable sort.
+    scores = np.random.default_rng(k).integers(0, 5, (2000, 12))
+    reference = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(ranked_top(scores, k), reference)
+    np.testing.assert_array_equal(top_labels(scores, k).sum(axis=1), min(k, 12))
+    indices, values = top_k(scores, k, chunk_rows=333)  # label_embedding's top-k is the same ranking
+    np.testing.assert_array_equal(indices, reference)
+    np.testing.assert_array_equal(values, np.take_along_axis(scores, reference, axis=1))
+
+
+def test_decode_top_k_ranks_labels_never_seen_in_training_by_index():
+    # Unseen labels (zero embedding rows) all decode to 0: with k above the seen labels they tie at the k-th
+    # place, and the lower index goes first.
+    rng = np.random.default_rng(4)
+    E = rng.standard_normal((20, 6)).astype(np.float32)
+    E[[2, 5, 9, 11, 13, 17, 19]] = 0
+    outputs = rng.standard_normal((300, 6)).astype(np.float32)
+    indices, values = decode_top_k(outputs, E, 16, chunk_rows=64)
+    reference = np.argsort(-decode(outputs, E), axis=1, kind="stable")[:, :16]
+    np.testing.assert_array_equal(indices, reference)
+    assert (values[:, 13:] == 0).all() and (indices[:, 13:] == [2, 5, 9]).all()
+
+
+def test_f1_curves_are_the_per_class_counts_of_the_macro_metric_curve():
+    rng = np.random.default_rng(5)
+    truth = rng.random((80, 7)) < 0.3
+    truth[:, 6] = False  # no positives: F1 0 (or zero_division where nothing is predicted either)
+    scores = np.round(rng.random((80, 7)), 2)
+    grid = np.linspace(0, 1, 101)
+    curves = f1_curves(truth, scores, grid)
+    np.testing.assert_array_equal(curves.mean(axis=1), metric_curve(MetricConfig(name="macro_f1"), truth, scores, grid))
+    np.testing.assert_array_equal(f1_curves(sparse.csr_matrix(truth), scores, grid), curves)
+    for i in (0, 37, 100):
+        expected = f1_score(truth, scores >= grid[i], average=None, zero_division=0)
+        np.testing.assert_allclose(curves[i], expected, atol=1e-12)
+
+
+def test_fbeta_from_counts_is_sklearns_formula_and_broadcasts():
+    tp, true, predicted = np.array([0, 1, 2, 0]), np.array([0, 2, 2, 3]), np.array([0, 1, 4, 0])
+    np.testing.assert_allclose(fbeta_from_counts(tp, true, predicted, 1.0, 0.5), [0.5, 2 / 3, 2 / 3, 0.0])
+    np.testing.assert_allclose(fbeta_from_counts(tp, true, predicted, 2.0, 0.0), [0.0, 5 / 9, 10 / 12, 0.0])
+    np.testing.assert_allclose(fbeta_from_counts(np.array([1, 2]), np.array([[2], [4]]), 3, 1.0, 0.0),
+                               [[0.4, 0.8], [2 / 7, 4 / 7]])
+
+
+def test_count_labels_reads_a_messy_sparse_matrix_once_canonical():
+    dense = np.array([[1, 0, 1], [0, 0, 0], [0, 1, 0]], bool)
+    messy = sparse.csr_matrix((np.array([1, 1, 1, 0, 1]), np.array([0, 0, 2, 1, 1]), np.array([0, 3, 4, 5])),
+                              shape=(3, 3))
+    for axis in (0, 1, None):
+        np.testing.assert_array_equal(count_labels(messy, axis), count_labels(dense, axis))
+        np.testing.assert_array_equal(count_labels(dense.astype(np.uint8), axis), np.count_nonzero(dense, axis))

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from src.config import PipelineError, override
-from src.data import CHANNELS, load_train_table, read_rgby, train_sources
+from src.data import train_sources
 from src.folds import make_folds
+from src.formats import load_train_table
+from src.images import CHANNELS, read_rgby
 from src.pack import array_path, manifest_path, open_packed, pack, pack_source
 from src.train import Trainer, build_parts, train
 from tests.conftest import tiny_config

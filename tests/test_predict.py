@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from src.config import PipelineError, override
-from src.data import Vocabulary, load_test_table, load_train_table
+from src.data import Vocabulary
 from src.folds import make_folds
+from src.formats import load_test_table, load_train_table
 from src.model import d4_view
 from src.predict import degenerate_reasons, predict, predict_run, validate_submission
 from src.train import train
@@ -55,6 +56,11 @@ def test_predict_writes_valid_submission_and_report(trained):
             (f"{run}/report/{png}", b"\x89PNG\r\n\x1a\n")
     assert "oof_f1" in open(f"{run}/report/report.md").read()
     assert str(path) == trained.submission.path
+    # predict.threshold=auto (the default): the best cross-fold estimate is applied, and the report says so.
+    chosen = strategies.loc[strategies["chosen"] == "<-"].iloc[0]
+    assert chosen["oof_macro_f1_cross_fold"] == strategies["oof_macro_f1_cross_fold"].max()
+    assert (f"Applied to test: **{chosen['strategy']}**: auto: best cross-fold OOF estimate "
+            in open(f"{run}/report/report.md").read())
 
 
 @pytest.mark.slow
@@ -64,6 +70,8 @@ def test_each_strategy_gives_a_valid_submission(trained, strategy, tmp_path):
                                "predict.tta": ["identity"]})
     predict(cfg, progress=False)
     assert len(read_submission(cfg)) == 12
+    strategies = pd.read_csv(f"{cfg.run.dir}/report/strategies.csv", keep_default_na=False)
+    assert strategies.loc[strategies["chosen"] == "<-", "strategy"].tolist() == [strategy]  # named: applied as is
 
 
 @pytest.mark.slow

@@ -123,10 +123,10 @@ def test_resume_from_an_end_of_epoch_checkpoint(tiny_data, tmp_path, reference_r
     trainer = Trainer(build_parts(cfg, 0, progress=False), progress=False)
     train_epoch = trainer.train_epoch
 
-    def interrupted_in_epoch_two(batches, tracker=None):
+    def interrupted_in_epoch_two(batches, tracker=None, hooks=None):
         if trainer.state.epoch == 1:
             raise KeyboardInterrupt
-        return train_epoch(batches, tracker)
+        return train_epoch(batches, tracker, hooks)
 
     trainer.train_epoch = interrupted_in_epoch_two
     with pytest.raises(KeyboardInterrupt):

@@ -11,7 +11,15 @@ from sklearn.metrics import f1_score
 from benchmarks.bench_thresholds import synthetic_oof
 from src.config import ConfigError, MetricConfig, PredictConfig, build_config
 from src.metrics import best_thresholds, decide, f1_curves, f1_per_class, fbeta_samples
-from src.thresholds import GLOBAL_GRID, STRATEGIES, ThresholdInputs, compare_strategies, decision_for
+from src.thresholds import (
+    GLOBAL_GRID,
+    SIMPLICITY,
+    STRATEGIES,
+    ThresholdInputs,
+    choose_strategy,
+    compare_strategies,
+    decision_for,
+)
 
 
 def thresholds_for(name, inputs, cfg, metric=None):
@@ -235,3 +243,39 @@ def test_per_class_strategy_tunes_f2_thresholds_where_a_class_has_enough_positiv
     assert result[5] == thresholds_for("global_oof", inputs, cfg, metric)[0]
     # F2 favours recall: its thresholds sit at or below the F1 ones.
     assert (tuned_f2 <= best_thresholds(truth[:, :5], scores[:, :5])[0]).all()
+
+
+def test_auto_is_the_default_and_applies_the_best_cross_fold_estimate_not_the_best_in_sample():
+    assert build_config({}).predict.threshold == "auto"
+    truth, scores = synthetic_oof(3000, 28, seed=3)  # the hpa_like set above: oof_f1 wins in-sample only
+    folds = np.random.default_rng(1).integers(0, 5, 3000)
+    results = compare_strategies(truth, scores, folds, truth.mean(axis=0), PredictConfig())
+    chosen, why = choose_strategy("auto", results)
+    cross_fold = {name: r["cross_fold"] for name, r in results.items()}
+    assert chosen == max(cross_fold, key=cross_fold.get) == "rate"
+    assert max(results, key=lambda name: results[name]["in_sample"]) == "oof_f1"
+    assert why.startswith(f"auto: best cross-fold OOF estimate {cross_fold['rate']:.3f} vs ")
+    assert f"{cross_fold['oof_f1']:.3f} (oof_f1)" in why and "tied" not in why
+
+
+def fake_results(**cross_fold):
+    """compare_strategies' results as choose_strategy reads them: a cross-fold estimate per strategy."""
+    return {name: {"cross_fold": cross_fold.get(name, 0.5)} for name in STRATEGIES}
+
+
+def test_auto_gives_a_tie_to_the_simpler_strategy():
+    assert sorted(SIMPLICITY) == sorted(STRATEGIES)  # every strategy has a place in the order
+    chosen, why = choose_strategy("auto", fake_results(oof_f1=0.7, global_oof=0.7, rate=0.69))
+    assert chosen == "global_oof" and "tied with oof_f1" in why and "0.690 (rate)" in why
+    assert choose_strategy("auto", fake_results(top_k=0.8, rate=0.8))[0] == "top_k"
+    # Equal up to the last bits (the same decisions, summed in another order) is still a tie.
+    assert choose_strategy("auto", fake_results(oof_f1=0.7, global_bounded=0.7 - 1e-15))[0] == "global_bounded"
+    assert choose_strategy("auto", fake_results(oof_f1=0.7, global_bounded=0.7 - 1e-9))[0] == "oof_f1"
+    # A ranking metric scores every strategy alike: the simplest is applied.
+    assert choose_strategy("auto", {name: {"cross_fold": 0.4} for name in STRATEGIES})[0] == "fixed"
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_a_named_strategy_is_applied_whatever_the_comparison_says(name):
+    results = fake_results(**{other: 0.9 for other in STRATEGIES if other != name})
+    assert choose_strategy(name, results) == (name, f"configured (predict.threshold={name})")

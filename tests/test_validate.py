@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.data import read_train_labels
+from src.formats import read_train_labels
 from src.validate import validate
 from tests.conftest import REPO_ROOT, TINY_CLASSES, tiny_config
 

@@ -1,0 +1,446 @@
+"""The inference bundle: what a Kaggle notebook needs to predict offline, laid out as a Kaggle dataset.
+
+    python -m src.bundle [--config FILE] [key=value ...] [--out DIR] [--fp16] [--wheels]
+
+Built from a run that ``python -m src.predict`` has predicted (its ``decision.json``), so the notebook makes the
+same submission predict made, from the weights alone::
+
+    dataset-metadata.json        title, id (kaggle.dataset) and licenses: `kaggle datasets create -p DIR -r zip`
+    manifest.json                what is inside: experiments and folds, weights dtype, TTA, the decision, wheels
+    config.yaml                  the resolved config predict ran with (infer.py replaces data.dir with --data)
+    labels.csv                   the label vocabulary (index, code, name)
+    decision.json                the decision predict fitted on OOF, as applied: strategy, thresholds or k, label
+                                 bounds (rate: the label rates, fitted again on the notebook's test scores)
+    experiments/<i>-<run>/       each experiment of the ensemble as a run folder holding weights only:
+      config.yaml                its resolved training config
+      fold<N>/weights.pt         the weights validation chose (EMA or raw; src.checkpoint.model_weights), no
+                                 optimizer state; float16 with --fp16 (loaded back into float32 parameters)
+      fold<N>/label_embedding.npz   label-embedding runs: the fold's label vectors
+    src/                         a copy of this pipeline's src package (infer.py imports this copy)
+    infer.py                     python infer.py --data /kaggle/input/<competition> [--out submission.csv]
+    inference.ipynb              a notebook that finds the bundle and the data under /kaggle/input, installs the
+                                 wheels and runs infer.py (progress bars shown)
+    wheels/                      --wheels: the pinned packages a Kaggle image lacks (``WHEELS``), pip download
+                                 --no-deps; torch and torchvision are not among them (``NOT_SHIPPED``)
+
+The bundle is written as one folder (staged, then renamed into place). :func:`predict_from_bundle` is what
+infer.py runs: every fold's network under the configured TTA views, folds averaged, experiments weighted, the
+recorded decision applied, the submission validated, as ``src.predict`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from src.checkpoint import load_checkpoint, model_weights
+from src.cli import cli_parser, config_from_args, run_cli
+from src.config import Config, PipelineError, load_config, override
+from src.data import Vocabulary, with_vocabulary
+from src.dataset import RGBYDataset, make_loader
+from src.decision_record import (
+    DECISION_FILE,
+    apply_record,
+    config_differences,
+    decision_path,
+    read_record,
+    record_decision,
+)
+from src.files import Staging, ensure_writable, save_config, write_atomic
+from src.formats import label_separator, load_test_table, submission_columns
+from src.model import build_model, check_views, infer, resolve_device
+from src.predict import make_submission, require_finite, run_vocabulary
+from src.run_folder import RunFolder
+
+BUNDLE_KIND = "multilabel-pipeline inference bundle"
+BUNDLES_DIR = "bundles"
+MANIFEST_FILE = "manifest.json"
+METADATA_FILE = "dataset-metadata.json"
+CONFIG_FILE = "config.yaml"
+VOCABULARY_FILE = "labels.csv"
+EXPERIMENTS_DIR = "experiments"
+WEIGHTS_FILE = "weights.pt"
+INFER_FILE = "infer.py"
+NOTEBOOK_FILE = "inference.ipynb"
+WHEELS_DIR = "wheels"
+PLACEHOLDER_OWNER = "your-kaggle-username"
+LICENSE = "other"  # weights trained on competition data: the competition's rules, not an open licence
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Pinned packages (requirements.txt) that a Kaggle image lacks at these versions, shipped by --wheels, and why.
+# All pure Python (py3-none-any), so one wheel fits any Kaggle image.
+WHEELS = {
+    "timm": "the backbones: a state dict only loads into the module names and shapes of the version trained with",
+    "albumentations": "src.dataset imports it (Kaggle images carry another version)",
+    "albucore": "albumentations' uint8 kernels at the version albumentations pins; src.augment calls it",
+    "iterative-stratification": "not in Kaggle images; src.folds imports it, so the whole src copy imports",
+}
+NOT_SHIPPED = ("torch and torchvision: every Kaggle image ships them, built for its own CUDA and driver; a PyPI "
+               "CUDA wheel of torch is about 1 GB more to upload and might not match the image")
+
+
+# -- building ----------------------------------------------------------------------------------------------
+def pinned_versions(requirements: Path = REPO_ROOT / "requirements.txt") -> dict[str, str]:
+    """``{package: version}`` of the ``name==version`` pins (names lower-case)."""
+    pins = {}
+    for line in requirements.read_text().splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def download_wheels(dest: Path, pip: Sequence[str] | None = None) -> dict[str, str]:
+    """``pip download --no-deps`` the ``WHEELS`` at their pinned versions into ``dest``; returns what it got."""
+    pins = pinned_versions()
+    missing = [name for name in WHEELS if name not in pins]
+    if missing:
+        raise PipelineError(f"requirements.txt pins no version of {missing}: the bundle ships pinned wheels only")
+    specs = [f"{name}=={pins[name]}" for name in WHEELS]
+    dest.mkdir(parents=True, exist_ok=True)
+    command = [*(pip or [sys.executable, "-m", "pip"]), "download", "--no-deps", "--only-binary=:all:",
+               "--dest", str(dest), *specs]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PipelineError(f"pip download of {specs} failed ({exc}); nothing written: build without --wheels, or "
+                            "where the package index can be reached") from None
+    if result.returncode != 0:
+        last = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+        raise PipelineError(f"pip download of {specs} failed ({last[-1].strip() if last else result.returncode}); "
+                            "nothing written: build without --wheels, or where the package index can be reached")
+    found = {path.name for path in dest.glob("*.whl")}
+    lacking = [name for name in WHEELS if not any(f.lower().startswith(name.replace("-", "_") + "-") for f in found)]
+    if lacking:
+        raise PipelineError(f"pip download gave no wheel of {lacking} (found {sorted(found)}); nothing written")
+    return {name: pins[name] for name in WHEELS}
+
+
+def dataset_slug(name: str) -> str:
+    """A Kaggle dataset slug (lower-case letters, digits and dashes, 5 to 50 characters) from a run's name."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return f"{slug or 'run'}-bundle"[-50:].strip("-")
+
+
+def notebook(competition: str, sample_submission: str, bundle_id: str, wheels: dict[str, str]) -> dict:
+    """``inference.ipynb`` (nbformat 4): find this bundle and the competition data under /kaggle/input, install
+    the bundle's wheels (offline), run infer.py in the kernel (its progress bars show), show the submission."""
+
+    def cell(kind: str, number: int, source: str) -> dict:
+        body = {"cell_type": kind, "id": f"cell-{number}", "metadata": {}, "source": source.strip("\n")}
+        return body | ({"execution_count": None, "outputs": []} if kind == "code" else {})
+
+    find = f'''
+import json
+from pathlib import Path
+
+INPUT = Path("/kaggle/input")
+COMPETITION = {competition!r}
+BUNDLE_ID = {bundle_id!r}
+
+
+def find_bundle() -> Path:
+    """The attached dataset holding this bundle (its manifest.json), wherever Kaggle mounts it."""
+    for pattern in ("*/manifest.json", "*/*/manifest.json", "*/*/*/manifest.json"):
+        for manifest in sorted(INPUT.glob(pattern)):
+            try:
+                if json.loads(manifest.read_text()).get("bundle_id") == BUNDLE_ID:
+                    return manifest.parent
+            except (OSError, ValueError):
+                continue
+    raise FileNotFoundError(f"no bundle {{BUNDLE_ID}} under {{INPUT}}: add the bundle's dataset as an input")
+
+
+def find_data() -> Path:
+    """The competition's data: /kaggle/input/<competition>, or wherever its {sample_submission} is."""
+    for folder in (INPUT / COMPETITION, INPUT / "competitions" / COMPETITION):
+        if (folder / {sample_submission!r}).is_file():
+            return folder
+    for pattern in ("*/{sample_submission}", "*/*/{sample_submission}"):
+        for found in sorted(INPUT.glob(pattern)):
+            return found.parent
+    raise FileNotFoundError(f"no {{COMPETITION}} data under {{INPUT}}: add the competition as an input")
+
+
+BUNDLE, DATA = find_bundle(), find_data()
+print("bundle:", BUNDLE)
+print("data:", DATA)
+'''
+    install = f'''
+import subprocess
+import sys
+
+# Offline: the pinned packages a Kaggle image lacks, from the bundle's wheels (torch comes with the image).
+WHEELS = {[f"{name}=={version}" for name, version in wheels.items()]!r}
+subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                "--find-links", str(BUNDLE / "wheels"), *WHEELS], check=True)
+'''
+    run = '''
+import runpy
+import sys
+
+# infer.py imports the bundle's own copy of the pipeline (src/ beside it) and writes submission.csv here.
+sys.argv = ["infer.py", "--data", str(DATA), "--out", "submission.csv"]
+runpy.run_path(str(BUNDLE / "infer.py"), run_name="__main__")
+'''
+    show = '''
+import pandas as pd
+
+submission = pd.read_csv("submission.csv", dtype=str, keep_default_na=False)
+print(len(submission), "rows")
+submission.head()
+'''
+    intro = ("# Inference from the bundle\n\nAdd two inputs to this notebook: the bundle's dataset and the "
+             f"`{competition}` competition data. Internet can stay off: the cells below find both under "
+             "`/kaggle/input`, install the bundle's wheels, and run `infer.py`, which writes `submission.csv` "
+             "(folds and TTA as configured; the decision was fitted on out-of-fold predictions when the bundle "
+             "was made).")
+    sources = [("markdown", intro), ("code", find)] + ([("code", install)] if wheels else []) + [
+        ("code", run), ("code", show)]
+    return {"cells": [cell(kind, i, source) for i, (kind, source) in enumerate(sources)],
+            "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                         "language_info": {"name": "python"}},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+INFER_PY = '''"""Predict with this inference bundle (written by `python -m src.bundle`): no network, no run folder and
+no OOF files needed.
+
+    python infer.py --data /kaggle/input/<competition> [--out submission.csv] [--device auto|cpu|cuda]
+                    [--precision fp32|bf16|fp16] [--workers N] [--batch-size N] [--quiet]
+
+It imports the bundle's own copy of the pipeline (src/ beside this file), never another one.
+"""
+
+import sys
+from pathlib import Path
+
+BUNDLE = Path(__file__).resolve().parent
+sys.path.insert(0, str(BUNDLE))  # the bundle's src package first: the one place a path is added
+
+import src  # noqa: E402
+
+if Path(src.__file__).resolve().parent != BUNDLE / "src":
+    sys.exit(f"error: src was already imported from {Path(src.__file__).parent}, not from this bundle "
+             f"({BUNDLE / 'src'}): run infer.py in a fresh process (or restart the kernel)")
+
+from src.bundle import infer_main  # noqa: E402
+
+if __name__ == "__main__":
+    infer_main(BUNDLE)
+'''
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def bundle(cfg: Config, out: str | Path | None = None, fp16: bool = False, wheels: bool = False,
+           pip: Sequence[str] | None = None, progress: bool = True) -> Path:
+    """Write the inference bundle of ``cfg``'s prediction to ``out`` (default ``bundles/<run folder name>``);
+    returns its folder. ``pip``: the pip command for ``--wheels`` (default: this Python's)."""
+    record = read_record(cfg.run.dir)
+    vocabulary = run_vocabulary(cfg)
+    differences = config_differences(record["config"], with_vocabulary(cfg, vocabulary).model_dump(mode="json"))
+    if differences:
+        raise PipelineError(f"the last prediction of {cfg.run.dir} was made under another config than this one "
+                            f"({'; '.join(differences[:4])}): bundle with the config that predicted, or run "
+                            "`python -m src.predict` with this one first")
+    predicted_at = decision_path(cfg.run.dir).stat().st_mtime_ns
+    run_name = Path(cfg.run.dir).resolve().name
+    out = Path(out) if out is not None else Path(BUNDLES_DIR) / run_name
+    ensure_writable(out.parent, "the bundle")
+
+    experiments = []  # (bundle subfolder, run folder, run config, [(fold, checkpoint)], weight)
+    for i, run in enumerate(record["runs"]):
+        folder = RunFolder(run["dir"])
+        folds = []
+        for fold in run["folds"]:
+            path = folder.checkpoint(fold, record.get("checkpoint", "best"))
+            if not path.is_file():
+                raise PipelineError(f"{path} not found: the prediction used it; restore it or run predict again")
+            if path.stat().st_mtime_ns > predicted_at:
+                raise PipelineError(f"{path} was written after the prediction ({decision_path(cfg.run.dir)}): run "
+                                    "`python -m src.predict` again so the decision fits the weights shipped")
+            folds.append((fold, path))
+        name = f"{i}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', folder.root.resolve().name)}"
+        experiments.append((f"{EXPERIMENTS_DIR}/{name}", folder, folder.load_config(), folds, run["weight"]))
+
+    config = record["config"]
+    bundle_id = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    dataset_id = cfg.kaggle.dataset or f"{PLACEHOLDER_OWNER}/{dataset_slug(run_name)}"
+    decision = record_decision(record)
+    manifest = {
+        "kind": BUNDLE_KIND, "bundle_id": bundle_id,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "competition": cfg.kaggle.competition, "data_format": config["data"]["format"],
+        "labels": len(vocabulary), "weights_dtype": "float16" if fp16 else "float32",
+        "experiments": [{"path": path, "run_dir": str(folder.root), "weight": weight, "folds": [f for f, _ in folds],
+                         "backbone": run_cfg.model.backbone, "image_size": run_cfg.data.image_size,
+                         "in_chans": run_cfg.model.in_chans, "loss": run_cfg.loss.name}
+                        for path, folder, run_cfg, folds, weight in experiments],
+        "tta": config["predict"]["tta"], "tta_reduce": config["predict"]["tta_reduce"],
+        "precision": config["train"]["precision"],
+        "decision": {"strategy": record["strategy"], "decision": decision.describe(),
+                     "refit_on_test": bool(record.get("refit_on_test")), "metric": record.get("metric"),
+                     "oof_cross_fold": record.get("oof_cross_fold"), "oof_in_sample": record.get("oof_in_sample")},
+        "wheels": {}, "not_shipped": NOT_SHIPPED,
+    }
+
+    def write(root: Path) -> None:
+        for path, folder, run_cfg, folds, _ in experiments:
+            shipped = RunFolder(root / path)
+            save_config(run_cfg, shipped.config())
+            for fold, checkpoint in folds:
+                weights = model_weights(load_checkpoint(checkpoint))  # no optimizer, scheduler or RNG state
+                if fp16:
+                    weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+                shipped.fold(fold).mkdir(parents=True, exist_ok=True)
+                torch.save(weights, shipped.fold(fold) / WEIGHTS_FILE)
+                if folder.embedding(fold).is_file():
+                    shutil.copyfile(folder.embedding(fold), shipped.embedding(fold))
+        (root / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        pd.DataFrame({"code": vocabulary.codes, "name": vocabulary.names}).to_csv(root / VOCABULARY_FILE,
+                                                                                   index_label="index")
+        shutil.copyfile(decision_path(cfg.run.dir), root / DECISION_FILE)
+        shutil.copytree(Path(__file__).resolve().parent, root / "src",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.tmp"))
+        (root / INFER_FILE).write_text(INFER_PY)
+        if wheels:
+            manifest["wheels"] = download_wheels(root / WHEELS_DIR, pip)
+        (root / NOTEBOOK_FILE).write_text(json.dumps(notebook(
+            cfg.kaggle.competition, config["data"]["sample_submission"], bundle_id, manifest["wheels"]), indent=1))
+        title = f"{run_name} inference bundle"[:50]
+        (root / METADATA_FILE).write_text(json.dumps(
+            {"title": title if len(title) >= 6 else f"{title} model", "id": dataset_id,
+             "licenses": [{"name": LICENSE}]}, indent=1) + "\n")
+        manifest["size_bytes"] = _folder_size(root)
+        (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+
+    with Staging() as staging:
+        staging.folder(out, write)
+        staging.commit()
+    if progress:
+        weights_bytes = sum(p.stat().st_size for p in (out / EXPERIMENTS_DIR).rglob(WEIGHTS_FILE))
+        print(f"wrote {out}/ ({manifest['size_bytes'] / 2**20:.1f} MiB; weights {weights_bytes / 2**20:.1f} MiB "
+              f"{manifest['weights_dtype']} in {sum(len(e[3]) for e in experiments)} fold(s); decision "
+              f"{record['strategy']}: {decision.describe()})")
+        if cfg.kaggle.dataset is None:
+            print(f"note: {out / METADATA_FILE} names the dataset {dataset_id}: set kaggle.dataset=<you>/<slug> (or "
+                  "edit the file) before `kaggle datasets create`")
+        print(f"upload: kaggle datasets create -p {out} --dir-mode zip")
+    return out
+
+
+# -- predicting from a bundle (what infer.py runs) ---------------------------------------------------------------
+def load_bundle(bundle_dir: str | Path) -> tuple[dict, dict, Vocabulary]:
+    """(manifest, decision record, vocabulary) of a bundle folder; a PipelineError when it is not one."""
+    bundle_dir = Path(bundle_dir)
+    try:
+        manifest = json.loads((bundle_dir / MANIFEST_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{bundle_dir} is not an inference bundle ({MANIFEST_FILE}: {exc})") from None
+    if manifest.get("kind") != BUNDLE_KIND:
+        raise PipelineError(f"{bundle_dir / MANIFEST_FILE} is not the manifest of an inference bundle")
+    vocabulary = RunFolder(bundle_dir).load_vocabulary()
+    if vocabulary is None:
+        raise PipelineError(f"{bundle_dir / VOCABULARY_FILE} not found: the bundle is incomplete")
+    return manifest, read_record(bundle_dir), vocabulary
+
+
+def predict_from_bundle(bundle_dir: str | Path, data_dir: str | Path, out: str | Path = "submission.csv",
+                        device: str | None = None, precision: str | None = None, workers: int | None = None,
+                        batch_size: int | None = None, progress: bool = True) -> Path:
+    """The submission for the test set under ``data_dir`` from the bundle alone: each experiment's folds run under
+    the configured TTA views and averaged, experiments combined with their weights, the recorded decision
+    applied; validated and written atomically to ``out``."""
+    bundle_dir = Path(bundle_dir)
+    manifest, record, vocabulary = load_bundle(bundle_dir)
+    changes = {"data.dir": str(data_dir), "data.extra": [], "data.cache_dir": None, "train.device": device,
+               "train.precision": precision, "train.num_workers": workers, "predict.batch_size": batch_size}
+    cfg = override(load_config(bundle_dir / CONFIG_FILE), **{k: v for k, v in changes.items()
+                                                             if v is not None or k == "data.cache_dir"})
+    check_views(cfg.predict.tta)
+    ensure_writable(Path(out).resolve().parent, "the submission")
+    torch_device = resolve_device(cfg.train.device)
+    test_table = load_test_table(cfg.data)
+
+    per_run = []
+    for experiment in manifest["experiments"]:
+        folder = RunFolder(bundle_dir / experiment["path"])
+        run_cfg = folder.load_config()
+        test_set = RGBYDataset(test_table, cfg.data.num_classes, run_cfg.data.image_size,
+                               channels=run_cfg.model.in_chans)
+        model, fold_scores = None, []
+        for fold in experiment["folds"]:
+            path = folder.fold(fold) / WEIGHTS_FILE
+            try:
+                weights = torch.load(path, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError) as exc:
+                raise PipelineError(f"{path} is missing or unreadable ({exc})") from None
+            if model is None:
+                model = build_model(run_cfg, out_dim=weights["head.weight"].shape[0]).to(torch_device)
+                if run_cfg.model.channels_last:
+                    model = model.to(memory_format=torch.channels_last)
+            model.load_state_dict(weights)  # float16 weights are copied into the float32 parameters
+            loader = make_loader(test_set, cfg.predict.batch_size, cfg.train.num_workers, cfg.train.seed,
+                                 torch_device)
+            scores = infer(model, loader, torch_device, precision=cfg.train.precision,
+                           channels_last=run_cfg.model.channels_last, views=cfg.predict.tta,
+                           reduce=cfg.predict.tta_reduce, to_scores=folder.output_scorer(run_cfg, fold),
+                           desc=f"{Path(experiment['path']).name} fold {fold}", progress=progress)[0]
+            fold_scores.append(require_finite(scores, f"{path}: test scores"))
+        per_run.append((experiment["weight"], np.mean(fold_scores, axis=0)))
+    # The same arithmetic as src.predict (mean over folds, then the weighted mean over experiments), so the
+    # scores, and with them the submission, are predict's to the bit on the same machine.
+    total = sum(weight for weight, _ in per_run)
+    test_scores = sum(weight * scores for weight, scores in per_run) / total
+    predicted = apply_record(record, test_scores, cfg)
+    submission = make_submission(test_table, predicted, vocabulary, submission_columns(cfg.data),
+                                 label_separator(cfg.data))
+    written = write_atomic(out, lambda tmp: submission.to_csv(tmp, index=False))
+    if progress:
+        print(f"wrote {written} ({len(submission)} rows, {predicted.sum(axis=1).mean():.2f} labels per image; "
+              f"{record['strategy']}, {manifest['weights_dtype']} weights)")
+    return written
+
+
+def infer_main(bundle_dir: Path) -> None:
+    """infer.py's command line."""
+    parser = argparse.ArgumentParser(description="Predict the test set with this inference bundle.")
+    parser.add_argument("--data", required=True, help="the competition's data folder (e.g. /kaggle/input/<slug>)")
+    parser.add_argument("--out", default="submission.csv", help="the submission to write (default submission.csv)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the bundle's train.device")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: the bundle's train.precision")
+    parser.add_argument("--workers", type=int, help="DataLoader workers (default: the bundle's train.num_workers)")
+    parser.add_argument("--batch-size", type=int, help="default: the bundle's predict.batch_size")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args()
+    run_cli(lambda: predict_from_bundle(bundle_dir, args.data, args.out, args.device, args.precision, args.workers,
+                                        args.batch_size, progress=not args.quiet))
+
+
+def main() -> None:
+    parser = cli_parser(__doc__.splitlines()[0])
+    parser.add_argument("--out", help=f"the bundle folder (default {BUNDLES_DIR}/<run folder name>)")
+    parser.add_argument("--fp16", action="store_true", help="store the weights as float16 (half the size)")
+    parser.add_argument("--wheels", action="store_true", help="add wheels of the pinned packages a Kaggle image "
+                        f"lacks ({', '.join(WHEELS)}); needs the package index")
+    args = parser.parse_args()
+    bundle(config_from_args(args), args.out, fp16=args.fp16, wheels=args.wheels)
+
+
+if __name__ == "__main__":
+    run_cli(main)

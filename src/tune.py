@@ -1,0 +1,583 @@
+"""Hyperparameter search a team can share: optuna over the ordinary training loop, one fold per trial.
+
+    python -m src.tune --config FILE --space FILE --trials N [--study NAME] [--storage URL] [key=value ...]
+    python -m src.tune --report [--config FILE] [--study NAME] [--storage URL]
+
+The space is YAML, dotted config keys -> distributions (``configs/tune/*.yaml``)::
+
+    train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+    train.batch_size: {type: int, low: 16, high: 64, step: 16}
+    loss.name: {type: categorical, choices: [bce, bce+soft_f1]}
+
+Every trial is ``train(cfg, tune.fold)`` with its parameters as overrides, in its own run folder
+``run.dir/tune/<study>/<trial>``, as a W&B run in the group ``<study>``. After each epoch the monitored
+validation score (``train.monitor``; validation loss is minimised, the others maximised) goes to the trial,
+and the pruner (``tune.pruner``) may stop it there: the trial is PRUNED, and its console and ``history.csv``
+say so. The study lives in an optuna storage (``--storage``, default ``sqlite:///<run.dir>/tune.db``):
+any number of tuners on one storage share the work, each taking the next trial, until the study holds
+``--trials`` finished trials (complete, pruned, or failed by their own settings: diverged, out of memory).
+A tuner killed mid-trial leaves its trial RUNNING; its heartbeat stops, and after ``2 x
+tune.heartbeat_seconds`` the next tuner of the study marks it FAIL (it never counts) and runs another.
+``--report`` prints the trials, the parameter importances and the best trial's training command, and writes
+``run.dir/tune/<study>/report/`` (tables and two plots).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import socket
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+import yaml
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.trial import FrozenTrial, TrialState
+
+from src.cli import cli_parser, run_cli
+from src.config import Config, ConfigError, PipelineError, load_config, override
+from src.files import Staging, ensure_writable
+from src.losses import loss_kind
+from src.report import plot_param_importances, plot_tune_history
+from src.run_folder import RunFolder, write_history
+from src.train import LoopHooks, TrainingDiverged, train
+
+SearchSpace = dict[str, BaseDistribution]
+
+# Keys a space may not search: they decide what the trials are compared on (the objective, the validation
+# fold, the data), where the outputs go, or how the search itself runs.
+FIXED_KEYS = ("tune", "run", "folds", "metric", "wandb", "predict", "submission", "train.monitor", "train.resume",
+              "train.device", "data.dir", "data.format", "data.num_classes")
+# Base-config keys that may differ between tuners of one study (machine-local, or not about the trials).
+MAY_DIFFER = ("run.dir", "wandb", "train.device", "train.num_workers", "data.cache_dir", "predict", "submission",
+              "tune.pruner", "tune.n_startup_trials", "tune.n_warmup_steps", "tune.percentile", "tune.sampler",
+              "tune.random_trials", "tune.seed", "tune.heartbeat_seconds", "train.resume")
+# A trial that fails by its own settings (diverges, does not fit in memory, an invalid combination) is a result
+# of the search: FAIL with its reason, counted towards --trials. Anything else stops the tuner.
+TRIAL_FAILURES = (TrainingDiverged, ConfigError, torch.OutOfMemoryError)
+FAILURE_ATTR = "failure"
+STORAGE_ATTEMPTS = 4
+# Values the schema types but another module judges: checked for every choice before any trial runs.
+VALUE_CHECKS = {"loss.name": loss_kind}
+DISTRIBUTION_FIELDS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
+                       "categorical": {"choices"}}
+
+
+# -- the search space ------------------------------------------------------------------------------------
+def _number(key: str, spec: dict, field: str, kind: type) -> float | int:
+    value = spec.get(field)
+    try:
+        number = float(value) if isinstance(value, str) else value  # PyYAML reads 1e-4 (no dot) as a string
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise ValueError
+        if kind is int:
+            if float(number) != int(number):
+                raise ValueError
+            return int(number)
+        return float(number)
+    except (TypeError, ValueError):
+        raise ConfigError(f"search space key '{key}': {field} must be a{'n integer' if kind is int else ' number'}"
+                          f", got {value!r}") from None
+
+
+def _distribution(key: str, spec: Any) -> BaseDistribution:
+    if not isinstance(spec, dict) or spec.get("type") not in DISTRIBUTION_FIELDS:
+        raise ConfigError(f"search space key '{key}': expected a mapping with type float, int or categorical, "
+                          f"got {spec!r}")
+    kind = spec["type"]
+    unknown = sorted(set(spec) - DISTRIBUTION_FIELDS[kind] - {"type"})
+    if unknown:
+        raise ConfigError(f"search space key '{key}': a {kind} distribution has no field(s) {', '.join(unknown)} "
+                          f"(fields: type, {', '.join(sorted(DISTRIBUTION_FIELDS[kind]))})")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"search space key '{key}': choices must be a non-empty list, got {choices!r}")
+        bad = [c for c in choices if c is not None and not isinstance(c, (bool, int, float, str))]
+        if bad:
+            raise ConfigError(f"search space key '{key}': choices must be numbers, strings, booleans or null "
+                              f"(optuna stores them as such), got {bad[0]!r}")
+        return CategoricalDistribution(choices)
+    number = int if kind == "int" else float
+    low, high = _number(key, spec, "low", number), _number(key, spec, "high", number)
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"search space key '{key}': log must be true or false, got {log!r}")
+    step = _number(key, spec, "step", number) if spec.get("step") is not None else None
+    if not low <= high if kind == "int" else not low < high:
+        raise ConfigError(f"search space key '{key}': low ({low}) must be below high ({high})")
+    if log and low <= 0:
+        raise ConfigError(f"search space key '{key}': log: true needs low > 0, got {low}")
+    if step is not None and (step <= 0 or log):
+        raise ConfigError(f"search space key '{key}': step must be positive and cannot go with log: true")
+    if kind == "int":
+        return IntDistribution(low, high, log=log, step=step or 1)
+    return FloatDistribution(low, high, log=log, step=step)
+
+
+def candidate_values(distribution: BaseDistribution) -> list:
+    """The values that bound a distribution (low and high, or every choice): each must make a valid config."""
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    return [distribution.low, distribution.high]
+
+
+def parse_space(tree: Any, cfg: Config, source: str = "search space") -> SearchSpace:
+    """Validate a space (dotted config key -> distribution spec) against the config schema: an unknown key gets
+    the config's "did you mean", a bad distribution or a value the schema refuses names its key."""
+    if not isinstance(tree, dict) or not tree:
+        raise ConfigError(f"{source}: expected a mapping of dotted config keys to distributions")
+    space: SearchSpace = {}
+    for key, spec in tree.items():
+        key = str(key)
+        if any(key == fixed or key.startswith(fixed + ".") for fixed in FIXED_KEYS):
+            raise ConfigError(f"{source}: '{key}' cannot be searched: it decides what trials are compared on, where "
+                              "they write or how the search runs (set it in the config or on the command line)")
+        try:
+            distribution = _distribution(key, spec)
+            for value in candidate_values(distribution):
+                override(cfg, **{key: value})
+                if key in VALUE_CHECKS:
+                    VALUE_CHECKS[key](value)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc.problems[0]}") from None
+        space[key] = distribution
+    if cfg.train.monitor == "val_loss" and any(key.startswith("loss.") for key in space):
+        raise ConfigError(f"{source}: searches loss settings while train.monitor=val_loss, whose value depends on "
+                          "the loss: compare trials by a score (train.monitor=macro_f1_tuned or metric)")
+    return space
+
+
+def load_space(path: str | Path, cfg: Config) -> tuple[SearchSpace, dict]:
+    """The search space of a YAML file, validated against ``cfg``; also its raw mapping (saved with the study)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search space file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"search space {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    return parse_space(tree, cfg, str(path)), tree
+
+
+# -- the study -------------------------------------------------------------------------------------------
+def monitored_direction(cfg: Config) -> str:
+    """The study's direction: the loop's monitored score is validation loss (lower is better) or a score."""
+    return "minimize" if cfg.train.monitor == "val_loss" else "maximize"
+
+
+def epoch_score(row: dict, monitor: str) -> float:
+    """An epoch's monitored value from its history row, in the objective's own sign: the validation loss, or
+    the score of the weights validation chose (raw or EMA)."""
+    return float(row["val_loss"] if monitor == "val_loss" else row[f"{monitor}_{row.get('weights', 'raw')}"])
+
+
+def default_storage(cfg: Config) -> str:
+    path = RunFolder(cfg.run.dir).tune_storage
+    ensure_writable(path.parent, "the tuning study")
+    return f"sqlite:///{path}"
+
+
+def _stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    print(f"trial {trial.number}: marked FAIL: RUNNING with no heartbeat for over {2 * _heartbeat(study)} s "
+          "(its tuner was killed); it does not count")
+
+
+def _heartbeat(study: optuna.Study) -> int:
+    return getattr(study._storage, "heartbeat_interval", None) or 0
+
+
+def open_storage(url: str, heartbeat_seconds: int) -> optuna.storages.RDBStorage:
+    """The study's database, with a heartbeat per running trial (a killed tuner's trial goes stale)."""
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # wait for the other tuners
+    for attempt in range(STORAGE_ATTEMPTS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_seconds,
+                                                  grace_period=2 * heartbeat_seconds,
+                                                  heartbeat_stale_trial_callback=_stale_trial)
+            except Exception as exc:  # sqlalchemy's errors: a bad URL, a missing driver, an unreachable server
+                # Tuners started together on a new database race to create its tables ("table ... already
+                # exists", a duplicate schema version): the loser finds them made on a second try.
+                if attempt + 1 == STORAGE_ATTEMPTS or isinstance(exc, (ValueError, ImportError)):
+                    raise PipelineError(f"cannot open the tuning storage {url}: "
+                                        f"{' '.join(str(exc).split())[:300]}") from None
+        time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
+
+
+def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
+    tc = cfg.tune
+    if tc.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=tc.seed)
+    # constant_liar: a trial still running elsewhere counts as a bad result, so parallel tuners spread out.
+    return optuna.samplers.TPESampler(n_startup_trials=tc.random_trials, seed=tc.seed, constant_liar=True)
+
+
+def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    """tune.pruner; one pruning step per epoch (step = epoch number, 1-based)."""
+    tc = cfg.tune
+    # optuna prunes from step == n_warmup_steps on; "W warm-up epochs" means pruning from epoch W + 1.
+    if tc.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=tc.n_startup_trials, n_warmup_steps=tc.n_warmup_steps + 1)
+    if tc.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(tc.percentile, n_startup_trials=tc.n_startup_trials,
+                                               n_warmup_steps=tc.n_warmup_steps + 1)
+    if tc.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.train.epochs, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_same_study(study: optuna.Study, cfg: Config, space_tree: dict) -> None:
+    """Refuse to add trials made under another base config or space: the study could not compare them."""
+    saved_cfg, saved_space = study.user_attrs.get("base_config"), study.user_attrs.get("space")
+    if saved_cfg is not None:
+        old, new = _flatten(saved_cfg), _flatten(cfg.model_dump(mode="json"))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
+                         and not any(k == p or k.startswith(p + ".") for p in MAY_DIFFER))
+        if changed:
+            listing = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+            raise PipelineError(f"study '{study.study_name}' was made with a different config ({listing}"
+                                f"{', ...' if len(changed) > 6 else ''}): use those settings, or another --study")
+    if saved_space is not None and saved_space != space_tree:
+        keys = sorted(k for k in set(saved_space) | set(space_tree) if saved_space.get(k) != space_tree.get(k))
+        raise PipelineError(f"study '{study.study_name}' was made with a different search space (keys "
+                            f"{', '.join(keys)}): use that space, or another --study")
+
+
+def open_study(cfg: Config, study_name: str, storage: str | None = None, space_tree: dict | None = None,
+               command: Sequence[str] = ()) -> optuna.Study:
+    """Create study ``study_name`` in ``storage`` (default ``sqlite:///<run.dir>/tune.db``) or join it, after
+    checking it was made with the same config and space. ``command`` (config file and overrides) is what the
+    report's training command repeats."""
+    url = storage or default_storage(cfg)
+    study = optuna.create_study(storage=open_storage(url, cfg.tune.heartbeat_seconds), study_name=study_name,
+                                direction=monitored_direction(cfg), sampler=make_sampler(cfg),
+                                pruner=make_pruner(cfg), load_if_exists=True)
+    if study.direction.name.lower() != monitored_direction(cfg):
+        raise PipelineError(f"study '{study_name}' in {url} is a {study.direction.name.lower()} study, but "
+                            f"train.monitor={cfg.train.monitor} is to {monitored_direction(cfg)}: use another --study")
+    if space_tree is not None:
+        _check_same_study(study, cfg, space_tree)
+        for key, value in (("base_config", cfg.model_dump(mode="json")), ("space", space_tree),
+                           ("monitor", cfg.train.monitor), ("fold", cfg.tune.fold), ("command", list(command))):
+            if key not in study.user_attrs:  # the first tuner records the study's making; later ones read it
+                study.set_user_attr(key, value)
+    return study
+
+
+@dataclass
+class TrialCounts:
+    results: int  # complete, pruned, or failed by its own settings: what --trials counts
+    running: int
+    stale_or_broken: int  # FAIL without a result: killed tuners (stale), crashes; never counted
+
+
+def count_trials(study: optuna.Study) -> TrialCounts:
+    trials = study.get_trials(deepcopy=False)
+    results = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                  or (t.state == TrialState.FAIL and FAILURE_ATTR in t.user_attrs) for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    broken = sum(t.state == TrialState.FAIL and FAILURE_ATTR not in t.user_attrs for t in trials)
+    return TrialCounts(results, running, broken)
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+# -- one trial -------------------------------------------------------------------------------------------
+class PruningHooks(LoopHooks):
+    """Reports each epoch's monitored score to the trial and stops the run when the pruner says so; keeps the
+    epoch rows, so the trial's history can say it was pruned."""
+
+    def __init__(self, trial: optuna.Trial, monitor: str):
+        self.trial, self.monitor, self.rows = trial, monitor, []
+
+    def on_epoch(self, epoch: int, row: dict) -> bool:
+        self.rows.append(dict(row))
+        score = epoch_score(row, self.monitor)
+        self.trial.report(score, step=epoch)
+        if self.trial.should_prune():
+            self.rows[-1]["stopped"] = (f"pruned at epoch {epoch} by the {self.trial.study.pruner.__class__.__name__}"
+                                        f" ({self.monitor} {score:.4f}): trial {self.trial.number}")
+            return True
+        return False
+
+
+def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+    """The trial's value for every key of the space."""
+    params = {}
+    for key, dist in space.items():
+        if isinstance(dist, CategoricalDistribution):
+            params[key] = trial.suggest_categorical(key, dist.choices)
+        elif isinstance(dist, IntDistribution):
+            params[key] = trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            params[key] = trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
+    return params
+
+
+def format_params(params: dict[str, Any]) -> str:
+    return " ".join(f"{key}={_format_value(value)}" for key, value in params.items())
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def trial_config(cfg: Config, params: dict[str, Any], study_name: str, number: int) -> Config:
+    """The trial's config: the base config, the trial's parameters, its own run folder and W&B identity."""
+    return override(cfg, **params, **{
+        "run.dir": str(RunFolder(cfg.run.dir).tune_trial(study_name, number)), "train.resume": False,
+        "wandb.group": study_name, "wandb.name": f"{study_name}-trial{number}"})
+
+
+def make_objective(cfg: Config, space: SearchSpace, study_name: str, progress: bool, ran: list[int]):
+    fold, monitor = cfg.tune.fold, cfg.train.monitor
+
+    def objective(trial: optuna.Trial) -> float:
+        ran.append(trial.number)
+        trial.set_user_attr("tuner", f"{socket.gethostname()}:{os.getpid()}")  # which machine and process ran it
+        params = suggest(trial, space)
+        print(f"trial {trial.number}: {format_params(params)}", flush=True)
+        hooks = PruningHooks(trial, monitor)
+        try:
+            trial_cfg = trial_config(cfg, params, study_name, trial.number)
+            trial.set_user_attr("run_dir", trial_cfg.run.dir)
+            result = train(trial_cfg, fold, progress=progress, hooks=hooks)
+        except TRIAL_FAILURES as exc:
+            reason = " ".join(str(exc).split())
+            trial.set_user_attr(FAILURE_ATTR, reason[:500])
+            print(f"trial {trial.number}: FAIL (counted: a result of its settings): {reason}", flush=True)
+            raise
+        if "stopped" in result and hooks.rows and "stopped" in hooks.rows[-1]:
+            # The loop wrote history.csv before the pruner spoke: write it again with the verdict.
+            write_history(RunFolder(trial_cfg.run.dir).history(fold), hooks.rows)
+            print(f"trial {trial.number}: PRUNED: {hooks.rows[-1]['stopped']}", flush=True)
+            raise optuna.TrialPruned(result["stopped"])
+        if not math.isfinite(result["best_score"]):
+            raise PipelineError(f"trial {trial.number} finished without a validation score ({result})")
+        value = -result["best_score"] if monitor == "val_loss" else result["best_score"]
+        print(f"trial {trial.number}: COMPLETE: {monitor} {value:.4f} (best epoch {result['best_epoch']})", flush=True)
+        return value
+
+    return objective
+
+
+# -- the search ------------------------------------------------------------------------------------------
+def tune(cfg: Config, space: SearchSpace, trials: int, study: str, storage: str | None = None, *,
+         space_tree: dict | None = None, command: Sequence[str] = (), progress: bool = True) -> dict:
+    """Run trials of study ``study`` until it holds ``trials`` results (complete, pruned or failed by their own
+    settings), sharing the work with any other tuner of the same study and storage; returns the study's
+    summary. ``space_tree`` (the space as written) and ``command`` are recorded with a new study."""
+    if trials < 1:
+        raise PipelineError(f"--trials must be at least 1, got {trials}")
+    if not space:
+        raise PipelineError("the search space is empty")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # this module prints each trial's outcome itself
+    space_tree = space_tree if space_tree is not None else {k: repr(v) for k, v in space.items()}
+    url = storage or default_storage(cfg)
+    opened = open_study(cfg, study, url, space_tree, command)
+    fail_stale_trials(opened)
+    counts = count_trials(opened)
+    print(f"study '{study}' ({url}): {counts.results} of {trials} trials done, {counts.running} running elsewhere"
+          + (f", {counts.stale_or_broken} failed without a result (not counted)" if counts.stale_or_broken else "")
+          + f"; objective {cfg.train.monitor} ({monitored_direction(cfg)}), fold {cfg.tune.fold}", flush=True)
+    ran: list[int] = []
+    objective = make_objective(cfg, space, study, progress, ran)
+    waiting = False
+    while True:
+        fail_stale_trials(opened)
+        counts = count_trials(opened)
+        if counts.results >= trials:
+            break
+        if counts.results + counts.running >= trials:
+            # The last trials are running in other tuners: wait for them, and take over one that goes stale.
+            if not waiting:
+                print(f"waiting for {counts.running} trial(s) running in other tuners (a killed one is failed "
+                      f"after {2 * cfg.tune.heartbeat_seconds} s and replaced)", flush=True)
+                waiting = True
+            time.sleep(min(5, cfg.tune.heartbeat_seconds))
+            continue
+        waiting = False
+        opened.optimize(objective, n_trials=1, catch=TRIAL_FAILURES, gc_after_trial=True)
+    return summarize(opened, ran)
+
+
+def summarize(study: optuna.Study, ran: Sequence[int] = ()) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    states = {state.name: sum(t.state == state for t in trials) for state in TrialState}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = study.best_trial if complete else None
+    return {"study": study.study_name, "direction": study.direction.name.lower(),
+            "monitor": study.user_attrs.get("monitor"), "states": {k: v for k, v in states.items() if v},
+            "ran_here": list(ran),
+            "best": {"number": best.number, "value": best.value, "params": best.params} if best else None}
+
+
+# -- the report ------------------------------------------------------------------------------------------
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, value (complete trials), the last epoch's score, epochs run, params,
+    and why a failed trial failed."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        steps = sorted(t.intermediate_values)
+        failure = t.user_attrs.get(FAILURE_ATTR, "stale or crashed (not counted)" if t.state == TrialState.FAIL else "")
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
+                     "last_score": t.intermediate_values[steps[-1]] if steps else None, "epochs": len(steps),
+                     **t.params, "note": failure, "tuner": t.user_attrs.get("tuner", "")})
+    return pd.DataFrame(rows)
+
+
+def importances(study: optuna.Study) -> tuple[dict[str, float], str]:
+    """Parameter importances (fANOVA, seeded) over the complete trials, or why there are none."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return {}, f"needs at least 2 complete trials ({len(complete)} so far)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except (ValueError, RuntimeError) as exc:
+        return {}, f"not computable: {exc}"
+    if not found:
+        return {}, "no parameter varies across the complete trials"
+    return found, ""
+
+
+def best_command(study: optuna.Study) -> str | None:
+    """The best trial as a ready training command: its config file and overrides, then its parameters."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return None
+    best = study.best_trial
+    command = [str(part) for part in study.user_attrs.get("command", [])]
+    params = [f"{key}={_format_value(value)}" for key, value in best.params.items()]
+    return shlex.join(["bash", "scripts/train_fold.sh", str(study.user_attrs.get("fold", 0)), *command, *params])
+
+
+def pick_study(storage: optuna.storages.BaseStorage, url: str, name: str | None) -> str:
+    names = [s.study_name for s in storage.get_all_studies()]
+    if name is not None:
+        if name not in names:
+            raise PipelineError(f"no study '{name}' in {url} (studies: {', '.join(names) or 'none'})")
+        return name
+    if len(names) != 1:
+        raise PipelineError(f"{url} holds {len(names)} studies ({', '.join(names) or 'none'}): name one with --study")
+    return names[0]
+
+
+def report(cfg: Config, study: str | None = None, storage: str | None = None) -> dict:
+    """The study's trials, importances and best training command; writes ``run.dir/tune/<study>/report/``
+    (``trials.csv``, ``importances.csv``, ``report.md``, ``optimization_history.png``,
+    ``param_importances.png``) and returns what it printed."""
+    url = storage or f"sqlite:///{RunFolder(cfg.run.dir).tune_storage}"
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise PipelineError(f"no tuning storage at {url.removeprefix('sqlite:///')}: run python -m src.tune first "
+                            "(or pass --storage)")
+    rdb = open_storage(url, cfg.tune.heartbeat_seconds)
+    name = pick_study(rdb, url, study)
+    loaded = optuna.load_study(study_name=name, storage=rdb)
+    table = trials_table(loaded)
+    found, note = importances(loaded)
+    command = best_command(loaded)
+    summary = summarize(loaded)
+    monitor = loaded.user_attrs.get("monitor", cfg.train.monitor)
+    minimize = summary["direction"] == "minimize"
+    out = RunFolder(cfg.run.dir).tune_study(name) / "report"
+    text = format_report(summary, table, found, note, command, url, monitor)
+
+    def write(folder: Path) -> None:
+        table.to_csv(folder / "trials.csv", index=False)
+        pd.DataFrame({"param": list(found), "importance": list(found.values())}).to_csv(
+            folder / "importances.csv", index=False)
+        plot_tune_history(table, folder / "optimization_history.png", monitor, minimize)
+        plot_param_importances(found, folder / "param_importances.png", note)
+        (folder / "report.md").write_text(f"```\n{text}\n```\n\n![history](optimization_history.png)\n\n"
+                                          "![importances](param_importances.png)\n")
+
+    with Staging() as staging:
+        staging.folder(out, write)
+        staging.commit()
+    return {"text": text, "table": table, "importances": found, "command": command, "dir": str(out), **summary}
+
+
+def format_report(summary: dict, table: pd.DataFrame, found: dict[str, float], note: str, command: str | None,
+                  url: str, monitor: str) -> str:
+    states = ", ".join(f"{n} {s.lower()}" for s, n in summary["states"].items())
+    lines = [f"study '{summary['study']}' ({url}): {len(table)} trials ({states}); objective {monitor} "
+             f"({summary['direction']})", ""]
+    shown = table.drop(columns=["tuner"] + ([] if table["note"].astype(bool).any() else ["note"]))
+    shown = shown.rename(columns={"number": "trial", "last_score": "last epoch"})
+    lines.append(shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}"))
+    lines += ["", "parameter importances (fANOVA over the complete trials):"]
+    lines += [f"  {key:<32} {value:.3f}" for key, value in found.items()] or [f"  none: {note}"]
+    lines.append("")
+    if command:
+        best = summary["best"]
+        lines += [f"best: trial {best['number']}, {monitor} {best['value']:.4f}. Train it:", f"  {command}"]
+    else:
+        lines.append("best: no complete trial yet")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = cli_parser(__doc__.splitlines()[0])
+    parser.add_argument("--space", help="YAML search space: dotted config keys -> distributions")
+    parser.add_argument("--trials", type=int, help="finished trials the study should hold (a rerun continues)")
+    parser.add_argument("--study", help="study name (default: the space file's name; --report: the only study)")
+    parser.add_argument("--storage", help="optuna storage URL (default sqlite:///<run.dir>/tune.db)")
+    parser.add_argument("--report", action="store_true", help="report the study instead of running trials")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    if args.report:
+        result = report(cfg, args.study, args.storage)
+        print(result["text"])
+        print(f"written: {result['dir']}/ (trials.csv, importances.csv, report.md, optimization_history.png, "
+              "param_importances.png)")
+        return
+    if not args.space or args.trials is None:
+        raise PipelineError("python -m src.tune needs --space FILE and --trials N (or --report)")
+    space, tree = load_space(args.space, cfg)
+    study = args.study or Path(args.space).stem
+    command = ["--config", args.config, *(o for o in args.overrides if not o.startswith("tune."))]
+    summary = tune(cfg, space, args.trials, study, args.storage, space_tree=tree, command=command)
+    best = summary["best"]
+    print(f"study '{study}': {summary['states']}; "
+          + (f"best trial {best['number']} ({summary['monitor']} {best['value']:.4f}): {format_params(best['params'])}"
+             if best else "no complete trial")
+          + f"\nreport: python -m src.tune --report --config {args.config} --study {study}"
+          + (f" --storage {args.storage}" if args.storage else ""))
+
+
+if __name__ == "__main__":
+    run_cli(main)

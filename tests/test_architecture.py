@@ -1,0 +1,60 @@
+"""The README's architecture table is a document the code keeps true: every module of ``src`` has a row, and
+each row's "imports (from src)" is exactly what that module imports from ``src``."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from tests.conftest import REPO_ROOT
+
+SRC = REPO_ROOT / "src"
+
+
+def readme_table() -> dict[str, set[str]]:
+    """``{module: imported src modules}`` from the README's Architecture table. A row may name several modules
+    (`` `metrics`, `thresholds` ``): they share the row's imports. "—" means none."""
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, set[str]] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        modules = re.findall(r"`([a-z_]+)`", cells[0])
+        imports = set(re.findall(r"[a-z_]+", cells[2].replace("—", "")))
+        for module in modules:
+            assert module not in rows, f"README architecture table: {module} has two rows"
+            rows[module] = imports
+    return rows
+
+
+def src_imports(path) -> set[str]:
+    """The ``src`` modules a file imports (``from src.x import``, ``import src.x``, ``from src import x``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "src":
+                found.update(alias.name for alias in node.names)
+            elif node.module.startswith("src."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("src."))
+    return found - {path.stem}
+
+
+def test_every_module_has_a_row_and_its_real_imports():
+    table = readme_table()
+    modules = {path.stem: path for path in SRC.glob("*.py") if path.stem != "__init__"}
+    assert sorted(set(modules) - set(table)) == [], "modules missing from the README architecture table"
+    assert sorted(set(table) - set(modules)) == [], "README architecture rows with no module"
+    wrong = {name: {"README": sorted(table[name]), "code": sorted(src_imports(path))}
+             for name, path in modules.items() if table[name] != src_imports(path)}
+    assert wrong == {}, "README architecture table's imports differ from the code"
+
+
+def test_the_check_sees_a_wrong_row(tmp_path):
+    """The comparison itself can fail: a module that imports config and data is not a row saying config."""
+    module = tmp_path / "stage.py"
+    module.write_text("from src.config import Config\nfrom src import data\nimport src.model as m\n")
+    assert src_imports(module) == {"config", "data", "model"} != {"config"}

@@ -1,0 +1,244 @@
+"""The Kaggle round trip (src.submit) against a fake ``kaggle`` executable first on PATH.
+
+The fake records its arguments and answers with what kaggle 2.2.5 prints (read from its source and its runs
+without credentials or network): an accepted submission, the submissions table with a score pending or complete,
+a 401, a network error, a rejected file, malformed output.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import stat
+import sys
+from datetime import UTC, datetime
+from io import StringIO
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from src.cli import run_cli
+from src.config import PipelineError, override
+from src.files import save_config
+from src.folds import make_folds
+from src.predict import predict
+from src.submit import LOG_COLUMNS, SubmitFailed, main, read_log, refresh, show_log, submit, write_log
+from src.train import train
+from tests.conftest import tiny_config
+
+SLUG = "human-protein-atlas-image-classification"
+ACCEPTED = ("Submission ref: 51234567\n3 submissions remaining today.\n"
+            "Successfully submitted to Human Protein Atlas Image Classification")
+UPLOAD_BAR = "100%|##########| 1.23k/1.23k [00:00<00:00, 2.51kB/s]\n"
+AUTH_HELP = ("Authentication required to call the Kaggle API.\n\nFirst, you will need a Kaggle account. You can sign "
+             "up at\n  https://www.kaggle.com/account/login\n\nRecommended: log in with OAuth via a web-based "
+             "authorization flow.\nNo token to manage; credentials are cached locally for you.\n"
+             "    kaggle auth login\n")
+NETWORK = ("HTTPSConnectionPool(host='api.kaggle.com', port=443): Max retries exceeded with url: "
+           "/v1/competitions.CompetitionApiService/StartSubmissionUpload (Caused by NameResolutionError("
+           "\"HTTPSConnection(host='api.kaggle.com', port=443): Failed to resolve 'api.kaggle.com' ([Errno -2] "
+           "Name or service not known)\"))\n")
+REJECTED = ("400 Client Error: Bad Request for url: "
+            "https://api.kaggle.com/v1/competitions.CompetitionApiService/CreateSubmission\n")
+HEADER = "ref,fileName,date,description,status,publicScore,privateScore\n"
+
+FAKE_KAGGLE = """#!/bin/sh
+here=$(dirname "$0")
+n=$(ls "$here/calls" | wc -l)
+printf '%s\\0' "$@" > "$here/calls/$n"
+cat "$here/stdout"
+cat "$here/stderr" >&2
+exit "$(cat "$here/rc")"
+"""
+
+
+class FakeKaggle:
+    """A ``kaggle`` shell script: records each call's arguments, prints the canned answer, exits with its code."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        (folder / "calls").mkdir(parents=True)
+        script = folder / "kaggle"
+        script.write_text(FAKE_KAGGLE)
+        script.chmod(script.stat().st_mode | stat.S_IXUSR)
+        self.answer()
+
+    def answer(self, stdout: str = "", stderr: str = "", rc: int = 0) -> None:
+        (self.folder / "stdout").write_text(stdout)
+        (self.folder / "stderr").write_text(stderr)
+        (self.folder / "rc").write_text(str(rc))
+
+    @property
+    def calls(self) -> list[list[str]]:
+        files = sorted((self.folder / "calls").iterdir(), key=lambda p: int(p.name))
+        return [f.read_bytes().decode().split("\0")[:-1] for f in files]
+
+
+@pytest.fixture(scope="module")
+def predicted(tiny_data, tmp_path_factory):
+    """Fold 0 of the tiny config trained and predicted: a run folder with its submission and decision record."""
+    work = tmp_path_factory.mktemp("kaggle")
+    cfg = tiny_config(tiny_data, work, "predict.folds=[0]")
+    make_folds(cfg, progress=False)
+    train(cfg, 0, progress=False)
+    predict(cfg, progress=False)
+    return cfg
+
+
+@pytest.fixture
+def kaggle(tmp_path, monkeypatch) -> FakeKaggle:
+    fake = FakeKaggle(tmp_path / "fake")
+    monkeypatch.setenv("PATH", f"{fake.folder}{os.pathsep}{os.environ['PATH']}")
+    return fake
+
+
+@pytest.fixture
+def cfg(predicted, tmp_path):
+    """The predicted run with a log of its own."""
+    return override(predicted, **{"kaggle.log": str(tmp_path / "submissions" / "log.csv")})
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def listed(date: datetime, description: str, status: str, public: str = "", private: str = "",
+           ref: str = "51234567") -> str:
+    """One row as the CLI's csv.writer prints it (str() of the datetime and of the status enum)."""
+    line = StringIO()
+    csv.writer(line).writerow([ref, "submission.csv", str(date), description, status, public, private])
+    return line.getvalue()
+
+
+def test_submit_logs_the_attempt_and_refresh_fills_in_the_public_score(cfg, kaggle, tmp_path):
+    kaggle.answer(ACCEPTED, UPLOAD_BAR)
+    row = submit(cfg, "first try", progress=False)
+    assert kaggle.calls == [["competitions", "submit", "-c", SLUG, "-f", cfg.submission.path, "-m", "first try"]]
+    log = read_log(Path(cfg.kaggle.log))
+    assert list(log.columns) == list(LOG_COLUMNS) and len(log) == 1
+    logged = log.iloc[0]
+    assert logged["status"] == "sent" and logged["kaggle_ref"] == "51234567" and logged["public_score"] == ""
+    assert logged["sha256"] == sha256(cfg.submission.path) and logged["message"] == "first try"
+    assert logged["runs"] == f"{cfg.run.dir}[0]" and logged["competition"] == SLUG
+    assert len(logged["git_commit"]) == 40 and logged["git_dirty"] in ("yes", "no")
+    # The strategy and its cross-fold estimate are the report's chosen row.
+    strategies = pd.read_csv(Path(cfg.run.dir) / "report" / "strategies.csv", keep_default_na=False)
+    chosen = strategies[strategies["chosen"] == "<-"].iloc[0]
+    assert logged["strategy"] == chosen["strategy"] and logged["metric"] == "macro_f1"
+    assert float(logged["oof_estimate"]) == pytest.approx(chosen["oof_macro_f1_cross_fold"], abs=1e-6)
+    saved = Path(cfg.kaggle.log).parent / "configs" / f"{logged['config_hash']}.yaml"
+    assert yaml.safe_load(saved.read_text())["predict"]["tta"] == cfg.predict.tta
+    assert row["status"] == "sent"
+
+    now = datetime.now(UTC).replace(tzinfo=None)
+    kaggle.answer(HEADER + listed(now, "first try", "SubmissionStatus.PENDING"))
+    assert refresh(cfg, progress=False)["pending"] == 1
+    assert kaggle.calls[-1] == ["competitions", "submissions", "-c", SLUG, "--csv"]
+    assert read_log(Path(cfg.kaggle.log)).iloc[0]["public_score"] == ""
+
+    # A second attempt without -m and without a ref in the CLI's answer (older CLIs print none): found again by
+    # its file name and description.
+    kaggle.answer("Successfully submitted to Human Protein Atlas Image Classification")
+    second = submit(cfg, progress=False)
+    assert second["kaggle_ref"] == "" and "config " + second["config_hash"] in second["message"]
+    kaggle.answer(HEADER + listed(now, second["message"], "SubmissionStatus.COMPLETE", "0.40125", "0.38", "51234999")
+                  + listed(now, "first try", "SubmissionStatus.COMPLETE", "0.51234", "0.49"))
+    assert refresh(cfg, progress=False)["scored"] == 2
+    log = read_log(Path(cfg.kaggle.log))
+    assert log["public_score"].tolist() == ["0.51234", "0.40125"]
+    assert log["private_score"].tolist() == ["0.49", "0.38"] and log["kaggle_ref"].tolist()[1] == "51234999"
+
+
+@pytest.mark.parametrize("answer, reason", [
+    ((AUTH_HELP, "", 1), "no valid Kaggle credentials"),
+    (("", NETWORK, 1), "no network"),
+    (("", REJECTED, 1), "Kaggle rejected the file"),
+    (None, "not installed"),
+])
+def test_a_failed_attempt_is_one_line_logged_with_its_reason_and_retry(cfg, kaggle, tmp_path, monkeypatch, answer,
+                                                                       reason):
+    if answer is None:  # neither on PATH nor beside this Python
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+        monkeypatch.setattr(sys, "executable", str(tmp_path / "empty" / "python"))
+    else:
+        kaggle.answer(*answer)
+    before = Path(cfg.submission.path).read_bytes()
+    with pytest.raises(SubmitFailed) as failure:
+        submit(cfg, "try", retry="python -m src.submit -m try", progress=False)
+    message = str(failure.value)
+    assert reason in message and "\n" not in message and message.endswith("retry: python -m src.submit -m try")
+    log = read_log(Path(cfg.kaggle.log))
+    assert len(log) == 1 and log.iloc[0]["status"].startswith("failed: ") and reason in log.iloc[0]["status"]
+    assert log.iloc[0]["sha256"] == sha256(cfg.submission.path) and Path(cfg.submission.path).read_bytes() == before
+    assert len(kaggle.calls) == (0 if answer is None else 1)
+
+
+def test_refuses_a_submission_that_is_not_the_current_runs(cfg, kaggle, tmp_path):
+    original = pd.read_csv(cfg.submission.path, dtype=str, keep_default_na=False)
+    scores = Path(cfg.run.dir) / "test_probs.csv"
+
+    def attempt(changes: dict, expected: str) -> None:
+        with pytest.raises(SubmitFailed, match=expected):
+            submit(override(cfg, **changes), "x", progress=False)
+
+    other = original.copy()
+    other.loc[0, "Predicted"] = "0" if other.loc[0, "Predicted"] != "0" else "1"
+    other.to_csv(tmp_path / "edited.csv", index=False)
+    attempt({"submission.path": str(tmp_path / "edited.csv")}, "not the file predict wrote")
+    original.iloc[1:].to_csv(tmp_path / "short.csv", index=False)
+    attempt({"submission.path": str(tmp_path / "short.csv")}, "submission failed validation.*Ids differ")
+    original.to_csv(tmp_path / "old.csv", index=False)
+    os.utime(tmp_path / "old.csv", ns=(scores.stat().st_mtime_ns - 10**9,) * 2)
+    attempt({"submission.path": str(tmp_path / "old.csv")}, "older than the run's test scores")
+    attempt({"predict.tta": ["identity", "flip"]}, r"another config than this one \(predict.tta")
+    attempt({"submission.path": str(tmp_path / "none.csv")}, "not found: write it with `python -m src.predict`")
+    log = read_log(Path(cfg.kaggle.log))
+    assert len(log) == 5 and log["status"].str.startswith("failed: refused: ").all()
+    assert kaggle.calls == []  # nothing was sent
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (("<!DOCTYPE html><html><body>Service Unavailable</body></html>", "", 0), "gave no table with columns"),
+    ((HEADER + "51234567,submission.csv,yesterday,x,SubmissionStatus.COMPLETE,0.5,0.5\n", "", 0),
+     "a date that cannot be read"),
+    ((AUTH_HELP, "", 1), "no valid Kaggle credentials"),
+    (("", NETWORK, 1), "no network"),
+])
+def test_refresh_failures_leave_the_log_unchanged(cfg, kaggle, answer, expected):
+    kaggle.answer(ACCEPTED)
+    submit(cfg, "kept", progress=False)
+    before = Path(cfg.kaggle.log).read_bytes()
+    kaggle.answer(*answer)
+    with pytest.raises(PipelineError, match=expected) as failure:
+        refresh(cfg, progress=False)
+    assert "retry: python -m src.submit --refresh" in str(failure.value)
+    assert Path(cfg.kaggle.log).read_bytes() == before
+
+
+def test_log_prints_the_table_and_plots_oof_against_the_public_score(cfg, capsys):
+    rows = [{column: "" for column in LOG_COLUMNS} | {"time": f"2026-01-0{i}T00:00:00+00:00", "status": "sent",
+                                                      "metric": "macro_f1", "oof_estimate": oof, "public_score": lb}
+            for i, (oof, lb) in enumerate([("0.41", "0.38"), ("0.45", "0.40"), ("0.52", "0.47"), ("0.50", "")], 1)]
+    rows.append(rows[0] | {"status": "failed: no network", "public_score": ""})
+    write_log(Path(cfg.kaggle.log), pd.DataFrame(rows))
+    log, plot, rho = show_log(cfg)
+    assert len(log) == 5 and rho == pytest.approx(1.0)
+    assert plot == Path(cfg.kaggle.log).parent / "oof_vs_lb.png" and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "failed: no network" in out and "3 scored submission(s); Spearman rho 1.000" in out
+
+
+def test_cli_prints_one_error_line_and_exits_2(cfg, kaggle, tmp_path, monkeypatch, capsys):
+    config = save_config(cfg, tmp_path / "config.yaml")
+    kaggle.answer(AUTH_HELP, "", 1)
+    monkeypatch.setattr(sys, "argv", ["src.submit", "--config", str(config), "-m", "from the CLI"])
+    with pytest.raises(SystemExit) as exited:
+        run_cli(main)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: no valid Kaggle credentials")
+    assert err.endswith(f"retry: python -m src.submit --config {config} -m 'from the CLI'")
+    assert read_log(Path(cfg.kaggle.log)).iloc[0]["message"] == "from the CLI"

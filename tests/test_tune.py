@@ -1,0 +1,194 @@
+"""The hyperparameter search (src.tune): pruning, tuners sharing one study, a killed tuner, bad spaces.
+
+Every trial is a real tiny training run (test_resnet, 32 px, 2 epochs of 4 steps) on the tiny demo fixture."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+import src.tune
+from src.cli import run_cli
+from src.config import ConfigError, load_config, override
+from src.files import save_config
+from src.run_folder import RunFolder
+from src.train import LoopHooks
+from src.tune import load_space, main, open_storage, open_study, parse_space, report, trial_config, tune
+from tests.conftest import REPO_ROOT, tiny_config
+from tests.helpers import write_folds
+
+LR_SPACE = {"train.lr": {"type": "float", "low": 1.0e-9, "high": 0.1, "log": True}}
+
+
+@pytest.fixture
+def tune_cfg(tiny_data, tmp_path):
+    """The tiny config as a study's base: 2 epochs, validation loss as the objective (minimised), a median
+    pruner active from the first finished trial and the first epoch, a 1 s heartbeat."""
+    cfg = tiny_config(tiny_data, tmp_path, "train.epochs=2", "train.monitor=val_loss", "train.augment.d4=0",
+                      "train.augment.shift_scale_rotate=0", "train.augment.brightness_contrast=0",
+                      "train.augment.gamma=0", "tune.n_startup_trials=1", "tune.n_warmup_steps=0",
+                      "tune.heartbeat_seconds=1")
+    write_folds(cfg, 32)  # fold 0 validates on the last 16 of the 48 images
+    return cfg
+
+
+def storage_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'tune.db'}"
+
+
+def start_tuner(cfg, study: str, trials: int, url: str, stall: bool = False) -> multiprocessing.Process:
+    """A tuner in its own process (forked: the parent's imports come along, so it starts at once). ``stall``:
+    its trials stop for good after their first epoch is reported (to be killed there)."""
+    def run() -> None:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        if stall:
+            src.tune.train = stalling(src.tune.train)  # this process only
+        tune(cfg, parse_space(LR_SPACE, cfg), trials, study, url, space_tree=LR_SPACE, progress=False)
+
+    process = multiprocessing.get_context("fork").Process(target=run)
+    process.start()
+    return process
+
+
+@pytest.mark.slow
+def test_three_trials_one_pruned_and_the_report(tune_cfg, tmp_path, capsys):
+    """A trial whose first epoch is worse than the finished trial's is pruned there: PRUNED in the study, on the
+    console and in its history; the report lists every trial and prints the best one's training command."""
+    url = storage_url(tmp_path)
+    space = parse_space(LR_SPACE, tune_cfg)
+    study = open_study(tune_cfg, "lr", url, LR_SPACE, ["--config", "configs/demo.yaml"])
+    for lr in (1e-2, 1e-9, 1e-2):  # a learning rate that learns, one that cannot, the first again
+        study.enqueue_trial({"train.lr": lr})
+    summary = tune(tune_cfg, space, 3, "lr", url, space_tree=LR_SPACE)
+    out = capsys.readouterr().out
+
+    assert summary["states"] == {"COMPLETE": 2, "PRUNED": 1}
+    trials = optuna.load_study(study_name="lr", storage=url).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert list(trials[1].intermediate_values) == [1]  # reported epoch 1, stopped there
+    assert trials[0].value == pytest.approx(trials[2].value) and trials[0].value < trials[1].intermediate_values[1]
+    assert "trial 1: PRUNED: pruned at epoch 1" in out
+    folder = RunFolder(tune_cfg.run.dir)
+    pruned_history = pd.read_csv(RunFolder(folder.tune_trial("lr", 1)).history(0))
+    assert len(pruned_history) == 1 and "pruned at epoch 1" in pruned_history["stopped"].iloc[-1]
+    assert len(pd.read_csv(RunFolder(folder.tune_trial("lr", 0)).history(0))) == 2
+
+    result = report(tune_cfg, None, url)  # the only study in the storage
+    assert "PRUNED" in result["text"] and "train.lr" in result["text"]
+    assert result["command"] == "bash scripts/train_fold.sh 0 --config configs/demo.yaml train.lr=0.01"
+    for name in ("trials.csv", "importances.csv", "report.md", "optimization_history.png", "param_importances.png"):
+        assert (Path(result["dir"]) / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_two_tuners_share_one_study_without_running_a_trial_twice(tune_cfg, tmp_path):
+    """Two processes on one SQLite study take turns: both run trials, every trial is trained by one of them
+    once, and together they stop at --trials."""
+    cfg, url = override(tune_cfg, **{"tune.pruner": "none", "tune.sampler": "random"}), storage_url(tmp_path)
+    tuners = [start_tuner(cfg, "shared", 4, url) for _ in range(2)]
+    for tuner in tuners:
+        tuner.join(timeout=240)
+    assert [tuner.exitcode for tuner in tuners] == [0, 0]
+    trials = optuna.load_study(study_name="shared", storage=url).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    by = [t.user_attrs["tuner"].rsplit(":", 1)[1] for t in trials]
+    assert set(by) == {str(tuner.pid) for tuner in tuners}, by  # both took trials
+    for number in range(4):  # each trial folder trained once: one history of 2 epochs
+        assert len(pd.read_csv(RunFolder(RunFolder(cfg.run.dir).tune_trial("shared", number)).history(0))) == 2
+
+
+@pytest.mark.slow
+def test_a_killed_tuner_leaves_a_stale_trial_that_is_failed_and_replaced(tune_cfg, tmp_path, capsys):
+    """kill -9 mid-trial, then a rerun: once its heartbeat is older than the grace period the killed trial is
+    FAIL (not counted), and the study goes on to its --trials results."""
+    url, tune_cfg = storage_url(tmp_path), override(tune_cfg, **{"tune.pruner": "none"})
+    tuner = start_tuner(tune_cfg, "killed", 2, url, stall=True)
+    deadline = time.monotonic() + 120
+    while not ((tuner_trials := _trials_if_any("killed", url)) and tuner_trials[0].intermediate_values) and \
+            time.monotonic() < deadline:  # until trial 0 has reported its first epoch (of 2)
+        time.sleep(0.1)
+    os.kill(tuner.pid, signal.SIGKILL)
+    tuner.join(timeout=30)
+    trials = optuna.load_study(study_name="killed", storage=url).get_trials()
+    assert [t.state.name for t in trials] == ["RUNNING"], tuner_trials
+
+    summary = tune(tune_cfg, parse_space(LR_SPACE, tune_cfg), 2, "killed", url, space_tree=LR_SPACE, progress=False)
+    out = capsys.readouterr().out
+    trials = optuna.load_study(study_name="killed", storage=url).get_trials()
+    assert trials[0].state.name == "FAIL" and "failure" not in trials[0].user_attrs
+    assert [t.state.name for t in trials[1:]] == ["COMPLETE", "COMPLETE"]
+    assert summary["states"] == {"COMPLETE": 2, "FAIL": 1} and summary["ran_here"] == [1, 2]
+    assert "0 of 2 trials done, 1 running elsewhere" in out and "trial 0: marked FAIL" in out
+
+
+def stalling(train):
+    def stalled_train(cfg, fold, progress=True, hooks=None):
+        class Stall(LoopHooks):
+            def on_epoch(self, epoch: int, row: dict) -> bool:
+                hooks.on_epoch(epoch, row)
+                time.sleep(600)
+                return True
+
+        return train(cfg, fold, progress, Stall())
+
+    return stalled_train
+
+
+def _trials_if_any(study: str, url: str) -> list:
+    try:
+        return optuna.load_study(study_name=study, storage=open_storage(url, 1)).get_trials()
+    except KeyError:  # not created yet
+        return []
+
+
+def test_a_bad_space_key_is_refused_with_one_line(tune_cfg, tmp_path, monkeypatch, capsys):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("train.lrr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    config_file = tmp_path / "base.yaml"
+    save_config(tune_cfg, config_file)
+    monkeypatch.setattr(sys, "argv", ["src.tune", "--config", str(config_file), "--space", str(space_file),
+                                      "--trials", "2"])
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown config key 'train.lrr' (did you mean 'train.lr'?)" in err
+    assert str(space_file) in err
+
+
+@pytest.mark.parametrize("space, expected", [
+    ({"train.lr": {"type": "float", "low": 1e-2, "high": 1e-4}}, "'train.lr': low (0.01) must be below high"),
+    ({"train.lr": {"type": "float", "low": 0, "high": 1e-2, "log": True}}, "'train.lr': log: true needs low > 0"),
+    ({"train.lr": {"type": "float", "low": "fast", "high": 1e-2}}, "'train.lr': low must be a number"),
+    ({"train.epochs": {"type": "int", "low": 0, "high": 3}}, "config key 'train.epochs': Input should be greater"),
+    ({"train.batch_size": {"type": "int", "low": 8, "high": 16.5}}, "'train.batch_size': high must be an integer"),
+    ({"train.lr": {"type": "uniform", "low": 1, "high": 2}}, "'train.lr': expected a mapping with type float"),
+    ({"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "logg": True}}, "has no field(s) logg"),
+    ({"loss.name": {"type": "categorical", "choices": ["bce", "bce+dice"]}}, "'dice' in 'bce+dice' is not a loss"),
+    ({"train.monitor": {"type": "categorical", "choices": ["val_loss"]}}, "'train.monitor' cannot be searched"),
+    ({"loss.name": {"type": "categorical", "choices": ["bce", "focal"]}}, "train.monitor=val_loss"),
+])
+def test_a_bad_distribution_names_its_key(tune_cfg, space, expected):
+    with pytest.raises(ConfigError) as error:
+        parse_space(space, tune_cfg, "space.yaml")
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_example_spaces_fit_their_configs():
+    for space, config in (("hpa", "hpa_nasnet512"), ("small_data", "small_data")):
+        cfg = load_config(REPO_ROOT / "configs" / f"{config}.yaml")
+        assert load_space(REPO_ROOT / "configs" / "tune" / f"{space}.yaml", cfg)[0]
+
+
+def test_a_trial_runs_in_its_own_folder_as_a_wandb_run_of_the_study(tune_cfg):
+    trial = trial_config(tune_cfg, {"train.lr": 0.02}, "lr", 7)
+    assert trial.train.lr == 0.02 and trial.run.dir == str(RunFolder(tune_cfg.run.dir).tune_trial("lr", 7))
+    assert (trial.wandb.group, trial.wandb.name) == ("lr", "lr-trial7")
