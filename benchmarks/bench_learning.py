@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     limit_cpu_threads(args.threads)
     with work_folder(args.work_dir, "bench_learning_") as work_dir:
+        # train.overwrite: a reused --work-dir trains again from scratch.
         overrides = [f"data.dir={work_dir / 'data'}", f"folds.path={work_dir / 'folds.csv'}",
-                     f"run.dir={work_dir / 'run'}", f"model.backbone={args.backbone}"]
+                     f"run.dir={work_dir / 'run'}", f"model.backbone={args.backbone}", "train.overwrite=true"]
         if args.epochs:
             overrides.append(f"train.epochs={args.epochs}")
         cfg = load_config(args.config, overrides + args.overrides)

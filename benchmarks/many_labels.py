@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         rows = []
         for loss in LOSSES:
             run_dir = (work / "runs" if args.smoke else Path(base.run.dir).parent) / f"{Path(base.run.dir).name}_{loss}"
+            # A rerun of the benchmark trains every fold again from scratch (train.overwrite).
             cfg = load_config(base_file, [*overrides, f"loss.name={loss}", f"run.dir={run_dir}",
-                                          f"submission.path={run_dir / 'submission.csv'}", "predict.force=true"])
+                                          f"submission.path={run_dir / 'submission.csv'}", "predict.force=true",
+                                          "train.overwrite=true"])
             _, table, _ = load_training_data(cfg)
             folds = range(cfg.folds.n_splits) if args.folds == "all" else [int(f) for f in args.folds.split(",")]
             start = time.perf_counter()

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from src.config import Config, PipelineError
-from src.files import write_atomic
+from src.files import Staging, write_atomic
 
 
 class TrainingParts(Protocol):
@@ -153,12 +153,15 @@ def capture_checkpoint(parts: TrainingParts, state: Any, history: list[dict],
 
 
 def save_checkpoint(parts: TrainingParts, state: Any, history: list[dict], path: Path,
-                    rng_ranks: list[dict] | None = None) -> Path:
+                    rng_ranks: list[dict] | None = None, staging: Staging | None = None) -> Path:
     """Write :func:`capture_checkpoint` to ``path``: torch.save to a temp file beside it, then rename, so a
-    crash never leaves half a file. Refuses (:class:`NonFiniteWeights`) weights that hold NaN/inf, so a
-    checkpoint on disk is always a good state to resume from."""
+    crash never leaves half a file (with ``staging``: renamed on its commit, with the files staged beside it).
+    Refuses (:class:`NonFiniteWeights`) weights that hold NaN/inf, so a checkpoint on disk is always a good
+    state to resume from; a failed write (a full disk) is a WriteError naming ``path``."""
     require_finite(parts)
     ckpt = capture_checkpoint(parts, state, history, rng_ranks)
+    if staging is not None:
+        return staging.file(path, lambda tmp: torch.save(ckpt, tmp))
     return write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
 
 

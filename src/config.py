@@ -1,15 +1,17 @@
 """Config as data: a typed schema, YAML files, dotted ``key=value`` overrides.
 
 Every stage takes ``--config FILE`` plus overrides such as ``train.lr=3e-4``. Values are parsed as YAML
-(``false``, ``0.5``, ``[0, 1]``) and the merged result is validated against the schema below: an unknown
-key or a wrong type fails at once with a message naming the key and the closest valid one.
+(``false``, ``0.5``, ``[0, 1]``; a key that takes a string keeps unquoted text as typed where YAML would turn
+it into something else, such as ``|`` or ``no``) and the merged result is validated against the schema below: an
+unknown key or a wrong type fails at once with a message naming the key and the closest valid one.
 """
 
 from __future__ import annotations
 
 import difflib
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -52,7 +54,7 @@ class DataConfig(Section):
     # (default: <id><data.image_ext>).
     id_column: str = "image"
     label_column: str = "labels"
-    # On the command line quote YAML's special characters: "data.label_separator='|'".
+    # On the command line the text is taken as typed (data.label_separator=| is a '|', not YAML's block scalar).
     label_separator: str = Field(" ", min_length=1)
     path_column: str | None = None
     image_ext: str = ".jpg"
@@ -149,7 +151,10 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(4, ge=0)
     seed: int = 42
+    # Continue a fold from its last.pt. Without it a fold folder that holds checkpoints is refused, unless
+    # train.overwrite=true: then that fold's training outputs are removed and it trains again from scratch.
     resume: bool = False
+    overwrite: bool = False
     ema: bool = False
     # EMA time constant as a fraction of all optimizer steps: decay = 1 - 1 / (ema_horizon * steps), reached
     # after timm's EMA warm-up (power 1: the plain mean of all steps so far until then). Validation scores the
@@ -368,18 +373,56 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _accepted_types(key: str) -> set[type]:
+    """The Python types the schema accepts at dotted ``key`` (a Literal's values' types; empty when the key is
+    unknown or a section)."""
+    model: type[BaseModel] = Config
+    *sections, name = key.split(".")
+    for part in sections:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return set()
+        model = field.annotation
+    field = model.model_fields.get(name)
+    pending, accepted = [field.annotation] if field else [], set()
+    while pending:
+        annotation = pending.pop()
+        origin = get_origin(annotation)
+        if origin is Literal:
+            accepted |= {type(value) for value in get_args(annotation)}
+        elif origin in (Union, types.UnionType):
+            pending += get_args(annotation)
+        elif isinstance(annotation, type):
+            accepted.add(origin or annotation)
+    return accepted
+
+
+def _override_value(key: str, raw: str) -> Any:
+    """An override's value: ``raw`` parsed as YAML; for a key that takes a string, ``raw`` itself where YAML
+    would make something else of unquoted text (``|`` is a YAML block scalar: '', ``no`` a bool, ``@`` an
+    error) and the key takes no such value. Quoted text is YAML's to unquote."""
+    accepted = _accepted_types(key)
+    keep_raw = str in accepted and not raw.strip().startswith(("'", '"'))
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        if keep_raw:
+            return raw
+        raise ConfigError(f"override '{key}={raw}': value is not valid YAML ({exc})") from exc
+    if keep_raw and (value != raw.strip() if isinstance(value, str) else type(value) not in accepted):
+        return raw
+    return value
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """Turn ``["train.lr=1e-3", "model.pretrained=false"]`` into a nested dict of YAML-typed values."""
+    """Turn ``["train.lr=1e-3", "model.pretrained=false"]`` into a nested dict of YAML-typed values (a key that
+    takes a string keeps the text as typed where YAML would change it: see :func:`_override_value`)."""
     tree: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
-        _set_dotted(tree, key.strip(), value)
+        _set_dotted(tree, key.strip(), _override_value(key.strip(), raw))
     return tree
 
 

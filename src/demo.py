@@ -21,12 +21,12 @@ from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from src.cli import run_cli
 from src.config import PipelineError
 from src.formats import FORMATS, DemoLabels, get_format
 from src.images import write_jpeg, write_rgby
+from src.progress import bar as progress_bar
 
 GLYPH_SIDES = ((90, 3), (10_000, 4))  # glyph side in cells: 3 x 3 has 90 usable patterns, 4 x 4 thousands
 
@@ -128,7 +128,7 @@ def make_demo_dataset(out: str | Path, n_train: int = 2000, n_test: int = 300, s
     (tmp / "test").mkdir()
     rows = {"train": [], "test": []}
     jobs = [("train", i) for i in range(n_train)] + [("test", i) for i in range(n_test)]
-    for split, index in tqdm(jobs, desc=f"demo images -> {out}", disable=not progress):
+    for split, index in progress_bar(jobs, desc=f"demo images -> {out}", disable=not progress):
         sample_id = f"{split}{index:05d}"
         labels = sample_labels(rates, rng)
         write_rgby(tmp / split, sample_id, render_image(labels, glyphs, size, rng))
@@ -348,8 +348,8 @@ def make_many_label_dataset(out: str | Path, *, format: str = "openimages", n_tr
     shutil.rmtree(tmp, ignore_errors=True)
     for split, (split_ids, split_labels, split_topics) in splits.items():
         (tmp / split).mkdir(parents=True)
-        for image_id, labels, topics in tqdm(list(zip(split_ids, split_labels, split_topics)),
-                                             desc=f"{split} images -> {out}", disable=not progress):
+        for image_id, labels, topics in progress_bar(list(zip(split_ids, split_labels, split_topics)),
+                                                     desc=f"{split} images -> {out}", disable=not progress):
             write_jpeg(tmp / split / f"{image_id}.jpg", art.render(labels, topics, rng), JPEG_QUALITY)
     # Drawn after every image (and for either layout), so that both layouts get the same pixels from a seed.
     verified = human_verifications(*splits["train"], model.topic_of, rng)

@@ -24,14 +24,14 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from PIL import Image
 from scipy import sparse
 from scipy.cluster.hierarchy import DisjointSet
-from tqdm import tqdm
 
 from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError
 from src.data import label_csr
-from src.files import write_atomic
+from src.files import WriteError, write_atomic
 from src.formats import DatasetFormat, get_format, load_training_data
 from src.metrics import binary_csr
+from src.progress import bar as progress_bar
 from src.validate import require_valid
 
 
@@ -39,9 +39,16 @@ def image_hashes(table: pd.DataFrame, fmt: DatasetFormat, progress: bool = True)
     """64-bit perceptual hash (imagehash.phash) of each sample's image that ``fmt`` hashes (``hash_file``: HPA's
     green plane; a one-file image's luminance), as uint64."""
     hashes = np.zeros(len(table), dtype=np.uint64)
-    for row, files in enumerate(tqdm(table["files"], total=len(table), desc="hashing green channels",
-                                     disable=not progress, mininterval=1.0)):
-        with Image.open(fmt.hash_file(files)) as image:
+    for row, files in enumerate(progress_bar(table["files"], total=len(table), desc="hashing green channels",
+                                             disable=not progress, mininterval=1.0)):
+        path = fmt.hash_file(files)
+        try:
+            image = Image.open(path)
+        except FileNotFoundError:
+            raise PipelineError(f"folds.group_duplicates=true hashes every training image, and {path} is absent: "
+                                "restore the images, or set folds.group_duplicates=false (the folds then need only "
+                                "the labels), or use the folds file made where the images were") from None
+        with image:
             bits = imagehash.phash(image.convert("L")).hash.flatten()
         hashes[row] = np.packbits(bits).view(">u8")[0]
     return hashes
@@ -249,8 +256,10 @@ def _listing(classes: list[tuple[int, int]], shown: int = 20) -> str:
 
 
 def make_folds(cfg: Config, progress: bool = True) -> pd.DataFrame:
-    """Validate the data, split it into folds and write ``cfg.folds.path``; returns ``Id,fold``."""
-    require_valid(cfg, progress=progress)
+    """Validate the data, split it into folds and write ``cfg.folds.path``; returns ``Id,fold``. The folds need
+    only the labels: a source whose image files are all absent (a packed cache used without them) is noted, not
+    refused, unless ``folds.group_duplicates`` needs its images."""
+    require_valid(cfg, progress=progress, absent_ok=True)
     cfg, table, _ = load_training_data(cfg)  # openimages/csv: data.num_classes from the label vocabulary
     # Sparse whatever the size: 1.7 M x 7 178 dense would be 12 GB; iterstrat densifies its (small) input.
     labels = label_csr(table["labels"], cfg.data.num_classes)
@@ -280,8 +289,8 @@ def make_folds(cfg: Config, progress: bool = True) -> pd.DataFrame:
     path = Path(cfg.folds.path)
     try:
         write_atomic(path, lambda tmp: result.to_csv(tmp, index=False))
-    except OSError as exc:
-        raise PipelineError(f"cannot write folds file {path}: {exc}") from exc
+    except WriteError as exc:
+        raise PipelineError(f"cannot write folds file {path}: {exc.reason}") from exc
     if progress:
         if cfg.data.num_classes <= PRINT_TABLE_MAX_CLASSES:
             print(fold_table(labels, folds).to_string())
@@ -296,8 +305,9 @@ def make_folds(cfg: Config, progress: bool = True) -> pd.DataFrame:
     return result
 
 
-def load_folds(cfg: Config, table: pd.DataFrame) -> np.ndarray:
-    """Fold index for each row of ``table``, read from ``cfg.folds.path`` (the folds stage writes it)."""
+def read_folds_file(cfg: Config) -> pd.DataFrame:
+    """The folds file (``Id``, ``fold`` as numbers; an empty or non-numeric fold cell is NaN: no fold), or a
+    PipelineError saying how to make it."""
     path = Path(cfg.folds.path)
     if not path.is_file():
         raise PipelineError(f"folds file {path} not found: make it first with "
@@ -310,8 +320,21 @@ def load_folds(cfg: Config, table: pd.DataFrame) -> np.ndarray:
     if list(folds.columns[:2]) != ["Id", "fold"]:
         raise PipelineError(f"{path}: expected columns Id,fold, found {list(folds.columns)}")
     # An empty or non-numeric fold cell counts as no fold (it would otherwise fail as a bare ValueError).
-    fold_numbers = pd.to_numeric(folds["fold"], errors="coerce")
-    by_id = {sample_id: int(fold) for sample_id, fold in zip(folds["Id"], fold_numbers) if pd.notna(fold)}
+    return folds.assign(fold=pd.to_numeric(folds["fold"], errors="coerce"))
+
+
+def require_fold(cfg: Config, fold: int) -> None:
+    """Refuse a fold number the folds file does not have (a check before any work: reads the file only)."""
+    numbers = sorted(int(n) for n in read_folds_file(cfg)["fold"].dropna().unique())
+    if fold not in numbers:
+        have = f"folds {numbers[0]}..{numbers[-1]}" if numbers else "no folds"
+        raise PipelineError(f"fold {fold} does not exist in {cfg.folds.path} ({have})")
+
+
+def load_folds(cfg: Config, table: pd.DataFrame) -> np.ndarray:
+    """Fold index for each row of ``table``, read from ``cfg.folds.path`` (the folds stage writes it)."""
+    path, folds = Path(cfg.folds.path), read_folds_file(cfg)
+    by_id = {sample_id: int(fold) for sample_id, fold in zip(folds["Id"], folds["fold"]) if pd.notna(fold)}
     missing = [sample_id for sample_id in table["Id"] if sample_id not in by_id]
     if missing:
         raise PipelineError(f"{path}: {len(missing)} training Id(s) have no fold (e.g. {missing[:3]}); "

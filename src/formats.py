@@ -164,13 +164,21 @@ def _wide_rows(raw: pd.DataFrame, csv_path: Path, id_column: str, label_column: 
     return rows, problems
 
 
-def _headerless_table(path: Path, headers: set[str]) -> pd.DataFrame:
+def _headerless_table(path: Path, headers: set[str], key: str) -> tuple[pd.DataFrame | None, Problem | None]:
     """The first two columns of a small csv whose header row is optional (Open Images ships both kinds): a
-    first row whose first cell is one of ``headers`` is dropped."""
-    values = pd.read_csv(path, header=None, dtype=str, keep_default_na=False).iloc[:, :2]
+    first row whose first cell is one of ``headers`` is dropped. When the file (named by the config ``key``)
+    is missing, empty or unreadable: None and the problem, naming the file and the key."""
+    if not path.is_file():
+        return None, Problem(str(path), f"file not found ({key})")
+    try:
+        values = pd.read_csv(path, header=None, dtype=str, keep_default_na=False).iloc[:, :2]
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        why = (("empty file (0 bytes)" if path.stat().st_size == 0 else "no rows (blank lines only)")
+               if isinstance(exc, pd.errors.EmptyDataError) else f"not a readable csv ({exc})")
+        return None, Problem(str(path), f"{why} ({key})")
     if len(values) and values.iat[0, 0].strip() in headers:
         values = values.iloc[1:]
-    return values
+    return values, None
 
 
 @dataclass
@@ -222,6 +230,10 @@ class DatasetFormat:
         """The csv column naming each sample's image file, when the layout has one."""
         return None
 
+    def label_column_problems(self, cfg: DataConfig, cells: pd.Series, csv_path: Path) -> list[Problem]:
+        """What makes a training csv's whole label column unreadable as configured (none here)."""
+        return []
+
     def parse_labels(self, cfg: DataConfig, cell: str) -> tuple[tuple[str, ...], str | None]:
         """A label cell as label codes (in order, repeats dropped), or what is wrong with it."""
         separator = self.label_separator(cfg)
@@ -240,6 +252,9 @@ class DatasetFormat:
             return LabelTable(_frame([], source.csv), problems)
         if path_column and path_column not in raw.columns:
             path_column = None
+        problems = [] if test else self.label_column_problems(cfg, raw[label_column], source.csv)
+        if problems:
+            return LabelTable(_frame([], source.csv), problems)
         # With a path column the Id is only a key (it may hold '/' or spaces, e.g. when it is the file name itself).
         check_id = (lambda i: None if i else "empty Id") if path_column else id_problem
         parse = (lambda _: ((), None)) if test else partial(self.parse_labels, cfg)
@@ -251,25 +266,30 @@ class DatasetFormat:
                          ) -> tuple[Vocabulary, list[Problem]]:
         """The vocabulary of a training table's raw label codes: the trainable labels (``data.trainable_labels``,
         or every positive label) from most to least frequent, named by ``data.class_descriptions`` when given."""
+        rows = list(rows)
         counts = Counter(chain.from_iterable(rows))
         problems = []
         codes = sorted(counts, key=lambda code: (-counts[code], code))
         if cfg.trainable_labels:
             path = Path(cfg.dir) / cfg.trainable_labels
-            if not path.is_file():
-                return Vocabulary((), ()), [Problem(str(path), "file not found (data.trainable_labels)")]
-            trainable = list(dict.fromkeys(v.strip() for v in _headerless_table(path, LABEL_HEADERS).iloc[:, 0]))
+            table, problem = _headerless_table(path, LABEL_HEADERS, "data.trainable_labels")
+            if problem:
+                return Vocabulary((), ()), [problem]
+            trainable = list(dict.fromkeys(code for code in table.iloc[:, 0].str.strip() if code))
+            if not trainable:
+                return Vocabulary((), ()), [Problem(str(path), "no labels: the file holds only a header "
+                                                               "(data.trainable_labels)")]
             codes = sorted(trainable, key=lambda code: (-counts.get(code, 0), code))
         names = dict(zip(codes, codes))
         if cfg.class_descriptions:
-            path = Path(cfg.dir) / cfg.class_descriptions
-            if not path.is_file():
-                problems.append(Problem(str(path), "file not found (data.class_descriptions)"))
+            table, problem = _headerless_table(Path(cfg.dir) / cfg.class_descriptions, LABEL_HEADERS,
+                                               "data.class_descriptions")
+            if problem:
+                problems.append(problem)
             else:
-                table = _headerless_table(path, LABEL_HEADERS)
                 described = dict(zip(table.iloc[:, 0].str.strip(), table.iloc[:, -1].str.strip()))
                 names.update({code: described[code] for code in codes if described.get(code)})
-        if not codes:
+        if not codes and rows:  # (no rows at all: the readers said why)
             problems.append(Problem(f"{cfg.dir}/{cfg.train_csv}",
                                     "no labels: not one positive label in the training data"))
         return Vocabulary(tuple(codes), tuple(names[c] for c in codes)), problems
@@ -406,6 +426,20 @@ class CsvFormat(DatasetFormat):
     def label_separator(self, cfg: DataConfig) -> str:
         return cfg.label_separator
 
+    def label_column_problems(self, cfg: DataConfig, cells: pd.Series, csv_path: Path) -> list[Problem]:
+        """A ``data.label_separator`` found in no label cell while spaces are: the names are most likely
+        space-separated, and each combination would silently become one "class" with spaces in its name."""
+        separator = cfg.label_separator
+        if separator.isspace() or cells.str.contains(separator, regex=False).any():
+            return []
+        spaced = np.flatnonzero(cells.str.strip().str.contains(" ", regex=False).to_numpy())
+        if not len(spaced):
+            return []
+        example = f"row {spaced[0] + 2}: {cells.iloc[spaced[0]]!r}"
+        return [Problem(str(csv_path), f"data.label_separator={separator!r} occurs in no label of column "
+                                       f"{cfg.label_column!r}, but spaces do ({example}): set data.label_separator "
+                                       "to what separates the labels (' ' for space-separated names)")]
+
     def path_column(self, cfg: DataConfig) -> str | None:
         return cfg.path_column
 
@@ -529,6 +563,8 @@ def read_test_ids(cfg: DataConfig) -> LabelTable:
 
 
 def _raise_on(table: LabelTable, what: str) -> pd.DataFrame:
+    if len(table.problems) == 1:
+        raise DataError(f"{what}: {table.problems[0]}. Run `python -m src.validate` for a full report.")
     if table.problems:
         shown = "\n  ".join(str(p) for p in table.problems[:20])
         more = f"\n  ... and {len(table.problems) - 20} more" if len(table.problems) > 20 else ""

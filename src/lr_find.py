@@ -26,6 +26,7 @@ from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError, override
 from src.files import write_atomic
 from src.model import backbone_lr
+from src.progress import bar as progress_bar
 from src.report import plot_lr_find
 from src.run_folder import RunFolder
 from src.tracking import Tracker
@@ -37,13 +38,14 @@ DIVERGED_FACTOR = 4.0
 
 class RangeRecorder(LoopHooks):
     """Hears every optimizer step of ``Trainer.train_epoch``: records its loss against the learning rates that
-    step used, logs it to ``tracker``, and stops the loop when the test is over (enough steps, or the loss
-    diverged)."""
+    step used, logs it to ``tracker``, shows it on a bar of the test's steps (the loop's own bar would count
+    epochs of a 1-epoch config), and stops the loop when the test is over (enough steps, or the loss diverged)."""
 
-    def __init__(self, lr_at, steps: int, tracker: Tracker | None = None):
+    def __init__(self, lr_at, steps: int, tracker: Tracker | None = None, progress: bool = False):
         self.lr_at, self.steps, self.tracker = lr_at, steps, tracker
         self.rows: list[dict] = []
         self._average, self._best = 0.0, math.inf
+        self.bar = progress_bar(total=steps, desc="lr_find range test", unit="step", disable=not progress)
 
     def on_step(self, step: int, metrics: dict) -> bool:
         index = len(self.rows)
@@ -57,6 +59,8 @@ class RangeRecorder(LoopHooks):
             self.tracker.log({"lr_find/lr": head_lr, "lr_find/loss": loss, "lr_find/smoothed_loss": smoothed},
                              step=index + 1)
         self._best = min(self._best, smoothed)
+        self.bar.set_postfix(lr=f"{head_lr:.2e}", loss=f"{smoothed:.4f}", refresh=False)
+        self.bar.update(1)
         return index + 1 >= self.steps or not math.isfinite(smoothed) or smoothed > DIVERGED_FACTOR * self._best
 
 
@@ -112,13 +116,15 @@ def lr_find(cfg: Config, fold: int = 0, steps: int = 100, start: float = 1e-7, e
     tracker = Tracker(cfg, out_dir, name=f"{Path(cfg.run.dir).name}-lr_find-fold{fold}",
                       group=Path(cfg.run.dir).name, job_type="lr_find")
     try:
-        recorder = RangeRecorder(lr_at, steps, tracker)
-        trainer = Trainer(parts, progress)
+        recorder = RangeRecorder(lr_at, steps, tracker, progress)
+        trainer = Trainer(parts, progress=False)  # the recorder's bar counts the test's steps
         try:  # as many epochs as the steps need (a small data set has few steps per epoch)
             while trainer.train_epoch(trainer.epoch_batches(), hooks=recorder):
                 pass
         except TrainingDiverged:
             pass
+        finally:
+            recorder.bar.close()
         table = pd.DataFrame(recorder.rows)
         suggestion = suggest(table, ratio)
         write_atomic(out_dir / "lr_find.csv", lambda tmp: table.to_csv(tmp, index=False))

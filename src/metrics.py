@@ -3,7 +3,10 @@ by training (validation) and prediction.
 
 A sample is predicted positive for a class when its score is ``>=`` the class threshold. Truth and
 predictions are boolean n x m matrices, dense numpy arrays or scipy.sparse (csr) matrices: the metrics
-never densify a sparse one, so a many-label truth matrix stays small. Scores are dense and finite.
+never densify a sparse one, so a many-label truth matrix stays small. Scores are finite: an n x m array, or a
+matrix read a block of rows at a time (``src.run_folder.ScoreRows``: ``scores[a:b]``, ``scores[:, cols]``,
+``take(index)``), which every search here reads in row blocks or column slabs, never whole; decisions on one
+come back as a sparse matrix, and :func:`decision_counts` scores a decision without making it at all.
 
 Conventions are scikit-learn's, with ``zero_division`` a number:
 
@@ -36,6 +39,9 @@ if TYPE_CHECKING:
 # Row blocks of about this many matrix entries bound the temporaries of the row-wise searches (a few
 # bytes each), whatever n and m are.
 BLOCK_ENTRIES = 1 << 22
+# The column-wise searches read scores that are not an array (src.run_folder.ScoreRows) in slabs of columns of
+# about this many entries (float32: 512 MB), one pass over the rows per slab.
+SLAB_ENTRIES = 1 << 27
 
 
 # -- counting on dense or sparse boolean matrices ------------------------------------------------------------
@@ -174,6 +180,48 @@ def _row_blocks(n: int, m: int):
     return (slice(start, min(start + step, n)) for start in range(0, n, step))
 
 
+def _column_slabs(scores, columns: np.ndarray | None = None):
+    """(first column, slab) pairs that cover the columns ``columns`` (default all) of a score matrix: an array in
+    one slab (itself when all columns, no copy), scores read by rows in slabs of about ``SLAB_ENTRIES`` entries."""
+    if isinstance(scores, np.ndarray):
+        yield 0, (scores if columns is None else scores[:, columns])
+        return
+    n, m = scores.shape
+    columns = np.arange(m) if columns is None else np.asarray(columns)
+    width = max(1, SLAB_ENTRIES // max(n, 1))
+    for start in range(0, len(columns), width):
+        chosen = columns[start : start + width]
+        yield start, scores[:, slice(chosen[0], chosen[-1] + 1) if _consecutive(chosen) else chosen]
+
+
+def _consecutive(columns: np.ndarray) -> bool:
+    return len(columns) > 0 and int(columns[-1]) - int(columns[0]) == len(columns) - 1 and \
+        bool((np.diff(columns) == 1).all())
+
+
+def take_rows(scores, index: np.ndarray):
+    """Rows ``index`` of a score matrix: an array's (a copy), or scores read by rows' (read when used)."""
+    return scores[index] if isinstance(scores, np.ndarray) else scores.take(index)
+
+
+def nonfinite_rows(scores) -> int:
+    """How many rows of a score matrix hold NaN or inf (an array at once, other scores a block at a time)."""
+    if isinstance(scores, np.ndarray):
+        return int((~np.isfinite(scores)).any(axis=1).sum())
+    return sum(int((~np.isfinite(scores[rows])).any(axis=1).sum()) for rows in _row_blocks(*scores.shape))
+
+
+def by_row_blocks(scores, decide_block):
+    """``decide_block`` (the boolean decisions of an array of score rows, made row by row) of a score matrix: of
+    an array at once (a boolean array); of scores read by rows a block at a time, into a sparse csr matrix, so
+    nothing n x m is held."""
+    if isinstance(scores, np.ndarray):
+        return decide_block(scores)
+    n, m = scores.shape
+    parts = [sparse.csr_matrix(decide_block(scores[rows])) for rows in _row_blocks(n, m)]
+    return sparse.vstack(parts, format="csr") if parts else sparse.csr_matrix((0, m), dtype=bool)
+
+
 def top_labels(scores: np.ndarray, k: int) -> np.ndarray:
     """Boolean n x m mask of each row's ``k`` highest-scoring labels (all m when k >= m); among equal
     scores the lower class index goes first, so exactly min(k, m) per row. Linear time (a partition, not a
@@ -274,8 +322,70 @@ def bound_labels(scores: np.ndarray, predicted: np.ndarray, min_labels: int = 1,
 
 
 def decide(scores: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
-    """Boolean predictions: score >= threshold, and at least one label per sample (its top class)."""
-    return bound_labels(scores, scores >= thresholds, 1, None)
+    """Boolean predictions: score >= threshold, and at least one label per sample (its top class); sparse for
+    scores read by rows (:func:`by_row_blocks`)."""
+    return by_row_blocks(scores, lambda block: bound_labels(block, block >= thresholds, 1, None))
+
+
+class DecisionCounts:
+    """The confusion counts of one decision on (truth, scores) that every metric is made of: true labels, true
+    positives and predicted labels per class and per row (int64). Counts of held-out parts add up
+    (:meth:`assemble`), so cross-fold estimates need no prediction matrix either."""
+
+    def __init__(self, true_class, tp_class, predicted_class, true_row, tp_row, predicted_row):
+        self.true_class, self.tp_class, self.predicted_class = true_class, tp_class, predicted_class
+        self.true_row, self.tp_row, self.predicted_row = true_row, tp_row, predicted_row
+
+    @classmethod
+    def assemble(cls, n: int, parts: list[tuple[np.ndarray, DecisionCounts]]) -> DecisionCounts:
+        """The counts of n rows from those of disjoint parts (``(rows, counts)`` pairs covering every row)."""
+        rows = [np.zeros(n, np.int64) for _ in range(3)]
+        for held, part in parts:
+            for whole, own in zip(rows, (part.true_row, part.tp_row, part.predicted_row)):
+                whole[held] = own
+        per_class = [sum(getattr(part, name) for _, part in parts) for name in
+                     ("true_class", "tp_class", "predicted_class")]
+        return cls(*per_class, *rows)
+
+    def f1_per_class(self, zero_division: float = 0.0) -> np.ndarray:
+        """:func:`f1_per_class` of the decision."""
+        return fbeta_from_counts(self.tp_class, self.true_class, self.predicted_class, 1.0, zero_division)
+
+    def score(self, metric: MetricConfig) -> float:
+        """:func:`metric_score` of the decision (not for ``precision_at_k``, which ranks the scores)."""
+        z = metric.zero_division
+        if metric.name == "macro_f1":
+            return float(self.f1_per_class(z).mean())
+        if metric.name == "fbeta_samples":
+            return float(fbeta_from_counts(self.tp_row, self.true_row, self.predicted_row, metric.beta, z).mean())
+        if metric.name == "micro_f1":
+            return float(fbeta_from_counts(self.tp_class.sum(), self.true_class.sum(), self.predicted_class.sum(),
+                                           1.0, z))
+        raise ValueError(f"{metric.name} is not a metric of a decision's counts")
+
+
+def decision_counts(y_true, scores, decide_block) -> DecisionCounts:
+    """The :class:`DecisionCounts` of ``decide_block`` (boolean decisions of an array of score rows, made row by
+    row, such as ``Decision.apply``) on (``y_true``, ``scores``), a block of rows at a time: the same counts as
+    the whole prediction matrix would give, without ever holding it."""
+    y_true = _prepare(y_true)
+    n, m = scores.shape
+    tp_class, predicted_class = np.zeros(m, np.int64), np.zeros(m, np.int64)
+    tp_row, predicted_row = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    true_rows, true_cols = _nonzero(y_true) if sparse.issparse(y_true) else (None, None)
+    for rows in _row_blocks(n, m):
+        predicted = np.asarray(decide_block(scores[rows]), dtype=bool)
+        if true_rows is not None:
+            in_block = slice(*np.searchsorted(true_rows, [rows.start, rows.stop]))
+            t_rows, t_cols = true_rows[in_block] - rows.start, true_cols[in_block]
+        else:
+            t_rows, t_cols = np.nonzero(y_true[rows])
+        hit = predicted[t_rows, t_cols]
+        tp_class += np.bincount(t_cols[hit], minlength=m)
+        tp_row[rows] = np.bincount(t_rows[hit], minlength=rows.stop - rows.start)
+        predicted_class += np.count_nonzero(predicted, axis=0)
+        predicted_row[rows] = np.count_nonzero(predicted, axis=1)
+    return DecisionCounts(_counts(y_true, 0), tp_class, predicted_class, _counts(y_true, 1), tp_row, predicted_row)
 
 
 # -- threshold searches --------------------------------------------------------------------------------------
@@ -291,9 +401,11 @@ def largest_per_column(scores: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     n, m = scores.shape
     ranks = np.atleast_2d(ranks)
     values = np.empty(ranks.shape, dtype=scores.dtype)
-    for block in _row_blocks(m, n):  # blocks of columns: ~40 bytes per entry held, bounded
-        ascending = np.sort(scores[:, block].T, axis=1)
-        values[:, block] = ascending[np.arange(len(ascending)), n - 1 - ranks[:, block]]
+    for offset, slab in _column_slabs(scores):
+        for block in _row_blocks(slab.shape[1], n):  # blocks of columns: ~40 bytes per entry held, bounded
+            ascending = np.sort(slab[:, block].T, axis=1)
+            cols = slice(offset + block.start, offset + block.stop)
+            values[:, cols] = ascending[np.arange(len(ascending)), n - 1 - ranks[:, cols]]
     return values
 
 
@@ -307,7 +419,8 @@ def _search_rows(sorted_rows: np.ndarray, rows: np.ndarray, values: np.ndarray) 
     return cut
 
 
-def best_thresholds(y_true, scores: np.ndarray, beta: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def best_thresholds(y_true, scores: np.ndarray, beta: float = 1.0,
+                    columns: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per class, the threshold that maximises that class's F-beta (F1 by default) on (y_true, scores), and
     that score.
 
@@ -317,38 +430,48 @@ def best_thresholds(y_true, scores: np.ndarray, beta: float = 1.0) -> tuple[np.n
     columns (transposed, so the sort runs along memory) that keep memory bounded for thousands of classes; a
     sparse truth is densified one block at a time. Of equal scores the lowest threshold wins. Thresholds sit
     midway between the scores they separate. A class with no positives gets threshold 1 (never predicted)
-    and score 0.
+    and score 0. ``columns``: search only these classes (``y_true`` holds just their columns); scores read by rows
+    are read in slabs of columns, one pass each.
     """
-    n, m = scores.shape
-    if not np.isfinite(scores).all():
-        raise ValueError("best_thresholds: scores hold NaN or inf; no threshold search on them")
+    n = scores.shape[0]
+    m = scores.shape[1] if columns is None else len(columns)
     thresholds, best_score = np.ones(m), np.zeros(m)
-    for block in _row_blocks(m, n):  # blocks of columns: ~40 bytes per entry held, bounded
-        scores_t = np.ascontiguousarray(scores[:, block].T)  # one class per row
-        sorted_t = np.sort(scores_t, axis=1)
-        pos_class, pos_sample = np.nonzero(_dense_columns(y_true, block).T)
-        positives = np.bincount(pos_class, minlength=len(scores_t))
-        # Each class's positive scores, ascending; a candidate per distinct value.
-        order = np.lexsort((scores_t[pos_class, pos_sample], pos_class))
-        cls, value = pos_class[order], scores_t[pos_class, pos_sample][order]
-        rank_in_class = np.arange(len(cls)) - (np.cumsum(positives) - positives)[cls]
-        first = np.ones(len(cls), bool)
-        first[1:] = (cls[1:] != cls[:-1]) | (value[1:] != value[:-1])
-        cls, value, tp = cls[first], value[first], positives[cls[first]] - rank_in_class[first]
-        cut = _search_rows(sorted_t, cls, value)  # the first sample ranked at or above the candidate
-        score = fbeta_from_counts(tp, positives[cls], n - cut, beta, 0.0)  # n - cut >= 1: never 0 / 0
-        # Per class, the first (lowest) candidate reaching the class's best score.
-        class_best = np.full(len(scores_t), -np.inf)
-        np.maximum.at(class_best, cls, score)
-        winners = np.flatnonzero(score == class_best[cls])
-        winners = winners[np.unique(cls[winners], return_index=True)[1]]
-        c, at_cut = cls[winners], cut[winners]
-        at = sorted_t[c, at_cut]
-        below = np.where(at_cut > 0, sorted_t[c, np.maximum(at_cut - 1, 0)], -np.inf)
-        columns = np.arange(block.start, block.stop)[c]
-        thresholds[columns] = np.where(at_cut > 0, (below + at) / 2, at)
-        best_score[columns] = score[winners]
+    for offset, slab in _column_slabs(scores, columns):
+        if not np.isfinite(slab).all():
+            raise ValueError("best_thresholds: scores hold NaN or inf; no threshold search on them")
+        for block in _row_blocks(slab.shape[1], n):  # blocks of columns: ~40 bytes per entry held, bounded
+            _best_in_block(y_true, slab, block, offset, n, beta, thresholds, best_score)
     return thresholds, best_score
+
+
+def _best_in_block(y_true, slab: np.ndarray, block: slice, offset: int, n: int, beta: float, thresholds: np.ndarray,
+                   best_score: np.ndarray) -> None:
+    """:func:`best_thresholds` of the columns ``block`` of one slab (columns ``offset + block`` of the truth)."""
+    scores_t = np.ascontiguousarray(slab[:, block].T)  # one class per row
+    sorted_t = np.sort(scores_t, axis=1)
+    block = slice(offset + block.start, offset + block.stop)
+    pos_class, pos_sample = np.nonzero(_dense_columns(y_true, block).T)
+    positives = np.bincount(pos_class, minlength=len(scores_t))
+    # Each class's positive scores, ascending; a candidate per distinct value.
+    order = np.lexsort((scores_t[pos_class, pos_sample], pos_class))
+    cls, value = pos_class[order], scores_t[pos_class, pos_sample][order]
+    rank_in_class = np.arange(len(cls)) - (np.cumsum(positives) - positives)[cls]
+    first = np.ones(len(cls), bool)
+    first[1:] = (cls[1:] != cls[:-1]) | (value[1:] != value[:-1])
+    cls, value, tp = cls[first], value[first], positives[cls[first]] - rank_in_class[first]
+    cut = _search_rows(sorted_t, cls, value)  # the first sample ranked at or above the candidate
+    score = fbeta_from_counts(tp, positives[cls], n - cut, beta, 0.0)  # n - cut >= 1: never 0 / 0
+    # Per class, the first (lowest) candidate reaching the class's best score.
+    class_best = np.full(len(scores_t), -np.inf)
+    np.maximum.at(class_best, cls, score)
+    winners = np.flatnonzero(score == class_best[cls])
+    winners = winners[np.unique(cls[winners], return_index=True)[1]]
+    c, at_cut = cls[winners], cut[winners]
+    at = sorted_t[c, at_cut]
+    below = np.where(at_cut > 0, sorted_t[c, np.maximum(at_cut - 1, 0)], -np.inf)
+    columns = np.arange(block.start, block.stop)[c]
+    thresholds[columns] = np.where(at_cut > 0, (below + at) / 2, at)
+    best_score[columns] = score[winners]
 
 
 def f1_curves(y_true, scores: np.ndarray, grid: np.ndarray, zero_division: float = 0.0) -> np.ndarray:

@@ -26,9 +26,10 @@ import timm
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
 from src.config import Config, ModelConfig, PipelineError
+from src.progress import bar as progress_bar
+from src.progress import note
 
 
 class FeatureModifier(nn.Module):
@@ -70,6 +71,18 @@ def _channel_stats(values: tuple[float, ...], in_chans: int) -> list[float]:
     return values + [float(np.mean(values))] * (in_chans - len(values))
 
 
+def check_backbone(cfg: ModelConfig) -> None:
+    """Refuse a ``model.backbone`` timm's registry does not know, naming similar ones (before any work). A
+    prefixed name (``hf-hub:...``, ``local-dir:...``) is timm's to resolve when the model is created."""
+    if ":" not in cfg.backbone and not timm.is_model(cfg.backbone):
+        raise _unknown_backbone(cfg.backbone)
+
+
+def _unknown_backbone(name: str) -> PipelineError:
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    return PipelineError(f"model.backbone: unknown timm model {name!r}" + (f" (similar: {close})" if close else ""))
+
+
 def create_backbone(cfg: ModelConfig) -> nn.Module:
     """A timm backbone with ``cfg.in_chans`` inputs and pooled features out (``num_classes=0``)."""
     kwargs = dict(in_chans=cfg.in_chans, num_classes=0, drop_rate=cfg.drop_rate)
@@ -90,9 +103,7 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
                             "weights file (or set it to false).") from None
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
-            close = difflib.get_close_matches(cfg.backbone, timm.list_models(), n=5, cutoff=0.6)
-            raise PipelineError(f"model.backbone: unknown timm model {cfg.backbone!r}"
-                                + (f" (similar: {close})" if close else "")) from None
+            raise _unknown_backbone(cfg.backbone) from None
         raise
 
 
@@ -188,8 +199,9 @@ def native_cpu_half(precision: str) -> bool:
         torch.ops.mkldnn._is_mkldnn_fp16_supported
     native = bool(check())
     if not native:
-        print(f"note: train.precision={precision} on a CPU without native {precision} kernels would be many times "
-              "slower than fp32: running in fp32", file=sys.stderr)
+        # Met at the first training step, while the epoch's bar runs: a note of its own, not cut into the bar.
+        note(f"note: train.precision={precision} on a CPU without native {precision} kernels would be many times "
+             "slower than fp32: running in fp32", file=sys.stderr)
     return native
 
 
@@ -230,18 +242,20 @@ def check_views(views: Sequence[str]) -> None:
 def infer(model: nn.Module, loader, device: torch.device, *, precision: str = "fp32", channels_last: bool = False,
           views: Sequence[str] = ("identity",), reduce: str = "mean",
           to_scores: Callable[[np.ndarray], np.ndarray] | None = None, loss_fn: nn.Module | None = None,
-          desc: str = "infer", progress: bool = True) -> tuple[np.ndarray, float | None]:
+          desc: str = "infer", progress: bool = True,
+          into: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray | None, float | None]:
     """The one inference loop (validation, OOF re-scoring, prediction).
 
     For each loaded batch, every TTA view in ``views`` is made on the device (images are read and decoded
     once), run under ``precision``, mapped by ``to_scores`` (raw float32 outputs when None) and reduced over
     views by ``reduce`` (mean or max). Returns the n x out stacked results and, when ``loss_fn`` is given,
-    the mean loss of the raw outputs of the first view.
+    the mean loss of the raw outputs of the first view. ``into``: each batch's results are handed to it (a score
+    table being written, src.run_folder.ScoreSink) instead of being stacked, and None is returned for them.
     """
     check_views(views)
     model.eval()
     results, total_loss, count = [], 0.0, 0
-    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for images, targets in progress_bar(loader, desc=desc, disable=not progress, leave=False):
         images = images.to(device, non_blocking=True)
         per_view = []
         for view in views:
@@ -257,5 +271,9 @@ def infer(model: nn.Module, loader, device: torch.device, *, precision: str = "f
             outputs = outputs.cpu().numpy()
             per_view.append(to_scores(outputs) if to_scores is not None else outputs)
         stacked = np.stack(per_view)
-        results.append(stacked[0] if len(views) == 1 else stacked.mean(0) if reduce == "mean" else stacked.max(0))
-    return np.concatenate(results), (total_loss / count if count else None)
+        reduced = stacked[0] if len(views) == 1 else stacked.mean(0) if reduce == "mean" else stacked.max(0)
+        if into is not None:
+            into(reduced)
+        else:
+            results.append(reduced)
+    return None if into is not None else np.concatenate(results), (total_loss / count if count else None)

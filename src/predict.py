@@ -16,7 +16,11 @@ decision as applied, with the config and the submission's hash: src.decision_rec
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,42 +30,60 @@ import torch
 from src.checkpoint import load_checkpoint, model_weights
 from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError, RunRef, override
-from src.data import Vocabulary, label_matrix, with_vocabulary
+from src.data import Vocabulary, label_csr, with_vocabulary
 from src.dataset import RGBYDataset, make_loader
 from src.decision_record import decision_path, decision_record, write_record
-from src.files import Staging, ensure_writable
+from src.files import Staging, ensure_writable, ensure_writable_file, remove_stale_temps
 from src.formats import label_separator, load_test_table, load_training_data, submission_columns
-from src.metrics import metric_title
+from src.metrics import binary_csr, count_labels, metric_title, nonfinite_rows
 from src.model import build_model, check_views, infer, resolve_device
 from src.pack import open_packed
 from src.report import listed_classes, metric_columns, write_report
-from src.run_folder import RunFolder, class_columns, read_scores, score_file, write_score_table
+from src.run_folder import (
+    RunFolder,
+    ScoreRows,
+    ScoreSink,
+    class_columns,
+    combine_scores,
+    read_score_table,
+    score_file,
+    stack_scores,
+    write_score_table,
+)
 from src.thresholds import AUTO, Decision, ThresholdInputs, choose_strategy, compare_strategies, decision_for
 from src.tracking import Tracker
 
 
-def require_finite(scores: np.ndarray, what: str) -> np.ndarray:
+def require_finite(scores: np.ndarray | ScoreRows, what: str) -> np.ndarray | ScoreRows:
     """``scores`` unchanged, or a PipelineError (exit 2) before anything is written: a submission made of
     NaN scores would look valid and be worthless."""
-    bad = ~np.isfinite(scores)
-    if bad.any():
-        raise PipelineError(f"{what}: {int(bad.any(axis=1).sum())} of {len(scores)} rows hold NaN or infinite "
+    bad = nonfinite_rows(scores)
+    if bad:
+        raise PipelineError(f"{what}: {bad} of {len(scores)} rows hold NaN or infinite "
                             "scores (diverged weights?); nothing written, the previous submission is kept")
     return scores
 
 
+def commonest_set_share(labels) -> float:
+    """The share of the rows of a label matrix (dense or sparse) that hold its most common label set."""
+    rows = binary_csr(labels)
+    bounds = rows.indptr.tolist()
+    counts = Counter(rows.indices[a:b].tobytes() for a, b in zip(bounds[:-1], bounds[1:]))
+    return max(counts.values()) / rows.shape[0] if rows.shape[0] else 0.0
+
+
 def degenerate_reasons(predicted: np.ndarray, train_labels: np.ndarray, far: float = 3.0) -> list[str]:
     """Why a submission looks degenerate: the same label set on nearly every row where training has no such
-    set, or predicted label rates more than ``far`` times off the training rates on most classes."""
+    set, or predicted label rates more than ``far`` times off the training rates on most classes. Either
+    matrix dense or sparse (1.7 M x 7 178 training labels are never made dense)."""
     reasons = []
-    if len(predicted) >= 10:
-        _, counts = np.unique(predicted, axis=0, return_counts=True)
-        _, train_counts = np.unique(train_labels, axis=0, return_counts=True)
-        share, train_share = counts.max() / len(predicted), train_counts.max() / len(train_labels)
+    if predicted.shape[0] >= 10:
+        share, train_share = commonest_set_share(predicted), commonest_set_share(train_labels)
         if share >= 0.9 and train_share < share / 2:
             reasons.append(f"{share:.0%} of the rows get the same label set (the most common set in training "
                            f"covers {train_share:.0%})")
-    train_rate, test_rate = train_labels.mean(axis=0), predicted.mean(axis=0)
+    train_rate = count_labels(train_labels, 0) / train_labels.shape[0]
+    test_rate = count_labels(predicted, 0) / predicted.shape[0]
     seen = train_rate > 0
     ratio = (test_rate[seen] + 1e-9) / train_rate[seen]
     off = (ratio > far) | (ratio < 1 / far)
@@ -71,9 +93,38 @@ def degenerate_reasons(predicted: np.ndarray, train_labels: np.ndarray, far: flo
     return reasons
 
 
+@dataclass
+class OofScores:
+    """Out-of-fold predictions: each row's Id and fold, and the n x m scores: an array, or for many classes
+    scores read a block of rows at a time (src.run_folder.ScoreRows: the folds' float16 tables, never loaded)."""
+
+    ids: np.ndarray
+    folds: np.ndarray
+    scores: np.ndarray | ScoreRows
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def frame(self) -> pd.DataFrame:
+        """One table: Id, fold, one column per class (for a few classes, or a few rows)."""
+        values = self.scores if isinstance(self.scores, np.ndarray) else self.scores[:]
+        return pd.concat([pd.DataFrame({"Id": self.ids, "fold": self.folds}),
+                          pd.DataFrame(values, columns=class_columns(values.shape[1]))], axis=1)
+
+
 def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: pd.DataFrame,
                 device: torch.device, progress: bool = True) -> tuple[np.ndarray, pd.DataFrame]:
-    """Test scores of one experiment (mean over its folds) and its OOF scores (with a ``fold`` column)."""
+    """Test scores of one experiment (mean over its folds) and its OOF scores as one table (Id, fold, one column
+    per class): :func:`score_run` for a few classes."""
+    test, oof = score_run(cfg, ref, test_table, train_table, device, progress)
+    return (test if isinstance(test, np.ndarray) else test[:]), oof.frame()
+
+
+def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: pd.DataFrame, device: torch.device,
+              progress: bool = True, scratch: Path | None = None) -> tuple[np.ndarray | ScoreRows, OofScores]:
+    """Test scores of one experiment (mean over its folds) and its OOF scores. Above
+    ``src.run_folder.CSV_MAX_CLASSES`` classes each fold's test scores go to a float32 table in ``scratch`` as
+    inference makes them and the OOF scores stay in the folds' tables; both are read a block of rows at a time."""
     folder = RunFolder(ref.dir)
     run_cfg = folder.load_config()  # the experiment's own backbone, size and loss
     if run_cfg.data.num_classes != cfg.data.num_classes:
@@ -90,16 +141,22 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table:
         return RGBYDataset(table, cfg.data.num_classes, run_cfg.data.image_size, packed=open_packed(data_cfg, table),
                            channels=run_cfg.model.in_chans)
 
-    def scores_of(model: torch.nn.Module, dataset: RGBYDataset, to_scores, desc: str) -> np.ndarray:
+    def scores_of(model: torch.nn.Module, dataset: RGBYDataset, to_scores, desc: str) -> np.ndarray | ScoreRows:
         loader = make_loader(dataset, cfg.predict.batch_size, cfg.train.num_workers, cfg.train.seed, device)
-        return infer(model, loader, device, precision=cfg.train.precision,
-                     channels_last=run_cfg.model.channels_last, views=cfg.predict.tta,
-                     reduce=cfg.predict.tta_reduce, to_scores=to_scores, desc=desc, progress=progress)[0]
+        sink = ScoreSink(dataset.ids, cfg.data.num_classes, scratch, dtype=np.float32)
+        try:
+            infer(model, loader, device, precision=cfg.train.precision, channels_last=run_cfg.model.channels_last,
+                  views=cfg.predict.tta, reduce=cfg.predict.tta_reduce, to_scores=to_scores, desc=desc,
+                  progress=progress, into=sink.append)
+        except BaseException:
+            sink.abort()
+            raise
+        return sink.finish()
 
     test_set = dataset_of(test_table)  # once per experiment: every fold scores the same images
     rows_by_id = train_table.set_index("Id")
     model = None
-    fold_scores, oof_parts = [], []
+    fold_scores, oof_ids, oof_folds, oof_parts = [], [], [], []
     checkpoints = folder.fold_checkpoints(cfg.predict.folds, cfg.predict.checkpoint)
     untrained = sorted(set(range(run_cfg.folds.n_splits)) - {fold for fold, _ in checkpoints})
     if cfg.predict.folds is None and untrained:
@@ -117,34 +174,46 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table:
         name = f"{folder.root.name} fold {fold}"
         fold_scores.append(require_finite(scores_of(model, test_set, to_scores, name), f"{path}: test scores"))
         oof_path = folder.oof(fold, cfg.predict.checkpoint)
-        oof = read_scores(oof_path)
+        ids, scores = read_score_table(oof_path)
         if cfg.predict.oof_tta:
-            val_rows = rows_by_id.loc[oof["Id"]].reset_index()
-            oof.iloc[:, 1:] = scores_of(model, dataset_of(val_rows), to_scores, f"{name} OOF")
-        require_finite(oof.iloc[:, 1:].to_numpy(dtype=float), f"{oof_path}: OOF scores")
-        # One concat, not insert: a frame of thousands of class columns would fragment.
-        oof_parts.append(pd.concat([oof[["Id"]], pd.DataFrame({"fold": fold}, index=oof.index),
-                                    oof.drop(columns="Id")], axis=1))
-    return np.mean(fold_scores, axis=0), pd.concat(oof_parts, ignore_index=True)
+            val_rows = rows_by_id.loc[ids].reset_index()
+            rescored = scores_of(model, dataset_of(val_rows), to_scores, f"{name} OOF")
+            scores = rescored.astype(scores.dtype) if isinstance(rescored, np.ndarray) else rescored
+        oof_ids.append(ids)
+        oof_folds.append(np.full(len(ids), fold))
+        oof_parts.append(require_finite(scores, f"{oof_path}: OOF scores"))
+    test = combine_scores(fold_scores, lambda folds: np.mean(folds, axis=0))
+    return test, OofScores(np.concatenate(oof_ids), np.concatenate(oof_folds), stack_scores(oof_parts))
 
 
-def combine_runs(per_run: list[tuple[float, np.ndarray, pd.DataFrame]]) -> tuple[np.ndarray, pd.DataFrame]:
-    """Weighted mean of test scores and of OOF scores over experiments (OOF on the Ids all share)."""
+def combine_runs(per_run: list[tuple[float, np.ndarray | ScoreRows, OofScores]]
+                 ) -> tuple[np.ndarray | ScoreRows, OofScores]:
+    """Weighted mean of test scores and of OOF scores over experiments (OOF on the Ids all share, in the first
+    experiment's row order); tables are combined a block of rows at a time as they are read."""
     total = sum(weight for weight, _, _ in per_run)
-    test = sum(weight * scores for weight, scores, _ in per_run) / total
-    common = set.intersection(*(set(oof["Id"]) for _, _, oof in per_run))
+    weights = [weight for weight, _, _ in per_run]
+
+    def weighted_mean(parts: list[np.ndarray]) -> np.ndarray:
+        return sum(weight * scores for weight, scores in zip(weights, parts)) / total
+
+    test = combine_scores([scores for _, scores, _ in per_run], weighted_mean)
+    common = set.intersection(*(set(oof.ids) for _, _, oof in per_run))
     if any(len(common) != len(oof) for _, _, oof in per_run):
         print(f"warning: experiments have different OOF Ids; thresholds use the {len(common)} they share")
-    frames = [oof[oof["Id"].isin(common)].sort_values("Id").reset_index(drop=True) for _, _, oof in per_run]
-    classes = [c for c in frames[0].columns if c not in ("Id", "fold")]
-    scores = sum(w * f[classes].to_numpy() for (w, _, _), f in zip(per_run, frames)) / total
-    return test, pd.concat([frames[0][["Id", "fold"]], pd.DataFrame(scores, columns=classes)], axis=1)
+    first = per_run[0][2]
+    keep = np.flatnonzero([sample_id in common for sample_id in first.ids])
+    ids = first.ids[keep]
+    rows = [pd.Index(oof.ids).get_indexer(ids) for _, _, oof in per_run]
+    rows = [None if len(at) == len(oof) and np.array_equal(at, np.arange(len(at))) else at
+            for at, (_, _, oof) in zip(rows, per_run)]
+    scores = combine_scores([oof.scores for _, _, oof in per_run], weighted_mean, rows)
+    return test, OofScores(ids, first.folds[keep], scores)
 
 
 def label_rates(cfg: Config, train_labels: np.ndarray, vocabulary: Vocabulary | None = None) -> np.ndarray:
     """Positive rate of each class in train, or the user's table (csv ``class,rate``; ``class`` is the label
     as the data writes it: a class index for hpa, a label id or name for openimages and csv)."""
-    rates = train_labels.mean(axis=0)
+    rates = count_labels(train_labels, 0) / train_labels.shape[0]  # dense or sparse labels
     if cfg.predict.rate_table:
         vocabulary = vocabulary or Vocabulary.numbered(len(rates))
         table = pd.read_csv(cfg.predict.rate_table, dtype={"class": str})
@@ -177,7 +246,10 @@ def run_vocabulary(cfg: Config) -> Vocabulary:
 
 
 def format_labels(predicted: np.ndarray, vocabulary: Vocabulary, separator: str = " ") -> list[str]:
-    return [vocabulary.decode(np.flatnonzero(row), separator) for row in predicted]
+    """Each row's predicted labels (a dense or sparse boolean matrix) as the submission writes them."""
+    rows = binary_csr(predicted)
+    bounds, indices = rows.indptr.tolist(), rows.indices
+    return [vocabulary.decode(indices[a:b].tolist(), separator) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def validate_submission(frame: pd.DataFrame, expected_ids: list[str], vocabulary: Vocabulary,
@@ -207,21 +279,21 @@ def validate_submission(frame: pd.DataFrame, expected_ids: list[str], vocabulary
 
 
 def score_experiments(cfg: Config, test_table: pd.DataFrame, train_table: pd.DataFrame, device: torch.device,
-                      progress: bool = True) -> tuple[np.ndarray, pd.DataFrame, list[RunRef]]:
+                      progress: bool = True, scratch: Path | None = None
+                      ) -> tuple[np.ndarray | ScoreRows, OofScores, list[RunRef]]:
     """Test and OOF scores of the ensemble: every experiment of ``predict.runs`` (or just ``run.dir``)."""
     refs = cfg.predict.runs or [RunRef(dir=cfg.run.dir)]
-    per_run = [(ref.weight, *predict_run(cfg, ref, test_table, train_table, device, progress)) for ref in refs]
+    per_run = [(ref.weight, *score_run(cfg, ref, test_table, train_table, device, progress, scratch)) for ref in refs]
     return *combine_runs(per_run), refs
 
 
-def oof_truth(oof: pd.DataFrame, train_table: pd.DataFrame, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """The OOF rows' true labels (multi-hot) and their scores, row for row."""
+def oof_truth(oof: OofScores, train_table: pd.DataFrame, num_classes: int) -> tuple:
+    """The OOF rows' true labels (a sparse binary matrix) and their scores, row for row."""
     truth_by_id = dict(zip(train_table["Id"], train_table["labels"]))
-    unknown = [i for i in oof["Id"] if i not in truth_by_id]
+    unknown = [i for i in oof.ids if i not in truth_by_id]
     if unknown:
         raise PipelineError(f"OOF Ids not in the training data (e.g. {unknown[:3]}): run dirs and data.dir disagree")
-    oof_true = label_matrix([truth_by_id[i] for i in oof["Id"]], num_classes)
-    return oof_true, oof[class_columns(num_classes)].to_numpy()
+    return label_csr([truth_by_id[i] for i in oof.ids], num_classes), oof.scores
 
 
 def make_submission(test_table: pd.DataFrame, predicted: np.ndarray, vocabulary: Vocabulary,
@@ -235,7 +307,7 @@ def make_submission(test_table: pd.DataFrame, predicted: np.ndarray, vocabulary:
     return submission
 
 
-def report_header(cfg: Config, refs: list[RunRef], oof: pd.DataFrame, n_test: int, chosen: str,
+def report_header(cfg: Config, refs: list[RunRef], oof: OofScores, n_test: int, chosen: str,
                   decision: Decision | None = None) -> str:
     """The report's opening paragraph: what was ensembled, the metric, the chosen strategy and decision."""
     chosen += f" ({decision.describe()})" if decision is not None else ""
@@ -244,7 +316,7 @@ def report_header(cfg: Config, refs: list[RunRef], oof: pd.DataFrame, n_test: in
             f"TTA {cfg.predict.tta} ({cfg.predict.tta_reduce}); {len(oof)} OOF rows, {n_test} test rows. "
             f"Metric: {metric_title(cfg.metric)}. Chosen strategy: **{chosen}**. Cross-fold scores fit the "
             "decision on the other folds' OOF rows: the honest estimate of the test score."
-            + (" Only one fold's OOF rows: cross-fold equals in-sample." if oof["fold"].nunique() < 2 else ""))
+            + (" Only one fold's OOF rows: cross-fold equals in-sample." if len(np.unique(oof.folds)) < 2 else ""))
 
 
 def track(cfg: Config, out_dir: Path, strategies: pd.DataFrame, classes: pd.DataFrame, plots: dict[str, Path]) -> None:
@@ -266,18 +338,24 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     """Ensemble, TTA, threshold comparison, submission and report; returns the submission path."""
     check_views(cfg.predict.tta)
     ensure_writable(cfg.run.dir, "prediction outputs")  # before any inference
-    ensure_writable(Path(cfg.submission.path).parent, "the submission")
+    ensure_writable_file(cfg.submission.path, "submission.path")
+    for folder in (cfg.run.dir, Path(cfg.submission.path).parent):  # what a killed predict left (never a live one's)
+        remove_stale_temps(folder)
     device = resolve_device(cfg.train.device)
     vocabulary = run_vocabulary(cfg)  # the runs' labels, unchanged; training labels outside it are reported
     cfg, train_table, _ = load_training_data(with_vocabulary(cfg, vocabulary), vocabulary)
     test_table = load_test_table(cfg.data)
     m = cfg.data.num_classes
 
-    test_scores, oof, refs = score_experiments(cfg, test_table, train_table, device, progress)
+    # Many-class scores made here (each fold's test scores, re-scored OOF rows) go to a scratch folder as inference
+    # makes them and are read back a block of rows at a time; the folder goes when predict ends (its finalizer on
+    # an error; remove_stale_temps after a kill). Labels stay sparse: 1.7 M x 7 178 dense would be 12 GB.
+    scratch = tempfile.TemporaryDirectory(prefix="scores-", suffix=f".{os.getpid()}.tmp", dir=cfg.run.dir)
+    test_scores, oof, refs = score_experiments(cfg, test_table, train_table, device, progress, Path(scratch.name))
     oof_true, oof_scores = oof_truth(oof, train_table, m)
-    train_labels = label_matrix(train_table["labels"], m)
+    train_labels = label_csr(train_table["labels"], m)
     train_rate = label_rates(cfg, train_labels, vocabulary)
-    results = compare_strategies(oof_true, oof_scores, oof["fold"].to_numpy(), train_rate, cfg.predict, cfg.metric)
+    results = compare_strategies(oof_true, oof_scores, oof.folds, train_rate, cfg.predict, cfg.metric)
     chosen, why = choose_strategy(cfg.predict.threshold, results)
     # The comparison's in-sample decision; only the rate strategy reads the scores it is applied to, so it is
     # fitted again on the test scores.
@@ -296,8 +374,9 @@ def predict(cfg: Config, progress: bool = True) -> Path:
         header += "\n\n**Warning: the submission looks degenerate:** " + "; ".join(degenerate) + "."
     with Staging() as staging:
         staging.file(score_file(out.test_scores, m), lambda tmp: write_score_table(tmp, test_table["Id"], test_scores))
+        test_rate = count_labels(predicted, 0) / predicted.shape[0]
         strategies, classes, plots = write_report(out.report, header, results, chosen, oof_true, oof_scores,
-                                                  train_rate, predicted.mean(axis=0), staging, cfg.metric, why)
+                                                  train_rate, test_rate, staging, cfg.metric, why)
         if degenerate and not cfg.predict.force:
             staging.commit()  # the report shows what went wrong; the submission is not replaced
             raise PipelineError(
@@ -311,6 +390,7 @@ def predict(cfg: Config, progress: bool = True) -> Path:
         staging.file(decision_path(out.root), lambda tmp: write_record(tmp, record))
         sub_path = staging.file(cfg.submission.path, lambda tmp: submission.to_csv(tmp, index=False))
         staging.commit()
+    scratch.cleanup()
     if degenerate:
         print(f"warning: the submission looks degenerate: {'; '.join(degenerate)}; written anyway (predict.force)",
               file=sys.stderr)
@@ -323,7 +403,7 @@ def predict(cfg: Config, progress: bool = True) -> Path:
         print(f"\nper class ({chosen}" + (f"; the {len(listed)} most frequent of {len(classes)}" if
                                           len(listed) < len(classes) else "") + "):")
         print(listed.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-        print(f"\nwrote {sub_path} ({len(submission)} rows, {predicted.sum(axis=1).mean():.2f} labels per image), "
+        print(f"\nwrote {sub_path} ({len(submission)} rows, {count_labels(predicted, 1).mean():.2f} labels per image), "
               f"{out.test_scores} and the report in {out.report}/")
     return sub_path
 

@@ -240,7 +240,8 @@ def failure_reason(result: subprocess.CompletedProcess, competition: str) -> str
     last = _last_line(result.stderr) if result.stderr.strip() else _last_line(result.stdout)
     if re.search(r"Authentication required|\b401\b|Unauthorized|kaggle\.json", text):
         return ("no valid Kaggle credentials (401 or none found): run `kaggle auth login`, or save an API token "
-                "(kaggle.com > Settings > API) to ~/.kaggle/access_token or KAGGLE_API_TOKEN")
+                "(kaggle.com > Settings > API) to ~/.kaggle/access_token or KAGGLE_API_TOKEN (a legacy key: "
+                "~/.kaggle/kaggle.json or KAGGLE_USERNAME and KAGGLE_KEY)")
     if re.search(r"NameResolutionError|Failed to resolve|Max retries exceeded|ConnectionError|Connection refused|"
                  r"Network is unreachable|Temporary failure in name resolution|Read timed out", text):
         return f"no network: Kaggle could not be reached ({last})"
@@ -378,12 +379,13 @@ def match_scores(log: pd.DataFrame, kaggle_rows: pd.DataFrame, competition: str)
     return counts
 
 
-def refresh(cfg: Config, kaggle: str | None = None, progress: bool = True) -> Counter:
-    """Fetch the competition's submissions with the kaggle CLI and fill in the log's public (and private) scores."""
+def refresh(cfg: Config, kaggle: str | None = None, retry: str | None = None, progress: bool = True) -> Counter:
+    """Fetch the competition's submissions with the kaggle CLI and fill in the log's public (and private) scores;
+    ``retry``: the command a failure prints. A failure leaves the log as it was."""
     log_path = Path(cfg.kaggle.log)
     if not log_path.is_file():
         raise PipelineError(f"no submission log at {log_path}: nothing to refresh (`python -m src.submit` sends one)")
-    retry = "retry: python -m src.submit --refresh"
+    retry = f"retry: {retry or 'python -m src.submit --refresh'}"
     try:
         result = run_kaggle(kaggle or find_kaggle(), ["competitions", "submissions", "-c", cfg.kaggle.competition,
                                                       "--csv"])
@@ -454,13 +456,13 @@ def main() -> None:
                         "(sends nothing)")
     args = parser.parse_args()
     cfg = config_from_args(args)
+    retry = shlex.join(["python", "-m", "src.submit", *sys.argv[1:]])
     if args.refresh:
-        refresh(cfg)
+        refresh(cfg, retry=retry)
     if args.log:
         show_log(cfg)
     if not (args.refresh or args.log):
-        argv = sys.argv[1:]
-        submit(cfg, args.message, retry=shlex.join(["python", "-m", "src.submit", *argv]))
+        submit(cfg, args.message, retry=retry)
 
 
 if __name__ == "__main__":

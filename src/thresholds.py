@@ -37,13 +37,17 @@ import numpy as np
 
 from src.config import MetricConfig, PredictConfig
 from src.metrics import (
+    DecisionCounts,
     best_thresholds,
     bound_labels,
+    by_row_blocks,
     count_labels,
-    f1_per_class,
+    decision_counts,
+    depends_on_decision,
     largest_per_column,
     metric_curve,
     metric_score,
+    take_rows,
     top_k_curve,
     top_labels,
 )
@@ -66,7 +70,11 @@ class Decision:
     top_k: int | None = None
 
     def apply(self, scores: np.ndarray) -> np.ndarray:
-        """Boolean n x m predictions for dense n x m scores."""
+        """Boolean n x m predictions for n x m scores: an array for an array, a sparse matrix (made a block of
+        rows at a time) for scores read by rows."""
+        return by_row_blocks(scores, self._decide_rows)
+
+    def _decide_rows(self, scores: np.ndarray) -> np.ndarray:
         if self.top_k is not None:
             return top_labels(scores, self.top_k)
         return bound_labels(scores, scores >= self.thresholds, self.min_labels, self.max_labels)
@@ -90,7 +98,7 @@ class Decision:
 @dataclass
 class ThresholdInputs:
     oof_true: np.ndarray  # n x m multi-hot, dense or scipy.sparse
-    oof_scores: np.ndarray  # n x m
+    oof_scores: np.ndarray  # n x m: an array, or scores read by rows (src.run_folder.ScoreRows)
     target_scores: np.ndarray  # the scores the decision will be applied to (OOF or test)
     label_rate: np.ndarray  # m: positive rate of each class in train (or the user's table)
     # Global thresholds already searched on these inputs (global_oof and oof_f1's anchor are the same search).
@@ -123,7 +131,7 @@ def oof_f1(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) ->
     if len(tuned_classes):
         beta = metric.beta if metric.name == "fbeta_samples" else 1.0
         truth = inputs.oof_true[:, tuned_classes] if len(tuned_classes) < m else inputs.oof_true
-        tuned, _ = best_thresholds(truth, inputs.oof_scores[:, tuned_classes], beta)
+        tuned, _ = best_thresholds(truth, inputs.oof_scores, beta, columns=tuned_classes)
         thresholds[tuned_classes] = cfg.shrink * tuned + (1 - cfg.shrink) * anchor
     return _bounded(thresholds, cfg)
 
@@ -212,27 +220,37 @@ def compare_strategies(oof_true, oof_scores: np.ndarray, oof_fold: np.ndarray, l
 
     Each entry also holds the fitted ``decision``, its per-class ``thresholds`` (NaN for top_k), the in-sample
     ``per_class_f1`` and ``predicted_rate`` per class, and ``labels_per_image`` (mean, in-sample).
+
+    Decisions are scored from their confusion counts (src.metrics.decision_counts), a block of rows at a time:
+    no prediction matrix is made, so scores read by rows (many classes) are compared without n x m in memory.
+    With one fold the cross-fold decision is the in-sample one (fitted on the same rows) and is not fitted twice.
     """
     metric = metric or MetricConfig()
     results = {}
     folds = np.unique(oof_fold)
-    m = oof_scores.shape[1]
+    n, m = oof_scores.shape
     inputs = ThresholdInputs(oof_true, oof_scores, oof_scores, label_rate)
     splits = []  # (held rows, the inputs fitted on the other folds), shared by every strategy
-    for fold in folds:
-        held = np.flatnonzero(oof_fold == fold)
-        fit = np.flatnonzero(oof_fold != fold) if len(folds) > 1 else held
-        splits.append((held, ThresholdInputs(oof_true[fit], oof_scores[fit], oof_scores[held], label_rate)))
+    if len(folds) > 1:
+        for fold in folds:
+            held, fit = np.flatnonzero(oof_fold == fold), np.flatnonzero(oof_fold != fold)
+            splits.append((held, ThresholdInputs(oof_true[fit], take_rows(oof_scores, fit),
+                                                 take_rows(oof_scores, held), label_rate)))
+    # A ranking metric reads the scores only: the same for every decision, computed once.
+    ranking = None if depends_on_decision(metric) else metric_score(metric, oof_true, None, oof_scores)
     for name in STRATEGIES:
         decision = decision_for(name, inputs, cfg, metric)
-        predicted = decision.apply(oof_scores)
-        cross = np.zeros_like(predicted)
-        for held, fold_inputs in splits:
-            cross[held] = decision_for(name, fold_inputs, cfg, metric).apply(oof_scores[held])
+        counts = decision_counts(oof_true, oof_scores, decision.apply)
+        cross = counts
+        if splits:
+            cross = DecisionCounts.assemble(n, [
+                (held, decision_counts(oof_true[held], fold_inputs.target_scores,
+                                       decision_for(name, fold_inputs, cfg, metric).apply))
+                for held, fold_inputs in splits])
         results[name] = {"decision": decision, "thresholds": decision.class_thresholds(m),
-                         "per_class_f1": f1_per_class(oof_true, predicted),
-                         "in_sample": metric_score(metric, oof_true, predicted, oof_scores),
-                         "cross_fold": metric_score(metric, oof_true, cross, oof_scores),
-                         "predicted_rate": predicted.mean(axis=0),
-                         "labels_per_image": float(predicted.sum(axis=1).mean())}
+                         "per_class_f1": counts.f1_per_class(),
+                         "in_sample": counts.score(metric) if ranking is None else ranking,
+                         "cross_fold": cross.score(metric) if ranking is None else ranking,
+                         "predicted_rate": counts.predicted_class / n,
+                         "labels_per_image": float(counts.predicted_row.mean())}
     return results

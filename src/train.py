@@ -33,7 +33,6 @@ from scipy.special import logit
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from src.augment import BatchAugment, build_cpu_policy
 from src.checkpoint import (
@@ -48,18 +47,27 @@ from src.checkpoint import (
 )
 from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError, override
-from src.data import Vocabulary, label_csr, label_matrix
+from src.data import Vocabulary, label_csr
 from src.dataset import EpochSampler, RGBYDataset, make_loader
-from src.files import ensure_writable
-from src.folds import load_folds
+from src.files import Staging, ensure_writable
+from src.folds import load_folds, require_fold
 from src.formats import load_training_data
 from src.label_embedding import LabelEmbedding
 from src.losses import build_loss, loss_kind, output_scorer
-from src.metrics import best_thresholds, decide, f1_per_class, fbeta_from_counts, metric_curve
-from src.model import autocast, build_model, infer, param_groups, resolve_device
+from src.metrics import (
+    best_thresholds,
+    count_labels,
+    decide,
+    decision_counts,
+    fbeta_from_counts,
+    metric_curve,
+    nonfinite_rows,
+)
+from src.model import autocast, build_model, check_backbone, effective_precision, infer, param_groups, resolve_device
 from src.pack import open_packed
+from src.progress import bar as progress_bar
 from src.report import plot_label_map, plot_similarity_heatmap
-from src.run_folder import FOLD_FILES, RunFolder, copy_scores, write_history, write_scores
+from src.run_folder import FOLD_FILES, LOCK_FILE, RunFolder, ScoreSink, copy_scores, write_history, write_scores
 from src.thresholds import GLOBAL_GRID
 from src.tracking import Tracker
 
@@ -356,6 +364,7 @@ class Trainer:
         self.history: list[dict] = []
         self.prior = prior_metrics(parts)
         self.saved_step: int | None = None  # optimizer step of the last checkpoint this run wrote or resumed
+        self.in_epoch = False  # inside train_epoch's batches (state.epoch is the epoch in progress, 0-based)
         self._loaders: dict[str, tuple[object, DataLoader]] = {}  # kept across epochs: see kept_loader
 
     # -- checkpoints (what they hold: src.checkpoint) ---------------------------------------------
@@ -370,14 +379,15 @@ class Trainer:
         torch.save(rng_states(), buffer)
         return [torch.load(io.BytesIO(blob), weights_only=True) for blob in self.dist.all_gather(buffer.getvalue())]
 
-    def save(self) -> Path:
-        """The full training state to last.pt, only ever from finite weights."""
+    def save(self, staging: Staging | None = None) -> Path:
+        """The full training state to last.pt, only ever from finite weights (with ``staging``: renamed into
+        place on its commit)."""
         path = self.folder.checkpoint(self.fold, "last")
         # The RNG gather is a collective: every rank joins it before any can stop.
         rng_ranks = self.rank_rng_states() if self.dist.world_size > 1 else None
         try:  # every rank checks the weights (they are equal), so all stop together; rank 0 alone writes
             if self.dist.main:
-                save_checkpoint(self.parts, self.state, self.history, path, rng_ranks)
+                save_checkpoint(self.parts, self.state, self.history, path, rng_ranks, staging)
             else:
                 require_finite(self.parts)
         except NonFiniteWeights as bad:
@@ -390,9 +400,14 @@ class Trainer:
         state, last = self.state, self.folder.checkpoint(self.fold, "last")
         where = (f"{last} holds the last good state (optimizer step {self.saved_step})" if self.saved_step is not None
                  else "no checkpoint of this run was written")
+        # The precision the run really used (bf16 on a CPU without bf16 kernels ran in fp32: no fp32 hint).
+        precision = effective_precision(self.parts.device, self.cfg.train.precision)
         hint = {"fp16": ", or use train.precision=bf16/fp32", "bf16": ", or try train.precision=fp32"}.get(
-            self.cfg.train.precision, "")
-        return TrainingDiverged(f"{what} at epoch {state.epoch + 1}, step {state.step} (fold {self.fold}); stopped "
+            precision, "")
+        # Once an epoch's batches are done state.epoch counts it: its validation and save belong to that epoch.
+        epoch = state.epoch + 1 if self.in_epoch else state.epoch
+        when = f"at epoch {epoch}" if epoch else "before the first epoch"
+        return TrainingDiverged(f"{what} {when}, step {state.step} (fold {self.fold}); stopped "
                                 f"without saving: {where}. Lower train.lr (python -m src.lr_find), set "
                                 f"train.clip_grad{hint}.")
 
@@ -430,8 +445,9 @@ class Trainer:
         p.model.train()
         p.optimizer.zero_grad(set_to_none=True)
         n_batches = state.batches_done + len(batches)
-        bar = tqdm(total=n_batches, initial=state.batches_done, disable=not self.progress,
-                   desc=f"fold {self.fold} epoch {state.epoch + 1}/{tc.epochs}")
+        self.in_epoch = True
+        bar = progress_bar(total=n_batches, initial=state.batches_done, disable=not self.progress,
+                           desc=f"fold {self.fold} epoch {state.epoch + 1}/{tc.epochs}")
         window_start = time.perf_counter()
         for window in accumulation_windows(batches, tc.accum_steps):
             window_images = sum(len(batch[0]) for batch in window)
@@ -494,6 +510,7 @@ class Trainer:
         bar.close()
         state.epoch += 1
         state.batches_done = 0
+        self.in_epoch = False
         p.sampler.epoch_state = p.sampler.generator.get_state()
         return True
 
@@ -505,7 +522,12 @@ class Trainer:
 
     def validate(self, model: nn.Module | None = None) -> dict:
         """Validation loss, macro-F1 at 0.5 and at per-class best thresholds, per-class F1, probabilities
-        of ``model`` (default: the weights the last validation chose)."""
+        of ``model`` (default: the weights the last validation chose).
+
+        In one process the probabilities go into a score sink as they are made: for thousands of classes a
+        temporary float16 table in the fold folder (src.run_folder.ScoreSink; what oof.npz stores), read back a
+        block of rows at a time by the metrics, so 340 k x 7 178 validation rows never sit in memory (9.8 GB in
+        float32); the truth is a sparse matrix. Under torch.distributed each rank's shard is gathered in memory."""
         p, tc, dist = self.parts, self.cfg.train, self.dist
         model = model or self.candidates().get(self.state.eval_weights, p.model)
         # Each rank scores every world_size-th validation row; the rows are gathered back in order, each
@@ -513,23 +535,32 @@ class Trainer:
         shard = list(range(dist.rank, len(p.val_set), dist.world_size))
         loader = self.kept_loader("validation", (p.val_set,), lambda: make_loader(
             Subset(p.val_set, shard), tc.batch_size * 2, tc.num_workers, tc.seed, p.device, persistent=True))
-        shard_probs, shard_loss = infer(model, loader, p.device, precision=tc.precision,
-                                        channels_last=self.cfg.model.channels_last,
-                                        to_scores=output_scorer(self.cfg.loss, p.embedding), loss_fn=p.loss_fn,
-                                        desc="validating", progress=self.progress)
+        sink = ScoreSink(p.val_table["Id"], self.cfg.data.num_classes, self.folder.fold(self.fold),
+                         in_memory=dist.world_size > 1)
+        try:
+            _, shard_loss = infer(model, loader, p.device, precision=tc.precision,
+                                  channels_last=self.cfg.model.channels_last,
+                                  to_scores=output_scorer(self.cfg.loss, p.embedding), loss_fn=p.loss_fn,
+                                  desc="validating", progress=self.progress, into=sink.append)
+        except BaseException:
+            sink.abort()
+            raise
+        shard_probs = sink.finish()
         gathered = dist.all_gather((shard_probs, (shard_loss or 0.0) * len(shard)))
-        probs = np.empty((len(p.val_set), shard_probs.shape[1]), dtype=shard_probs.dtype)
-        for rank, (rank_probs, _) in enumerate(gathered):
-            probs[rank :: dist.world_size] = rank_probs
+        probs = shard_probs
+        if dist.world_size > 1:
+            probs = np.empty((len(p.val_set), shard_probs.shape[1]), dtype=shard_probs.dtype)
+            for rank, (rank_probs, _) in enumerate(gathered):
+                probs[rank :: dist.world_size] = rank_probs
         val_loss = sum(loss_sum for _, loss_sum in gathered) / len(p.val_set)
-        if not (math.isfinite(val_loss) and np.isfinite(probs).all()):
+        if not (math.isfinite(val_loss) and nonfinite_rows(probs) == 0):
             raise self.diverged(f"validation loss {val_loss} / non-finite validation scores")
-        truth = label_matrix(p.val_table["labels"], self.cfg.data.num_classes)
+        truth = label_csr(p.val_table["labels"], self.cfg.data.num_classes)
         thresholds, tuned_f1 = best_thresholds(truth, probs)
-        f1_half = f1_per_class(truth, decide(probs, 0.5))
+        f1_half = decision_counts(truth, probs, lambda rows: decide(rows, 0.5)).f1_per_class()
         result = {"val_loss": val_loss, "macro_f1": float(f1_half.mean()), "macro_f1_tuned": float(tuned_f1.mean()),
                   "per_class_f1": f1_half, "per_class_f1_tuned": tuned_f1, "thresholds": thresholds,
-                  "support": truth.sum(axis=0), "probs": probs}
+                  "support": count_labels(truth, 0), "probs": probs}
         if tc.monitor == "metric":  # the competition metric under predict's global_bounded decision
             pc = self.cfg.predict
             result["metric"] = float(metric_curve(self.cfg.metric, truth, probs, GLOBAL_GRID, pc.min_labels,
@@ -574,9 +605,14 @@ class Trainer:
                "prior_val_loss": self.prior["val_loss"], "prior_macro_f1_tuned": self.prior["macro_f1_tuned"],
                "beats_prior": not_learning is None, "seconds": seconds, "best": improved}
         self.history.append(row)
-        if self.dist.main:
-            write_scores(folder.oof(fold, "last"), self.parts.val_table["Id"], metrics["probs"])
-        self.save()
+        # last.pt and its OOF scores as a set: the checkpoint (the big write) goes to its temp file first, the
+        # score table is replaced only once that is written, and the checkpoint renamed into place right after.
+        # A failure (a full disk) leaves the previous pair, never scores without their checkpoint.
+        with Staging() as staging:
+            self.save(staging)
+            if self.dist.main:
+                write_scores(folder.oof(fold, "last"), self.parts.val_table["Id"], metrics["probs"])
+            staging.commit()
         if self.dist.main:
             if improved:  # the same state: link the files instead of serialising it twice
                 copy_scores(folder.oof(fold, "last"), folder.oof(fold, "best"))
@@ -682,17 +718,58 @@ def print_summary(history: list[dict], result: dict) -> None:
         print(f"W&B offline run: {result['wandb_run']}  (upload with `wandb sync {result['wandb_run']}`)")
 
 
+def refuse_restart(cfg: Config, folder: RunFolder, fold: int) -> None:
+    """Refuse to start fold ``fold`` afresh over a fold folder that holds its checkpoints: a finished (or
+    interrupted) training is continued (``train.resume``) or replaced on purpose (``train.overwrite``)."""
+    found = [which for which in ("last", "best") if folder.checkpoint(fold, which).is_file()]
+    if found and not (cfg.train.resume or cfg.train.overwrite):
+        raise PipelineError(f"{folder.fold(fold)} already holds a training of fold {fold} "
+                            f"({', '.join(f'{which}.pt' for which in found)}): pass train.resume=true to continue "
+                            "it, train.overwrite=true to train it again from scratch, or move or delete the folder")
+
+
+def _remove_training(folder: RunFolder, fold: int) -> None:
+    """Remove what a previous training of fold ``fold`` wrote (checkpoints, score tables, history, config, label
+    embedding), so that nothing of it mixes with the new run's outputs."""
+    old = [folder.fold(fold) / name for name in FOLD_FILES] + [folder.embedding(fold)]
+    old += [folder.oof(fold, which).with_suffix(".npz") for which in ("best", "last")]  # many-class score tables
+    for path in old:
+        path.unlink(missing_ok=True)
+
+
+def _remove_if_unused(folders: list[Path]) -> None:
+    """Remove the folders this run created (innermost first) when nothing but a fold lock was written in them."""
+    for folder in folders:
+        if folder.is_dir() and {p.name for p in folder.iterdir()} <= {LOCK_FILE}:
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            folder.rmdir()
+
+
 def train(cfg: Config, fold: int, progress: bool = True, hooks: LoopHooks | None = None) -> dict:
     """Train fold ``fold`` and return its metrics (best epoch and score, last validation metrics); ``hooks``
     (:class:`LoopHooks`) hear every optimizer step and epoch and may stop the run."""
+    # What needs no data and no model, before anything is created: a wrong name or number leaves no folder. (No
+    # folds file at all is build_parts' to report, with the command that makes it, after the write check.)
+    check_backbone(cfg.model)
+    if Path(cfg.folds.path).is_file():
+        require_fold(cfg, fold)
     dist = init_distributed(cfg.train.device)
     folder = RunFolder(cfg.run.dir)
+    created = [path for path in (folder.fold(fold), folder.root) if not path.exists()]
     try:
         if not dist.main:  # rank 0 checks the folder and holds its lock for the whole run
             return Trainer(build_parts(cfg, fold, False, dist), False).fit(hooks)
         ensure_writable(folder.fold(fold), "training outputs")  # before loading data and building the model
         with folder.lock(fold):
-            return Trainer(build_parts(cfg, fold, progress, dist), progress).fit(hooks)
+            refuse_restart(cfg, folder, fold)
+            trainer = Trainer(build_parts(cfg, fold, progress, dist), progress)
+            if cfg.train.overwrite and not cfg.train.resume:  # the data and model are good: now the old run goes
+                _remove_training(folder, fold)
+            return trainer.fit(hooks)
+    except BaseException:
+        if dist.main:
+            _remove_if_unused(created)
+        raise
     finally:
         if dist.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -572,11 +572,12 @@ def main() -> None:
     command = ["--config", args.config, *(o for o in args.overrides if not o.startswith("tune."))]
     summary = tune(cfg, space, args.trials, study, args.storage, space_tree=tree, command=command)
     best = summary["best"]
-    print(f"study '{study}': {summary['states']}; "
+    states = ", ".join(f"{n} {s.lower()}" for s, n in summary["states"].items())
+    print(f"study '{study}': {states}; "
           + (f"best trial {best['number']} ({summary['monitor']} {best['value']:.4f}): {format_params(best['params'])}"
-             if best else "no complete trial")
-          + f"\nreport: python -m src.tune --report --config {args.config} --study {study}"
-          + (f" --storage {args.storage}" if args.storage else ""))
+             if best else "no complete trial yet"))
+    where = ["--storage", args.storage] if args.storage else []
+    print("report: " + shlex.join(["python", "-m", "src.tune", "--report", "--study", study, *where, *command]))
 
 
 if __name__ == "__main__":

@@ -16,17 +16,18 @@ Exits 2 (like every stage on a user-fixable problem) when anything is wrong; wri
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError
 from src.data import Problem
 from src.formats import DatasetFormat, get_format, read_test_ids, read_train_labels
+from src.progress import bar as progress_bar
 
 
 class ValidationFailed(PipelineError):
@@ -34,6 +35,9 @@ class ValidationFailed(PipelineError):
 
     def __init__(self, problems: list[Problem]):
         self.problems = problems
+        if len(problems) == 1:
+            super().__init__(f"dataset has 1 problem: {problems[0]}")
+            return
         shown = "\n  ".join(str(p) for p in problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
         super().__init__(f"dataset has {len(problems)} problem(s):\n  {shown}{more}")
@@ -47,9 +51,9 @@ def check_images(fmt: DatasetFormat, table: pd.DataFrame, split: str, expected_s
     paths = [(Path(f), ext) for files, ext in zip(table["files"], table["ext"]) for f in files]
     workers = min(16, (os.cpu_count() or 1) * 4)  # file reads wait on disk, so threads overlap well
     with ThreadPoolExecutor(workers) as pool:
-        results = list(tqdm(pool.map(lambda item: fmt.inspect_file(item[0], item[1], deep, channels), paths),
-                            total=len(paths), desc=f"checking {split} images", disable=not progress,
-                            mininterval=1.0))
+        results = list(progress_bar(pool.map(lambda item: fmt.inspect_file(item[0], item[1], deep, channels), paths),
+                                    total=len(paths), desc=f"checking {split} images", disable=not progress,
+                                    mininterval=1.0))
     problems = [Problem(str(path), why) for (path, _), (_, why) in zip(paths, results) if why]
     if not fmt.uniform_size:
         return problems
@@ -65,23 +69,28 @@ def check_images(fmt: DatasetFormat, table: pd.DataFrame, split: str, expected_s
     return problems
 
 
-def validate(cfg: Config, deep: bool = False, progress: bool = True) -> list[Problem]:
-    """Every problem of the dataset described by ``cfg.data``; an empty list means it is usable."""
+def validate(cfg: Config, deep: bool = False, progress: bool = True, absent_ok: bool = False) -> list[Problem]:
+    """Every problem of the dataset described by ``cfg.data``; an empty list means it is usable. ``absent_ok``
+    (for a stage that needs only the labels): a source none of whose image files exists (its images moved away,
+    a packed cache used in their place) is left unchecked with a note, instead of one problem per file."""
     train = read_train_labels(cfg.data)
     test = read_test_ids(cfg.data)
     problems = train.problems + test.problems
     fmt = get_format(cfg.data)
     channels = fmt.channels(cfg)
-    for source, rows in train.frame.groupby("source", sort=False):
-        problems += check_images(fmt, rows, f"train ({Path(source).name})", cfg.data.source_size, channels, deep,
-                                 progress)
-    problems += check_images(fmt, test.frame, "test", cfg.data.source_size, channels, deep, progress)
+    splits = [(f"train ({Path(source).name})", rows) for source, rows in train.frame.groupby("source", sort=False)]
+    for split, rows in splits + [("test", test.frame)]:
+        if absent_ok and len(rows) and not any(os.path.exists(f) for files in rows["files"] for f in files):
+            print(f"note: not one image file of {split} is present (e.g. {rows['files'].iloc[0][0]}): its images "
+                  "are not checked", file=sys.stderr)
+            continue
+        problems += check_images(fmt, rows, split, cfg.data.source_size, channels, deep, progress)
     return problems
 
 
-def require_valid(cfg: Config, deep: bool = False, progress: bool = True) -> None:
-    """Raise :class:`ValidationFailed` listing every problem, or return quietly."""
-    problems = validate(cfg, deep, progress)
+def require_valid(cfg: Config, deep: bool = False, progress: bool = True, absent_ok: bool = False) -> None:
+    """Raise :class:`ValidationFailed` listing every problem, or return quietly (``absent_ok``: see validate)."""
+    problems = validate(cfg, deep, progress, absent_ok)
     if problems:
         raise ValidationFailed(problems)
 

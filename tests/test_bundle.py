@@ -129,3 +129,18 @@ def test_bundle_refuses_a_config_that_did_not_make_the_prediction(predicted, tmp
     with pytest.raises(PipelineError, match=r"another config than this one \(predict.tta"):
         bundle(override(predicted, **{"predict.tta": ["identity"]}), tmp_path / "bundle", progress=False)
     assert not (tmp_path / "bundle").exists()
+
+
+def test_a_label_embedding_run_with_the_rate_strategy_predicts_the_same_from_its_bundle(tiny_data, tmp_path):
+    """The fold's label vectors travel with its weights, and ``rate`` is fitted again on the bundle's test scores
+    from the recorded label rates: the same submission as predict's."""
+    cfg = tiny_config(tiny_data, tmp_path, "loss.name=label_embedding", "loss.embedding_dim=4",
+                      "predict.threshold=rate", "predict.folds=[0]", "predict.tta=[identity]")
+    make_folds(cfg, progress=False)
+    train(cfg, 0, progress=False)
+    predict(cfg, progress=False)
+    out = bundle(cfg, tmp_path / "bundle", progress=False)
+    assert (out / "experiments" / "0-run" / "fold0" / "label_embedding.npz").is_file()
+    assert json.loads((out / "decision.json").read_text())["refit_on_test"] is True
+    written = predict_from_bundle(out, cfg.data.dir, tmp_path / "from_bundle.csv", progress=False)
+    assert written.read_bytes() == Path(cfg.submission.path).read_bytes()

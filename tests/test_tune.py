@@ -44,11 +44,11 @@ def storage_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'tune.db'}"
 
 
-def start_tuner(cfg, study: str, trials: int, url: str, stall: bool = False) -> multiprocessing.Process:
-    """A tuner in its own process (forked: the parent's imports come along, so it starts at once). ``stall``:
-    its trials stop for good after their first epoch is reported (to be killed there)."""
+def start_tuner(cfg, study: str, trials: int, url: str, log: Path, stall: bool = False) -> multiprocessing.Process:
+    """A tuner in its own process (forked: the parent's imports come along, so it starts at once), its console
+    to ``log``. ``stall``: its trials stop for good after their first epoch is reported (to be killed there)."""
     def run() -> None:
-        sys.stdout = sys.stderr = open(os.devnull, "w")
+        sys.stdout = sys.stderr = open(log, "w", buffering=1)
         if stall:
             src.tune.train = stalling(src.tune.train)  # this process only
         tune(cfg, parse_space(LR_SPACE, cfg), trials, study, url, space_tree=LR_SPACE, progress=False)
@@ -93,10 +93,11 @@ def test_two_tuners_share_one_study_without_running_a_trial_twice(tune_cfg, tmp_
     """Two processes on one SQLite study take turns: both run trials, every trial is trained by one of them
     once, and together they stop at --trials."""
     cfg, url = override(tune_cfg, **{"tune.pruner": "none", "tune.sampler": "random"}), storage_url(tmp_path)
-    tuners = [start_tuner(cfg, "shared", 4, url) for _ in range(2)]
+    logs = [tmp_path / f"tuner{i}.log" for i in range(2)]
+    tuners = [start_tuner(cfg, "shared", 4, url, log) for log in logs]
     for tuner in tuners:
         tuner.join(timeout=240)
-    assert [tuner.exitcode for tuner in tuners] == [0, 0]
+    assert [tuner.exitcode for tuner in tuners] == [0, 0], [log.read_text()[-2000:] for log in logs]
     trials = optuna.load_study(study_name="shared", storage=url).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
     by = [t.user_attrs["tuner"].rsplit(":", 1)[1] for t in trials]
@@ -110,7 +111,7 @@ def test_a_killed_tuner_leaves_a_stale_trial_that_is_failed_and_replaced(tune_cf
     """kill -9 mid-trial, then a rerun: once its heartbeat is older than the grace period the killed trial is
     FAIL (not counted), and the study goes on to its --trials results."""
     url, tune_cfg = storage_url(tmp_path), override(tune_cfg, **{"tune.pruner": "none"})
-    tuner = start_tuner(tune_cfg, "killed", 2, url, stall=True)
+    tuner = start_tuner(tune_cfg, "killed", 2, url, tmp_path / "tuner.log", stall=True)
     deadline = time.monotonic() + 120
     while not ((tuner_trials := _trials_if_any("killed", url)) and tuner_trials[0].intermediate_values) and \
             time.monotonic() < deadline:  # until trial 0 has reported its first epoch (of 2)
