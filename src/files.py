@@ -156,6 +156,8 @@ class Staging:
 def ensure_writable(folder: str | Path, what: str) -> Path:
     """Create ``folder`` if needed and prove a file can be written in it, before any expensive work."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PipelineError(f"cannot write {what} to {folder}: it is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test.{os.getpid()}.tmp"

@@ -50,7 +50,7 @@ from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, DataConfig, PipelineError
 from src.data import Source, test_source, train_sources
 from src.dataset import PackedImages
-from src.files import WriteError, format_bytes, free_bytes, remove_stale_temps, write_atomic
+from src.files import FULL_DISK_BYTES, WriteError, format_bytes, free_bytes, remove_stale_temps, write_atomic
 from src.formats import get_format
 from src.images import decode_file, decode_plane, fit_size, stack_planes
 from src.progress import bar as progress_bar
@@ -166,14 +166,16 @@ def _reserve(partial: Path, nbytes: int, rows_done: int, rows: int) -> None:
         if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # not on this file system: sparse, as before
             return
         if rows_done:
-            kept = (f"; it is kept with {rows_done} of {rows} rows packed ({format_bytes(partial.stat().st_blocks * 512)}"
-                    " on disk): make room and run `python -m src.pack` again to resume")
+            on_disk = format_bytes(partial.stat().st_blocks * 512)
+            kept = (f"; it is kept with {rows_done} of {rows} rows packed ({on_disk} on disk): make room and run "
+                    "`python -m src.pack` again to resume")
         else:
             partial.unlink(missing_ok=True)
             kept = "; nothing was kept"
         free = free_bytes(partial.parent)
         room = f", {format_bytes(free)} free" if free is not None else ""
-        raise WriteError(partial, f"{exc.strerror or exc} (the array needs {format_bytes(nbytes)}{room}){kept}") from None
+        raise WriteError(partial, f"{exc.strerror or exc} (the array needs {format_bytes(nbytes)}{room}){kept}") \
+            from None
 
 
 def pack_source(cfg: DataConfig, source: Source, table: pd.DataFrame, workers: int, progress: bool,
@@ -217,9 +219,11 @@ def pack_source(cfg: DataConfig, source: Source, table: pd.DataFrame, workers: i
     except BrokenProcessPool:  # a worker was killed: out of memory, or a write into the array failed (SIGBUS)
         record()
         free = free_bytes(partial.parent)
-        raise PipelineError(f"a packing worker died writing {partial} ({format_bytes(int(np.prod(shape)))}): out of "
-                            f"memory, or its disk is full ({format_bytes(free or 0)} free); it is kept with "
-                            f"{len(done)} of {len(ids)} rows packed: `python -m src.pack` resumes it") from None
+        why = (f"its disk is full ({format_bytes(free)} free)" if free is not None and free < FULL_DISK_BYTES
+               else "killed, out of memory?")
+        raise PipelineError(f"a packing worker died writing {partial} ({format_bytes(int(np.prod(shape)))}): {why}; "
+                            f"it is kept with {len(done)} of {len(ids)} rows packed: `python -m src.pack` resumes "
+                            "it") from None
     finally:
         bar.close()
     samples = [{"id": ids[row], "files": stats, "blake2b": digest} for row, (stats, digest) in sorted(done.items())]

@@ -51,6 +51,7 @@ class LineBar(tqdm):
         if not self.disable and self._line_n != self.n:
             self._ema_dt = lambda: None  # the whole run's rate, as tqdm's final frame shows it
             self._write_line()
+        self._next_line_at = math.inf  # tqdm's own closing redraw: not another line
         super().close()
 
     def _write_line(self) -> None:

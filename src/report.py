@@ -370,10 +370,15 @@ def plot_tune_history(trials: pd.DataFrame, path: Path, objective: str, minimize
     ax.scatter(complete["number"], complete["value"], color="tab:blue", zorder=3, label="complete: result")
     if len(pruned):
         ax.scatter(pruned["number"], pruned["last_score"], color="tab:orange", marker="x", zorder=3,
-                   label="pruned: score at its last epoch")
+                   label="pruned: score at its last epoch (e<N>: epochs run)")
+        for number, score, epochs in zip(pruned["number"], pruned["last_score"], pruned["epochs"]):
+            ax.annotate(f"e{epochs}", (number, score), xytext=(4, 3), textcoords="offset points", fontsize=7,
+                        color="tab:orange")
     if len(complete):
         best = complete["value"].cummin() if minimize else complete["value"].cummax()
-        ax.step(complete["number"], best, where="post", color="crimson", lw=1.4, label="best so far")
+        # The best so far, carried on to the last trial.
+        ax.step(list(complete["number"]) + [trials["number"].max()], list(best) + [best.iloc[-1]], where="post",
+                color="crimson", lw=1.4, label="best so far")
     failed = int((trials["state"] == "FAIL").sum())
     ax.set_xlabel("trial")
     ax.set_ylabel(f"{objective} ({'lower' if minimize else 'higher'} is better)")

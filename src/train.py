@@ -6,7 +6,8 @@
 Writes under ``run.dir/fold<N>/``: ``best.pt`` and ``last.pt`` (atomic; full training state),
 ``oof.csv`` (validation probabilities of the best checkpoint), ``history.csv``, ``config.yaml`` (the
 resolved config; also at ``run.dir/config.yaml``) and the offline W&B run. ``train.resume=true``
-continues from ``last.pt`` exactly where it stopped, mid-epoch included.
+continues from ``last.pt`` exactly where it stopped, mid-epoch included; without it a fold folder that holds
+checkpoints is refused (``train.overwrite=true`` trains that fold again from scratch).
 
 Mixed precision is torch.amp, the successor of NVIDIA Apex's ``amp``: ``torch.autocast`` for bf16/fp16
 and one ``torch.amp.GradScaler`` (fp16 only) over all parameters of backbone, modifier and head.

@@ -314,19 +314,21 @@ def fail_stale_trials(study: optuna.Study) -> None:
 
 # -- one trial -------------------------------------------------------------------------------------------
 class PruningHooks(LoopHooks):
-    """Reports each epoch's monitored score to the trial and stops the run when the pruner says so; keeps the
-    epoch rows, so the trial's history can say it was pruned."""
+    """Reports each epoch's monitored score to the trial and stops the run when the pruner says so (never after
+    the last epoch: a trial that ran every epoch is a result); keeps the epoch rows, so the trial's history can
+    say it was pruned."""
 
-    def __init__(self, trial: optuna.Trial, monitor: str):
-        self.trial, self.monitor, self.rows = trial, monitor, []
+    def __init__(self, trial: optuna.Trial, monitor: str, epochs: int, study_name: str):
+        self.trial, self.monitor, self.epochs, self.study_name, self.rows = trial, monitor, epochs, study_name, []
 
     def on_epoch(self, epoch: int, row: dict) -> bool:
         self.rows.append(dict(row))
         score = epoch_score(row, self.monitor)
         self.trial.report(score, step=epoch)
-        if self.trial.should_prune():
-            self.rows[-1]["stopped"] = (f"pruned at epoch {epoch} by the {self.trial.study.pruner.__class__.__name__}"
-                                        f" ({self.monitor} {score:.4f}): trial {self.trial.number}")
+        if epoch < self.epochs and self.trial.should_prune():
+            self.rows[-1]["stopped"] = (f"pruned at epoch {epoch} ({self.monitor} {score:.4f}; trial "
+                                        f"{self.trial.number} of study '{self.study_name}', "
+                                        f"{self.trial.study.pruner.__class__.__name__})")
             return True
         return False
 
@@ -369,7 +371,7 @@ def make_objective(cfg: Config, space: SearchSpace, study_name: str, progress: b
         trial.set_user_attr("tuner", f"{socket.gethostname()}:{os.getpid()}")  # which machine and process ran it
         params = suggest(trial, space)
         print(f"trial {trial.number}: {format_params(params)}", flush=True)
-        hooks = PruningHooks(trial, monitor)
+        hooks = PruningHooks(trial, monitor, cfg.train.epochs, study_name)
         try:
             trial_cfg = trial_config(cfg, params, study_name, trial.number)
             trial.set_user_attr("run_dir", trial_cfg.run.dir)
@@ -452,7 +454,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     for t in study.get_trials(deepcopy=False):
         steps = sorted(t.intermediate_values)
         failure = t.user_attrs.get(FAILURE_ATTR, "stale or crashed (not counted)" if t.state == TrialState.FAIL else "")
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
+        rows.append({"number": t.number, "state": t.state.name,
+                     "value": t.value if t.state == TrialState.COMPLETE else None,  # (optuna gives pruned ones too)
                      "last_score": t.intermediate_values[steps[-1]] if steps else None, "epochs": len(steps),
                      **t.params, "note": failure, "tuner": t.user_attrs.get("tuner", "")})
     return pd.DataFrame(rows)
@@ -472,7 +475,7 @@ def importances(study: optuna.Study) -> tuple[dict[str, float], str]:
         return {}, f"not computable: {exc}"
     if not found:
         return {}, "no parameter varies across the complete trials"
-    return found, ""
+    return found, f"fANOVA over {len(complete)} complete trials"
 
 
 def best_command(study: optuna.Study) -> str | None:
@@ -539,8 +542,10 @@ def format_report(summary: dict, table: pd.DataFrame, found: dict[str, float], n
     shown = table.drop(columns=["tuner"] + ([] if table["note"].astype(bool).any() else ["note"]))
     shown = shown.rename(columns={"number": "trial", "last_score": "last epoch"})
     lines.append(shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}"))
-    lines += ["", "parameter importances (fANOVA over the complete trials):"]
+    lines += ["", "parameter importances (fANOVA over the complete trials; a share of the objective's variance):"]
     lines += [f"  {key:<32} {value:.3f}" for key, value in found.items()] or [f"  none: {note}"]
+    if found and summary["states"].get("PRUNED"):
+        lines.append("  (pruned trials have no final score and do not enter the importances)")
     lines.append("")
     if command:
         best = summary["best"]

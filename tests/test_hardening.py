@@ -22,7 +22,7 @@ import src.train
 from src.checkpoint import check_resumable
 from src.cli import run_cli, user_message
 from src.config import PipelineError, load_config, override
-from src.files import Staging
+from src.files import Staging, WriteError
 from src.folds import load_folds, make_folds
 from src.formats import id_problem, parse_target
 from src.model import build_model
@@ -102,7 +102,7 @@ def test_staged_outputs_are_all_or_nothing(tmp_path):
     first.write_text("old\n")
     report.mkdir()
     (report / "a.txt").write_text("old\n")
-    with pytest.raises(RuntimeError), Staging() as staging:
+    with pytest.raises(WriteError, match="submission.csv: RuntimeError: disk full"), Staging() as staging:
         staging.file(first, lambda tmp: tmp.write_text("new\n"))
         staging.folder(report, lambda folder: (folder / "a.txt").write_text("new\n"))
 

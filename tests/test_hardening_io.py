@@ -20,7 +20,7 @@ import pytest
 import src.pack
 import src.predict
 import src.train
-from src.files import Staging, WriteError, remove_stale_temps
+from src.files import Staging, WriteError
 from src.predict import predict
 from src.tracking import _LOG_FILES
 from src.train import train
@@ -155,7 +155,36 @@ def test_staged_outputs_are_not_committed_when_one_target_cannot_be_replaced(tmp
     assert scores.read_text() == "previous\n" and temps(tmp_path) == []
 
 
-# -- 5. kill -9 during predict --------------------------------------------------------------------------------
+# -- 5./7. predict: kill -9 in the middle, a full submission folder ------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """Fold 0 of the tiny config trained for one epoch (shared by the prediction tests below)."""
+    work = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(tiny_data, work)
+    write_folds(cfg, 24)
+    train(cfg, 0, progress=False)
+    return cfg
+
+
+@pytest.mark.slow
+def test_a_full_submission_folder_is_one_line_naming_the_submission_and_changes_nothing(trained, tmp_path, capsys,
+                                                                                         monkeypatch):
+    run_dir, work = Path(trained.run.dir), Path(trained.folds.path).parent
+
+    def outputs() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if ".tmp" not in p.name}
+
+    before = outputs()
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        fill(disk, leave=0)
+        submission = disk / "submission.csv"
+        result = run_stage_here(src.predict, *cli_overrides(trained.data.dir, work, f"submission.path={submission}"),
+                                capsys=capsys, monkeypatch=monkeypatch)
+        assert_one_line_error(result, f"cannot write {submission}: No space left on device")
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    assert outputs() == before and not list(run_dir.glob("*.staged.tmp"))  # all or nothing
+
+
 KILLED_PREDICT = """
 import sys, time
 from pathlib import Path
@@ -177,13 +206,11 @@ run_cli(src.predict.main)
 
 
 @pytest.mark.slow
-def test_temp_files_of_a_killed_predict_are_removed_by_the_next_one(tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data, tmp_path)
-    write_folds(cfg, 24)
-    train(cfg, 0, progress=False)
+def test_temp_files_of_a_killed_predict_are_removed_by_the_next_one(trained, tmp_path):
+    cfg, work = trained, Path(trained.folds.path).parent
     run_dir, marker = Path(cfg.run.dir), tmp_path / "staged"
     process = subprocess.Popen([PYTHON, "-c", KILLED_PREDICT, str(marker), "--config", "configs/demo.yaml",
-                                *cli_overrides(tiny_data, tmp_path)], cwd=REPO_ROOT, env=SUBPROCESS_ENV,
+                                *cli_overrides(cfg.data.dir, work)], cwd=REPO_ROOT, env=SUBPROCESS_ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -196,9 +223,9 @@ def test_temp_files_of_a_killed_predict_are_removed_by_the_next_one(tiny_data, t
     live.write_text("being written\n")
 
     predict(cfg, progress=False)
-    assert sorted(p.name for p in run_dir.iterdir() if ".tmp" in p.name) == [live.name]
+    assert not [name for name in os.listdir(run_dir) if f".{pid}." in name] and live.is_file()
+    live.unlink()
     assert (run_dir / "test_probs.csv").is_file() and (run_dir / "report" / "report.md").is_file()
-    assert remove_stale_temps(run_dir) == []
 
 
 # -- 6. kill -9 of pack -----------------------------------------------------------------------------------------

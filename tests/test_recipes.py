@@ -215,7 +215,11 @@ def test_lr_find_writes_a_table_and_a_plot_and_no_checkpoint(tiny_data, tmp_path
     assert (out_dir / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert pd.read_csv(out_dir / "lr_find.csv").shape == table.shape
     assert not list(Path(cfg.run.dir).rglob("*.pt"))
-    assert "suggested: train.lr=" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "suggested: train.lr=" in captured.out
+    # The bar counts the range test's steps (not the loop's epochs of a 1-epoch config: "epoch 6/1").
+    assert "lr_find range test: " in captured.err and f"| {len(table)}/12 [" in captured.err
+    assert " epoch " not in captured.err
 
 
 @pytest.mark.slow
