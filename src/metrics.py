@@ -406,6 +406,7 @@ def largest_per_column(scores: np.ndarray, ranks: np.ndarray) -> np.ndarray:
             ascending = np.sort(slab[:, block].T, axis=1)
             cols = slice(offset + block.start, offset + block.stop)
             values[:, cols] = ascending[np.arange(len(ascending)), n - 1 - ranks[:, cols]]
+        del slab  # before the next slab is read: one slab in memory at a time
     return values
 
 
@@ -437,10 +438,9 @@ def best_thresholds(y_true, scores: np.ndarray, beta: float = 1.0,
     m = scores.shape[1] if columns is None else len(columns)
     thresholds, best_score = np.ones(m), np.zeros(m)
     for offset, slab in _column_slabs(scores, columns):
-        if not np.isfinite(slab).all():
-            raise ValueError("best_thresholds: scores hold NaN or inf; no threshold search on them")
         for block in _row_blocks(slab.shape[1], n):  # blocks of columns: ~40 bytes per entry held, bounded
             _best_in_block(y_true, slab, block, offset, n, beta, thresholds, best_score)
+        del slab  # before the next slab is read: one slab in memory at a time
     return thresholds, best_score
 
 
@@ -448,6 +448,8 @@ def _best_in_block(y_true, slab: np.ndarray, block: slice, offset: int, n: int, 
                    best_score: np.ndarray) -> None:
     """:func:`best_thresholds` of the columns ``block`` of one slab (columns ``offset + block`` of the truth)."""
     scores_t = np.ascontiguousarray(slab[:, block].T)  # one class per row
+    if not np.isfinite(scores_t).all():
+        raise ValueError("best_thresholds: scores hold NaN or inf; no threshold search on them")
     sorted_t = np.sort(scores_t, axis=1)
     block = slice(offset + block.start, offset + block.stop)
     pos_class, pos_sample = np.nonzero(_dense_columns(y_true, block).T)

@@ -364,7 +364,7 @@ def plot_label_map(E: np.ndarray, path: str | Path, support: np.ndarray | None =
 def plot_tune_history(trials: pd.DataFrame, path: Path, objective: str, minimize: bool) -> Path:
     """Optimisation history of a study: each finished trial's score by trial number (complete trials: their
     result; pruned ones: the score of the last epoch they ran, marked apart) and the best result so far."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
     complete = trials[trials["state"] == "COMPLETE"].sort_values("number")
     pruned = trials[trials["state"] == "PRUNED"]
     ax.scatter(complete["number"], complete["value"], color="tab:blue", zorder=3, label="complete: result")
@@ -383,7 +383,7 @@ def plot_tune_history(trials: pd.DataFrame, path: Path, objective: str, minimize
     ax.set_xlabel("trial")
     ax.set_ylabel(f"{objective} ({'lower' if minimize else 'higher'} is better)")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)  # off the points
     ax.set_title("Optimisation history" + (f" ({failed} failed trial(s) not shown)" if failed else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -59,12 +59,13 @@ SearchSpace = dict[str, BaseDistribution]
 
 # Keys a space may not search: they decide what the trials are compared on (the objective, the validation
 # fold, the data), where the outputs go, or how the search itself runs.
-FIXED_KEYS = ("tune", "run", "folds", "metric", "wandb", "predict", "submission", "train.monitor", "train.resume",
-              "train.device", "data.dir", "data.format", "data.num_classes")
+FIXED_KEYS = ("tune", "run", "folds", "metric", "wandb", "predict", "submission", "kaggle", "train.monitor",
+              "train.resume", "train.overwrite", "train.device", "data.dir", "data.format", "data.num_classes")
 # Base-config keys that may differ between tuners of one study (machine-local, or not about the trials).
-MAY_DIFFER = ("run.dir", "wandb", "train.device", "train.num_workers", "data.cache_dir", "predict", "submission",
-              "tune.pruner", "tune.n_startup_trials", "tune.n_warmup_steps", "tune.percentile", "tune.sampler",
-              "tune.random_trials", "tune.seed", "tune.heartbeat_seconds", "train.resume")
+MAY_DIFFER = ("run.dir", "wandb", "kaggle", "train.device", "train.num_workers", "data.cache_dir", "predict",
+              "submission", "tune.pruner", "tune.n_startup_trials", "tune.n_warmup_steps", "tune.percentile",
+              "tune.sampler", "tune.random_trials", "tune.seed", "tune.heartbeat_seconds", "train.resume",
+              "train.overwrite")
 # A trial that fails by its own settings (diverges, does not fit in memory, an invalid combination) is a result
 # of the search: FAIL with its reason, counted towards --trials. Anything else stops the tuner.
 TRIAL_FAILURES = (TrainingDiverged, ConfigError, torch.OutOfMemoryError)
@@ -357,9 +358,11 @@ def _format_value(value: Any) -> str:
 
 
 def trial_config(cfg: Config, params: dict[str, Any], study_name: str, number: int) -> Config:
-    """The trial's config: the base config, the trial's parameters, its own run folder and W&B identity."""
+    """The trial's config: the base config, the trial's parameters, its own run folder and W&B identity. The
+    folder is the trial number's: anything already there is left from a deleted study of the same name."""
     return override(cfg, **params, **{
         "run.dir": str(RunFolder(cfg.run.dir).tune_trial(study_name, number)), "train.resume": False,
+        "train.overwrite": True,
         "wandb.group": study_name, "wandb.name": f"{study_name}-trial{number}"})
 
 
