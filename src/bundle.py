@@ -50,7 +50,7 @@ from src.checkpoint import load_checkpoint, model_weights
 from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError, load_config, override
 from src.data import Vocabulary, with_vocabulary
-from src.dataset import RGBYDataset, make_loader
+from src.dataset import RGBYDataset
 from src.decision_record import (
     DECISION_FILE,
     apply_record,
@@ -61,8 +61,8 @@ from src.decision_record import (
 )
 from src.files import Staging, ensure_writable, save_config, write_atomic
 from src.formats import label_separator, load_test_table, submission_columns
-from src.model import build_model, check_views, infer, resolve_device
-from src.predict import make_submission, require_finite, run_vocabulary
+from src.model import check_views, resolve_device
+from src.predict import fold_networks, make_submission, require_finite, run_vocabulary, score_dataset
 from src.run_folder import RunFolder
 
 BUNDLE_KIND = "multilabel-pipeline inference bundle"
@@ -360,6 +360,15 @@ def load_bundle(bundle_dir: str | Path) -> tuple[dict, dict, Vocabulary]:
     return manifest, read_record(bundle_dir), vocabulary
 
 
+def bundled_weights(folder: RunFolder, fold: int) -> dict:
+    """A fold's inference weights as the bundle stores them (float32 or float16)."""
+    path = folder.fold(fold) / WEIGHTS_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise PipelineError(f"{path} is missing or unreadable ({exc})") from None
+
+
 def predict_from_bundle(bundle_dir: str | Path, data_dir: str | Path, out: str | Path = "submission.csv",
                         device: str | None = None, precision: str | None = None, workers: int | None = None,
                         batch_size: int | None = None, progress: bool = True) -> Path:
@@ -383,25 +392,12 @@ def predict_from_bundle(bundle_dir: str | Path, data_dir: str | Path, out: str |
         run_cfg = folder.load_config()
         test_set = RGBYDataset(test_table, cfg.data.num_classes, run_cfg.data.image_size,
                                channels=run_cfg.model.in_chans)
-        model, fold_scores = None, []
-        for fold in experiment["folds"]:
-            path = folder.fold(fold) / WEIGHTS_FILE
-            try:
-                weights = torch.load(path, map_location="cpu", weights_only=True)
-            except (OSError, RuntimeError) as exc:
-                raise PipelineError(f"{path} is missing or unreadable ({exc})") from None
-            if model is None:
-                model = build_model(run_cfg, out_dim=weights["head.weight"].shape[0]).to(torch_device)
-                if run_cfg.model.channels_last:
-                    model = model.to(memory_format=torch.channels_last)
-            model.load_state_dict(weights)  # float16 weights are copied into the float32 parameters
-            loader = make_loader(test_set, cfg.predict.batch_size, cfg.train.num_workers, cfg.train.seed,
-                                 torch_device)
-            scores = infer(model, loader, torch_device, precision=cfg.train.precision,
-                           channels_last=run_cfg.model.channels_last, views=cfg.predict.tta,
-                           reduce=cfg.predict.tta_reduce, to_scores=folder.output_scorer(run_cfg, fold),
-                           desc=f"{Path(experiment['path']).name} fold {fold}", progress=progress)[0]
-            fold_scores.append(require_finite(scores, f"{path}: test scores"))
+        fold_scores = []
+        for fold, model in fold_networks(run_cfg, ((fold, bundled_weights(folder, fold))
+                                                   for fold in experiment["folds"]), torch_device):
+            scores = score_dataset(cfg, run_cfg, model, test_set, folder.output_scorer(run_cfg, fold), torch_device,
+                                   f"{Path(experiment['path']).name} fold {fold}", progress)
+            fold_scores.append(require_finite(scores[:], f"{folder.fold(fold) / WEIGHTS_FILE}: test scores"))
         per_run.append((experiment["weight"], np.mean(fold_scores, axis=0)))
     # The same arithmetic as src.predict (mean over folds, then the weighted mean over experiments), so the
     # scores, and with them the submission, are predict's to the bit on the same machine.

@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,38 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table:
     return (test if isinstance(test, np.ndarray) else test[:]), oof.frame()
 
 
+def fold_networks(run_cfg: Config, fold_weights: Iterable[tuple[int, dict]],
+                  device: torch.device) -> Iterator[tuple[int, torch.nn.Module]]:
+    """``(fold, network)`` for each fold's weights: one network per experiment, each fold's weights loaded into it
+    in turn (float16 weights are copied into the float32 parameters)."""
+    model = None
+    for fold, weights in fold_weights:
+        if model is None:
+            model = build_model(run_cfg, out_dim=weights["head.weight"].shape[0]).to(device)
+            if run_cfg.model.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+        model.load_state_dict(weights)
+        yield fold, model
+
+
+def score_dataset(cfg: Config, run_cfg: Config, model: torch.nn.Module, dataset: RGBYDataset, to_scores,
+                  device: torch.device, desc: str, progress: bool = True,
+                  scratch: Path | None = None) -> np.ndarray | ScoreRows:
+    """Class scores of every image of ``dataset``: the configured TTA views and reduction, ``to_scores`` on the
+    raw outputs; an array, or above ``CSV_MAX_CLASSES`` classes a float32 table in ``scratch`` filled batch by
+    batch (see :class:`src.run_folder.ScoreSink`)."""
+    loader = make_loader(dataset, cfg.predict.batch_size, cfg.train.num_workers, cfg.train.seed, device)
+    sink = ScoreSink(dataset.ids, cfg.data.num_classes, scratch, dtype=np.float32)
+    try:
+        infer(model, loader, device, precision=cfg.train.precision, channels_last=run_cfg.model.channels_last,
+              views=cfg.predict.tta, reduce=cfg.predict.tta_reduce, to_scores=to_scores, desc=desc,
+              progress=progress, into=sink.append)
+    except BaseException:
+        sink.abort()
+        raise
+    return sink.finish()
+
+
 def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: pd.DataFrame, device: torch.device,
               progress: bool = True, scratch: Path | None = None) -> tuple[np.ndarray | ScoreRows, OofScores]:
     """Test scores of one experiment (mean over its folds) and its OOF scores. Above
@@ -142,20 +175,10 @@ def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: p
                            channels=run_cfg.model.in_chans)
 
     def scores_of(model: torch.nn.Module, dataset: RGBYDataset, to_scores, desc: str) -> np.ndarray | ScoreRows:
-        loader = make_loader(dataset, cfg.predict.batch_size, cfg.train.num_workers, cfg.train.seed, device)
-        sink = ScoreSink(dataset.ids, cfg.data.num_classes, scratch, dtype=np.float32)
-        try:
-            infer(model, loader, device, precision=cfg.train.precision, channels_last=run_cfg.model.channels_last,
-                  views=cfg.predict.tta, reduce=cfg.predict.tta_reduce, to_scores=to_scores, desc=desc,
-                  progress=progress, into=sink.append)
-        except BaseException:
-            sink.abort()
-            raise
-        return sink.finish()
+        return score_dataset(cfg, run_cfg, model, dataset, to_scores, device, desc, progress, scratch)
 
     test_set = dataset_of(test_table)  # once per experiment: every fold scores the same images
     rows_by_id = train_table.set_index("Id")
-    model = None
     fold_scores, oof_ids, oof_folds, oof_parts = [], [], [], []
     checkpoints = folder.fold_checkpoints(cfg.predict.folds, cfg.predict.checkpoint)
     untrained = sorted(set(range(run_cfg.folds.n_splits)) - {fold for fold, _ in checkpoints})
@@ -163,13 +186,10 @@ def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: p
         print(f"warning: {folder.root}: fold(s) {untrained} of {run_cfg.folds.n_splits} have no "
               f"{cfg.predict.checkpoint}.pt; predicting with the {len(checkpoints)} trained one(s) "
               "(set predict.folds to choose on purpose)", file=sys.stderr)
-    for fold, path in checkpoints:
-        weights = model_weights(load_checkpoint(path))
-        if model is None:  # one network per experiment; each fold loads its weights into it
-            model = build_model(run_cfg, out_dim=weights["head.weight"].shape[0]).to(device)
-            if run_cfg.model.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-        model.load_state_dict(weights)
+    paths = dict(checkpoints)
+    fold_weights = ((fold, model_weights(load_checkpoint(path))) for fold, path in checkpoints)
+    for fold, model in fold_networks(run_cfg, fold_weights, device):
+        path = paths[fold]
         to_scores = folder.output_scorer(run_cfg, fold)
         name = f"{folder.root.name} fold {fold}"
         fold_scores.append(require_finite(scores_of(model, test_set, to_scores, name), f"{path}: test scores"))
