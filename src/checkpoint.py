@@ -18,6 +18,7 @@ the training loop says when to write one; this module says what is in it.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
@@ -58,6 +59,14 @@ def rng_states() -> dict:
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
+
+
+def gather_rng_states(dist: Any) -> list[dict]:
+    """Every rank's RNG states, in rank order, through ``dist.all_gather`` (a collective: every rank calls it).
+    Passed as torch.save bytes: tensors do not survive all_gather_object's pickling here."""
+    buffer = io.BytesIO()
+    torch.save(rng_states(), buffer)
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in dist.all_gather(buffer.getvalue())]
 
 
 def restore_rng_states(states: dict) -> None:

@@ -15,7 +15,6 @@ and one ``torch.amp.GradScaler`` (fp16 only) over all parameters of backbone, mo
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import os
@@ -40,10 +39,10 @@ from src.checkpoint import (
     NonFiniteWeights,
     capture_checkpoint,
     copy_checkpoint,
+    gather_rng_states,
     load_checkpoint,
     require_finite,
     restore_checkpoint,
-    rng_states,
     save_checkpoint,
 )
 from src.cli import cli_parser, config_from_args, run_cli
@@ -373,19 +372,12 @@ class Trainer:
         """This run's training state as a checkpoint would hold it now."""
         return capture_checkpoint(self.parts, self.state, self.history, rng_ranks)
 
-    def rank_rng_states(self) -> list[dict]:
-        """Every rank's RNG states, in rank order (passed as torch.save bytes: tensors do not survive
-        all_gather_object's pickling here)."""
-        buffer = io.BytesIO()
-        torch.save(rng_states(), buffer)
-        return [torch.load(io.BytesIO(blob), weights_only=True) for blob in self.dist.all_gather(buffer.getvalue())]
-
     def save(self, staging: Staging | None = None) -> Path:
         """The full training state to last.pt, only ever from finite weights (with ``staging``: renamed into
         place on its commit)."""
         path = self.folder.checkpoint(self.fold, "last")
         # The RNG gather is a collective: every rank joins it before any can stop.
-        rng_ranks = self.rank_rng_states() if self.dist.world_size > 1 else None
+        rng_ranks = gather_rng_states(self.dist) if self.dist.world_size > 1 else None
         try:  # every rank checks the weights (they are equal), so all stop together; rank 0 alone writes
             if self.dist.main:
                 save_checkpoint(self.parts, self.state, self.history, path, rng_ranks, staging)
