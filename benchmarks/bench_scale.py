@@ -63,7 +63,7 @@ from benchmarks.common import (
     status_gib,
     work_folder,
 )
-from src.config import Config, load_config, override
+from src.config import Config, load_config
 from src.data import label_csr, test_source, train_sources
 from src.files import write_atomic
 from src.folds import assign_folds
@@ -159,7 +159,8 @@ def write_cache(cfg: Config, seed: int) -> list[Path]:
                 "csv_blake2b": csv_digest(source.csv), "packed_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "content_blake2b": hashlib.blake2b("".join(digests).encode(), digest_size=8).hexdigest(),
                 "samples": [{"id": i, "files": [[0, 0]], "blake2b": d} for i, d in zip(ids, digests)]}
-        write_atomic(manifest, lambda tmp: tmp.write_text(json.dumps(meta)))
+        text_of_manifest = json.dumps(meta)
+        write_atomic(manifest, lambda tmp, text_of_manifest=text_of_manifest: tmp.write_text(text_of_manifest))
         fmt = get_format(data)
         probe = pd.DataFrame({"Id": ids[:3], "source": str(source.csv),
                               "files": [fmt.sample_files(data, source, i) for i in ids[:3]]})
@@ -220,8 +221,8 @@ def stage_train(cfg: Config, steps: int, report) -> None:
         row = trainer.end_epoch(seconds, tracker)
     finally:
         tracker.finish()
-    report("validation", time.perf_counter() - start,
-           f"{len(parts.val_table):,} x {parts.cfg.data.num_classes:,}; F2 {row['metric_' + row['weights']]:.3f}", before)
+    shape = f"{len(parts.val_table):,} x {parts.cfg.data.num_classes:,}"
+    report("validation", time.perf_counter() - start, f"{shape}; F2 {row['metric_' + row['weights']]:.3f}", before)
 
 
 def stage_predict(cfg: Config, sizes: dict, seed: int) -> dict:

@@ -7,7 +7,8 @@
       fold<N>/
         last.pt, best.pt          full training state (best.pt: the epoch ``train.monitor`` liked best)
         oof.csv, oof_last.csv     validation scores of best.pt / last.pt: ``Id`` + one column per class
-                                  (above 1 000 classes the same table as oof.npz: Ids + float16 scores)
+                                  (above 1 000 classes the same table as oof.npz: Ids + float16 scores,
+                                  written by validation batch by batch as scores-*.tmp, then renamed)
         history.csv               one row per epoch
         config.yaml               resolved config of this fold's run
         label_embedding.npz       loss.name=label_embedding only: the fold's label vectors
@@ -32,6 +33,7 @@ import fcntl
 import os
 import struct
 import tempfile
+import uuid
 import weakref
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -524,10 +526,10 @@ class ScoreSink:
         self.blocks: list[np.ndarray] = []
         self.writer = None
         if num_classes > CSV_MAX_CLASSES and not in_memory:
-            if folder is not None:
-                Path(folder).mkdir(parents=True, exist_ok=True)
-            handle, name = tempfile.mkstemp(suffix=".npz.tmp", prefix="scores-", dir=folder)
-            os.close(handle)
+            folder = Path(tempfile.gettempdir() if folder is None else folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            # <name>.<pid>.tmp: what src.files.remove_stale_temps removes once this process is gone.
+            name = folder / f"scores-{uuid.uuid4().hex[:12]}.{os.getpid()}.tmp"
             self.writer = ScoreTableWriter(name, ids, num_classes, dtype)
 
     def append(self, block: np.ndarray) -> None:

@@ -209,3 +209,20 @@ def test_many_labels(capsys, tmp_path):
     for loss in ("bce", "label_embedding"):
         assert has_line(out, rf"^\| {loss} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \|"), loss
     assert list(result["loss"]) == ["bce", "label_embedding"] and (tmp_path / "out" / "many_labels.md").is_file()
+
+
+def test_bench_scale(capsys):
+    from benchmarks import bench_scale
+
+    rows = bench_scale.main(["--smoke", "--threads", "0"])
+    out = capsys.readouterr().out
+    assert has_line(out, r"^8,000 training images x 1,500 labels, 800 test images, 8 px; ")
+    assert has_line(out, r"^stage\s+seconds\s+RSS before GiB\s+peak RSS GiB\s+notes$")
+    for stage in ("labels csv", "packed cache", "folds", "train: build_parts", "validation \\+ OOF table",
+                  "predict \\(inference", "decision search alone"):
+        assert has_line(out, rf"^{stage}.*\s{NUMBER}\s+{NUMBER}\s+{NUMBER}"), stage
+    assert has_line(out, rf"^largest stage peak: {NUMBER} GiB \(\S+\) < 7\.45 GiB \(8 GB\): (PASS|MISS)$")
+    # Past CSV_MAX_CLASSES: validation wrote its OOF scores as a float16 table, predict read it in row blocks.
+    assert [row["stage"] for row in rows] == ["labels", "pack", "folds", "train", "validation", "predict",
+                                              "decision search"]
+    assert "800 test rows" in rows[5]["note"]

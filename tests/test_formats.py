@@ -180,6 +180,40 @@ def test_score_tables_for_many_classes_are_float16_npz_and_read_back(tmp_path):
     assert (tmp_path / "oof.csv").is_file() and not (tmp_path / "oof.npz").exists()
 
 
+def test_a_score_table_is_written_and_read_a_block_of_rows_at_a_time(tmp_path):
+    from src.run_folder import ScoreSink, ScoreTable, combine_scores, read_score_table, stack_scores
+
+    ids = [f"i{n}" for n in range(50)]
+    scores = np.random.default_rng(1).random((50, CSV_MAX_CLASSES + 7)).astype(np.float32)
+    sink = ScoreSink(ids, scores.shape[1], tmp_path / "fold0")  # as validation writes it: batch by batch
+    for start in range(0, 50, 16):
+        sink.append(scores[start : start + 16])
+    table = sink.finish()
+    temporary = table.path
+    assert isinstance(table, ScoreTable) and temporary.parent == tmp_path / "fold0" and temporary.name.endswith(".tmp")
+    (tmp_path / "plain").write_text("")  # the table's file mode is any new file's (the umask's), not 0600
+    assert temporary.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    half = scores.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(table[:], half)
+    np.testing.assert_array_equal(table[3:9, [0, 5, CSV_MAX_CLASSES]], half[3:9][:, [0, 5, CSV_MAX_CLASSES]])
+    np.testing.assert_array_equal(table.take(np.array([7, 8, 2, 40]))[1:3], half[[8, 2]])
+    # write_scores keeps the temporary table as the OOF table (renamed, not rewritten); np.load reads it as ever.
+    written = write_scores(tmp_path / "oof.csv", ids, table)
+    assert written == tmp_path / "oof.npz" and not temporary.exists()
+    with np.load(written) as stored:
+        assert stored["ids"].tolist() == ids and np.array_equal(stored["scores"], scores.astype(np.float16))
+    back_ids, back = read_score_table(tmp_path / "oof.csv")
+    assert back_ids.tolist() == ids and np.array_equal(back[:], half)
+    np.testing.assert_array_equal(stack_scores([back, half[:4]])[48:52], np.concatenate([half[48:], half[:2]]))
+    mean = combine_scores([back, half], lambda parts: np.mean(parts, axis=0), [None, np.arange(49, -1, -1)])
+    np.testing.assert_array_equal(mean[:], np.mean([half, half[::-1]], axis=0))
+    # A temporary table nobody kept is deleted when dropped.
+    dropped = ScoreSink(ids, scores.shape[1], tmp_path)
+    dropped.append(scores)
+    path = dropped.finish().path
+    assert not path.exists()
+
+
 @pytest.fixture(scope="module")
 def many_label_demo(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("many")

@@ -279,3 +279,31 @@ def test_auto_gives_a_tie_to_the_simpler_strategy():
 def test_a_named_strategy_is_applied_whatever_the_comparison_says(name):
     results = fake_results(**{other: 0.9 for other in STRATEGIES if other != name})
     assert choose_strategy(name, results) == (name, f"configured (predict.threshold={name})")
+
+
+def test_scores_read_by_rows_give_the_same_comparison_and_decisions_as_an_array(tmp_path, monkeypatch):
+    """Many classes: OOF scores stay in their table and every search reads it in row blocks or column slabs (here
+    small ones, so each search crosses several); the results are the array's, to the bit."""
+    import src.metrics
+    from src.run_folder import ScoreTableWriter
+
+    monkeypatch.setattr(src.metrics, "BLOCK_ENTRIES", 5000)
+    monkeypatch.setattr(src.metrics, "SLAB_ENTRIES", 3000 * 7)
+    truth, scores = synthetic_oof(3000, 28, seed=3)
+    scores = scores.astype(np.float32)
+    folds = np.sort(np.random.default_rng(1).integers(0, 5, 3000))  # a table's rows come fold by fold
+    writer = ScoreTableWriter(tmp_path / "oof.npz", [str(i) for i in range(3000)], 28, np.float32)
+    writer.append(scores)
+    table = writer.close()
+    for metric in (MetricConfig(), MetricConfig(name="fbeta_samples"), MetricConfig(name="precision_at_k", k=2)):
+        cfg = PredictConfig(min_labels=2, max_labels=4) if metric.name == "fbeta_samples" else PredictConfig()
+        dense = compare_strategies(truth, scores, folds, truth.mean(axis=0), cfg, metric)
+        rows = compare_strategies(sparse.csr_matrix(truth), table, folds, truth.mean(axis=0), cfg, metric)
+        for name in STRATEGIES:
+            for key in ("in_sample", "cross_fold", "labels_per_image"):
+                assert rows[name][key] == dense[name][key], (metric.name, name, key)
+            for key in ("thresholds", "per_class_f1", "predicted_rate"):
+                np.testing.assert_array_equal(rows[name][key], dense[name][key])
+            predicted = rows[name]["decision"].apply(table)
+            assert sparse.issparse(predicted)
+            np.testing.assert_array_equal(predicted.toarray(), dense[name]["decision"].apply(scores))
