@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.config import Config, PipelineError
+from src.config import Config, PipelineError, flatten
 from src.files import Staging, write_atomic
 
 
@@ -86,21 +86,11 @@ RESUME_MUST_MATCH = ("data.num_classes", "model.backbone", "model.in_chans", "mo
 RESUME_IGNORED = ("train.resume", "train.stop_after_steps")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_resumable(saved: dict, current: dict, path: Path, saved_world: int = 1, current_world: int = 1) -> None:
     """Refuse to resume ``path`` under a config that changes the model or the data order, naming the keys;
     mention other changed keys. The batch compared is the global one (per-process batch x processes), so a
     run saved by 2 processes x batch 8 resumes in 1 process x batch 16 and the other way round."""
-    saved_flat, current_flat = _flatten(saved), _flatten(current)
+    saved_flat, current_flat = flatten(saved), flatten(current)
     for flat, world in ((saved_flat, saved_world), (current_flat, current_world)):
         if "train.batch_size" in flat:
             flat["train.batch_size"] = flat["train.batch_size"] * world

@@ -462,6 +462,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return build_config(tree)
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A config tree (``Config.model_dump()``) as ``{dotted key: value}``: the keys overrides and messages use."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def override(cfg: Config, **changes: Any) -> Config:
     """A copy of ``cfg`` with dotted keys changed, e.g. ``override(cfg, **{"train.epochs": 1})``."""
     tree = cfg.model_dump()

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from src.config import Config, PipelineError, RunRef
+from src.config import Config, PipelineError, RunRef, flatten
 from src.metrics import metric_label
 from src.run_folder import RunFolder
 from src.thresholds import Decision, ThresholdInputs, decision_for
@@ -127,19 +127,9 @@ def apply_record(record: dict, scores: np.ndarray, cfg: Config) -> np.ndarray:
     return record_decision(record).apply(scores)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_differences(recorded: dict, current: dict) -> list[str]:
     """Each key (but ``IGNORED_KEYS``) whose value differs, as "key: <then> then, <now> now"."""
-    then, now = _flatten(recorded), _flatten(current)
+    then, now = flatten(recorded), flatten(current)
     ignored = lambda key: any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)  # noqa: E731
     return [f"{key}: {then.get(key, '(absent)')!r} then, {now.get(key, '(absent)')!r} now"
             for key in sorted(set(then) | set(now)) if not ignored(key) and then.get(key) != now.get(key)]

@@ -48,7 +48,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from src.cli import cli_parser, run_cli
-from src.config import Config, ConfigError, PipelineError, load_config, override
+from src.config import Config, ConfigError, PipelineError, flatten, load_config, override
 from src.files import Staging, ensure_writable
 from src.losses import loss_kind
 from src.report import plot_param_importances, plot_tune_history
@@ -243,21 +243,11 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _check_same_study(study: optuna.Study, cfg: Config, space_tree: dict) -> None:
     """Refuse to add trials made under another base config or space: the study could not compare them."""
     saved_cfg, saved_space = study.user_attrs.get("base_config"), study.user_attrs.get("space")
     if saved_cfg is not None:
-        old, new = _flatten(saved_cfg), _flatten(cfg.model_dump(mode="json"))
+        old, new = flatten(saved_cfg), flatten(cfg.model_dump(mode="json"))
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
                          and not any(k == p or k.startswith(p + ".") for p in MAY_DIFFER))
         if changed:
