@@ -262,31 +262,37 @@ def copy_scores(source: Path, target: Path) -> Path:
     raise PipelineError(f"{source} not found: no score table to copy")
 
 
+def stored_table(path: Path) -> Path:
+    """The file that holds the score table named ``path``: its .csv, unless a newer .npz replaced it."""
+    csv, npz = path.with_suffix(".csv"), path.with_suffix(".npz")
+    if csv.is_file() and not (npz.is_file() and npz.stat().st_mtime_ns > csv.stat().st_mtime_ns):
+        return csv
+    if npz.is_file():
+        return npz
+    raise PipelineError(f"{path} not found: that fold has no validation scores")
+
+
 def read_scores(path: Path) -> pd.DataFrame:
     """A score table written by :func:`write_scores` (Ids as strings), from the .csv or the .npz, as one frame
     (a few classes, or a few rows: :func:`read_score_table` reads a many-class table a block at a time)."""
-    csv, npz = path.with_suffix(".csv"), path.with_suffix(".npz")
-    if csv.is_file() and not (npz.is_file() and npz.stat().st_mtime_ns > csv.stat().st_mtime_ns):
-        return pd.read_csv(csv, dtype={"Id": str})
-    if npz.is_file():
-        with np.load(npz) as stored:
-            frame = pd.DataFrame(stored["scores"].astype(np.float32), columns=class_columns(stored["scores"].shape[1]))
-            frame.insert(0, "Id", stored["ids"].astype(str))
-        return frame
-    raise PipelineError(f"{path} not found: that fold has no validation scores")
+    stored = stored_table(path)
+    if stored.suffix == ".csv":
+        return pd.read_csv(stored, dtype={"Id": str})
+    with np.load(stored) as arrays:
+        frame = pd.DataFrame(arrays["scores"].astype(np.float32), columns=class_columns(arrays["scores"].shape[1]))
+        frame.insert(0, "Id", arrays["ids"].astype(str))
+    return frame
 
 
 def read_score_table(path: Path) -> tuple[np.ndarray, np.ndarray | ScoreTable]:
     """(Ids, scores) of the score table named ``path``: a csv's scores as an array (as pandas reads them), an
     npz's as a :class:`ScoreTable` read a block of rows at a time (float16 on disk, float32 when read)."""
-    csv, npz = path.with_suffix(".csv"), path.with_suffix(".npz")
-    if csv.is_file() and not (npz.is_file() and npz.stat().st_mtime_ns > csv.stat().st_mtime_ns):
-        frame = pd.read_csv(csv, dtype={"Id": str})
+    stored = stored_table(path)
+    if stored.suffix == ".csv":
+        frame = pd.read_csv(stored, dtype={"Id": str})
         return frame["Id"].to_numpy(dtype=object), frame.drop(columns="Id").to_numpy()
-    if npz.is_file():
-        table = ScoreTable(npz)
-        return table.ids.astype(object), table
-    raise PipelineError(f"{path} not found: that fold has no validation scores")
+    table = ScoreTable(stored)
+    return table.ids.astype(object), table
 
 
 # -- score matrices read a block of rows at a time (many classes) ---------------------------------------------
