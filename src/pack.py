@@ -84,20 +84,35 @@ def manifest_path(cfg: DataConfig, source: Source) -> Path:
     return array_path(cfg, source).with_suffix(".json")
 
 
+def _stat(path: str | Path) -> list[int]:
+    """(size, mtime in ns) of a file: what the freshness check compares."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
 def file_stats(paths: list[Path]) -> list[list[int]]:
-    """(size, mtime in ns) of each file: what the freshness check compares."""
-    stats = [path.stat() for path in paths]
-    return [[st.st_size, st.st_mtime_ns] for st in stats]
+    """:func:`_stat` of each file."""
+    return [_stat(path) for path in paths]
+
+
+def _digest(buffers) -> str:
+    """BLAKE2 hash of ``buffers`` in order: the content hash a manifest records per sample (packing hashes the
+    bytes it decodes, :func:`content_digest` the files it re-reads; both through here, so they agree)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for buffer in buffers:
+        digest.update(buffer)
+    return digest.hexdigest()
 
 
 def content_digest(paths: list[Path]) -> str:
-    """BLAKE2 hash of the bytes of a sample's files, in order: the content hash a manifest records per sample."""
-    digest = hashlib.blake2b(digest_size=16)
-    for path in paths:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """:func:`_digest` of the bytes of a sample's files, in order, read a MiB at a time."""
+
+    def blocks():
+        for path in paths:
+            with open(path, "rb") as handle:
+                yield from iter(lambda: handle.read(1 << 20), b"")
+
+    return _digest(blocks())
 
 
 _csv_digests: dict[tuple, str] = {}
@@ -119,15 +134,12 @@ def _pack_rows(task: tuple[str, tuple[int, ...], list[tuple[int, list[str]]], in
     done = []
     for row, files in rows:
         paths = [Path(f) for f in files]
-        digest = hashlib.blake2b(digest_size=16)
         encoded = [np.fromfile(path, dtype=np.uint8) for path in paths]
-        for data in encoded:
-            digest.update(data.tobytes())
         if len(paths) == 1:  # one file with its own channels (openimages, csv)
             array[row] = fit_size(decode_file(paths[0], shape[-1], encoded[0]), size)
         else:  # one file per channel (hpa)
             array[row] = stack_planes([decode_plane(p, e) for p, e in zip(paths, encoded)], size)
-        done.append((row, file_stats(paths), digest.hexdigest()))
+        done.append((row, file_stats(paths), _digest(encoded)))
     array.flush()
     return done
 
@@ -330,11 +342,9 @@ def _present_stats(files: list[str]) -> list[list[int] | None]:
     stats = []
     for path in files:
         try:
-            st = os.stat(path)
+            stats.append(_stat(path))
         except FileNotFoundError:
             stats.append(None)
-        else:
-            stats.append([st.st_size, st.st_mtime_ns])
     return stats
 
 
