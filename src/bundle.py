@@ -39,9 +39,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -62,8 +62,16 @@ from src.decision_record import (
 from src.files import Staging, ensure_writable, save_config, write_atomic
 from src.formats import label_separator, load_test_table, submission_columns
 from src.model import check_views, resolve_device
-from src.predict import fold_networks, make_submission, require_finite, run_vocabulary, score_dataset
-from src.run_folder import RunFolder
+from src.predict import (
+    fold_mean,
+    fold_networks,
+    make_submission,
+    require_finite,
+    run_vocabulary,
+    score_dataset,
+    weighted_mean,
+)
+from src.run_folder import RunFolder, combine_scores
 
 BUNDLE_KIND = "multilabel-pipeline inference bundle"
 BUNDLES_DIR = "bundles"
@@ -398,11 +406,10 @@ def predict_from_bundle(bundle_dir: str | Path, data_dir: str | Path, out: str |
             scores = score_dataset(cfg, run_cfg, model, test_set, folder.output_scorer(run_cfg, fold), torch_device,
                                    f"{Path(experiment['path']).name} fold {fold}", progress)
             fold_scores.append(require_finite(scores[:], f"{folder.fold(fold) / WEIGHTS_FILE}: test scores"))
-        per_run.append((experiment["weight"], np.mean(fold_scores, axis=0)))
-    # The same arithmetic as src.predict (mean over folds, then the weighted mean over experiments), so the
-    # scores, and with them the submission, are predict's to the bit on the same machine.
-    total = sum(weight for weight, _ in per_run)
-    test_scores = sum(weight * scores for weight, scores in per_run) / total
+        per_run.append((experiment["weight"], combine_scores(fold_scores, fold_mean)))
+    # predict's own arithmetic (mean over folds, then the weighted mean over experiments), so the scores, and
+    # with them the submission, are predict's to the bit on the same machine.
+    test_scores = combine_scores([scores for _, scores in per_run], partial(weighted_mean, [w for w, _ in per_run]))
     predicted = apply_record(record, test_scores, cfg)
     submission = make_submission(test_table, predicted, vocabulary, submission_columns(cfg.data),
                                  label_separator(cfg.data))

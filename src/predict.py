@@ -22,6 +22,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError, RunRef, override
 from src.data import Vocabulary, label_csr, with_vocabulary
 from src.dataset import RGBYDataset, make_loader
-from src.decision_record import decision_path, decision_record, write_record
+from src.decision_record import REFIT_ON_TEST, decision_path, decision_record, write_record
 from src.files import Staging, ensure_writable, ensure_writable_file, remove_stale_temps
 from src.formats import label_separator, load_test_table, load_training_data, submission_columns
 from src.metrics import binary_csr, count_labels, metric_title, nonfinite_rows
@@ -202,21 +203,26 @@ def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: p
         oof_ids.append(ids)
         oof_folds.append(np.full(len(ids), fold))
         oof_parts.append(require_finite(scores, f"{oof_path}: OOF scores"))
-    test = combine_scores(fold_scores, lambda folds: np.mean(folds, axis=0))
+    test = combine_scores(fold_scores, fold_mean)
     return test, OofScores(np.concatenate(oof_ids), np.concatenate(oof_folds), stack_scores(oof_parts))
+
+
+def fold_mean(parts: list[np.ndarray]) -> np.ndarray:
+    """An experiment's test scores: the mean over its folds."""
+    return np.mean(parts, axis=0)
+
+
+def weighted_mean(weights: list[float], parts: list[np.ndarray]) -> np.ndarray:
+    """An ensemble's scores: the experiments' scores weighted by ``experiments[].weight``."""
+    return sum(weight * scores for weight, scores in zip(weights, parts)) / sum(weights)
 
 
 def combine_runs(per_run: list[tuple[float, np.ndarray | ScoreRows, OofScores]]
                  ) -> tuple[np.ndarray | ScoreRows, OofScores]:
     """Weighted mean of test scores and of OOF scores over experiments (OOF on the Ids all share, in the first
     experiment's row order); tables are combined a block of rows at a time as they are read."""
-    total = sum(weight for weight, _, _ in per_run)
     weights = [weight for weight, _, _ in per_run]
-
-    def weighted_mean(parts: list[np.ndarray]) -> np.ndarray:
-        return sum(weight * scores for weight, scores in zip(weights, parts)) / total
-
-    test = combine_scores([scores for _, scores, _ in per_run], weighted_mean)
+    test = combine_scores([scores for _, scores, _ in per_run], partial(weighted_mean, weights))
     common = set.intersection(*(set(oof.ids) for _, _, oof in per_run))
     if any(len(common) != len(oof) for _, _, oof in per_run):
         print(f"warning: experiments have different OOF Ids; thresholds use the {len(common)} they share")
@@ -226,7 +232,7 @@ def combine_runs(per_run: list[tuple[float, np.ndarray | ScoreRows, OofScores]]
     rows = [pd.Index(oof.ids).get_indexer(ids) for _, _, oof in per_run]
     rows = [None if len(at) == len(oof) and np.array_equal(at, np.arange(len(at))) else at
             for at, (_, _, oof) in zip(rows, per_run)]
-    scores = combine_scores([oof.scores for _, _, oof in per_run], weighted_mean, rows)
+    scores = combine_scores([oof.scores for _, _, oof in per_run], partial(weighted_mean, weights), rows)
     return test, OofScores(ids, first.folds[keep], scores)
 
 
@@ -379,7 +385,7 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     chosen, why = choose_strategy(cfg.predict.threshold, results)
     # The comparison's in-sample decision; only the rate strategy reads the scores it is applied to, so it is
     # fitted again on the test scores.
-    decision = results[chosen]["decision"] if chosen != "rate" else decision_for(
+    decision = results[chosen]["decision"] if chosen not in REFIT_ON_TEST else decision_for(
         chosen, ThresholdInputs(oof_true, oof_scores, test_scores, train_rate), cfg.predict, cfg.metric)
     predicted = decision.apply(test_scores)
     submission = make_submission(test_table, predicted, vocabulary, submission_columns(cfg.data),
