@@ -145,8 +145,8 @@ def loss_kind(name: str) -> LossKind:
 def build_loss(cfg: LossConfig, fitted: LabelEmbedding | None = None) -> nn.Module:
     """The loss (or weighted mix) named by ``cfg.name``; ``fitted``: what its entry fitted on the training
     labels (:attr:`LossKind.fit`), for a loss that needs it."""
-    kind = LOSSES.get(cfg.name)
-    if kind is not None and not kind.mixable:
+    kind = loss_kind(cfg.name)
+    if not kind.mixable:
         return kind.make(cfg, fitted)
     terms = [(weight, LOSSES[name].make(cfg, fitted)) for weight, name in parse_mix(cfg.name)]
     return terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else WeightedSum(terms)
