@@ -186,10 +186,15 @@ def epoch_score(row: dict, monitor: str) -> float:
     return float(row["val_loss"] if monitor == "val_loss" else row[f"{monitor}_{row.get('weights', 'raw')}"])
 
 
+def storage_url(cfg: Config) -> str:
+    """The default storage: ``sqlite:///<run.dir>/tune.db``."""
+    return f"sqlite:///{RunFolder(cfg.run.dir).tune_storage}"
+
+
 def default_storage(cfg: Config) -> str:
-    path = RunFolder(cfg.run.dir).tune_storage
-    ensure_writable(path.parent, "the tuning study")
-    return f"sqlite:///{path}"
+    """:func:`storage_url`, its folder proven writable first."""
+    ensure_writable(RunFolder(cfg.run.dir).tune_storage.parent, "the tuning study")
+    return storage_url(cfg)
 
 
 def _stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -496,7 +501,7 @@ def report(cfg: Config, study: str | None = None, storage: str | None = None) ->
     """The study's trials, importances and best training command; writes ``run.dir/tune/<study>/report/``
     (``trials.csv``, ``importances.csv``, ``report.md``, ``optimization_history.png``,
     ``param_importances.png``) and returns what it printed."""
-    url = storage or f"sqlite:///{RunFolder(cfg.run.dir).tune_storage}"
+    url = storage or storage_url(cfg)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise PipelineError(f"no tuning storage at {url.removeprefix('sqlite:///')}: run python -m src.tune first "
                             "(or pass --storage)")
