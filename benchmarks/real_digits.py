@@ -1,0 +1,102 @@
+"""A second real-image multilabel set, different in kind from ``benchmarks.real_images``: real handwriting, in
+the generic csv layout, RGB, uniform label rates.
+
+Every digit is a real handwritten one from scikit-learn's bundled ``load_digits`` (1 797 scans of 8 x 8 from
+the UCI optical-recognition set, shipped inside the scikit-learn wheel: nothing is downloaded). An image is a
+2 x 2 grid of cells; each cell holds one digit (upscaled with scale jitter and a random offset) or stays
+empty; its labels are the digits it shows (1 to 4 labels, 10 classes). Ink and paper get a random colour and
+contrast, with noise, so no channel alone is the answer. Training digits come from the first 65 % of the
+scans and test digits from the rest: test handwriting is unseen. Deterministic by seed.
+
+    python -m benchmarks.real_digits --out input/digits64 --n-train 800 --n-test 300 --size 64
+
+Layout (``data.format=csv``): ``train.csv`` (``image``, ``tags``: space-separated digit names),
+``train/<image>``, ``test/<image>``, ``sample_submission.csv`` and the hidden ``test_solution.csv``
+(``image``, ``tags``). Train it with ``data.format=csv data.path_column=image data.label_column=tags
+data.id_column=image data.num_classes=null model.in_chans=3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from sklearn.datasets import load_digits
+
+NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+TRAIN_SHARE = 0.65  # share of the scans that training digits are drawn from
+CSV_KEYS = ["data.format=csv", "data.id_column=image", "data.path_column=image", "data.label_column=tags",
+            "data.num_classes=null", "model.in_chans=3"]
+
+
+def digit_pools(split: str) -> dict[int, np.ndarray]:
+    """The scans of each digit in a split ("train": the first 65 %, "test": the rest), as float 8 x 8 in [0, 1]."""
+    digits = load_digits()
+    cut = int(TRAIN_SHARE * len(digits.target))
+    images, targets = (digits.images[:cut], digits.target[:cut]) if split == "train" else \
+        (digits.images[cut:], digits.target[cut:])
+    return {d: images[targets == d] / 16.0 for d in range(10)}
+
+
+def draw_image(labels: list[int], pools: dict[int, np.ndarray], size: int, rng: np.random.Generator) -> np.ndarray:
+    """An RGB uint8 image: the digits of ``labels`` in distinct random cells of a 2 x 2 grid."""
+    half = size // 2
+    ink_mask = np.zeros((size, size), np.float32)
+    cells = rng.permutation(4)[: len(labels)]
+    for digit, cell in zip(labels, cells):
+        scan = pools[digit][rng.integers(len(pools[digit]))]
+        side = int(half * rng.uniform(0.6, 0.95))
+        glyph = cv2.resize(scan.astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC).clip(0, 1)
+        y0 = (cell // 2) * half + rng.integers(0, half - side + 1)
+        x0 = (cell % 2) * half + rng.integers(0, half - side + 1)
+        ink_mask[y0 : y0 + side, x0 : x0 + side] = np.maximum(ink_mask[y0 : y0 + side, x0 : x0 + side], glyph)
+    paper, ink = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    while np.abs(paper - ink).mean() < 60:  # keep the writing readable
+        ink = rng.uniform(0, 255, 3)
+    image = paper[None, None] * (1 - ink_mask[..., None]) + ink[None, None] * ink_mask[..., None]
+    image += rng.normal(0, rng.uniform(2, 12), image.shape)
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def sample_labels(rng: np.random.Generator) -> list[int]:
+    """1 to 4 distinct digits, each digit equally likely."""
+    count = int(rng.choice([1, 2, 3, 4], p=[0.35, 0.3, 0.2, 0.15]))
+    return sorted(int(d) for d in rng.choice(10, size=count, replace=False))
+
+
+def make_digits_dataset(out: Path, n_train: int = 800, n_test: int = 300, size: int = 64, seed: int = 0) -> None:
+    """Write the set to ``out`` (replaced if present)."""
+    out = Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    for split, count, csv in (("train", n_train, "train.csv"), ("test", n_test, "test_solution.csv")):
+        pools, rows = digit_pools(split), []
+        (out / split).mkdir(parents=True)
+        for index in range(count):
+            labels = sample_labels(rng)
+            name = f"{split}{index:05d}.png"
+            cv2.imwrite(str(out / split / name), draw_image(labels, pools, size, rng)[..., ::-1])
+            rows.append({"image": name, "tags": " ".join(NAMES[d] for d in labels)})
+        pd.DataFrame(rows).to_csv(out / csv, index=False)
+    solution = pd.read_csv(out / "test_solution.csv")
+    solution.assign(tags=NAMES[0]).to_csv(out / "sample_submission.csv", index=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--n-train", type=int, default=800)
+    parser.add_argument("--n-test", type=int, default=300)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    make_digits_dataset(Path(args.out), args.n_train, args.n_test, args.size, args.seed)
+    print(f"wrote {args.n_train} train and {args.n_test} test images ({args.size} px, 10 classes) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

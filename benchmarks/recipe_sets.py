@@ -1,0 +1,69 @@
+"""The two real-image sets the recipes are chosen on, and how a submission is scored against their hidden labels.
+
+- ``hpa``: ``benchmarks.real_images`` (HPA layout, 4 channels, textures and micrographs, 9 power-law classes);
+- ``digits``: ``benchmarks.real_digits`` (csv layout, RGB, real handwriting, 10 uniform classes).
+
+Both are built from images shipped inside installed wheels (scikit-image, scikit-learn); nothing is downloaded.
+A set is written once per (kind, size, counts, seed) and reused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import f1_score
+
+from benchmarks.real_digits import CSV_KEYS, make_digits_dataset
+from benchmarks.real_images import make_real_dataset
+from src.config import DataConfig
+from src.formats import get_format, label_separator, submission_columns
+
+KINDS = ("hpa", "digits")
+
+
+def ensure_set(kind: str, folder: Path, n_train: int, n_test: int, size: int, seed: int = 0) -> list[str]:
+    """Write the set to ``folder`` unless it is there; the data overrides that point a config at it."""
+    folder = Path(folder)
+    if not (folder / "test_solution.csv").is_file():
+        if kind == "hpa":
+            make_real_dataset(folder, n_train=n_train, n_test=n_test, size=size, num_classes=9, seed=seed,
+                              progress=False)
+        elif kind == "digits":
+            make_digits_dataset(folder, n_train, n_test, size, seed)
+        else:
+            raise SystemExit(f"unknown set {kind!r}; expected one of {KINDS}")
+    keys = [f"data.dir={folder}", f"data.image_size={size}"]
+    return keys + (["data.num_classes=9", "model.in_chans=4"] if kind == "hpa" else CSV_KEYS)
+
+
+def label_sets(csv_path: Path, data: DataConfig, solution: bool = False) -> dict[str, set[str]]:
+    """Id -> the set of label codes of a submission (or, with ``solution``, of a csv in the training layout)."""
+    id_column, label_column = get_format(data).train_columns(data) if solution else submission_columns(data)
+    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    separator = label_separator(data)
+    return {i: {c for c in str(cell).split(separator) if c} for i, cell in zip(frame[id_column], frame[label_column])}
+
+
+def multi_hot(sets: list[set[str]], codes: list[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(codes)}
+    matrix = np.zeros((len(sets), len(codes)), np.uint8)
+    for row, labels in enumerate(sets):
+        matrix[row, [index[c] for c in labels if c in index]] = 1
+    return matrix
+
+
+def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """sklearn's macro-F1 on multi-hot matrices (a class never true nor predicted counts 0)."""
+    return float(f1_score(truth, predicted, average="macro", zero_division=0))
+
+
+def score_submission(submission: Path, solution: Path, data: DataConfig, codes: list[str]) -> float:
+    """Test macro-F1 of a submission against the hidden solution, over the training vocabulary ``codes``."""
+    truth, predicted = label_sets(solution, data, solution=True), label_sets(submission, data)
+    ids = list(truth)
+    missing = [i for i in ids if i not in predicted]
+    if missing:
+        raise SystemExit(f"{submission}: {len(missing)} test Id(s) missing, e.g. {missing[0]!r}")
+    return macro_f1(multi_hot([truth[i] for i in ids], codes), multi_hot([predicted[i] for i in ids], codes))
