@@ -119,7 +119,7 @@ def short_schedule_runs(work_dir: Path, seed: int) -> dict:
     Returns, on the same validation rows, the metrics of the run's EMA (from its last checkpoint), of the old
     settings' EMA, of the prior predictor and of the best constant scores; the run's history; both EMAs."""
     # A new dataset as a user brings one: 250 demo images of 2 classes at 32 px (200 training rows in fold 0:
-    # 25 optimizer steps an epoch), packed as the README advises. Besides data keys only the model's size and
+    # 25 optimizer steps an epoch), packed as docs/performance.md advises. Besides data keys only the model's size and
     # the CPU settings differ from configs/hpa_nasnet512.yaml: batch 8 per optimizer step (its global batch
     # of 64 is a GPU's), fp32 (no native bf16 here); lr, loss, augmentation, warm-up fraction, EMA horizon
     # and folds are the main config's.
