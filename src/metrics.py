@@ -263,9 +263,10 @@ def decide(scores: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
 
 
 class DecisionCounts:
-    """The confusion counts of one decision on (truth, scores) that every metric is made of: true labels, true
-    positives and predicted labels per class and per row (int64). Counts of held-out parts add up
-    (:meth:`assemble`), so cross-fold estimates need no prediction matrix either."""
+    """The confusion counts of one decision on (truth, scores) that every decision metric is made of
+    (:meth:`Metric.of_counts`): true labels, true positives and predicted labels per class and per row (int64).
+    Counts of held-out parts add up (:meth:`assemble`), so cross-fold estimates need no prediction matrix
+    either."""
 
     def __init__(self, true_class, tp_class, predicted_class, true_row, tp_row, predicted_row):
         self.true_class, self.tp_class, self.predicted_class = true_class, tp_class, predicted_class
