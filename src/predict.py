@@ -37,7 +37,7 @@ from src.dataset import RGBYDataset, make_loader
 from src.decision_record import REFIT_ON_TEST, decision_path, decision_record, write_record
 from src.files import Staging, ensure_writable, ensure_writable_file, remove_stale_temps
 from src.formats import label_separator, load_test_table, load_training_data, submission_columns
-from src.metrics import binary_csr, count_labels, metric_title, nonfinite_rows
+from src.metrics import binary_csr, count_labels, get_metric, nonfinite_rows
 from src.model import build_model, check_views, infer, resolve_device
 from src.pack import open_packed
 from src.report import listed_classes, metric_columns, write_report
@@ -340,7 +340,7 @@ def report_header(cfg: Config, refs: list[RunRef], oof: OofScores, n_test: int, 
     chosen += f", by predict.threshold={AUTO}" if cfg.predict.threshold == AUTO else ""
     return (f"Experiments: {', '.join(f'{r.dir} (weight {r.weight})' for r in refs)}; "
             f"TTA {cfg.predict.tta} ({cfg.predict.tta_reduce}); {len(oof)} OOF rows, {n_test} test rows. "
-            f"Metric: {metric_title(cfg.metric)}. Chosen strategy: **{chosen}**. Cross-fold scores fit the "
+            f"Metric: {get_metric(cfg.metric).title}. Chosen strategy: **{chosen}**. Cross-fold scores fit the "
             "decision on the other folds' OOF rows: the honest estimate of the test score."
             + (" Only one fold's OOF rows: cross-fold equals in-sample." if len(np.unique(oof.folds)) < 2 else ""))
 
