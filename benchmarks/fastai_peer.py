@@ -41,14 +41,21 @@ def fastai_recipe(fit_x: np.ndarray, fit_y: np.ndarray, val_x: np.ndarray, val_y
 
     Returns ``val_probs``, ``test_probs``, ``threshold`` (global, chosen on the holdout by ``score``),
     ``lr`` (the valley suggestion), ``seconds``."""
-    from fastai.callback.progress import ProgressCallback
-    from fastai.data.core import DataLoaders, Datasets
-    from fastai.data.transforms import IntToFloatTensor, Normalize
-    from fastai.layers import BCEWithLogitsLossFlat
-    from fastai.learner import Learner
-    from fastai.torch_core import TensorImage, TensorMultiCategory, set_seed
-    from fastai.vision.augment import aug_transforms
-    from fastai.vision.models.xresnet import xresnet18
+    # fastai.vision.all, as its docs import it: it also patches Learner with lr_find, fit_one_cycle and tta
+    from fastai.vision.all import (
+        BCEWithLogitsLossFlat,
+        Datasets,
+        IntToFloatTensor,
+        Learner,
+        Normalize,
+        ProgressCallback,
+        TensorImage,
+        TensorMultiCategory,
+        aug_transforms,
+        set_seed,
+        valley,
+        xresnet18,
+    )
 
     start = time.perf_counter()
     set_seed(seed, reproducible=True)
@@ -65,7 +72,7 @@ def fastai_recipe(fit_x: np.ndarray, fit_y: np.ndarray, val_x: np.ndarray, val_y
     model = xresnet18(c_in=images.shape[1], n_out=labels.shape[1])
     learn = Learner(dls, model, loss_func=BCEWithLogitsLossFlat())
     learn.remove_cb(ProgressCallback)
-    lr = float(learn.lr_find(show_plot=False).valley)
+    lr = float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
     learn.fit_one_cycle(epochs, lr)
     if tta:
         val_probs = learn.tta(ds_idx=1, n=8)[0].numpy()

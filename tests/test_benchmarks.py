@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import tempfile
 
+import pandas as pd
 import pytest
 from threadpoolctl import threadpool_limits
 
@@ -135,19 +136,31 @@ def test_bench_recipes(capsys, tmp_path):
     from benchmarks import bench_recipes  # appended last, after the import block others edit
 
     out_dir = tmp_path / "out"
-    bench_recipes.main(["--smoke", "--threads", "0", "--out", str(out_dir)])
+    # fastai (row f) is a benchmark-only requirement: not installed by requirements.txt
+    bench_recipes.main(["--smoke", "--threads", "0", "--rows", "abocde", "--out", str(out_dir)])
     out = capsys.readouterr().out
     assert has_line(out, r"^predictor\s+OOF macro-F1\s+test macro-F1\s+train min\s+notes$")
     for predictor in (r"\(a\) main config, data keys only", r"\(b\) small-data recipe",
-                      r"\(c\) pixel logistic regression \(8 px\)",
+                      r"\(o\) small-data recipe, round three", r"\(c\) pixel logistic regression \(8 px\)",
                       r"\(d\) plain timm loop \(test_resnet, same seconds as b\)",
                       r"\(e\) constant prior \(train label rates\)"):
         assert has_line(out, rf"^{predictor}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+\S"), predictor
     assert has_line(out, r"^\(e\) constant prior .*degenerate: refused without --force$")
     assert has_line(out, rf"^\(b\) small-data recipe vs \(d\) plain timm loop .*: test macro-F1 {NUMBER} vs "
                          rf"{NUMBER} \(difference [+-]{NUMBER}, ratio {NUMBER}\)")
-    assert {p.name for p in out_dir.iterdir()} == {"recipes.csv", "recipes.md"}
-    assert "| (b) small-data recipe |" in (out_dir / "recipes.md").read_text()
+    assert {p.name for p in out_dir.iterdir()} == {"recipes_hpa.csv", "recipes_hpa.md"}
+    assert "| (b) small-data recipe |" in (out_dir / "recipes_hpa.md").read_text()
+
+
+def test_bench_recipes_on_the_handwriting_set_in_the_csv_layout(capsys, tmp_path):
+    from benchmarks import bench_recipes
+
+    bench_recipes.main(["--smoke", "--threads", "0", "--set", "digits", "--rows", "be", "--out", str(tmp_path)])
+    table = pd.read_csv(tmp_path / "recipes_digits.csv")
+    assert table["name"].tolist() == ["(b) small-data recipe", "(e) constant prior (train label rates)"]
+    assert table["test_macro_f1"].between(0, 1).all()
+    with pytest.raises(SystemExit):
+        bench_recipes.main(["--smoke", "--rows", "bz"])
 
 
 def test_bench_loader(capsys):
