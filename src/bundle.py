@@ -71,7 +71,8 @@ from src.predict import (
     score_dataset,
     weighted_mean,
 )
-from src.run_folder import RunFolder, combine_scores
+from src.run_folder import RunFolder
+from src.score_table import combine_scores
 
 BUNDLE_KIND = "multilabel-pipeline inference bundle"
 BUNDLES_DIR = "bundles"

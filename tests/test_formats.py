@@ -17,7 +17,8 @@ from src.demo import make_many_label_dataset
 from src.folds import make_folds
 from src.formats import load_test_table, load_training_data, read_train_labels
 from src.images import decode_file, read_image
-from src.run_folder import CSV_MAX_CLASSES, RunFolder, copy_scores, read_scores, write_scores
+from src.run_folder import RunFolder
+from src.score_table import CSV_MAX_CLASSES, copy_scores, read_scores, write_scores
 from src.train import train
 from src.validate import validate
 from tests.conftest import REPO_ROOT
@@ -181,7 +182,7 @@ def test_score_tables_for_many_classes_are_float16_npz_and_read_back(tmp_path):
 
 
 def test_a_score_table_is_written_and_read_a_block_of_rows_at_a_time(tmp_path):
-    from src.run_folder import ScoreSink, ScoreTable, combine_scores, read_score_table, stack_scores
+    from src.score_table import ScoreSink, ScoreTable, combine_scores, read_score_table, stack_scores
 
     ids = [f"i{n}" for n in range(50)]
     scores = np.random.default_rng(1).random((50, CSV_MAX_CLASSES + 7)).astype(np.float32)
