@@ -512,7 +512,7 @@ def _openimages_rows(csv_path: Path, image_dir: Path, image_ext: str = ".jpg",
     prefix = f"{image_dir}{os.sep}"
     frame = pd.DataFrame({"Id": id_names, "codes": label_codes,
                           "files": [(f"{prefix}{i}{image_ext}",) for i in id_names], "image_dir": ""})
-    frame["source"], frame["ext"] = str(csv_path), "jpg"
+    frame["source"], frame["ext"] = str(csv_path), image_ext.lstrip(".")
     return frame, problems
 
 

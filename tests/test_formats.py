@@ -294,6 +294,14 @@ def test_openimages_images_follow_the_image_extension(small_openimages, tmp_path
     assert load_test_table(cfg.data)["files"].iloc[0] == (str(small_openimages / "test" / "ee05.png"),)
 
 
+def test_openimages_sample_table_names_the_configured_image_kind(small_openimages, tmp_path):
+    """The sample table's ``ext`` (the kind of each sample's image file) follows data.image_ext, as its files do:
+    PNG data is not said to be JPEG."""
+    cfg = small_openimages_config(small_openimages, tmp_path, "data.image_ext=.png")
+    table = read_train_labels(cfg.data).frame
+    assert set(table["ext"]) == {"png"}
+
+
 def test_a_rate_table_names_labels_by_code(tmp_path):
     from src.predict import label_rates
 
