@@ -36,7 +36,7 @@ from src.data import Vocabulary, label_csr, with_vocabulary
 from src.dataset import RGBYDataset, make_loader
 from src.decision_record import REFIT_ON_TEST, decision_path, decision_record, write_record
 from src.files import Staging, ensure_writable, ensure_writable_file, remove_stale_temps
-from src.formats import label_separator, load_test_table, load_training_data, submission_columns
+from src.formats import get_format, label_separator, load_test_table, load_training_data, submission_columns
 from src.metrics import binary_csr, count_labels, metric_title, nonfinite_rows
 from src.model import build_model, check_views, infer, resolve_device
 from src.pack import open_packed
@@ -255,14 +255,23 @@ def label_rates(cfg: Config, train_labels: np.ndarray, vocabulary: Vocabulary | 
     return rates
 
 
+def saved_vocabulary(folder: RunFolder) -> Vocabulary:
+    """The label vocabulary run ``folder`` was trained with. A run folder from before runs kept one has the
+    vocabulary its format fixes (hpa: the numbered classes); where the data makes it, it is lost."""
+    vocabulary = folder.load_vocabulary()
+    if vocabulary is None:
+        data = folder.load_config().data
+        vocabulary = get_format(data).fixed_vocabulary(data)
+        if vocabulary is None:
+            raise PipelineError(f"{folder.vocabulary} not found: a data.format={data.format} run keeps the labels it "
+                                "was trained with there; train the run again")
+    return vocabulary
+
+
 def run_vocabulary(cfg: Config) -> Vocabulary:
-    """The label vocabulary of the ensemble's runs (all must share it: scores are combined column by column);
-    a run folder from before runs kept one has HPA's numbered classes."""
+    """The label vocabulary of the ensemble's runs (all must share it: scores are combined column by column)."""
     refs = cfg.predict.runs or [RunRef(dir=cfg.run.dir)]
-    found = {}
-    for ref in refs:
-        folder = RunFolder(ref.dir)
-        found[ref.dir] = folder.load_vocabulary() or Vocabulary.numbered(folder.load_config().data.num_classes)
+    found = {ref.dir: saved_vocabulary(RunFolder(ref.dir)) for ref in refs}
     first, vocabulary = next(iter(found.items()))
     for run_dir, other in found.items():
         if other.codes != vocabulary.codes:

@@ -142,6 +142,21 @@ def test_a_run_vocabulary_reports_labels_it_does_not_know(tmp_path, capsys):
     assert "1 positive label(s) of 1 label id(s) are not in the run's label vocabulary" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("config, fixed", [("demo.yaml", True), ("csv_demo.yaml", False)])
+def test_a_run_folder_without_its_vocabulary_has_the_one_its_format_fixes(tmp_path, config, fixed):
+    """A run folder from before runs kept labels.csv: hpa's classes are its numbered ones; a csv run's labels came
+    from its data, so prediction stops naming the file instead of numbering them."""
+    from src.predict import run_vocabulary
+
+    cfg = load_config(REPO_ROOT / "configs" / config, [f"run.dir={tmp_path / 'run'}", "data.num_classes=3"])
+    RunFolder(cfg.run.dir).save_config(cfg, 0)  # the config only, no vocabulary
+    if fixed:
+        assert run_vocabulary(cfg) == Vocabulary.numbered(3)
+    else:
+        with pytest.raises(PipelineError, match=r"labels.csv not found: a data.format=csv run keeps the labels"):
+            run_vocabulary(cfg)
+
+
 def test_one_file_images_convert_to_the_model_channels(tmp_path):
     grey, rgba = tmp_path / "grey.png", tmp_path / "rgba.png"
     cv2.imwrite(str(grey), np.arange(64, dtype=np.uint8).reshape(8, 8))
