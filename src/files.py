@@ -79,6 +79,19 @@ def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
         tmp.unlink(missing_ok=True)
     return path
 
+def link_or_copy(source: str | Path, target: str | Path) -> Path:
+    """``target`` becomes a copy of ``source`` without writing its bytes again: a hard link where the file system
+    allows (as timm's CheckpointSaver links its best checkpoint), else a file copy; atomic either way."""
+
+    def link(tmp: Path) -> None:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    return write_atomic(target, link)
+
+
 class Staging:
     """Outputs written as a set: each file or folder goes to a temp path beside its target; ``commit`` then
     moves them all into place, in the order staged (so the one staged last appears last), after checking that

@@ -27,7 +27,7 @@ built from the training data (hpa: the numbered classes). What a format answers:
 
 =====================  ==============================================================================
 labels                 ``read_source`` (one source's rows, raw label codes), ``build_vocabulary``,
-                       ``submission_columns``, ``label_separator``
+                       ``fixed_vocabulary``, ``submission_columns``, ``label_separator``
 images                 ``planes`` and ``sample_files`` (which files make a sample), ``channels(cfg)``,
                        ``hash_file`` (the image whose perceptual hash finds duplicates, src.folds)
 validation             ``inspect_file`` (one file, from its header) and ``uniform_size`` (src.validate)
@@ -262,6 +262,10 @@ class DatasetFormat:
                                     partial(self.sample_files, cfg, source), path_column, check_id)
         return LabelTable(_frame(rows, source.csv, source.ext), problems)
 
+    def fixed_vocabulary(self, cfg: DataConfig) -> Vocabulary | None:
+        """The label vocabulary the layout fixes whatever its data holds; None: the training data makes it."""
+        return None
+
     def build_vocabulary(self, cfg: DataConfig, rows: Iterable[tuple[str, ...]]
                          ) -> tuple[Vocabulary, list[Problem]]:
         """The vocabulary of a training table's raw label codes: the trainable labels (``data.trainable_labels``,
@@ -344,10 +348,14 @@ class HpaFormat(DatasetFormat):
         table.frame["image_dir"] = str(source.images)
         return table
 
+    def fixed_vocabulary(self, cfg: DataConfig) -> Vocabulary:
+        """The ``data.num_classes`` numbered classes."""
+        return Vocabulary.numbered(cfg.num_classes)
+
     def build_vocabulary(self, cfg: DataConfig, rows: Iterable[tuple[str, ...]]
                          ) -> tuple[Vocabulary, list[Problem]]:
         """The ``data.num_classes`` numbered classes."""
-        return Vocabulary.numbered(cfg.num_classes), []
+        return self.fixed_vocabulary(cfg), []
 
     def sample_files(self, cfg: DataConfig, source: Source, sample_id: str, name: str | None = None
                      ) -> tuple[str, ...]:
@@ -512,7 +520,7 @@ def _openimages_rows(csv_path: Path, image_dir: Path, image_ext: str = ".jpg",
     prefix = f"{image_dir}{os.sep}"
     frame = pd.DataFrame({"Id": id_names, "codes": label_codes,
                           "files": [(f"{prefix}{i}{image_ext}",) for i in id_names], "image_dir": ""})
-    frame["source"], frame["ext"] = str(csv_path), "jpg"
+    frame["source"], frame["ext"] = str(csv_path), image_ext.lstrip(".")
     return frame, problems
 
 

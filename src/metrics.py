@@ -10,7 +10,7 @@ new metric is one class registered there.
 A sample is predicted positive for a class when its score is ``>=`` the class threshold. Truth and
 predictions are boolean n x m matrices, dense numpy arrays or scipy.sparse (csr) matrices: the metrics
 never densify a sparse one, so a many-label truth matrix stays small. Scores are finite: an n x m array, or a
-matrix read a block of rows at a time (``src.run_folder.ScoreRows``: ``scores[a:b]``, ``scores[:, cols]``,
+matrix read a block of rows at a time (``src.score_table.ScoreRows``: ``scores[a:b]``, ``scores[:, cols]``,
 ``take(index)``), which every search here reads in row blocks or column slabs, never whole; decisions on one
 come back as a sparse matrix, and :func:`decision_counts` scores a decision without making it at all.
 
@@ -47,7 +47,7 @@ from src.config import MetricConfig
 # Row blocks of about this many matrix entries bound the temporaries of the row-wise searches (a few
 # bytes each), whatever n and m are.
 BLOCK_ENTRIES = 1 << 22
-# The column-wise searches read scores that are not an array (src.run_folder.ScoreRows) in slabs of columns of
+# The column-wise searches read scores that are not an array (src.score_table.ScoreRows) in slabs of columns of
 # about this many entries (float32: 512 MB), one pass over the rows per slab.
 SLAB_ENTRIES = 1 << 27
 

@@ -250,7 +250,7 @@ def infer(model: nn.Module, loader, device: torch.device, *, precision: str = "f
     once), run under ``precision``, mapped by ``to_scores`` (raw float32 outputs when None) and reduced over
     views by ``reduce`` (mean or max). Returns the n x out stacked results and, when ``loss_fn`` is given,
     the mean loss of the raw outputs of the first view. ``into``: each batch's results are handed to it (a score
-    table being written, src.run_folder.ScoreSink) instead of being stacked, and None is returned for them.
+    table being written, src.score_table.ScoreSink) instead of being stacked, and None is returned for them.
     """
     check_views(views)
     model.eval()

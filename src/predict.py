@@ -36,13 +36,13 @@ from src.data import Vocabulary, label_csr, with_vocabulary
 from src.dataset import RGBYDataset, make_loader
 from src.decision_record import REFIT_ON_TEST, decision_path, decision_record, write_record
 from src.files import Staging, ensure_writable, ensure_writable_file, remove_stale_temps
-from src.formats import label_separator, load_test_table, load_training_data, submission_columns
+from src.formats import get_format, label_separator, load_test_table, load_training_data, submission_columns
 from src.metrics import binary_csr, count_labels, get_metric, nonfinite_rows
 from src.model import build_model, check_views, infer, resolve_device
 from src.pack import open_packed
 from src.report import listed_classes, metric_columns, write_report
-from src.run_folder import (
-    RunFolder,
+from src.run_folder import RunFolder
+from src.score_table import (
     ScoreRows,
     ScoreSink,
     class_columns,
@@ -98,7 +98,7 @@ def degenerate_reasons(predicted: np.ndarray, train_labels: np.ndarray, far: flo
 @dataclass
 class OofScores:
     """Out-of-fold predictions: each row's Id and fold, and the n x m scores: an array, or for many classes
-    scores read a block of rows at a time (src.run_folder.ScoreRows: the folds' float16 tables, never loaded)."""
+    scores read a block of rows at a time (src.score_table.ScoreRows: the folds' float16 tables, never loaded)."""
 
     ids: np.ndarray
     folds: np.ndarray
@@ -141,7 +141,7 @@ def score_dataset(cfg: Config, run_cfg: Config, model: torch.nn.Module, dataset:
                   scratch: Path | None = None) -> np.ndarray | ScoreRows:
     """Class scores of every image of ``dataset``: the configured TTA views and reduction, ``to_scores`` on the
     raw outputs; an array, or above ``CSV_MAX_CLASSES`` classes a float32 table in ``scratch`` filled batch by
-    batch (see :class:`src.run_folder.ScoreSink`)."""
+    batch (see :class:`src.score_table.ScoreSink`)."""
     loader = make_loader(dataset, cfg.predict.batch_size, cfg.train.num_workers, cfg.train.seed, device)
     sink = ScoreSink(dataset.ids, cfg.data.num_classes, scratch, dtype=np.float32)
     try:
@@ -157,7 +157,7 @@ def score_dataset(cfg: Config, run_cfg: Config, model: torch.nn.Module, dataset:
 def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: pd.DataFrame, device: torch.device,
               progress: bool = True, scratch: Path | None = None) -> tuple[np.ndarray | ScoreRows, OofScores]:
     """Test scores of one experiment (mean over its folds) and its OOF scores. Above
-    ``src.run_folder.CSV_MAX_CLASSES`` classes each fold's test scores go to a float32 table in ``scratch`` as
+    ``src.score_table.CSV_MAX_CLASSES`` classes each fold's test scores go to a float32 table in ``scratch`` as
     inference makes them and the OOF scores stay in the folds' tables; both are read a block of rows at a time."""
     folder = RunFolder(ref.dir)
     run_cfg = folder.load_config()  # the experiment's own backbone, size and loss
@@ -255,14 +255,23 @@ def label_rates(cfg: Config, train_labels: np.ndarray, vocabulary: Vocabulary | 
     return rates
 
 
+def saved_vocabulary(folder: RunFolder) -> Vocabulary:
+    """The label vocabulary run ``folder`` was trained with. A run folder from before runs kept one has the
+    vocabulary its format fixes (hpa: the numbered classes); where the data makes it, it is lost."""
+    vocabulary = folder.load_vocabulary()
+    if vocabulary is None:
+        data = folder.load_config().data
+        vocabulary = get_format(data).fixed_vocabulary(data)
+        if vocabulary is None:
+            raise PipelineError(f"{folder.vocabulary} not found: a data.format={data.format} run keeps the labels it "
+                                "was trained with there; train the run again")
+    return vocabulary
+
+
 def run_vocabulary(cfg: Config) -> Vocabulary:
-    """The label vocabulary of the ensemble's runs (all must share it: scores are combined column by column);
-    a run folder from before runs kept one has HPA's numbered classes."""
+    """The label vocabulary of the ensemble's runs (all must share it: scores are combined column by column)."""
     refs = cfg.predict.runs or [RunRef(dir=cfg.run.dir)]
-    found = {}
-    for ref in refs:
-        folder = RunFolder(ref.dir)
-        found[ref.dir] = folder.load_vocabulary() or Vocabulary.numbered(folder.load_config().data.num_classes)
+    found = {ref.dir: saved_vocabulary(RunFolder(ref.dir)) for ref in refs}
     first, vocabulary = next(iter(found.items()))
     for run_dir, other in found.items():
         if other.codes != vocabulary.codes:

@@ -53,7 +53,8 @@ from src.files import ensure_writable, write_atomic
 from src.formats import label_separator, load_test_table, submission_columns
 from src.predict import run_vocabulary, validate_submission
 from src.report import plot_oof_vs_public
-from src.run_folder import RunFolder, score_file
+from src.run_folder import RunFolder
+from src.score_table import score_file
 
 LOG_COLUMNS = ("time", "competition", "file", "sha256", "message", "runs", "config_hash", "git_commit", "git_dirty",
                "strategy", "metric", "oof_estimate", "status", "kaggle_ref", "public_score", "private_score")

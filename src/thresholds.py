@@ -96,7 +96,7 @@ class Decision:
 @dataclass
 class ThresholdInputs:
     oof_true: np.ndarray  # n x m multi-hot, dense or scipy.sparse
-    oof_scores: np.ndarray  # n x m: an array, or scores read by rows (src.run_folder.ScoreRows)
+    oof_scores: np.ndarray  # n x m: an array, or scores read by rows (src.score_table.ScoreRows)
     target_scores: np.ndarray  # the scores the decision will be applied to (OOF or test)
     label_rate: np.ndarray  # m: positive rate of each class in train (or the user's table)
     # Global thresholds already searched on these inputs (global_oof and oof_f1's anchor are the same search).

@@ -38,7 +38,6 @@ from src.augment import BatchAugment, build_cpu_policy
 from src.checkpoint import (
     NonFiniteWeights,
     capture_checkpoint,
-    copy_checkpoint,
     gather_rng_states,
     load_checkpoint,
     require_finite,
@@ -49,7 +48,7 @@ from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError, override
 from src.data import Vocabulary, label_csr
 from src.dataset import EpochSampler, RGBYDataset, make_loader
-from src.files import Staging, ensure_writable
+from src.files import Staging, ensure_writable, link_or_copy
 from src.folds import load_folds, require_fold
 from src.formats import load_training_data
 from src.label_embedding import LabelEmbedding
@@ -67,7 +66,8 @@ from src.model import autocast, build_model, check_backbone, effective_precision
 from src.pack import open_packed
 from src.progress import bar as progress_bar
 from src.report import plot_label_map, plot_similarity_heatmap
-from src.run_folder import FOLD_FILES, LOCK_FILE, RunFolder, ScoreSink, copy_scores, write_history, write_scores
+from src.run_folder import FOLD_FILES, LOCK_FILE, RunFolder, write_history
+from src.score_table import ScoreSink, copy_scores, write_scores
 from src.thresholds import GLOBAL_GRID
 from src.tracking import Tracker
 
@@ -518,7 +518,7 @@ class Trainer:
         of ``model`` (default: the weights the last validation chose).
 
         In one process the probabilities go into a score sink as they are made: for thousands of classes a
-        temporary float16 table in the fold folder (src.run_folder.ScoreSink; what oof.npz stores), read back a
+        temporary float16 table in the fold folder (src.score_table.ScoreSink; what oof.npz stores), read back a
         block of rows at a time by the metrics, so 340 k x 7 178 validation rows never sit in memory (9.8 GB in
         float32); the truth is a sparse matrix. Under torch.distributed each rank's shard is gathered in memory."""
         p, tc, dist = self.parts, self.cfg.train, self.dist
@@ -609,7 +609,7 @@ class Trainer:
         if self.dist.main:
             if improved:  # the same state: link the files instead of serialising it twice
                 copy_scores(folder.oof(fold, "last"), folder.oof(fold, "best"))
-                copy_checkpoint(folder.checkpoint(fold, "last"), folder.checkpoint(fold, "best"))
+                link_or_copy(folder.checkpoint(fold, "last"), folder.checkpoint(fold, "best"))
             write_history(folder.history(fold), self.history)
         tracker.log({f"val/{k}": row[k] for k in ("val_loss", "macro_f1", "macro_f1_tuned", "beats_prior")}
                     | {f"val/{tc.monitor}_{name}": value for name, value in scores.items()}
@@ -724,9 +724,7 @@ def refuse_restart(cfg: Config, folder: RunFolder, fold: int) -> None:
 def _remove_training(folder: RunFolder, fold: int) -> None:
     """Remove what a previous training of fold ``fold`` wrote (checkpoints, score tables, history, config, label
     embedding), so that nothing of it mixes with the new run's outputs."""
-    old = [folder.fold(fold) / name for name in FOLD_FILES] + [folder.embedding(fold)]
-    old += [folder.oof(fold, which).with_suffix(".npz") for which in ("best", "last")]  # many-class score tables
-    for path in old:
+    for path in folder.training_outputs(fold):
         path.unlink(missing_ok=True)
 
 

@@ -514,7 +514,7 @@ def report(cfg: Config, study: str | None = None, storage: str | None = None) ->
     summary = summarize(loaded)
     monitor = loaded.user_attrs.get("monitor", cfg.train.monitor)
     minimize = summary["direction"] == "minimize"
-    out = RunFolder(cfg.run.dir).tune_study(name) / "report"
+    out = RunFolder(cfg.run.dir).tune_report(name)
     text = format_report(summary, table, found, note, command, url, monitor)
 
     def write(folder: Path) -> None:
