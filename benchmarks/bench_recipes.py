@@ -62,7 +62,7 @@ from benchmarks.common import (
     work_folder,
 )
 from benchmarks.fastai_peer import fastai_recipe, load_pixels
-from benchmarks.recipe_sets import KINDS, ensure_set, label_sets, macro_f1, multi_hot, score_submission
+from benchmarks.recipe_sets import KINDS, ensure_set, label_sets, macro_f1, multi_hot, oriented, score_submission
 from src.cli import run_cli
 from src.config import Config, load_config, override
 from src.data import label_matrix
@@ -319,8 +319,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"fastai      xresnet18, {args.fastai_epochs} epochs ...", flush=True)
                 size = args.image_size
                 pixels = [load_pixels(t, size, channels) for t in (fit_table, val_table, test_table)]
-                out = fastai_recipe(*pixels[:1], fit_y, pixels[1], val_y, pixels[2], args.fastai_epochs, args.fastai_batch_size,
-                                    args.seed, macro_f1)
+                out = fastai_recipe(pixels[0], fit_y, pixels[1], val_y, pixels[2], args.fastai_epochs,
+                                    args.fastai_batch_size, args.seed, macro_f1, oriented=oriented(args.set))
                 threshold = out["threshold"]
                 rows.append(scored_row(
                     "(f) fastai from scratch (xresnet18, one-cycle, aug_transforms, TTA)",
