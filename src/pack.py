@@ -54,6 +54,7 @@ from src.files import FULL_DISK_BYTES, WriteError, format_bytes, free_bytes, rem
 from src.formats import get_format
 from src.images import decode_file, decode_plane, fit_size, stack_planes
 from src.progress import bar as progress_bar
+from src.progress import note
 from src.validate import require_valid
 
 CHUNK = 64  # samples per task: big enough to amortise the task overhead, small enough to resume finely
@@ -334,7 +335,7 @@ def _note_once(text: str) -> None:
     for each experiment."""
     if text not in _noted:
         _noted.add(text)
-        print(f"note: {text}", file=sys.stderr)
+        note(f"note: {text}")
 
 
 def _present_stats(files: list[str]) -> list[list[int] | None]:

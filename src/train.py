@@ -19,7 +19,6 @@ import itertools
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
@@ -66,6 +65,7 @@ from src.metrics import (
 from src.model import autocast, build_model, check_backbone, effective_precision, infer, param_groups, resolve_device
 from src.pack import open_packed
 from src.progress import bar as progress_bar
+from src.progress import note
 from src.report import plot_label_map, plot_similarity_heatmap
 from src.run_folder import FOLD_FILES, LOCK_FILE, RunFolder, ScoreSink, copy_scores, write_history, write_scores
 from src.thresholds import GLOBAL_GRID
@@ -215,8 +215,8 @@ def resolve_accumulation(cfg: Config, dist: Dist) -> Config:
         return cfg
     accum = max(1, round(tc.global_batch / (tc.batch_size * dist.world_size)))
     if accum * tc.batch_size * dist.world_size != tc.global_batch and dist.main:
-        print(f"note: train.global_batch={tc.global_batch} is not a multiple of batch {tc.batch_size} x "
-              f"{dist.world_size} process(es): {accum * tc.batch_size * dist.world_size} images per step")
+        note(f"note: train.global_batch={tc.global_batch} is not a multiple of batch {tc.batch_size} x "
+             f"{dist.world_size} process(es): {accum * tc.batch_size * dist.world_size} images per step")
     return override(cfg, **{"train.accum_steps": accum})
 
 
@@ -259,17 +259,17 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
         model = model.to(memory_format=torch.channels_last)
     pretrained = cfg.model.pretrained is not False
     if progress and not pretrained and tc.backbone_lr is not None and tc.backbone_lr != tc.lr:
-        print(f"note: model.pretrained=false: the backbone trains at train.lr={tc.lr:g} (train.backbone_lr="
-              f"{tc.backbone_lr:g} is for fine-tuning pretrained weights)")
+        note(f"note: model.pretrained=false: the backbone trains at train.lr={tc.lr:g} (train.backbone_lr="
+             f"{tc.backbone_lr:g} is for fine-tuning pretrained weights)")
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=tc.lr)
     steps_per_epoch = math.ceil(batches / tc.accum_steps)
     total_steps = tc.epochs * steps_per_epoch
     if progress and dist.main and total_steps < FEW_STEPS:
         # A config made for a large set (global batch 64, 30 epochs) gives a small one a few dozen updates.
-        print(f"warning: {total_steps} optimizer steps in all ({tc.epochs} epochs x {steps_per_epoch} steps of "
-              f"{tc.batch_size * tc.accum_steps * dist.world_size} images): too few for most networks to learn"
-              f"{' from scratch' if not pretrained else ''}; lower train.global_batch (or train.accum_steps) or "
-              "raise train.epochs")
+        note(f"warning: {total_steps} optimizer steps in all ({tc.epochs} epochs x {steps_per_epoch} steps of "
+             f"{tc.batch_size * tc.accum_steps * dist.world_size} images): too few for most networks to learn"
+             f"{' from scratch' if not pretrained else ''}; lower train.global_batch (or train.accum_steps) or "
+             "raise train.epochs")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, round(tc.warmup_fraction * total_steps)))
     n_classes, size = cfg.data.num_classes, cfg.data.image_size
@@ -625,10 +625,10 @@ class Trainer:
                   "weights)" + ("  (best)" if improved else ""))
         if not_learning and tc.warn_no_learning_after and state.epoch >= tc.warn_no_learning_after and \
                 self.dist.main:
-            print(f"warning: fold {fold} epoch {state.epoch}: the model is no better than the prior predictor "
-                  f"(every class at its training rate): {not_learning}. It has not learned from the images yet: "
-                  "check train.lr (python -m src.lr_find), train.epochs, train.warmup_fraction, "
-                  "train.ema_horizon and the data.", file=sys.stderr)
+            note(f"warning: fold {fold} epoch {state.epoch}: the model is no better than the prior predictor "
+                 f"(every class at its training rate): {not_learning}. It has not learned from the images yet: "
+                 "check train.lr (python -m src.lr_find), train.epochs, train.warmup_fraction, "
+                 "train.ema_horizon and the data.")
         return row
 
     def fit(self, hooks: LoopHooks | None = None) -> dict:
@@ -642,8 +642,8 @@ class Trainer:
         if tc.resume and last.is_file():
             self.resume(last)
             say(f"resumed {last}: epoch {self.state.epoch + 1}, optimizer step {self.state.step}")
-        elif tc.resume:
-            say(f"train.resume=true but {last} does not exist: starting fresh")
+        elif tc.resume and self.dist.main:
+            note(f"note: train.resume=true but {last} does not exist: starting fresh")
         run_name = folder.root.name
         if self.dist.main:
             folder.save_config(self.cfg, self.fold, p.vocabulary)
@@ -703,8 +703,8 @@ def print_summary(history: list[dict], result: dict) -> None:
           f"({result['monitor']} {result['best_score']:.4f}, {result.get('best_weights', 'raw')} weights)"
           + (f"; {stopped}" if stopped else ""))
     if "beats_prior" in result and not result["beats_prior"]:
-        print(f"warning: the last epoch was no better than the prior predictor ({result['not_learning']}): see the "
-              "warnings above")
+        note(f"warning: the last epoch was no better than the prior predictor ({result['not_learning']}): see the "
+             "warnings above")
     written = [name for name in FOLD_FILES if (Path(result["run_dir"]) / name).is_file()]
     print(f"outputs: {result['run_dir']}/{{{','.join(written)}}}")
     if result.get("wandb_run"):
