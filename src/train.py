@@ -431,9 +431,11 @@ class Trainer:
 
     def train_epoch(self, batches: Iterable, tracker: Tracker | None = None, hooks: LoopHooks | None = None) -> bool:
         """Train on ``batches`` (the rest of ``state.epoch``: :meth:`epoch_batches`, or any sized iterable of
-        uint8 image and target batches, with their sample seeds third under ``train.augment.where=device``);
-        returns False when ``train.stop_after_steps`` (which writes last.pt) or ``hooks.on_step`` (which writes
-        nothing) stopped it."""
+        uint8 image and target batches, with their sample seeds third under ``train.augment.where=device``), one
+        optimizer step per accumulation window. Returns False when the run stops inside the epoch
+        (``train.stop_after_steps`` reached, or ``hooks.on_step`` said so). A stop writes nothing: where the run
+        stopped is the caller's to keep (:meth:`fit` saves last.pt); the only checkpoint written here is
+        ``train.checkpoint_every_steps``'s."""
         p, tc, state, hooks = self.parts, self.cfg.train, self.state, hooks or NO_HOOKS
         p.model.train()
         p.optimizer.zero_grad(set_to_none=True)
@@ -441,71 +443,100 @@ class Trainer:
         self.in_epoch = True
         bar = progress_bar(total=n_batches, initial=state.batches_done, disable=not self.progress,
                            desc=f"fold {self.fold} epoch {state.epoch + 1}/{tc.epochs}")
-        window_start = time.perf_counter()
-        for window in accumulation_windows(batches, tc.accum_steps):
-            window_images = sum(len(batch[0]) for batch in window)
-            window_loss = torch.zeros((), device=p.device)
-            for micro, (images, targets, *seeds) in enumerate(window, start=1):
-                images = images.to(p.device, non_blocking=True)
-                targets = targets.to(p.device, non_blocking=True)
-                if p.batch_augment is not None:
-                    if not seeds:
-                        raise PipelineError("train.augment.where=device: the training batches carry no sample "
-                                            "seeds (expected (images, targets, seeds) batches)")
-                    images = p.batch_augment(images, seeds[0])
-                if self.cfg.model.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                # Under DDP, gradients are all-reduced once per window: on its last micro-batch.
-                sync = micro == len(window) or not hasattr(p.forward, "no_sync")
-                with nullcontext() if sync else p.forward.no_sync():
-                    with autocast(p.device, tc.precision):
-                        outputs = p.forward(images)
-                    # Loss in fp32, each micro-batch weighted by its share of the window's samples.
-                    loss = p.loss_fn(outputs.float(), targets) * (len(images) / window_images)
-                    p.scaler.scale(loss).backward()
-                window_loss += loss.detach()
-                bar.update(1)
-            # One optimizer step per window: check, unscale, clip, step, schedule, EMA.
-            loss_value = float(self.dist.mean(window_loss))  # the same on every rank: all stop together
-            if not math.isfinite(loss_value):
-                raise self.diverged(f"the training loss is {loss_value}")
-            if tc.clip_grad:
-                p.scaler.unscale_(p.optimizer)
-                nn.utils.clip_grad_norm_(p.model.parameters(), tc.clip_grad)
-            p.scaler.step(p.optimizer)
-            p.scaler.update()
-            p.optimizer.zero_grad(set_to_none=True)
-            p.scheduler.step()
-            state.step += 1
-            state.batches_done += len(window)
-            if p.ema:
-                p.ema.update(p.model, step=state.step)
-            elapsed = time.perf_counter() - window_start
-            lr = p.optimizer.param_groups[-1]["lr"]
-            speed = window_images / elapsed if elapsed > 0 else float("nan")
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
-            metrics = {"train/loss": loss_value, "train/lr": lr, "train/images_per_s": speed,
-                       "train/epoch": state.epoch + state.batches_done / n_batches}
-            if tracker:
-                tracker.log(metrics, step=state.step)
-            if hooks.on_step(state.step, metrics):
-                bar.close()
-                return False
+        try:
             window_start = time.perf_counter()
-            if tc.stop_after_steps is not None and state.step >= tc.stop_after_steps:
-                bar.close()
-                self.save()
-                return False
-            # Periodic saves inside the epoch; the epoch's end saves anyway after validation.
-            if tc.checkpoint_every_steps and state.step % tc.checkpoint_every_steps == 0 and \
-                    state.batches_done < n_batches:
-                self.save()
-        bar.close()
-        state.epoch += 1
-        state.batches_done = 0
-        self.in_epoch = False
-        p.sampler.epoch_state = p.sampler.generator.get_state()
+            for window in accumulation_windows(batches, tc.accum_steps):
+                window_loss, window_images = self.backward_window(window, bar)
+                loss_value = self.optimizer_step(window_loss, len(window))
+                elapsed = time.perf_counter() - window_start
+                metrics = {"train/loss": loss_value, "train/lr": p.optimizer.param_groups[-1]["lr"],
+                           "train/images_per_s": window_images / elapsed if elapsed > 0 else float("nan"),
+                           "train/epoch": state.epoch + state.batches_done / n_batches}
+                if self.after_step(metrics, bar, tracker, hooks):
+                    return False
+                window_start = time.perf_counter()
+                if self.checkpoint_due(n_batches):
+                    self.save()
+        finally:
+            bar.close()
+        self.finish_epoch()
         return True
+
+    def backward_window(self, window: list, bar) -> tuple[torch.Tensor, int]:
+        """Forward and backward of one accumulation window's micro-batches, each loss weighted by its batch's
+        share of the window's samples (a short last window included); returns the window's loss and images."""
+        p, tc = self.parts, self.cfg.train
+        window_images = sum(len(batch[0]) for batch in window)
+        window_loss = torch.zeros((), device=p.device)
+        for micro, (images, targets, *seeds) in enumerate(window, start=1):
+            images = images.to(p.device, non_blocking=True)
+            targets = targets.to(p.device, non_blocking=True)
+            if p.batch_augment is not None:
+                if not seeds:
+                    raise PipelineError("train.augment.where=device: the training batches carry no sample "
+                                        "seeds (expected (images, targets, seeds) batches)")
+                images = p.batch_augment(images, seeds[0])
+            if self.cfg.model.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            # Under DDP, gradients are all-reduced once per window: on its last micro-batch.
+            sync = micro == len(window) or not hasattr(p.forward, "no_sync")
+            with nullcontext() if sync else p.forward.no_sync():
+                with autocast(p.device, tc.precision):
+                    outputs = p.forward(images)
+                # Loss in fp32, each micro-batch weighted by its share of the window's samples.
+                loss = p.loss_fn(outputs.float(), targets) * (len(images) / window_images)
+                p.scaler.scale(loss).backward()
+            window_loss += loss.detach()
+            bar.update(1)
+        return window_loss, window_images
+
+    def optimizer_step(self, window_loss: torch.Tensor, micro_batches: int) -> float:
+        """The step that ends an accumulation window of ``micro_batches``: check the loss, unscale, clip, step,
+        schedule, EMA; returns the window's loss (its mean over ranks: the same on every rank, so all stop
+        together on a non-finite one)."""
+        p, tc, state = self.parts, self.cfg.train, self.state
+        loss_value = float(self.dist.mean(window_loss))
+        if not math.isfinite(loss_value):
+            raise self.diverged(f"the training loss is {loss_value}")
+        if tc.clip_grad:
+            p.scaler.unscale_(p.optimizer)
+            nn.utils.clip_grad_norm_(p.model.parameters(), tc.clip_grad)
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
+        p.optimizer.zero_grad(set_to_none=True)
+        p.scheduler.step()
+        state.step += 1
+        state.batches_done += micro_batches
+        if p.ema is not None:
+            p.ema.update(p.model, step=state.step)
+        return loss_value
+
+    def after_step(self, metrics: dict, bar, tracker: Tracker | None, hooks: LoopHooks) -> bool:
+        """Tell the bar, the tracker and the hooks about the optimizer step just taken; True when the run stops
+        here (a hook said so, or ``train.stop_after_steps`` is reached)."""
+        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}",
+                        img_s=f"{metrics['train/images_per_s']:.1f}")
+        if tracker is not None:
+            tracker.log(metrics, step=self.state.step)
+        return hooks.on_step(self.state.step, metrics) or self.step_limit_reached()
+
+    def step_limit_reached(self) -> bool:
+        """Whether ``train.stop_after_steps`` optimizer steps are done."""
+        limit = self.cfg.train.stop_after_steps
+        return limit is not None and self.state.step >= limit
+
+    def checkpoint_due(self, n_batches: int) -> bool:
+        """Whether ``train.checkpoint_every_steps`` saves last.pt now: on its steps inside the epoch (the epoch's
+        end saves anyway, after validation; ``n_batches``: the epoch's micro-batches)."""
+        every = self.cfg.train.checkpoint_every_steps
+        return bool(every) and self.state.step % every == 0 and self.state.batches_done < n_batches
+
+    def finish_epoch(self) -> None:
+        """The epoch's batches are done: it counts, and the sampler's next epoch starts from here."""
+        self.state.epoch += 1
+        self.state.batches_done = 0
+        self.in_epoch = False
+        self.parts.sampler.epoch_state = self.parts.sampler.generator.get_state()
 
     # -- validation -------------------------------------------------------------------------------
     def candidates(self) -> dict[str, nn.Module]:
@@ -666,9 +697,10 @@ class Trainer:
                 start = time.perf_counter()
                 if not self.train_epoch(self.epoch_batches(), tracker, hooks):
                     stopped = True
-                    if self.saved_step != self.state.step:  # on_step stopped it: last.pt resumes from here
-                        self.save()
+                    if not self.step_limit_reached():
                         why = f"stopped by a loop hook at step {self.state.step}"
+                    if self.saved_step != self.state.step:  # the one save of a stop: last.pt resumes from here
+                        self.save()
                     break
                 row = self.end_epoch(time.perf_counter() - start, tracker)
                 if hooks.on_epoch(self.state.epoch, row):
