@@ -542,7 +542,7 @@ class Trainer:
     def candidates(self) -> dict[str, nn.Module]:
         """The weights validation scores: the raw model, and its EMA when training keeps one."""
         p = self.parts
-        return {"ema": p.ema.module, "raw": p.model} if p.ema else {"raw": p.model}
+        return {"ema": p.ema.module, "raw": p.model} if p.ema is not None else {"raw": p.model}
 
     def validate(self, model: nn.Module | None = None) -> dict:
         """Validation loss, macro-F1 at 0.5 and at per-class best thresholds, per-class F1, probabilities
@@ -553,7 +553,8 @@ class Trainer:
         block of rows at a time by the metrics, so 340 k x 7 178 validation rows never sit in memory (9.8 GB in
         float32); the truth is a sparse matrix. Under torch.distributed each rank's shard is gathered in memory."""
         p, tc, dist = self.parts, self.cfg.train, self.dist
-        model = model or self.candidates().get(self.state.eval_weights, p.model)
+        if model is None:  # (not `or`: a module's truth is its length, and an empty container's is False)
+            model = self.candidates().get(self.state.eval_weights, p.model)
         # Each rank scores every world_size-th validation row; the rows are gathered back in order, each
         # exactly once, so every rank computes the same metrics and takes the same best-checkpoint decision.
         shard = list(range(dist.rank, len(p.val_set), dist.world_size))
@@ -629,13 +630,13 @@ class Trainer:
                "prior_val_loss": self.prior["val_loss"], "prior_macro_f1_tuned": self.prior["macro_f1_tuned"],
                "beats_prior": not_learning is None, "seconds": seconds, "best": improved}
         self.history.append(row)
-        # last.pt and its OOF scores as a set: the checkpoint (the big write) goes to its temp file first, the
-        # score table is replaced only once that is written, and the checkpoint renamed into place right after.
-        # A failure (a full disk) leaves the previous pair, never scores without their checkpoint.
+        # last.pt and its OOF scores as one set: both are written to temp files, and renamed into place only once
+        # both are whole, the checkpoint last. A failure or a crash before that (a full disk, a kill) leaves the
+        # previous pair, never scores of one model beside the checkpoint of another.
         with Staging() as staging:
-            self.save(staging)
             if self.dist.main:
-                write_scores(folder.oof(fold, "last"), self.parts.val_table["Id"], metrics["probs"])
+                write_scores(folder.oof(fold, "last"), self.parts.val_table["Id"], metrics["probs"], staging)
+            self.save(staging)
             staging.commit()
         if self.dist.main:
             if improved:  # the same state: link the files instead of serialising it twice
