@@ -6,6 +6,9 @@ configured metric (``metric.name``): ``oof_macro_f1_in_sample`` for HPA, ``oof_f
 Inclusive Images. With thousands of classes the per-class plots and the per-class table of report.md show the
 most frequent classes only; ``per_class.csv`` keeps every class. The strategy applied to test is marked in
 the tables and the strategies plot, with the reason it was chosen (``auto``: the best cross-fold estimate).
+
+This module draws; src.files writes. Each plot function draws a PNG to exactly the path it is given, whatever its
+suffix: a temp name of :func:`src.files.write_atomic` or :class:`src.files.Staging`, which put it in place whole.
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ def plot_per_class_f1(results: dict[str, dict], support: np.ndarray, path: Path,
     ax.legend(fontsize=8, ncols=min(len(names), 3))
     ax.set_title("Per-class F1 on out-of-fold predictions, by decision strategy")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -134,7 +137,7 @@ def plot_f1_vs_threshold(oof_true, oof_scores: np.ndarray, results: dict[str, di
     fig.supylabel("OOF F1")
     fig.suptitle(f"F1 vs threshold per class (dashed: {chosen})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path
 
@@ -156,7 +159,7 @@ def plot_label_rates(train_rate: np.ndarray, test_rate: np.ndarray, path: Path, 
     ax.set_title("Label rate per class: submission vs training")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -186,7 +189,7 @@ def plot_strategies(table: pd.DataFrame, path: Path, metric: MetricConfig | None
     if reason:
         fig.suptitle("\n".join(textwrap.wrap(f"chosen: {reason}", 110)), fontsize=7, y=0.99, va="top")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -274,7 +277,7 @@ def plot_lr_find(table: pd.DataFrame, suggested_lr: float, steepest_lr: float, b
     ax.legend(fontsize=8)
     ax.set_title("Learning-rate range test")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -322,7 +325,7 @@ def plot_similarity_heatmap(E: np.ndarray, path: str | Path, max_labels: int = 6
     ax.set_title(f"Label similarity in embedding space{which}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     return path
 
 
@@ -356,7 +359,7 @@ def plot_label_map(E: np.ndarray, path: str | Path, support: np.ndarray | None =
                  + (f" ({unseen} never seen, not shown)" if unseen else ""), fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     return path
 
 
@@ -386,7 +389,7 @@ def plot_tune_history(trials: pd.DataFrame, path: Path, objective: str, minimize
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)  # off the points
     ax.set_title("Optimisation history" + (f" ({failed} failed trial(s) not shown)" if failed else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -407,7 +410,7 @@ def plot_param_importances(importances: dict[str, float], path: Path, note: str 
         ax.axis("off")
     ax.set_title("Parameter importances" + (f"\n{note}" if note else ""), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 

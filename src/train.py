@@ -663,6 +663,20 @@ class Trainer:
                  "train.ema_horizon and the data.")
         return row
 
+    def save_embedding(self) -> dict[str, Path]:
+        """The fold's label embedding and its two plots (drawn by src.report), written as one set; returns the
+        plots by their W&B key."""
+        embedding, folder, fold = self.parts.embedding, self.folder, self.fold
+        E, support = embedding.embedding, embedding.support
+        draw = {"similarity": lambda tmp: plot_similarity_heatmap(E, tmp, support=support),
+                "map": lambda tmp: plot_label_map(E, tmp, support=support)}
+        with Staging() as staging:
+            staging.file(folder.embedding(fold), embedding.save)
+            plots = {f"label_embedding/{which}": staging.file(folder.embedding_plot(fold, which), plot)
+                     for which, plot in draw.items()}
+            staging.commit()
+        return plots
+
     def fit(self, hooks: LoopHooks | None = None) -> dict:
         """Train the remaining epochs (resuming last.pt under ``train.resume``), validating and checkpointing
         each; ``hooks`` hear every optimizer step and epoch and may stop the run. Returns the fold's metrics."""
@@ -687,13 +701,8 @@ class Trainer:
         tracker = Tracker(tracked, fold_dir, name=f"{run_name}-fold{self.fold}", group=run_name)
         stopped, why = False, None
         try:
-            if p.embedding and self.dist.main:
-                p.embedding.save(folder.embedding(self.fold))
-                E, support = p.embedding.embedding, p.embedding.support
-                tracker.log_images({
-                    "label_embedding/similarity": plot_similarity_heatmap(
-                        E, fold_dir / "label_similarity.png", support=support),
-                    "label_embedding/map": plot_label_map(E, fold_dir / "label_map.png", support=support)})
+            if p.embedding is not None and self.dist.main:
+                tracker.log_images(self.save_embedding())
             while self.state.epoch < tc.epochs:
                 start = time.perf_counter()
                 if not self.train_epoch(self.epoch_batches(), tracker, hooks):
@@ -756,8 +765,8 @@ def refuse_restart(cfg: Config, folder: RunFolder, fold: int) -> None:
 
 def _remove_training(folder: RunFolder, fold: int) -> None:
     """Remove what a previous training of fold ``fold`` wrote (checkpoints, score tables, history, config, label
-    embedding), so that nothing of it mixes with the new run's outputs."""
-    old = [folder.fold(fold) / name for name in FOLD_FILES] + [folder.embedding(fold)]
+    embedding and its plots), so that nothing of it mixes with the new run's outputs."""
+    old = [folder.fold(fold) / name for name in FOLD_FILES]
     old += [folder.oof(fold, which).with_suffix(".npz") for which in ("best", "last")]  # many-class score tables
     for path in old:
         path.unlink(missing_ok=True)
