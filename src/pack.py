@@ -372,11 +372,12 @@ def open_packed(cfg: DataConfig, table: pd.DataFrame) -> PackedImages | None:
     _require_every_source(cfg, needed, caches, found)
     rows_of = {name: [i for i, row_name in enumerate(names) if row_name == name] for name in needed}
     ids, files = table["Id"].tolist(), table["files"].tolist()
-    # Every source's mode first (a stat of each present file), then the rows: a stale cache is an error before
-    # any note.
-    stats = {name: _source_stats(caches[name], name, [ids[i] for i in rows_of[name]],
-                                 [files[i] for i in rows_of[name]]) if needed[name].images.exists() else None
-             for name in needed}
+    # Every source's mode first (a stat of each present file; None: used as packed), then its rows.
+    stats = {}
+    for name, source in needed.items():
+        at = rows_of[name]  # (every file of a source lies under its image folder)
+        stats[name] = _source_stats(caches[name], name, [ids[i] for i in at], [files[i] for i in at]) \
+            if source.images.exists() else None
     rows: list[tuple[str, int]] = [("", -1)] * len(table)
     for name, cache in caches.items():
         at = rows_of[name]
