@@ -70,6 +70,7 @@ from src.predict import (
     score_dataset,
     weighted_mean,
 )
+from src.progress import note
 from src.run_folder import RunFolder
 from src.score_table import combine_scores
 
@@ -396,8 +397,8 @@ def bundle(cfg: Config, out: str | Path | None = None, fp16: bool = False, wheel
               f"{manifest['weights_dtype']} in {sum(len(e.folds) for e in experiments)} fold(s); decision "
               f"{record['strategy']}: {manifest['decision']['decision']})")
         if cfg.kaggle.dataset is None:
-            print(f"note: {out / METADATA_FILE} names the dataset {dataset_id}: set kaggle.dataset=<you>/<slug> (or "
-                  "edit the file) before `kaggle datasets create`")
+            note(f"note: {out / METADATA_FILE} names the dataset {dataset_id}: set kaggle.dataset=<you>/<slug> (or "
+                 "edit the file) before `kaggle datasets create`")
         print(f"upload: kaggle datasets create -p {out} --dir-mode zip")
     return out
 

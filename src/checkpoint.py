@@ -30,6 +30,7 @@ from torch import nn
 
 from src.config import Config, PipelineError, flatten
 from src.files import Staging, write_atomic
+from src.progress import note
 
 
 class TrainingParts(Protocol):
@@ -100,7 +101,7 @@ def check_resumable(saved: dict, current: dict, path: Path, saved_world: int = 1
         raise PipelineError(f"cannot resume {path}: it was trained with a different {listing}. Resume with the "
                             "checkpoint's settings, or start fresh with another run.dir (or train.resume=false).")
     if changed:
-        print(f"note: resuming {path} with changed setting(s): {', '.join(changed)}")
+        note(f"note: resuming {path} with changed setting(s): {', '.join(changed)}")
 
 
 # -- finite weights -----------------------------------------------------------------------------------

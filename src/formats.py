@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from src.data import (
     with_vocabulary,
 )
 from src.images import CHANNELS, channel_paths, inspect_image
+from src.progress import note
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_\-.]+$")
 # What inspect_file answers: (width, height), or None and why the file cannot be used.
@@ -578,8 +578,8 @@ def _raise_on(table: LabelTable, what: str) -> pd.DataFrame:
         more = f"\n  ... and {len(table.problems) - 20} more" if len(table.problems) > 20 else ""
         raise DataError(f"{what} has {len(table.problems)} problem(s):\n  {shown}{more}\n"
                         "Run `python -m src.validate` for a full report.")
-    for note in table.notes:
-        print(f"note: {note}", file=sys.stderr)
+    for text in table.notes:
+        note(f"note: {text}")
     return table.frame
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-import sys
 import types
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -201,7 +200,7 @@ def native_cpu_half(precision: str) -> bool:
     if not native:
         # Met at the first training step, while the epoch's bar runs: a note of its own, not cut into the bar.
         note(f"note: train.precision={precision} on a CPU without native {precision} kernels would be many times "
-             "slower than fp32: running in fp32", file=sys.stderr)
+             "slower than fp32: running in fp32")
     return native
 
 

@@ -17,7 +17,6 @@ decision as applied, with the config and the submission's hash: src.decision_rec
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -40,6 +39,7 @@ from src.formats import get_format, label_separator, load_test_table, load_train
 from src.metrics import binary_csr, count_labels, get_metric, nonfinite_rows
 from src.model import build_model, check_views, infer, resolve_device
 from src.pack import open_packed
+from src.progress import note
 from src.report import listed_classes, metric_columns, write_report
 from src.run_folder import RunFolder
 from src.score_table import (
@@ -165,8 +165,8 @@ def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: p
         raise PipelineError(f"{folder.root}: trained for {run_cfg.data.num_classes} classes, "
                             f"this config has {cfg.data.num_classes}")
     if run_cfg.train.augment.d4 == 0 and set(cfg.predict.tta) - {"identity"}:
-        print(f"warning: {folder.root} was trained without D4 augmentation; TTA views {cfg.predict.tta} show the "
-              "model images unlike any it was trained on (consider predict.tta=[identity])")
+        note(f"warning: {folder.root} was trained without D4 augmentation; TTA views {cfg.predict.tta} show the "
+             "model images unlike any it was trained on (consider predict.tta=[identity])")
 
     # The packed cache at this experiment's image size, if there is one (and it is fresh).
     data_cfg = cfg.data.model_copy(update={"image_size": run_cfg.data.image_size})
@@ -184,9 +184,9 @@ def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: p
     checkpoints = folder.fold_checkpoints(cfg.predict.folds, cfg.predict.checkpoint)
     untrained = sorted(set(range(run_cfg.folds.n_splits)) - {fold for fold, _ in checkpoints})
     if cfg.predict.folds is None and untrained:
-        print(f"warning: {folder.root}: fold(s) {untrained} of {run_cfg.folds.n_splits} have no "
-              f"{cfg.predict.checkpoint}.pt; predicting with the {len(checkpoints)} trained one(s) "
-              "(set predict.folds to choose on purpose)", file=sys.stderr)
+        note(f"warning: {folder.root}: fold(s) {untrained} of {run_cfg.folds.n_splits} have no "
+             f"{cfg.predict.checkpoint}.pt; predicting with the {len(checkpoints)} trained one(s) "
+             "(set predict.folds to choose on purpose)")
     paths = dict(checkpoints)
     fold_weights = ((fold, model_weights(load_checkpoint(path))) for fold, path in checkpoints)
     for fold, model in fold_networks(run_cfg, fold_weights, device):
@@ -225,7 +225,7 @@ def combine_runs(per_run: list[tuple[float, np.ndarray | ScoreRows, OofScores]]
     test = combine_scores([scores for _, scores, _ in per_run], partial(weighted_mean, weights))
     common = set.intersection(*(set(oof.ids) for _, _, oof in per_run))
     if any(len(common) != len(oof) for _, _, oof in per_run):
-        print(f"warning: experiments have different OOF Ids; thresholds use the {len(common)} they share")
+        note(f"warning: experiments have different OOF Ids; thresholds use the {len(common)} they share")
     first = per_run[0][2]
     keep = np.flatnonzero([sample_id in common for sample_id in first.ids])
     ids = first.ids[keep]
@@ -427,8 +427,7 @@ def predict(cfg: Config, progress: bool = True) -> Path:
         staging.commit()
     scratch.cleanup()
     if degenerate:
-        print(f"warning: the submission looks degenerate: {'; '.join(degenerate)}; written anyway (predict.force)",
-              file=sys.stderr)
+        note(f"warning: the submission looks degenerate: {'; '.join(degenerate)}; written anyway (predict.force)")
     track(cfg, out.root, strategies, classes, plots)
 
     if progress:

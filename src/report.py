@@ -7,6 +7,9 @@ configured metric (its ``label`` and ``title``, src.metrics): ``oof_macro_f1_in_
 per-class table of report.md show the most frequent classes only; ``per_class.csv`` keeps every class. The
 strategy applied to test is marked in the tables and the strategies plot, with the reason it was chosen
 (``auto``: the best cross-fold estimate).
+
+This module draws; src.files writes. Each plot function draws a PNG to exactly the path it is given, whatever its
+suffix: a temp name of :func:`src.files.write_atomic` or :class:`src.files.Staging`, which put it in place whole.
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def plot_per_class_f1(results: dict[str, dict], support: np.ndarray, path: Path,
     ax.legend(fontsize=8, ncols=min(len(names), 3))
     ax.set_title("Per-class F1 on out-of-fold predictions, by decision strategy")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -135,7 +138,7 @@ def plot_f1_vs_threshold(oof_true, oof_scores: np.ndarray, results: dict[str, di
     fig.supylabel("OOF F1")
     fig.suptitle(f"F1 vs threshold per class (dashed: {chosen})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path
 
@@ -157,7 +160,7 @@ def plot_label_rates(train_rate: np.ndarray, test_rate: np.ndarray, path: Path, 
     ax.set_title("Label rate per class: submission vs training")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -187,7 +190,7 @@ def plot_strategies(table: pd.DataFrame, path: Path, metric: MetricConfig | Metr
     if reason:
         fig.suptitle("\n".join(textwrap.wrap(f"chosen: {reason}", 110)), fontsize=7, y=0.99, va="top")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -276,7 +279,7 @@ def plot_lr_find(table: pd.DataFrame, suggested_lr: float, steepest_lr: float, b
     ax.legend(fontsize=8)
     ax.set_title("Learning-rate range test")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -324,7 +327,7 @@ def plot_similarity_heatmap(E: np.ndarray, path: str | Path, max_labels: int = 6
     ax.set_title(f"Label similarity in embedding space{which}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     return path
 
 
@@ -358,7 +361,7 @@ def plot_label_map(E: np.ndarray, path: str | Path, support: np.ndarray | None =
                  + (f" ({unseen} never seen, not shown)" if unseen else ""), fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     return path
 
 
@@ -388,7 +391,7 @@ def plot_tune_history(trials: pd.DataFrame, path: Path, objective: str, minimize
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)  # off the points
     ax.set_title("Optimisation history" + (f" ({failed} failed trial(s) not shown)" if failed else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -409,7 +412,7 @@ def plot_param_importances(importances: dict[str, float], path: Path, note: str 
         ax.axis("off")
     ax.set_title("Parameter importances" + (f"\n{note}" if note else ""), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 

@@ -11,7 +11,9 @@
                                   written by validation batch by batch as scores-*.tmp, then renamed)
         history.csv               one row per epoch
         config.yaml               resolved config of this fold's run
-        label_embedding.npz       loss.name=label_embedding only: the fold's label vectors
+        label_embedding.npz       loss.name=label_embedding only: the fold's label vectors, and their plots
+        label_similarity.png,     (written with it, by src.report)
+        label_map.png
         .lock                     held (flock) by the process training this fold
       labels.csv                  the label vocabulary (index, code, name) every fold was trained with
       test_probs.csv              the ensemble's test scores (same table format as oof.csv)
@@ -56,8 +58,11 @@ TUNE_STORAGE_FILE = "tune.db"
 LOCK_FILE = ".lock"
 # Validation scores of each checkpoint, so predict tunes thresholds on the model it applies them to.
 OOF_FILES = {"best": "oof.csv", "last": "oof_last.csv"}
-# What a fold folder holds after training, in the order a summary lists them.
-FOLD_FILES = ("best.pt", "last.pt", OOF_FILES["best"], OOF_FILES["last"], HISTORY_FILE, CONFIG_FILE)
+# The label-embedding plots, beside the embedding they picture.
+EMBEDDING_PLOTS = {"similarity": "label_similarity.png", "map": "label_map.png"}
+# What a fold folder holds after training, in the order a summary lists them (and what train.overwrite removes).
+FOLD_FILES = ("best.pt", "last.pt", OOF_FILES["best"], OOF_FILES["last"], HISTORY_FILE, CONFIG_FILE, EMBEDDING_FILE,
+              *EMBEDDING_PLOTS.values())
 
 
 class RunFolder:
@@ -80,6 +85,10 @@ class RunFolder:
 
     def embedding(self, fold: int) -> Path:
         return self.fold(fold) / EMBEDDING_FILE
+
+    def embedding_plot(self, fold: int, which: str) -> Path:
+        """Fold ``fold``'s plot ``which`` (``similarity``, ``map``) of its label embedding."""
+        return self.fold(fold) / EMBEDDING_PLOTS[which]
 
     def config(self, fold: int | None = None) -> Path:
         return (self.root if fold is None else self.fold(fold)) / CONFIG_FILE

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from src.config import PipelineError
-from src.files import link_or_copy, write_atomic
+from src.files import Staging, link_or_copy, write_atomic
 
 
 def class_columns(num_classes: int) -> list[str]:
@@ -64,15 +64,21 @@ def write_score_table(file: Path, ids: Sequence[str], scores: np.ndarray | Score
     frame.to_csv(file, index=False, float_format="%.6f")
 
 
-def write_scores(path: Path, ids: Sequence[str], scores: np.ndarray | ScoreRows) -> Path:
-    """The score table named ``path`` (see :func:`score_file`), written atomically; returns the file. A temporary
-    float16 table of the same Ids (a :class:`ScoreSink`'s) is moved into place, not rewritten."""
+def write_scores(path: Path, ids: Sequence[str], scores: np.ndarray | ScoreRows, staging: Staging | None = None
+                 ) -> Path:
+    """The score table named ``path`` (see :func:`score_file`), written atomically (with ``staging``: renamed into
+    place on its commit, with the rest of its set); returns the file. A temporary float16 table of the same Ids (a
+    :class:`ScoreSink`'s) is moved into place, not rewritten."""
     target = score_file(path, scores.shape[1])
     if isinstance(scores, ScoreTable) and scores.temporary and scores.stored == np.float16 and \
             target.suffix == ".npz" and np.array_equal(scores.ids, np.asarray(list(ids), dtype=str)):
-        written = scores.move_to(target)
+        def write(tmp: Path) -> None:
+            scores.move_to(tmp)
+            scores.path = target  # where it is read from once in place
     else:
-        written = write_atomic(target, lambda tmp: write_score_table(tmp, ids, scores))
+        def write(tmp: Path) -> None:
+            write_score_table(tmp, ids, scores)
+    written = staging.file(target, write) if staging is not None else write_atomic(target, write)
     other = path.with_suffix(".csv" if target.suffix == ".npz" else ".npz")
     other.unlink(missing_ok=True)  # never two tables of different runs side by side
     return written
