@@ -67,11 +67,10 @@ from src.predict import (
     fold_networks,
     make_submission,
     require_finite,
-    run_vocabulary,
     score_dataset,
     weighted_mean,
 )
-from src.run_folder import RunFolder, combine_scores
+from src.run_folder import RunFolder, combine_scores, run_vocabulary
 
 BUNDLE_KIND = "multilabel-pipeline inference bundle"
 BUNDLES_DIR = "bundles"

@@ -39,15 +39,17 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from src.checkpoint import copy_checkpoint
 from src.config import Config, PipelineError, load_config, override
 from src.data import Vocabulary
 from src.files import remove_stale_temps, save_config, write_atomic
-from src.losses import Scorer, loss_kind
+
+if TYPE_CHECKING:
+    from src.losses import Scorer
 
 CONFIG_FILE = "config.yaml"
 VOCABULARY_FILE = "labels.csv"
@@ -92,6 +94,10 @@ class RunFolder:
     def output_scorer(self, cfg: Config, fold: int) -> Scorer:
         """How fold ``fold``'s raw network outputs become per-class scores (``cfg``: the run's config): its loss's
         scorer (src.losses), with what the loss fitted at training (a label embedding) read from the fold folder."""
+        # Imported here: the losses pull in torch, and the light commands that read run folders (src.submit)
+        # must start without it.
+        from src.losses import loss_kind
+
         kind = loss_kind(cfg.loss.name)
         if kind.load is None:  # the loss fitted nothing
             return kind.scorer(None)
@@ -207,6 +213,21 @@ class RunFolder:
         return override(load_config(path), **{"model.pretrained": False})
 
 
+def run_vocabulary(cfg: Config) -> Vocabulary:
+    """The label vocabulary of the ensemble's runs (``predict.runs``, else ``run.dir``; all must share it: scores
+    are combined column by column); a run folder from before runs kept one has HPA's numbered classes."""
+    found = {}
+    for run_dir in [ref.dir for ref in cfg.predict.runs] or [cfg.run.dir]:
+        folder = RunFolder(run_dir)
+        found[run_dir] = folder.load_vocabulary() or Vocabulary.numbered(folder.load_config().data.num_classes)
+    first, vocabulary = next(iter(found.items()))
+    for run_dir, other in found.items():
+        if other.codes != vocabulary.codes:
+            raise PipelineError(f"experiments {first} and {run_dir} were trained on different label vocabularies "
+                                f"({len(vocabulary)} and {len(other)} labels): they cannot be ensembled")
+    return vocabulary
+
+
 # -- score tables (OOF and test) --------------------------------------------------------------------------
 def class_columns(num_classes: int) -> list[str]:
     return [str(c) for c in range(num_classes)]
@@ -254,6 +275,8 @@ def write_scores(path: Path, ids: Sequence[str], scores: np.ndarray | ScoreRows)
 
 def copy_scores(source: Path, target: Path) -> Path:
     """``target`` becomes the score table at ``source`` (whichever of .csv/.npz it is), linked, not rewritten."""
+    from src.checkpoint import copy_checkpoint  # here, not at the top: src.checkpoint imports torch
+
     for suffix, other in ((".csv", ".npz"), (".npz", ".csv")):
         if source.with_suffix(suffix).is_file():
             copied = copy_checkpoint(source.with_suffix(suffix), target.with_suffix(suffix))
