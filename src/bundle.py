@@ -66,12 +66,11 @@ from src.predict import (
     fold_networks,
     make_submission,
     require_finite,
-    run_vocabulary,
     score_dataset,
     weighted_mean,
 )
 from src.progress import note
-from src.run_folder import RunFolder
+from src.run_folder import RunFolder, run_vocabulary
 from src.score_table import combine_scores
 
 BUNDLE_KIND = "multilabel-pipeline inference bundle"

@@ -599,3 +599,31 @@ def load_train_table(cfg: DataConfig) -> pd.DataFrame:
 def load_test_table(cfg: DataConfig) -> pd.DataFrame:
     """Test samples in sample_submission order; raises DataError naming each bad row."""
     return _raise_on(read_test_ids(cfg), "sample submission")
+
+
+# --- Checking a submission --------------------------------------------------------------------------------
+
+def validate_submission(frame: pd.DataFrame, expected_ids: list[str], vocabulary: Vocabulary,
+                        columns: tuple[str, str] = ("Id", "Predicted"), separator: str = " ") -> None:
+    """The sample submission's columns; every expected Id exactly once, in order; labels codes of the
+    vocabulary; nothing empty or NaN."""
+    if tuple(frame.columns) != columns:
+        raise PipelineError(f"submission columns are {list(frame.columns)}, expected {list(columns)}; "
+                            "nothing written")
+    id_column, label_column = columns
+    problems = []
+    if frame.isna().any().any():
+        problems.append(f"{int(frame.isna().any(axis=1).sum())} row(s) hold NaN")
+    if frame[id_column].tolist() != list(expected_ids):
+        dup = frame[id_column][frame[id_column].duplicated()].tolist()
+        missing = sorted(set(expected_ids) - set(frame[id_column]))
+        problems.append(f"Ids differ from sample_submission (duplicates {dup[:5]}, missing {missing[:5]})")
+    known = vocabulary.index
+    for row, value in enumerate(frame[label_column].fillna("").astype(str), start=2):
+        tokens = value.split() if separator.isspace() else [t.strip() for t in value.split(separator)]
+        if not tokens or not all(t in known for t in tokens):
+            problems.append(f"row {row}: labels {value!r} are not labels of the run's vocabulary "
+                            f"(such as {vocabulary.codes[0]!r})")
+            break
+    if problems:
+        raise PipelineError("submission failed validation, nothing written:\n  " + "\n  ".join(problems))

@@ -35,7 +35,7 @@ from src.data import Vocabulary, label_csr, with_vocabulary
 from src.dataset import RGBYDataset, make_loader
 from src.decision_record import REFIT_ON_TEST, decision_path, decision_record, write_record
 from src.files import Staging, ensure_writable, ensure_writable_file, remove_stale_temps
-from src.formats import get_format, label_separator, load_test_table, load_training_data, submission_columns
+from src.formats import label_separator, load_test_table, load_training_data, submission_columns, validate_submission
 from src.metrics import binary_csr, count_labels, get_metric, nonfinite_rows
 from src.model import build_model, check_views, infer, resolve_device
 from src.pack import open_packed
@@ -48,6 +48,7 @@ from src.score_table import (
     class_columns,
     combine_scores,
     read_score_table,
+    run_vocabulary,
     score_file,
     stack_scores,
     write_score_table,
@@ -255,62 +256,11 @@ def label_rates(cfg: Config, train_labels: np.ndarray, vocabulary: Vocabulary | 
     return rates
 
 
-def saved_vocabulary(folder: RunFolder) -> Vocabulary:
-    """The label vocabulary run ``folder`` was trained with. A run folder from before runs kept one has the
-    vocabulary its format fixes (hpa: the numbered classes); where the data makes it, it is lost."""
-    vocabulary = folder.load_vocabulary()
-    if vocabulary is None:
-        data = folder.load_config().data
-        vocabulary = get_format(data).fixed_vocabulary(data)
-        if vocabulary is None:
-            raise PipelineError(f"{folder.vocabulary} not found: a data.format={data.format} run keeps the labels it "
-                                "was trained with there; train the run again")
-    return vocabulary
-
-
-def run_vocabulary(cfg: Config) -> Vocabulary:
-    """The label vocabulary of the ensemble's runs (all must share it: scores are combined column by column)."""
-    refs = cfg.predict.runs or [RunRef(dir=cfg.run.dir)]
-    found = {ref.dir: saved_vocabulary(RunFolder(ref.dir)) for ref in refs}
-    first, vocabulary = next(iter(found.items()))
-    for run_dir, other in found.items():
-        if other.codes != vocabulary.codes:
-            raise PipelineError(f"experiments {first} and {run_dir} were trained on different label vocabularies "
-                                f"({len(vocabulary)} and {len(other)} labels): they cannot be ensembled")
-    return vocabulary
-
-
 def format_labels(predicted: np.ndarray, vocabulary: Vocabulary, separator: str = " ") -> list[str]:
     """Each row's predicted labels (a dense or sparse boolean matrix) as the submission writes them."""
     rows = binary_csr(predicted)
     bounds, indices = rows.indptr.tolist(), rows.indices
     return [vocabulary.decode(indices[a:b].tolist(), separator) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def validate_submission(frame: pd.DataFrame, expected_ids: list[str], vocabulary: Vocabulary,
-                        columns: tuple[str, str] = ("Id", "Predicted"), separator: str = " ") -> None:
-    """The sample submission's columns; every expected Id exactly once, in order; labels codes of the
-    vocabulary; nothing empty or NaN."""
-    if tuple(frame.columns) != columns:
-        raise PipelineError(f"submission columns are {list(frame.columns)}, expected {list(columns)}; "
-                            "nothing written")
-    id_column, label_column = columns
-    problems = []
-    if frame.isna().any().any():
-        problems.append(f"{int(frame.isna().any(axis=1).sum())} row(s) hold NaN")
-    if frame[id_column].tolist() != list(expected_ids):
-        dup = frame[id_column][frame[id_column].duplicated()].tolist()
-        missing = sorted(set(expected_ids) - set(frame[id_column]))
-        problems.append(f"Ids differ from sample_submission (duplicates {dup[:5]}, missing {missing[:5]})")
-    known = vocabulary.index
-    for row, value in enumerate(frame[label_column].fillna("").astype(str), start=2):
-        tokens = value.split() if separator.isspace() else [t.strip() for t in value.split(separator)]
-        if not tokens or not all(t in known for t in tokens):
-            problems.append(f"row {row}: labels {value!r} are not labels of the run's vocabulary "
-                            f"(such as {vocabulary.codes[0]!r})")
-            break
-    if problems:
-        raise PipelineError("submission failed validation, nothing written:\n  " + "\n  ".join(problems))
 
 
 def score_experiments(cfg: Config, test_table: pd.DataFrame, train_table: pd.DataFrame, device: torch.device,

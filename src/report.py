@@ -28,7 +28,6 @@ import pandas as pd  # noqa: E402
 
 from src.config import MetricConfig
 from src.files import Staging
-from src.label_embedding import _normalize_rows  # noqa: E402
 from src.metrics import (  # noqa: E402
     Metric,
     count_labels,
@@ -307,6 +306,8 @@ def plot_similarity_heatmap(E: np.ndarray, path: str | Path, max_labels: int = 6
     that groups of co-occurring labels show as blocks. Many labels: the ``max_labels`` most frequent."""
     from scipy.cluster.hierarchy import leaves_list, linkage
 
+    from src.label_embedding import _normalize_rows  # here: it imports torch, which the other plots do not need
+
     unit = _normalize_rows(E)
     chosen = _chosen_labels(unit, support, max_labels)
     if len(chosen) > 2:
@@ -336,6 +337,8 @@ def plot_label_map(E: np.ndarray, path: str | Path, support: np.ndarray | None =
     """2-D map of the labels: the first two principal components of the embedding rows, point area by
     support, labels annotated when there are at most ``annotate_max``."""
     from sklearn.decomposition import PCA
+
+    from src.label_embedding import _normalize_rows  # here: it imports torch, which the other plots do not need
 
     unit = _normalize_rows(E)
     seen = np.flatnonzero(unit.any(axis=1))

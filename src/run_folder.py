@@ -32,19 +32,20 @@ they live.
 
 from __future__ import annotations
 
-import fcntl
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from src.config import Config, PipelineError, load_config, override
+from src.config import Config, PipelineError, RunRef, load_config, override
 from src.data import Vocabulary
-from src.files import remove_stale_temps, save_config, write_atomic
-from src.losses import Scorer, loss_kind
+from src.files import folder_lock, save_config, write_atomic
+from src.formats import get_format
 from src.score_table import table_files
+
+if TYPE_CHECKING:
+    from src.losses import Scorer
 
 CONFIG_FILE = "config.yaml"
 VOCABULARY_FILE = "labels.csv"
@@ -96,6 +97,10 @@ class RunFolder:
     def output_scorer(self, cfg: Config, fold: int) -> Scorer:
         """How fold ``fold``'s raw network outputs become per-class scores (``cfg``: the run's config): its loss's
         scorer (src.losses), with what the loss fitted at training (a label embedding) read from the fold folder."""
+        # Imported here: the losses pull in torch, and the light commands that read run folders (src.submit)
+        # must start without it.
+        from src.losses import loss_kind
+
         kind = loss_kind(cfg.loss.name)
         if kind.load is None:  # the loss fitted nothing
             return kind.scorer(None)
@@ -151,33 +156,11 @@ class RunFolder:
         tables = [file for which in OOF_FILES for file in table_files(self.oof(fold, which))]
         return list(dict.fromkeys([self.fold(fold) / name for name in FOLD_FILES] + tables + [self.embedding(fold)]))
 
-    @contextmanager
-    def lock(self, fold: int) -> Iterator[None]:
-        """Hold fold ``fold``'s folder for this training process: a second writer is refused, naming the pid.
-        An OS file lock (flock), so it is released when the process ends, by a crash or kill -9 too."""
-        folder = self.fold(fold)
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise PipelineError(f"{folder} is in use by another training process (pid {holder}); let it finish or "
-                                "stop it, or train into another run.dir") from None
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-            # Temp files of atomic writes that a killed process left behind (a live process's are kept).
-            remove_stale_temps(folder)
-            yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
+    def lock(self, fold: int):
+        """Hold fold ``fold``'s folder for this training process (:func:`src.files.folder_lock`); a second
+        training of the fold is refused, naming the pid."""
+        return folder_lock(self.fold(fold), LOCK_FILE, "training process",
+                           "let it finish or stop it, or train into another run.dir")
 
     def fold_checkpoints(self, folds: Sequence[int] | None, which: str) -> list[tuple[int, Path]]:
         """(fold, checkpoint) pairs: every trained fold, or exactly ``folds``; a missing one is an error."""
@@ -223,6 +206,31 @@ class RunFolder:
             raise PipelineError(f"{self.root} holds no trained run ({CONFIG_FILE} not found); "
                                 "train it first (bash scripts/train_fold.sh N)")
         return override(load_config(path), **{"model.pretrained": False})
+
+
+def saved_vocabulary(folder: RunFolder) -> Vocabulary:
+    """The label vocabulary run ``folder`` was trained with. A run folder from before runs kept one has the
+    vocabulary its format fixes (hpa: the numbered classes); where the data makes it, it is lost."""
+    vocabulary = folder.load_vocabulary()
+    if vocabulary is None:
+        data = folder.load_config().data
+        vocabulary = get_format(data).fixed_vocabulary(data)
+        if vocabulary is None:
+            raise PipelineError(f"{folder.vocabulary} not found: a data.format={data.format} run keeps the labels it "
+                                "was trained with there; train the run again")
+    return vocabulary
+
+
+def run_vocabulary(cfg: Config) -> Vocabulary:
+    """The label vocabulary of the ensemble's runs (all must share it: scores are combined column by column)."""
+    refs = cfg.predict.runs or [RunRef(dir=cfg.run.dir)]
+    found = {ref.dir: saved_vocabulary(RunFolder(ref.dir)) for ref in refs}
+    first, vocabulary = next(iter(found.items()))
+    for run_dir, other in found.items():
+        if other.codes != vocabulary.codes:
+            raise PipelineError(f"experiments {first} and {run_dir} were trained on different label vocabularies "
+                                f"({len(vocabulary)} and {len(other)} labels): they cannot be ensembled")
+    return vocabulary
 
 
 def write_history(path: Path, rows: list[dict]) -> Path:

@@ -146,7 +146,7 @@ def test_a_run_vocabulary_reports_labels_it_does_not_know(tmp_path, capsys):
 def test_a_run_folder_without_its_vocabulary_has_the_one_its_format_fixes(tmp_path, config, fixed):
     """A run folder from before runs kept labels.csv: hpa's classes are its numbered ones; a csv run's labels came
     from its data, so prediction stops naming the file instead of numbering them."""
-    from src.predict import run_vocabulary
+    from src.run_folder import run_vocabulary
 
     cfg = load_config(REPO_ROOT / "configs" / config, [f"run.dir={tmp_path / 'run'}", "data.num_classes=3"])
     RunFolder(cfg.run.dir).save_config(cfg, 0)  # the config only, no vocabulary
