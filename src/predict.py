@@ -41,14 +41,13 @@ from src.model import build_model, check_views, infer, resolve_device
 from src.pack import open_packed
 from src.progress import note
 from src.report import listed_classes, metric_columns, write_report
-from src.run_folder import RunFolder
+from src.run_folder import RunFolder, run_vocabulary
 from src.score_table import (
     ScoreRows,
     ScoreSink,
     class_columns,
     combine_scores,
     read_score_table,
-    run_vocabulary,
     score_file,
     stack_scores,
     write_score_table,
