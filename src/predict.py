@@ -52,7 +52,15 @@ from src.score_table import (
     stack_scores,
     write_score_table,
 )
-from src.thresholds import AUTO, Decision, ThresholdInputs, choose_strategy, compare_strategies, decision_for
+from src.thresholds import (
+    AUTO,
+    PSEUDO_FOLDS,
+    Decision,
+    ThresholdInputs,
+    choose_strategy,
+    compare_strategies,
+    decision_for,
+)
 from src.tracking import Tracker
 
 
@@ -300,7 +308,8 @@ def report_header(cfg: Config, refs: list[RunRef], oof: OofScores, n_test: int, 
             f"TTA {cfg.predict.tta} ({cfg.predict.tta_reduce}); {len(oof)} OOF rows, {n_test} test rows. "
             f"Metric: {get_metric(cfg.metric).title}. Chosen strategy: **{chosen}**. Cross-fold scores fit the "
             "decision on the other folds' OOF rows: the honest estimate of the test score."
-            + (" Only one fold's OOF rows: cross-fold equals in-sample." if len(np.unique(oof.folds)) < 2 else ""))
+            + (f" Only one fold's OOF rows: cross-fold fits on {PSEUDO_FOLDS - 1} of {PSEUDO_FOLDS} random parts of "
+               "them and scores the last." if len(np.unique(oof.folds)) < 2 else ""))
 
 
 def track(cfg: Config, out_dir: Path, strategies: pd.DataFrame, classes: pd.DataFrame, plots: dict[str, Path]) -> None:

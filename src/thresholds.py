@@ -205,6 +205,19 @@ def choose_strategy(requested: str, results: dict[str, dict]) -> tuple[str, str]
     return best, why + (f" vs {', '.join(behind)}" if behind else "")
 
 
+# A single fold's OOF rows are split into this many random parts for the cross-fold estimate.
+PSEUDO_FOLDS = 5
+
+
+def pseudo_folds(oof_fold: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``oof_fold`` itself when it names two folds or more; for one fold's rows, ``PSEUDO_FOLDS`` seeded random
+    parts of about equal size (as few as there are rows)."""
+    oof_fold = np.asarray(oof_fold)
+    if len(np.unique(oof_fold)) > 1 or len(oof_fold) < 2:
+        return oof_fold
+    return np.random.default_rng(seed).permutation(len(oof_fold)) % min(PSEUDO_FOLDS, len(oof_fold))
+
+
 def compare_strategies(oof_true, oof_scores: np.ndarray, oof_fold: np.ndarray, label_rate: np.ndarray,
                        cfg: PredictConfig, metric: MetricConfig | Metric | None = None) -> dict[str, dict]:
     """Every strategy on the OOF predictions, scored by ``metric`` (default: macro-F1), two ways:
@@ -220,10 +233,13 @@ def compare_strategies(oof_true, oof_scores: np.ndarray, oof_fold: np.ndarray, l
 
     Decisions are scored from their confusion counts (src.metrics.decision_counts), a block of rows at a time:
     no prediction matrix is made, so scores read by rows (many classes) are compared without n x m in memory.
-    With one fold the cross-fold decision is the in-sample one (fitted on the same rows) and is not fitted twice.
+    With one fold's rows (the README path: one fold trained) they are split into ``PSEUDO_FOLDS`` seeded random
+    parts for the cross-fold estimate, so that it still penalises a strategy that overfits its own rows (else
+    ``auto`` would take per-class thresholds tuned on 160 images at their in-sample score).
     """
     metric = get_metric(metric)
     results = {}
+    oof_fold = pseudo_folds(oof_fold)
     folds = np.unique(oof_fold)
     n, m = oof_scores.shape
     inputs = ThresholdInputs(oof_true, oof_scores, oof_scores, label_rate)
