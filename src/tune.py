@@ -581,7 +581,9 @@ def next_trial(trials: Sequence[Sequence[FrozenTrial]], rungs: Sequence[Rung], e
         return costs[r] is None or costs[r] <= left  # unknown: nothing has finished yet, the deadline guards
 
     def candidate(r: int, quota: int) -> FrozenTrial | None:
-        promoted = {t.user_attrs.get(PROMOTED_ATTR) for t in trials[r]}
+        # A promotion whose tuner was killed (FAIL without a reason of its own) may go up again.
+        promoted = {t.user_attrs.get(PROMOTED_ATTR) for t in trials[r]
+                    if t.state != TrialState.FAIL or FAILURE_ATTR in t.user_attrs}
         ranked = sorted(_complete(trials[r - 1]), key=lambda t: t.value, reverse=maximize)
         return next((t for t in ranked[:quota] if t.number not in promoted), None)
 
@@ -637,8 +639,8 @@ def tune_budget(cfg: Config, space: SearchSpace, budget: float, study: str, stor
     if any(s.study_name == study for s in open_storage(url, cfg.tune.heartbeat_seconds).get_all_studies()):
         raise PipelineError(f"'{study}' in {url} is a study of --trials, not a budgeted search: use another --study")
     studies = [open_study(base, rung_study(study, r), url, space_tree, command) for r in range(len(rungs))]
-    for r, (opened, rung) in enumerate(zip(studies, rungs)):
-        for key, value in (("rung", r), *rung.overrides().items()):
+    for opened, rung in zip(studies, rungs):  # what the report reads: each rung's size and epochs
+        for key, value in rung.overrides().items():
             if key not in opened.user_attrs:
                 opened.set_user_attr(key, value)
     maximize = monitored_direction(cfg) == "maximize"

@@ -9,11 +9,13 @@ import os
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
+from optuna.trial import FrozenTrial, create_trial
 
 import src.tune
 from src.cli import run_cli
@@ -26,6 +28,7 @@ from src.tune import (
     ladder,
     load_space,
     main,
+    next_trial,
     open_storage,
     open_study,
     parse_budget,
@@ -263,6 +266,30 @@ def test_a_trial_running_past_the_budget_is_stopped_there_as_pruned(tune_cfg, tm
     trials = optuna.load_study(study_name="late@rung0", storage=storage_url(tmp_path)).get_trials()
     assert [t.state.name for t in trials] == ["PRUNED"]
     assert "rung 0 trial 0: PRUNED: stopped" in capsys.readouterr().out
+
+
+def finished(number: int, value: float, seconds: float = 10.0, startup: float = 2.0, **attrs) -> FrozenTrial:
+    """A complete trial of ``seconds``, ``startup`` of them before its first step."""
+    trial = create_trial(value=value, params={"train.lr": value}, user_attrs={"startup_seconds": startup, **attrs},
+                         distributions={"train.lr": optuna.distributions.FloatDistribution(0, 1)})
+    trial.number, trial.datetime_start = number, trial.datetime_complete - timedelta(seconds=seconds)
+    return trial
+
+
+def test_successive_halving_promotes_the_best_1_over_eta_and_keeps_a_path_to_the_top():
+    """The scheduling rule alone, on made-up trials: 32 px then 64 px (4x the pixels: 2 s of start-up + 4 x 8 s
+    = 34 s estimated at rung 1 from 10 s trials at rung 0), eta 2, a score to maximise."""
+    rungs = [Rung(32, 1), Rung(64, 1)]
+    rung0 = [finished(i, value) for i, value in enumerate([0.1, 0.4, 0.3, 0.2])]
+    assert next_trial([rung0, []], rungs, 2, 1000, True) == (1, rung0[1])  # the best goes up first
+    rung1 = [finished(0, 0.5, 34, promoted_from=1)]
+    assert next_trial([rung0, rung1], rungs, 2, 1000, True) == (1, rung0[2])  # 4 // eta = 2 go up
+    rung1.append(finished(1, 0.6, 34, promoted_from=2))
+    assert next_trial([rung0, rung1], rungs, 2, 1000, True) == (0, None)  # then new trials at rung 0,
+    assert next_trial([rung0[:1], []], rungs, 2, 40, True) == (1, rung0[0])  # unless one would leave no room above
+    assert next_trial([rung0, rung1], rungs, 2, 40, True) == (0, None)  # nothing to promote: fill the rest
+    assert next_trial([rung0, rung1], rungs, 2, 9, True) is None  # no trial fits what is left
+    assert next_trial([[], []], rungs, 2, 5, True) == (0, None)  # nothing measured yet: the deadline guards
 
 
 def test_the_default_ladder_and_a_ladder_as_data(tune_cfg):
