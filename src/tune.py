@@ -798,7 +798,7 @@ def report(cfg: Config, study: str | None = None, storage: str | None = None) ->
     monitor = loaded.user_attrs.get("monitor", cfg.train.monitor)
     minimize = summary["direction"] == "minimize"
     out = RunFolder(cfg.run.dir).tune_study(name) / "report"
-    text = (format_ladder_report if rungs else format_report)(summary, table, found, note, command, url, monitor)
+    text = format_report(summary, table, found, note, command, url, monitor)
 
     def write(folder: Path) -> None:
         table.to_csv(folder / "trials.csv", index=False)
@@ -817,6 +817,9 @@ def report(cfg: Config, study: str | None = None, storage: str | None = None) ->
 
 def format_report(summary: dict, table: pd.DataFrame, found: dict[str, float], note: str, command: str | None,
                   url: str, monitor: str) -> str:
+    """The report's text: the trials, the importances, the best trial's command (a budgeted search: by rung)."""
+    if "rungs" in summary:
+        return format_ladder_report(summary, table, found, note, command, url, monitor)
     states = ", ".join(f"{n} {s.lower()}" for s, n in summary["states"].items())
     lines = [f"study '{summary['study']}' ({url}): {len(table)} trials ({states}); objective {monitor} "
              f"({summary['direction']})", ""]

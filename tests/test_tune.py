@@ -213,6 +213,7 @@ def test_a_trial_runs_in_its_own_folder_as_a_wandb_run_of_the_study(tune_cfg):
 
 # -- the budgeted search ---------------------------------------------------------------------------------
 BUDGET = 8.0  # seconds: room for a few 24 px trials and a promoted 32 px one (each about a second, and the tuner's)
+SLACK = 1.0  # seconds past the deadline: the last trial stops at its next step, writes last.pt, is told PRUNED
 
 
 @pytest.mark.slow
@@ -229,7 +230,7 @@ def test_a_budgeted_search_promotes_the_best_rung0_trials_and_keeps_its_budget(t
                           command=["--config", "configs/demo.yaml"], progress=False)
     wall = time.monotonic() - start
     out = capsys.readouterr().out
-    assert wall <= BUDGET * 1.1 + 0.5, out  # 0.5 s: the last trial's stop at the next step, and its save
+    assert wall <= BUDGET * 1.1 + SLACK, out
 
     rung0, rung1 = (optuna.load_study(study_name=f"small@rung{r}", storage=url).get_trials() for r in (0, 1))
     assert rung0 and rung1, out
@@ -262,7 +263,7 @@ def test_a_trial_running_past_the_budget_is_stopped_there_as_pruned(tune_cfg, tm
     open_storage(storage_url(tmp_path), 1)
     start = time.monotonic()
     tune_budget(cfg, parse_space(LR_SPACE, cfg), 1.5, "late", storage_url(tmp_path), progress=False)
-    assert time.monotonic() - start <= 1.5 * 1.1 + 0.5
+    assert time.monotonic() - start <= 1.5 * 1.1 + SLACK
     trials = optuna.load_study(study_name="late@rung0", storage=storage_url(tmp_path)).get_trials()
     assert [t.state.name for t in trials] == ["PRUNED"]
     assert "rung 0 trial 0: PRUNED: stopped" in capsys.readouterr().out
