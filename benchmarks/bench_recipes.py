@@ -1,48 +1,41 @@
-"""Does the pipeline learn on real images it was never tuned for? Two config recipes vs plain baselines.
+"""Recipes on real images they were never tuned for: the shipped recipes against fastai's and plain baselines.
 
-    .venv/bin/python -m benchmarks.bench_recipes [--data input/real128] [--out benchmarks/results/recipes]
-    .venv/bin/python -m benchmarks.bench_recipes --smoke   # every row end to end on a tiny run, in seconds
+    .venv/bin/python -m benchmarks.bench_recipes --set hpa      # benchmarks.real_images: HPA layout, 4 channels
+    .venv/bin/python -m benchmarks.bench_recipes --set digits   # benchmarks.real_digits: csv layout, handwriting
+    .venv/bin/python -m benchmarks.bench_recipes --smoke        # every row end to end on a tiny run, in seconds
 
-One run, one dataset, one CPU. The data is ``benchmarks.real_images.make_real_dataset`` (600 train and 200
-test images of 128 px, 9 power-law classes, patches of real photographs in the green channel, labels
-invariant to flips and right-angle rotations; test patches come from parts of the source images training
-never sees; ``test_solution.csv`` holds the hidden test labels). It is written to ``--data`` (reused when it
-is already there) or to the temp work folder. Folds: ``src.folds.make_folds`` (the recipes' 5 splits).
-Each recipe trains fold 0 only (``src.train.train``), predicts with ``predict.folds=[0]`` and
-``predict.force=true`` (``src.predict.predict``; whether predict would have refused the submission as
-degenerate is recorded with ``src.predict.degenerate_reasons``) and its submission is scored against
-``test_solution.csv``:
+One run, one dataset, one CPU. The sets (``benchmarks.recipe_sets``, 800 train / 300 test images of 64 px by
+default, hidden test labels in ``test_solution.csv``) are written under ``--data-root`` and reused. Folds:
+``src.folds.make_folds`` (5 splits). Each config recipe runs the README path on fold 0: ``src.train.train``,
+then ``src.predict.predict`` with ``predict.folds=[0]`` and ``predict.force=true`` (whether predict would have
+refused the submission as degenerate is recorded with ``src.predict.degenerate_reasons``); its submission is
+scored against the hidden labels. Rows (``--rows``, default all):
 
-a. "main config, data keys only": ``configs/hpa_nasnet512.yaml`` with only what a held-out trial changed
-   (data keys, paths, ``resnet18`` from scratch, 15 epochs, batch 32, CPU, 2 workers); accumulation,
-   learning rates, EMA, warm-up, loss and TTA stay as the config has them.
+a. "main config, data keys only": ``configs/hpa_nasnet512.yaml`` with only what a held-out trial changed (data
+   keys, paths, ``resnet18`` from scratch, 15 epochs, batch 32, CPU).
 b. "small-data recipe": ``configs/small_data.yaml`` with only data keys, paths and ``train.device=cpu``.
-
-Baselines on the same fold-0 split and test set:
-
-c. pixel logistic regression (``benchmarks.bench_learning``'s: one-vs-rest, 32 px RGBY, standardised);
-d. a plain timm loop: ``timm.create_model(..., in_chans=4)``, AdamW at a constant 1e-3, BCE-with-logits,
-   a random D4 view per batch, autocast as ``--precision``, batch 32, trained for the wall-clock seconds recipe (b)'s
-   training took (validation included there, not here); identity view at test time;
+o. "small-data recipe, round three": ``benchmarks/configs/small_data_round3.yaml``, the recipe (b) replaced.
+f. fastai's own from-scratch recipe (``benchmarks.fastai_peer``: xresnet18 with the data's channels, lr_find
+   valley, fit_one_cycle, aug_transforms, BCE, 8-view TTA, a global threshold on the same fold-0 holdout);
+   needs ``pip install -r benchmarks/requirements-fastai.txt``; ``--fastai-epochs`` (default 30).
+c. pixel logistic regression (one-vs-rest, 32 px, standardised);
+d. a plain timm loop (AdamW at a constant 1e-3, BCE, a random D4 view per batch, batch 32) given the wall-clock
+   seconds recipe (b)'s training took;
 e. the constant prior: every class scored at its training rate.
 
-Every row is scored by macro-F1 (sklearn ``f1_score(average="macro")`` on multi-hot matrices, a class
-never true nor predicted counting 0). "OOF" is fold 0's validation set: for the recipes, the OOF macro-F1
-of the chosen threshold strategy in the prediction report (``strategies.csv``; thresholds tuned on these
-same rows, so optimistic); for the baselines, decisions at 0.5. Test decisions: the recipes' submission;
-the baselines at 0.5. Every image keeps its top class. W&B is off.
+Every row is scored by macro-F1 (sklearn ``f1_score(average="macro")`` on multi-hot matrices over the training
+vocabulary). "OOF" is fold 0's validation set: for the config recipes the chosen strategy's cross-fold figure
+from the prediction report; for fastai its holdout at its global threshold; for the baselines decisions at 0.5.
+Test decisions: the recipes' submissions; fastai at its threshold; the baselines at 0.5. W&B is off.
 
-Precision (``--precision``, default ``auto``): bf16 where the CPU has native bf16 kernels (oneDNN reports
-AVX512-BF16/AMX), else fp32, set alike for both recipes (``train.precision``, which predict also uses) and the
-plain loop (autocast on or off). Both configs say bf16, but on an AVX2-only CPU bf16 autocast sends resnet18's
-matrix products to torch's reference GEMM: a training step at 128 px was about 20x slower than fp32.
+Precision (``--precision``, default ``auto``): bf16 where the CPU has native bf16 kernels, else fp32, set alike
+for every row (on an AVX2-only CPU bf16 autocast runs matrix products on a reference GEMM, about 20x slower).
 
-Writes ``recipes.csv`` and ``recipes.md`` to ``--out``. ``--threads`` defaults to 2 here: the benchmark is
-meant to have the machine to itself.
+Writes ``recipes_<set>.csv`` and ``recipes_<set>.md`` to ``--out``. ``--threads`` defaults to 2: the benchmark
+is meant to have the machine to itself.
 
-``--smoke``: 48 train / 12 test images of 32 px, 2 folds, ``test_resnet``, one epoch of batch 8, 8 px
-pixels for the logistic regression; outputs go to the temp folder unless ``--out`` is given. Every row end
-to end, no meaningful figure.
+``--smoke``: 48 train / 12 test images of 32 px, 2 folds, ``test_resnet``, one epoch of batch 8 (fastai: one
+epoch, if installed). Every row end to end, no meaningful figure.
 """
 
 from __future__ import annotations
@@ -59,9 +52,7 @@ import numpy as np
 import pandas as pd
 import timm
 import torch
-from sklearn.metrics import f1_score
 
-from benchmarks.bench_learning import pixel_features, pixel_logistic_regression
 from benchmarks.common import (
     REPO_ROOT,
     add_smoke_option,
@@ -70,25 +61,29 @@ from benchmarks.common import (
     limit_cpu_threads,
     work_folder,
 )
-from benchmarks.real_images import make_real_dataset
+from benchmarks.fastai_peer import fastai_recipe, load_pixels
+from benchmarks.recipe_sets import KINDS, ensure_set, label_sets, macro_f1, multi_hot, oriented, score_submission
 from src.cli import run_cli
 from src.config import Config, load_config, override
 from src.data import label_matrix
 from src.folds import load_folds, make_folds
-from src.formats import load_test_table, load_train_table, parse_target
-from src.images import read_rgby
+from src.formats import load_test_table, load_training_data
 from src.metrics import decide
+from src.model import native_cpu_half
 from src.predict import degenerate_reasons, predict
 from src.train import train
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "recipes"
+BENCH_CONFIGS = REPO_ROOT / "benchmarks" / "configs"
 
-# name -> (config file, the overrides beyond data keys and paths)
+# key -> (name, config file, the overrides beyond data keys and paths)
 RECIPES = {
-    "main config, data keys only": ("hpa_nasnet512.yaml", [
+    "a": ("main config, data keys only", REPO_ROOT / "configs" / "hpa_nasnet512.yaml", [
         "model.pretrained=false", "train.epochs=15", "train.batch_size=32", "train.num_workers=2"]),
-    "small-data recipe": ("small_data.yaml", []),
+    "b": ("small-data recipe", REPO_ROOT / "configs" / "small_data.yaml", []),
+    "o": ("small-data recipe, round three", BENCH_CONFIGS / "small_data_round3.yaml", []),
 }
+ROWS = "aboefcd"
 # The tiny run of --smoke: the sizes of tests/conftest.py's tiny config.
 SMOKE_OVERRIDES = ["folds.n_splits=2", "folds.rare_classes=warn", "train.epochs=1", "train.batch_size=8",
                    "train.num_workers=0"]
@@ -104,16 +99,6 @@ class Row:
     degenerate: str = ""  # why predict would refuse this row's test decisions without --force ("" if it would not)
 
 
-def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
-    return float(f1_score(truth, predicted, average="macro", zero_division=0))
-
-
-def label_cells(csv_path: Path, column: str, ids: list[str], num_classes: int) -> np.ndarray:
-    """Multi-hot matrix of a csv's label column (``Target`` or ``Predicted``), rows in the order of ``ids``."""
-    frame = pd.read_csv(csv_path, dtype={"Id": str, column: str}, keep_default_na=False).set_index("Id")
-    return label_matrix([parse_target(frame.at[i, column], num_classes)[0] for i in ids], num_classes)
-
-
 def scored_row(name: str, oof_macro_f1: float, test_y: np.ndarray, test_predicted: np.ndarray,
                train_y: np.ndarray, train_minutes: float, *notes: str) -> Row:
     """A table row; test decisions that predict would refuse as degenerate are flagged in its notes."""
@@ -123,13 +108,14 @@ def scored_row(name: str, oof_macro_f1: float, test_y: np.ndarray, test_predicte
                "; ".join(note for note in notes if note), reasons)
 
 
-def run_recipe(name: str, cfg: Config, test_ids: list[str], test_y: np.ndarray, train_y: np.ndarray,
+def run_recipe(name: str, cfg: Config, solution: Path, codes: list[str], train_y: np.ndarray, test_y: np.ndarray,
                progress: bool) -> tuple[Row, float]:
-    """Train fold 0 of ``cfg``, predict with that fold alone, score the submission; (row, training seconds)."""
+    """The README path on fold 0 of ``cfg`` (train, predict with that fold alone), its submission scored;
+    (row, training seconds)."""
     shutil.rmtree(cfg.run.dir, ignore_errors=True)  # a fresh run, also when --work-dir is reused
     print(f"{name}: {cfg.model.backbone}, {cfg.train.epochs} epochs, batch {cfg.train.batch_size} x "
-          f"{cfg.train.accum_steps}, lr {cfg.train.lr} (backbone {cfg.train.backbone_lr}), loss {cfg.loss.name}, "
-          f"ema {cfg.train.ema}, {len(cfg.predict.tta)} TTA views ...", flush=True)
+          f"{cfg.train.accum_steps}, lr {cfg.train.lr}, loss {cfg.loss.name}, ema {cfg.train.ema}, "
+          f"{len(cfg.predict.tta)} TTA views ...", flush=True)
     start = time.perf_counter()
     result = train(cfg, fold=0, progress=progress)
     train_seconds = time.perf_counter() - start
@@ -138,35 +124,15 @@ def run_recipe(name: str, cfg: Config, test_ids: list[str], test_y: np.ndarray, 
     predict_seconds = time.perf_counter() - start
     strategies = pd.read_csv(Path(cfg.run.dir) / "report" / "strategies.csv", keep_default_na=False)
     chosen = strategies[strategies["chosen"] == "<-"].iloc[0]
-    fixed = strategies[strategies["strategy"] == "fixed"]["oof_macro_f1_in_sample"]
-    predicted = label_cells(Path(submission), "Predicted", test_ids, cfg.data.num_classes)
-    row = scored_row(name, float(chosen["oof_macro_f1_in_sample"]), test_y, predicted, train_y, train_seconds / 60,
-                     f"OOF {chosen['strategy']} (fixed 0.5: {fixed.iloc[0]:.3f})",
+    cross_fold = chosen.filter(like="cross_fold").iloc[0]
+    predicted = multi_hot(list(label_sets(Path(submission), cfg.data).values()), codes)
+    row = scored_row(name, float(cross_fold), test_y, predicted, train_y, train_seconds / 60,
+                     f"OOF {chosen['strategy']}",
                      f"best epoch {result['best_epoch']}/{cfg.train.epochs} ({result.get('best_weights', 'raw')})",
                      f"{result['steps']} steps", f"predict {predict_seconds:.0f} s")
+    assert abs(row.test_macro_f1 - score_submission(Path(submission), solution, cfg.data, codes)) < 1e-12
     print(f"  -> test macro-F1 {row.test_macro_f1:.4f}, training {train_seconds:.0f} s", flush=True)
     return row, train_seconds
-
-
-def native_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix products natively (else autocast falls back to a slow reference GEMM)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def load_images(table: pd.DataFrame, size: int) -> torch.Tensor:
-    """N x 4 x size x size uint8 images of a table's rows."""
-    images = np.stack([read_rgby(d, i, size) for d, i in zip(table["image_dir"], table["Id"])])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-
-
-def channel_normaliser(images: torch.Tensor):
-    """uint8 images -> float, standardised per channel with the statistics of ``images``."""
-    mean = images.float().mean(dim=(0, 2, 3), keepdim=True)
-    std = images.float().std(dim=(0, 2, 3), keepdim=True)
-    return lambda batch: (batch.float() - mean) / std
 
 
 def plain_timm_loop(train_x: torch.Tensor, train_y: np.ndarray, normalise, seconds: float, backbone: str,
@@ -200,6 +166,13 @@ def plain_timm_loop(train_x: torch.Tensor, train_y: np.ndarray, normalise, secon
     return model.eval(), steps, epochs, time.perf_counter() - start
 
 
+def channel_normaliser(images: torch.Tensor):
+    """uint8 images -> float, standardised per channel with the statistics of ``images``."""
+    mean = images.float().mean(dim=(0, 2, 3), keepdim=True)
+    std = images.float().std(dim=(0, 2, 3), keepdim=True)
+    return lambda batch: (batch.float() - mean) / std
+
+
 @torch.no_grad()
 def plain_probs(model: torch.nn.Module, images: torch.Tensor, normalise, bf16: bool, batch_size: int = 64
                 ) -> np.ndarray:
@@ -208,6 +181,15 @@ def plain_probs(model: torch.nn.Module, images: torch.Tensor, normalise, bf16: b
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             outputs.append(torch.sigmoid(model(normalise(batch)).float()))
     return torch.cat(outputs).numpy()
+
+
+def pixel_logistic_regression(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, c: float,
+                              seed: int) -> np.ndarray:
+    """Validation probabilities of a one-vs-rest logistic regression on standardised pixels (a class with no
+    positive or no negative training sample gets its training rate)."""
+    from benchmarks.bench_learning import pixel_logistic_regression as fit
+
+    return fit(train_x, train_y, val_x, c, seed)
 
 
 def print_table(rows: list[Row]) -> None:
@@ -232,16 +214,27 @@ def compare(recipe: Row, baseline: Row) -> str:
             f"ratio {ratio:.2f}); OOF {recipe.oof_macro_f1:.4f} vs {baseline.oof_macro_f1:.4f}")
 
 
+def fastai_available() -> bool:
+    try:
+        import fastai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="the real-image dataset folder, reused when present (default: in the work "
-                                       "folder)")
-    parser.add_argument("--train-images", type=int, default=600)
-    parser.add_argument("--test-images", type=int, default=200)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--classes", type=int, default=9, help="number of classes (at most 9)")
+    parser.add_argument("--set", choices=KINDS, default="hpa", help="which real-image set (benchmarks.recipe_sets)")
+    parser.add_argument("--data-root", default=str(REPO_ROOT / "input"),
+                        help="where the sets are written and reused (<root>/<set><size>_<train>_<test>)")
+    parser.add_argument("--train-images", type=int, default=800)
+    parser.add_argument("--test-images", type=int, default=300)
+    parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--rows", default=ROWS, help=f"which rows, as their letters (default {ROWS})")
     parser.add_argument("--backbone", default="resnet18", help="recipe (a) and the plain loop")
+    parser.add_argument("--fastai-epochs", type=int, default=30, help="fastai's fit_one_cycle epochs")
+    parser.add_argument("--fastai-batch-size", type=int, default=64, help="fastai's batch size (its default)")
     parser.add_argument("--pixel-size", type=int, default=32, help="logistic regression: downsampled side")
     parser.add_argument("--lr-c", type=float, default=0.01, help="logistic regression: inverse L2 strength")
     parser.add_argument("--plain-lr", type=float, default=1e-3, help="plain timm loop: AdamW learning rate")
@@ -249,123 +242,142 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plain-seconds", type=float,
                         help="plain timm loop: training seconds (default: what recipe (b)'s training took)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="recipes and plain loop alike; auto: bf16 if the CPU has native bf16 kernels, else fp32")
-    parser.add_argument("--seed", type=int, default=42, help="plain loop and logistic regression")
-    parser.add_argument("--small-data-overrides", nargs="*", default=[], metavar="key=value",
+                        help="every row alike; auto: bf16 if the CPU has native bf16 kernels, else fp32")
+    parser.add_argument("--seed", type=int, default=42, help="fastai, plain loop and logistic regression")
+    parser.add_argument("--recipe-overrides", nargs="*", default=[], metavar="key=value",
                         help="extra overrides of recipe (b) only (a variation of the small-data recipe)")
     add_threads_option(parser)
     parser.set_defaults(threads=2)
     parser.add_argument("--work-dir", help="keep the runs here (default: a temp folder, removed)")
-    parser.add_argument("--out", help="where recipes.csv and recipes.md go (default: benchmarks/results/recipes; "
+    parser.add_argument("--out", help="where recipes_<set>.csv/.md go (default: benchmarks/results/recipes; "
                                       "with --smoke, the temp folder)")
     parser.add_argument("--progress", action="store_true", help="show training and prediction progress")
     add_smoke_option(parser, "48/12 images of 32 px, 2 folds, test_resnet, one epoch, every row")
     args = parser.parse_args(argv)
     args.argv = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    unknown = set(args.rows) - set(ROWS)
+    if unknown:
+        parser.error(f"--rows: unknown row(s) {sorted(unknown)}; expected letters of {ROWS}")
     if args.smoke:
-        args.train_images, args.test_images, args.image_size, args.pixel_size, args.classes = 48, 12, 32, 8, 4
-        args.backbone, args.plain_batch_size = "test_resnet", 8
+        args.train_images, args.test_images, args.image_size, args.pixel_size = 48, 12, 32, 8
+        args.backbone, args.plain_batch_size, args.fastai_epochs, args.fastai_batch_size = "test_resnet", 8, 1, 8
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     limit_cpu_threads(args.threads)
-    num_classes = args.classes
-    precision = args.precision if args.precision != "auto" else "bf16" if native_bf16() else "fp32"
+    precision = args.precision if args.precision != "auto" else "bf16" if native_cpu_half("bf16") else "fp32"
     bf16 = precision == "bf16"
     with work_folder(args.work_dir, "bench_recipes_") as work_dir:
-        data_dir = Path(args.data) if args.data else work_dir / "data"
-        if (data_dir / "train.csv").is_file() and (data_dir / "test_solution.csv").is_file():
-            print(f"data        reusing {data_dir}", flush=True)
-        else:
-            start = time.perf_counter()
-            make_real_dataset(data_dir, n_train=args.train_images, n_test=args.test_images, size=args.image_size,
-                              num_classes=num_classes, seed=args.data_seed, progress=False)
-            print(f"data        {args.train_images} train / {args.test_images} test real images, {args.image_size} "
-                  f"px -> {data_dir} ({time.perf_counter() - start:.0f} s)", flush=True)
-        shared = [f"data.dir={data_dir}", f"data.num_classes={num_classes}", f"data.image_size={args.image_size}",
-                  f"folds.path={work_dir / 'folds.csv'}", "train.device=cpu", f"train.precision={precision}",
-                  "wandb.mode=disabled"]
+        data_root = work_dir / "data" if args.smoke else Path(args.data_root)
+        data_dir = data_root / f"{args.set}{args.image_size}_{args.train_images}_{args.test_images}"
+        start = time.perf_counter()
+        data_keys = ensure_set(args.set, data_dir, args.train_images, args.test_images, args.image_size,
+                               args.data_seed)
+        print(f"data        {args.set}: {data_dir} ({time.perf_counter() - start:.0f} s)", flush=True)
+        shared = data_keys + [f"folds.path={work_dir / 'folds.csv'}", "train.device=cpu",
+                              f"train.precision={precision}", "wandb.mode=disabled", "data.cache_dir=null"]
         smoke = SMOKE_OVERRIDES if args.smoke else []
         configs = {}
-        for key, (name, (config_file, extra)) in zip("ab", RECIPES.items()):
-            if key == "a" or args.smoke:  # (b) keeps its own resnet18 unless the run is a smoke run
+        for key in [k for k in args.rows if k in RECIPES]:
+            name, config_file, extra = RECIPES[key]
+            if key == "a" or args.smoke:  # (b) and (o) keep their own backbone unless the run is a smoke run
                 extra = [*extra, f"model.backbone={args.backbone}"]
             paths = [f"run.dir={work_dir / 'runs' / key}", f"submission.path={work_dir / f'submission_{key}.csv'}"]
-            variation = args.small_data_overrides if key == "b" else []
-            configs[f"({key}) {name}"] = load_config(REPO_ROOT / "configs" / config_file,
-                                                     shared + paths + extra + smoke + variation)
-        first, *others = configs.values()
-        split_keys = ("n_splits", "seed", "group_duplicates", "duplicate_distance")  # rare_classes only warns
-        if any(getattr(cfg.folds, k) != getattr(first.folds, k) for cfg in others for k in split_keys):
-            raise SystemExit(f"the recipes' folds settings {split_keys} differ: they cannot share one fold-0 split")
-        make_folds(first, progress=False)
-
-        train_table, test_table = load_train_table(first.data), load_test_table(first.data)
-        folds = load_folds(first, train_table)
+            variation = args.recipe_overrides if key == "b" else []
+            configs[key] = (f"({key}) {name}", load_config(config_file, shared + paths + extra + smoke + variation))
+        # One fold-0 split for every row: the folds of the main config's settings.
+        split_cfg = load_config(REPO_ROOT / "configs" / "small_data.yaml", shared + smoke)
+        make_folds(split_cfg, progress=False)
+        split_cfg, train_table, vocabulary = load_training_data(split_cfg)
+        codes, num_classes = list(vocabulary.codes), len(vocabulary)
+        test_table = load_test_table(split_cfg.data)
+        folds = load_folds(split_cfg, train_table)
+        for label, cfg in configs.values():
+            if (cfg.folds.n_splits, cfg.folds.seed) != (split_cfg.folds.n_splits, split_cfg.folds.seed):
+                raise SystemExit(f"{label}: its folds settings differ from the shared split's")
         fit_table, val_table = train_table[folds != 0], train_table[folds == 0]
         all_train_y = label_matrix(train_table["labels"], num_classes)
         fit_y, val_y = (label_matrix(t["labels"], num_classes) for t in (fit_table, val_table))
-        test_ids = test_table["Id"].tolist()
-        test_y = label_cells(data_dir / "test_solution.csv", "Target", test_ids, num_classes)
-        print(f"folds       {first.folds.n_splits}; fold 0: {len(fit_table)} train, {len(val_table)} validation; "
-              f"{len(test_ids)} test; {describe_device(torch.device('cpu'))}; {precision}", flush=True)
+        solution = data_dir / "test_solution.csv"
+        truth = label_sets(solution, split_cfg.data, solution=True)
+        test_y = multi_hot([truth[i] for i in test_table["Id"]], codes)
+        print(f"folds       {split_cfg.folds.n_splits}; fold 0: {len(fit_table)} train, {len(val_table)} validation; "
+              f"{len(test_table)} test; {describe_device(torch.device('cpu'))}; {precision}", flush=True)
 
         rows, seconds = [], {}
-        for name, cfg in configs.items():
-            row, seconds[name] = run_recipe(name, cfg, test_ids, test_y, all_train_y, args.progress)
+        for key, (label, cfg) in configs.items():
+            row, seconds[key] = run_recipe(label, cfg, solution, codes, all_train_y, test_y, args.progress)
             rows.append(row)
 
-        start = time.perf_counter()
-        lr_val = decide(pixel_logistic_regression(
-            pixel_features(fit_table, args.pixel_size), fit_y, pixel_features(val_table, args.pixel_size),
-            args.lr_c, args.seed), 0.5)
-        lr_test = decide(pixel_logistic_regression(
-            pixel_features(fit_table, args.pixel_size), fit_y, pixel_features(test_table, args.pixel_size),
-            args.lr_c, args.seed), 0.5)
-        rows.append(scored_row(f"(c) pixel logistic regression ({args.pixel_size} px)", macro_f1(val_y, lr_val),
-                               test_y, lr_test, all_train_y, (time.perf_counter() - start) / 60,
-                               f"C {args.lr_c}, at 0.5"))
+        channels = split_cfg.model.in_chans
+        if "f" in args.rows:
+            if not fastai_available():
+                print("fastai      not installed: pip install -r benchmarks/requirements-fastai.txt (row f skipped)")
+            else:
+                print(f"fastai      xresnet18, {args.fastai_epochs} epochs ...", flush=True)
+                size = args.image_size
+                pixels = [load_pixels(t, size, channels) for t in (fit_table, val_table, test_table)]
+                out = fastai_recipe(pixels[0], fit_y, pixels[1], val_y, pixels[2], args.fastai_epochs,
+                                    args.fastai_batch_size, args.seed, macro_f1, oriented=oriented(args.set))
+                threshold = out["threshold"]
+                rows.append(scored_row(
+                    "(f) fastai from scratch (xresnet18, one-cycle, aug_transforms, TTA)",
+                    macro_f1(val_y, out["val_probs"] >= threshold), test_y,
+                    (out["test_probs"] >= threshold).astype(np.uint8), all_train_y, out["seconds"] / 60,
+                    f"lr_find valley {out['lr']:.2e}, {args.fastai_epochs} epochs, global threshold {threshold:.2f}"))
 
-        budget = args.plain_seconds if args.plain_seconds is not None else seconds[list(configs)[1]]
-        print(f"plain loop  {args.backbone}, {budget:.0f} s budget ...", flush=True)
-        fit_x = load_images(fit_table, args.image_size)
-        normalise = channel_normaliser(fit_x)
-        model, steps, epochs, took = plain_timm_loop(fit_x, fit_y, normalise, budget, args.backbone,
-                                                     args.plain_batch_size, args.plain_lr, args.seed, bf16)
-        plain_val = decide(plain_probs(model, load_images(val_table, args.image_size), normalise, bf16), 0.5)
-        plain_test = decide(plain_probs(model, load_images(test_table, args.image_size), normalise, bf16), 0.5)
-        rows.append(scored_row(f"(d) plain timm loop ({args.backbone}, same seconds as b)",
-                               macro_f1(val_y, plain_val), test_y, plain_test, all_train_y, took / 60,
-                               f"AdamW {args.plain_lr:g}, {steps} steps, {epochs} epochs, at 0.5"))
+        if "c" in args.rows:
+            start = time.perf_counter()
+            fit_px, val_px, test_px = (load_pixels(t, args.pixel_size, channels).reshape(len(t), -1) / 255.0
+                                       for t in (fit_table, val_table, test_table))
+            lr_val = decide(pixel_logistic_regression(fit_px, fit_y, val_px, args.lr_c, args.seed), 0.5)
+            lr_test = decide(pixel_logistic_regression(fit_px, fit_y, test_px, args.lr_c, args.seed), 0.5)
+            rows.append(scored_row(f"(c) pixel logistic regression ({args.pixel_size} px)", macro_f1(val_y, lr_val),
+                                   test_y, lr_test, all_train_y, (time.perf_counter() - start) / 60,
+                                   f"C {args.lr_c}, at 0.5"))
 
-        prior = fit_y.mean(axis=0)
-        constant_val = decide(np.tile(prior, (len(val_y), 1)), 0.5)
-        constant_test = decide(np.tile(prior, (len(test_y), 1)), 0.5)
-        every_class = np.ones_like(test_y)
-        rows.append(scored_row("(e) constant prior (train label rates)", macro_f1(val_y, constant_val), test_y,
-                               constant_test, all_train_y, 0.0,
-                               f"at 0.5; every class on every image: test {macro_f1(test_y, every_class):.4f}"))
+        if "d" in args.rows:
+            budget = args.plain_seconds if args.plain_seconds is not None else seconds.get("b", 60.0)
+            print(f"plain loop  {args.backbone}, {budget:.0f} s budget ...", flush=True)
+            fit_x, val_x, test_x = (torch.from_numpy(load_pixels(t, args.image_size, channels))
+                                    for t in (fit_table, val_table, test_table))
+            normalise = channel_normaliser(fit_x)
+            model, steps, epochs, took = plain_timm_loop(fit_x, fit_y, normalise, budget, args.backbone,
+                                                         args.plain_batch_size, args.plain_lr, args.seed, bf16)
+            plain_val = decide(plain_probs(model, val_x, normalise, bf16), 0.5)
+            plain_test = decide(plain_probs(model, test_x, normalise, bf16), 0.5)
+            rows.append(scored_row(f"(d) plain timm loop ({args.backbone}, same seconds as b)",
+                                   macro_f1(val_y, plain_val), test_y, plain_test, all_train_y, took / 60,
+                                   f"AdamW {args.plain_lr:g}, {steps} steps, {epochs} epochs, at 0.5"))
+
+        if "e" in args.rows:
+            prior = fit_y.mean(axis=0)
+            constant_val = decide(np.tile(prior, (len(val_y), 1)), 0.5)
+            constant_test = decide(np.tile(prior, (len(test_y), 1)), 0.5)
+            every_class = np.ones_like(test_y)
+            rows.append(scored_row("(e) constant prior (train label rates)", macro_f1(val_y, constant_val), test_y,
+                                   constant_test, all_train_y, 0.0,
+                                   f"at 0.5; every class on every image: test {macro_f1(test_y, every_class):.4f}"))
 
         print_table(rows)
-        recipe_rows, pixel_row, plain_row = rows[:2], rows[2], rows[3]
-        comparisons = [compare(r, b) for r in recipe_rows for b in (plain_row, pixel_row)]
+        recipe = next((r for r in rows if r.name.startswith("(b)")), None)
+        comparisons = [compare(recipe, other) for other in rows if recipe and other is not recipe]
         comparisons += [f"{r.name} is degenerate: {r.degenerate}" for r in rows if r.degenerate]
         print("\n" + "\n".join(comparisons))
 
         out = Path(args.out) if args.out else work_dir / "results" if args.smoke else DEFAULT_OUT
         out.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame([vars(r) for r in rows]).to_csv(out / "recipes.csv", index=False, float_format="%.4f")
-        header = (f"# Recipes on real images\n\n`python -m benchmarks.bench_recipes {args.argv}`\n\n"
-                  f"{len(train_table)} train / {len(test_ids)} test images of {args.image_size} px "
-                  f"(`benchmarks.real_images`, seed {args.data_seed}), {num_classes} classes; fold 0 of "
-                  f"{first.folds.n_splits}: {len(fit_table)} train, {len(val_table)} validation. "
-                  f"{describe_device(torch.device('cpu'))}; precision {precision} (recipes and plain loop)."
-                  + (f" Small-data overrides: `{' '.join(args.small_data_overrides)}`." if args.small_data_overrides
-                     else ""))
-        (out / "recipes.md").write_text(markdown(rows, header, comparisons))
-        print(f"wrote {out / 'recipes.csv'}, {out / 'recipes.md'}")
+        pd.DataFrame([vars(r) for r in rows]).to_csv(out / f"recipes_{args.set}.csv", index=False, float_format="%.4f")
+        header = (f"# Recipes on real images: {args.set}\n\n`python -m benchmarks.bench_recipes {args.argv}`\n\n"
+                  f"{len(train_table)} train / {len(test_table)} test images of {args.image_size} px "
+                  f"({args.set}, seed {args.data_seed}), {num_classes} classes; fold 0 of "
+                  f"{split_cfg.folds.n_splits}: {len(fit_table)} train, {len(val_table)} validation. "
+                  f"{describe_device(torch.device('cpu'))}; precision {precision}."
+                  + (f" Recipe (b) overrides: `{' '.join(args.recipe_overrides)}`." if args.recipe_overrides else ""))
+        (out / f"recipes_{args.set}.md").write_text(markdown(rows, header, comparisons))
+        print(f"wrote {out / f'recipes_{args.set}.csv'}, {out / f'recipes_{args.set}.md'}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ holds when the stage starts: the interpreter and the imported libraries):
 - ``decision search``: ``src.thresholds.compare_strategies`` alone on the OOF table (inside predict above; timed
   here by itself).
 
-The pipeline holds no n x m matrix in float32 (src.run_folder.ScoreRows): the target is every stage at most
+The pipeline holds no n x m matrix in float32 (src.score_table.ScoreRows): the target is every stage at most
 8 GB. Settings: ``configs/openimages_demo.yaml`` (per-image F2, ``global_bounded``, ``train.monitor=metric``) with
 ``test_resnet`` at ``--size`` px, 5 folds, CPU fp32, and ``predict.max_labels=20`` (a model trained for a few
 steps scores every label alike; the cap keeps its submission at Inclusive Images' scale of labels per image).
@@ -71,7 +71,8 @@ from src.formats import get_format, load_training_data
 from src.metrics import count_labels
 from src.pack import VERSION, array_path, csv_digest, fingerprint, manifest_path, open_packed, source_identity
 from src.predict import predict
-from src.run_folder import RunFolder, read_score_table
+from src.run_folder import RunFolder
+from src.score_table import read_score_table
 from src.thresholds import compare_strategies
 from src.tracking import Tracker
 from src.train import Trainer, build_parts

@@ -35,20 +35,29 @@ def best_global_threshold(probs: np.ndarray, truth: np.ndarray, score) -> float:
 
 
 def fastai_recipe(fit_x: np.ndarray, fit_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                  test_x: np.ndarray, epochs: int, batch_size: int, seed: int, score, tta: bool = True
+                  test_x: np.ndarray, epochs: int, batch_size: int, seed: int, score, tta: bool = True,
+                  oriented: bool = False
                   ) -> dict:
     """Train fastai's from-scratch recipe on (fit_x, fit_y), validate on (val_x, val_y), predict ``test_x``.
 
+    ``oriented``: the images have an up and a left (no flips; fastai's rotations, zoom, warp and lighting stay).
     Returns ``val_probs``, ``test_probs``, ``threshold`` (global, chosen on the holdout by ``score``),
     ``lr`` (the valley suggestion), ``seconds``."""
-    from fastai.callback.progress import ProgressCallback
-    from fastai.data.core import DataLoaders, Datasets
-    from fastai.data.transforms import IntToFloatTensor, Normalize
-    from fastai.layers import BCEWithLogitsLossFlat
-    from fastai.learner import Learner
-    from fastai.torch_core import TensorImage, TensorMultiCategory, set_seed
-    from fastai.vision.augment import aug_transforms
-    from fastai.vision.models.xresnet import xresnet18
+    # fastai.vision.all, as its docs import it: it also patches Learner with lr_find, fit_one_cycle and tta
+    from fastai.vision.all import (
+        BCEWithLogitsLossFlat,
+        Datasets,
+        IntToFloatTensor,
+        Learner,
+        Normalize,
+        ProgressCallback,
+        TensorImage,
+        TensorMultiCategory,
+        aug_transforms,
+        set_seed,
+        valley,
+        xresnet18,
+    )
 
     start = time.perf_counter()
     set_seed(seed, reproducible=True)
@@ -61,11 +70,12 @@ def fastai_recipe(fit_x: np.ndarray, fit_y: np.ndarray, val_x: np.ndarray, val_y
     scaled = torch.from_numpy(fit_x).float() / 255
     mean, std = scaled.mean(dim=(0, 2, 3)), scaled.std(dim=(0, 2, 3))
     dls = datasets.dataloaders(bs=batch_size, device=torch.device("cpu"), num_workers=0, after_batch=[
-        IntToFloatTensor(), *aug_transforms(flip_vert=True), Normalize.from_stats(mean, std)])
+        IntToFloatTensor(), *aug_transforms(do_flip=not oriented, flip_vert=not oriented),
+        Normalize.from_stats(mean, std)])
     model = xresnet18(c_in=images.shape[1], n_out=labels.shape[1])
     learn = Learner(dls, model, loss_func=BCEWithLogitsLossFlat())
     learn.remove_cb(ProgressCallback)
-    lr = float(learn.lr_find(show_plot=False).valley)
+    lr = float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
     learn.fit_one_cycle(epochs, lr)
     if tta:
         val_probs = learn.tta(ds_idx=1, n=8)[0].numpy()

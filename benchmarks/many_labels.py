@@ -38,7 +38,8 @@ from src.folds import make_folds
 from src.formats import load_test_table, load_training_data
 from src.metrics import metric_score, precision_at_k
 from src.predict import predict
-from src.run_folder import RunFolder, read_scores
+from src.run_folder import RunFolder
+from src.score_table import read_scores
 from src.train import train
 
 LOSSES = ("bce", "label_embedding")

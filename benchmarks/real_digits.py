@@ -13,7 +13,8 @@ scans and test digits from the rest: test handwriting is unseen. Deterministic b
 Layout (``data.format=csv``): ``train.csv`` (``image``, ``tags``: space-separated digit names),
 ``train/<image>``, ``test/<image>``, ``sample_submission.csv`` and the hidden ``test_solution.csv``
 (``image``, ``tags``). Train it with ``data.format=csv data.path_column=image data.label_column=tags
-data.id_column=image data.num_classes=null model.in_chans=3``.
+data.id_column=image data.num_classes=null model.in_chans=3``, and, as for any image with an up and a left,
+``train.augment.d4=0 predict.tta=[identity]``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 TRAIN_SHARE = 0.65  # share of the scans that training digits are drawn from
 CSV_KEYS = ["data.format=csv", "data.id_column=image", "data.path_column=image", "data.label_column=tags",
             "data.num_classes=null", "model.in_chans=3"]
+# Handwriting has an up and a left: no flips or right-angle turns in training or at test time (a 6 turned is a 9).
+ORIENTED_KEYS = ["train.augment.d4=0", "predict.tta=[identity]"]
 
 
 def digit_pools(split: str) -> dict[int, np.ndarray]:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import f1_score
 
-from benchmarks.real_digits import CSV_KEYS, make_digits_dataset
+from benchmarks.real_digits import CSV_KEYS, ORIENTED_KEYS, make_digits_dataset
 from benchmarks.real_images import make_real_dataset
 from src.config import DataConfig
 from src.formats import get_format, label_separator, submission_columns
@@ -35,7 +35,12 @@ def ensure_set(kind: str, folder: Path, n_train: int, n_test: int, size: int, se
         else:
             raise SystemExit(f"unknown set {kind!r}; expected one of {KINDS}")
     keys = [f"data.dir={folder}", f"data.image_size={size}"]
-    return keys + (["data.num_classes=9", "model.in_chans=4"] if kind == "hpa" else CSV_KEYS)
+    return keys + (["data.num_classes=9", "model.in_chans=4"] if kind == "hpa" else CSV_KEYS + ORIENTED_KEYS)
+
+
+def oriented(kind: str) -> bool:
+    """Whether the set's images have an up and a left (no flips or right-angle turns preserve the labels)."""
+    return kind == "digits"
 
 
 def label_sets(csv_path: Path, data: DataConfig, solution: bool = False) -> dict[str, set[str]]:

@@ -38,11 +38,11 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
-import pandas as pd
 import torch
 import yaml
 
@@ -52,7 +52,6 @@ from src.config import Config, PipelineError, load_config, override
 from src.data import Vocabulary, with_vocabulary
 from src.dataset import RGBYDataset
 from src.decision_record import (
-    DECISION_FILE,
     apply_record,
     config_differences,
     decision_path,
@@ -67,18 +66,17 @@ from src.predict import (
     fold_networks,
     make_submission,
     require_finite,
-    run_vocabulary,
     score_dataset,
     weighted_mean,
 )
-from src.run_folder import RunFolder, combine_scores
+from src.progress import note
+from src.run_folder import RunFolder, run_vocabulary
+from src.score_table import combine_scores
 
 BUNDLE_KIND = "multilabel-pipeline inference bundle"
 BUNDLES_DIR = "bundles"
 MANIFEST_FILE = "manifest.json"
 METADATA_FILE = "dataset-metadata.json"
-CONFIG_FILE = "config.yaml"
-VOCABULARY_FILE = "labels.csv"
 EXPERIMENTS_DIR = "experiments"
 WEIGHTS_FILE = "weights.pt"
 INFER_FILE = "infer.py"
@@ -255,10 +253,20 @@ def _folder_size(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def bundle(cfg: Config, out: str | Path | None = None, fp16: bool = False, wheels: bool = False,
-           pip: Sequence[str] | None = None, progress: bool = True) -> Path:
-    """Write the inference bundle of ``cfg``'s prediction to ``out`` (default ``bundles/<run folder name>``);
-    returns its folder. ``pip``: the pip command for ``--wheels`` (default: this Python's)."""
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment of the recorded ensemble, as the bundle ships it."""
+
+    path: str  # its run folder inside the bundle
+    folder: RunFolder  # its run folder
+    cfg: Config  # its training config
+    folds: list[tuple[int, Path]]  # (fold, the checkpoint the prediction used)
+    weight: float  # its weight in the ensemble
+
+
+def predicted_record(cfg: Config) -> tuple[dict, Vocabulary]:
+    """The decision record of the last prediction of ``cfg``'s run and the runs' label vocabulary; refused when that
+    prediction was made under another config than ``cfg``."""
     record = read_record(cfg.run.dir)
     vocabulary = run_vocabulary(cfg)
     differences = config_differences(record["config"], with_vocabulary(cfg, vocabulary).model_dump(mode="json"))
@@ -266,12 +274,14 @@ def bundle(cfg: Config, out: str | Path | None = None, fp16: bool = False, wheel
         raise PipelineError(f"the last prediction of {cfg.run.dir} was made under another config than this one "
                             f"({'; '.join(differences[:4])}): bundle with the config that predicted, or run "
                             "`python -m src.predict` with this one first")
-    predicted_at = decision_path(cfg.run.dir).stat().st_mtime_ns
-    run_name = Path(cfg.run.dir).resolve().name
-    out = Path(out) if out is not None else Path(BUNDLES_DIR) / run_name
-    ensure_writable(out.parent, "the bundle")
+    return record, vocabulary
 
-    experiments = []  # (bundle subfolder, run folder, run config, [(fold, checkpoint)], weight)
+
+def collect_weights(record: dict, run_dir: str | Path) -> list[Experiment]:
+    """Each experiment of the prediction recorded in ``run_dir`` with the checkpoints it used; refused when one
+    is gone or was written after the prediction (the decision would not fit the weights shipped)."""
+    predicted_at = decision_path(run_dir).stat().st_mtime_ns
+    experiments = []
     for i, run in enumerate(record["runs"]):
         folder = RunFolder(run["dir"])
         folds = []
@@ -280,74 +290,114 @@ def bundle(cfg: Config, out: str | Path | None = None, fp16: bool = False, wheel
             if not path.is_file():
                 raise PipelineError(f"{path} not found: the prediction used it; restore it or run predict again")
             if path.stat().st_mtime_ns > predicted_at:
-                raise PipelineError(f"{path} was written after the prediction ({decision_path(cfg.run.dir)}): run "
+                raise PipelineError(f"{path} was written after the prediction ({decision_path(run_dir)}): run "
                                     "`python -m src.predict` again so the decision fits the weights shipped")
             folds.append((fold, path))
         name = f"{i}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', folder.root.resolve().name)}"
-        experiments.append((f"{EXPERIMENTS_DIR}/{name}", folder, folder.load_config(), folds, run["weight"]))
+        experiments.append(Experiment(f"{EXPERIMENTS_DIR}/{name}", folder, folder.load_config(), folds, run["weight"]))
+    return experiments
 
+
+def write_weights(root: Path, experiments: list[Experiment], fp16: bool) -> None:
+    """Each experiment as a run folder under ``root`` holding its config and, per fold, the weights inference
+    uses (no optimizer, scheduler or RNG state; float16 with ``fp16``) and the label vectors a loss fitted."""
+    for experiment in experiments:
+        shipped = RunFolder(root / experiment.path)
+        save_config(experiment.cfg, shipped.config())
+        for fold, checkpoint in experiment.folds:
+            weights = model_weights(load_checkpoint(checkpoint))
+            if fp16:
+                weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+            shipped.fold(fold).mkdir(parents=True, exist_ok=True)
+            torch.save(weights, shipped.fold(fold) / WEIGHTS_FILE)
+            if experiment.folder.embedding(fold).is_file():
+                shutil.copyfile(experiment.folder.embedding(fold), shipped.embedding(fold))
+
+
+def write_decision(root: Path, record: dict, vocabulary: Vocabulary, decision_file: Path) -> None:
+    """What prediction applies, where a run folder keeps it: the config predict ran with, the label vocabulary
+    and the decision record (``decision_file``)."""
+    shipped = RunFolder(root)
+    shipped.config().write_text(yaml.safe_dump(record["config"], sort_keys=False))
+    shipped.save_vocabulary(vocabulary)
+    shutil.copyfile(decision_file, decision_path(root))
+
+
+def write_program(root: Path) -> None:
+    """A copy of this pipeline's src package and the infer.py that imports it."""
+    shutil.copytree(Path(__file__).resolve().parent, root / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.tmp"))
+    (root / INFER_FILE).write_text(INFER_PY)
+
+
+def bundle_manifest(cfg: Config, record: dict, vocabulary: Vocabulary, experiments: list[Experiment], fp16: bool,
+                    wheels: dict[str, str]) -> dict:
+    """What the bundle holds (manifest.json, less its size): experiments and folds, weights dtype, TTA, the
+    decision, the wheels shipped (``wheels``) and what is not."""
     config = record["config"]
-    bundle_id = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-    dataset_id = cfg.kaggle.dataset or f"{PLACEHOLDER_OWNER}/{dataset_slug(run_name)}"
-    decision = record_decision(record)
-    manifest = {
-        "kind": BUNDLE_KIND, "bundle_id": bundle_id,
+    return {
+        "kind": BUNDLE_KIND, "bundle_id": hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "competition": cfg.kaggle.competition, "data_format": config["data"]["format"],
         "labels": len(vocabulary), "weights_dtype": "float16" if fp16 else "float32",
-        "experiments": [{"path": path, "run_dir": str(folder.root), "weight": weight, "folds": [f for f, _ in folds],
-                         "backbone": run_cfg.model.backbone, "image_size": run_cfg.data.image_size,
-                         "in_chans": run_cfg.model.in_chans, "loss": run_cfg.loss.name}
-                        for path, folder, run_cfg, folds, weight in experiments],
+        "experiments": [{"path": e.path, "run_dir": str(e.folder.root), "weight": e.weight,
+                         "folds": [f for f, _ in e.folds], "backbone": e.cfg.model.backbone,
+                         "image_size": e.cfg.data.image_size, "in_chans": e.cfg.model.in_chans, "loss": e.cfg.loss.name}
+                        for e in experiments],
         "tta": config["predict"]["tta"], "tta_reduce": config["predict"]["tta_reduce"],
         "precision": config["train"]["precision"],
-        "decision": {"strategy": record["strategy"], "decision": decision.describe(),
+        "decision": {"strategy": record["strategy"], "decision": record_decision(record).describe(),
                      "refit_on_test": bool(record.get("refit_on_test")), "metric": record.get("metric"),
                      "oof_cross_fold": record.get("oof_cross_fold"), "oof_in_sample": record.get("oof_in_sample")},
-        "wheels": {}, "not_shipped": NOT_SHIPPED,
+        "wheels": wheels, "not_shipped": NOT_SHIPPED,
     }
 
+
+def write_manifest(root: Path, manifest: dict, sample_submission: str, title: str, dataset_id: str) -> None:
+    """The Kaggle side of the bundle (the notebook, the dataset's metadata) and, written last so that its size
+    counts everything else, manifest.json."""
+    (root / NOTEBOOK_FILE).write_text(json.dumps(notebook(
+        manifest["competition"], sample_submission, manifest["bundle_id"], manifest["wheels"]), indent=1))
+    title = f"{title} inference bundle"[:50]
+    (root / METADATA_FILE).write_text(json.dumps(
+        {"title": title if len(title) >= 6 else f"{title} model", "id": dataset_id,
+         "licenses": [{"name": LICENSE}]}, indent=1) + "\n")
+    manifest = manifest | {"size_bytes": _folder_size(root)}
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def bundle(cfg: Config, out: str | Path | None = None, fp16: bool = False, wheels: bool = False,
+           pip: Sequence[str] | None = None, progress: bool = True) -> Path:
+    """Write the inference bundle of ``cfg``'s prediction to ``out`` (default ``bundles/<run folder name>``),
+    staged as one folder and renamed into place; returns its folder. ``pip``: the pip command for ``--wheels``
+    (default: this Python's)."""
+    record, vocabulary = predicted_record(cfg)
+    run_name = Path(cfg.run.dir).resolve().name
+    out = Path(out) if out is not None else Path(BUNDLES_DIR) / run_name
+    ensure_writable(out.parent, "the bundle")
+    experiments = collect_weights(record, cfg.run.dir)
+    dataset_id = cfg.kaggle.dataset or f"{PLACEHOLDER_OWNER}/{dataset_slug(run_name)}"
+
     def write(root: Path) -> None:
-        for path, folder, run_cfg, folds, _ in experiments:
-            shipped = RunFolder(root / path)
-            save_config(run_cfg, shipped.config())
-            for fold, checkpoint in folds:
-                weights = model_weights(load_checkpoint(checkpoint))  # no optimizer, scheduler or RNG state
-                if fp16:
-                    weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
-                shipped.fold(fold).mkdir(parents=True, exist_ok=True)
-                torch.save(weights, shipped.fold(fold) / WEIGHTS_FILE)
-                if folder.embedding(fold).is_file():
-                    shutil.copyfile(folder.embedding(fold), shipped.embedding(fold))
-        (root / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-        pd.DataFrame({"code": vocabulary.codes, "name": vocabulary.names}).to_csv(root / VOCABULARY_FILE,
-                                                                                   index_label="index")
-        shutil.copyfile(decision_path(cfg.run.dir), root / DECISION_FILE)
-        shutil.copytree(Path(__file__).resolve().parent, root / "src",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.tmp"))
-        (root / INFER_FILE).write_text(INFER_PY)
-        if wheels:
-            manifest["wheels"] = download_wheels(root / WHEELS_DIR, pip)
-        (root / NOTEBOOK_FILE).write_text(json.dumps(notebook(
-            cfg.kaggle.competition, config["data"]["sample_submission"], bundle_id, manifest["wheels"]), indent=1))
-        title = f"{run_name} inference bundle"[:50]
-        (root / METADATA_FILE).write_text(json.dumps(
-            {"title": title if len(title) >= 6 else f"{title} model", "id": dataset_id,
-             "licenses": [{"name": LICENSE}]}, indent=1) + "\n")
-        manifest["size_bytes"] = _folder_size(root)
-        (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+        write_weights(root, experiments, fp16)
+        write_decision(root, record, vocabulary, decision_path(cfg.run.dir))
+        write_program(root)
+        shipped = download_wheels(root / WHEELS_DIR, pip) if wheels else {}
+        write_manifest(root, bundle_manifest(cfg, record, vocabulary, experiments, fp16, shipped),
+                       record["config"]["data"]["sample_submission"], run_name, dataset_id)
 
     with Staging() as staging:
         staging.folder(out, write)
         staging.commit()
     if progress:
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
         weights_bytes = sum(p.stat().st_size for p in (out / EXPERIMENTS_DIR).rglob(WEIGHTS_FILE))
         print(f"wrote {out}/ ({manifest['size_bytes'] / 2**20:.1f} MiB; weights {weights_bytes / 2**20:.1f} MiB "
-              f"{manifest['weights_dtype']} in {sum(len(e[3]) for e in experiments)} fold(s); decision "
-              f"{record['strategy']}: {decision.describe()})")
+              f"{manifest['weights_dtype']} in {sum(len(e.folds) for e in experiments)} fold(s); decision "
+              f"{record['strategy']}: {manifest['decision']['decision']})")
         if cfg.kaggle.dataset is None:
-            print(f"note: {out / METADATA_FILE} names the dataset {dataset_id}: set kaggle.dataset=<you>/<slug> (or "
-                  "edit the file) before `kaggle datasets create`")
+            note(f"note: {out / METADATA_FILE} names the dataset {dataset_id}: set kaggle.dataset=<you>/<slug> (or "
+                 "edit the file) before `kaggle datasets create`")
         print(f"upload: kaggle datasets create -p {out} --dir-mode zip")
     return out
 
@@ -364,7 +414,7 @@ def load_bundle(bundle_dir: str | Path) -> tuple[dict, dict, Vocabulary]:
         raise PipelineError(f"{bundle_dir / MANIFEST_FILE} is not the manifest of an inference bundle")
     vocabulary = RunFolder(bundle_dir).load_vocabulary()
     if vocabulary is None:
-        raise PipelineError(f"{bundle_dir / VOCABULARY_FILE} not found: the bundle is incomplete")
+        raise PipelineError(f"{RunFolder(bundle_dir).vocabulary} not found: the bundle is incomplete")
     return manifest, read_record(bundle_dir), vocabulary
 
 
@@ -387,7 +437,7 @@ def predict_from_bundle(bundle_dir: str | Path, data_dir: str | Path, out: str |
     manifest, record, vocabulary = load_bundle(bundle_dir)
     changes = {"data.dir": str(data_dir), "data.extra": [], "data.cache_dir": None, "train.device": device,
                "train.precision": precision, "train.num_workers": workers, "predict.batch_size": batch_size}
-    cfg = override(load_config(bundle_dir / CONFIG_FILE), **{k: v for k, v in changes.items()
+    cfg = override(load_config(RunFolder(bundle_dir).config()), **{k: v for k, v in changes.items()
                                                              if v is not None or k == "data.cache_dir"})
     check_views(cfg.predict.tta)
     ensure_writable(Path(out).resolve().parent, "the submission")

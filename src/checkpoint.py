@@ -19,9 +19,7 @@ the training loop says when to write one; this module says what is in it.
 from __future__ import annotations
 
 import io
-import os
 import random
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +30,7 @@ from torch import nn
 
 from src.config import Config, PipelineError, flatten
 from src.files import Staging, write_atomic
+from src.progress import note
 
 
 class TrainingParts(Protocol):
@@ -102,7 +101,7 @@ def check_resumable(saved: dict, current: dict, path: Path, saved_world: int = 1
         raise PipelineError(f"cannot resume {path}: it was trained with a different {listing}. Resume with the "
                             "checkpoint's settings, or start fresh with another run.dir (or train.resume=false).")
     if changed:
-        print(f"note: resuming {path} with changed setting(s): {', '.join(changed)}")
+        note(f"note: resuming {path} with changed setting(s): {', '.join(changed)}")
 
 
 # -- finite weights -----------------------------------------------------------------------------------
@@ -129,7 +128,7 @@ def require_finite(parts: TrainingParts) -> None:
         raise NonFiniteWeights(bad)
 
 
-# -- save, link, load -----------------------------------------------------------------------------------
+# -- save, load ------------------------------------------------------------------------------------------
 def capture_checkpoint(parts: TrainingParts, state: Any, history: list[dict],
                        rng_ranks: list[dict] | None = None) -> dict:
     """The checkpoint of ``parts`` with the loop's ``state`` (a dataclass) and ``history``, as it is saved.
@@ -162,19 +161,6 @@ def save_checkpoint(parts: TrainingParts, state: Any, history: list[dict], path:
     if staging is not None:
         return staging.file(path, lambda tmp: torch.save(ckpt, tmp))
     return write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
-
-
-def copy_checkpoint(source: Path, target: Path) -> Path:
-    """``target`` becomes a copy of ``source`` without serialising again: a hard link where the file
-    system allows (as timm's CheckpointSaver does), else a file copy; atomic either way."""
-
-    def link_or_copy(tmp: Path) -> None:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-
-    return write_atomic(target, link_or_copy)
 
 
 def load_checkpoint(path: str | Path) -> dict:

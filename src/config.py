@@ -4,6 +4,10 @@ Every stage takes ``--config FILE`` plus overrides such as ``train.lr=3e-4``. Va
 (``false``, ``0.5``, ``[0, 1]``; a key that takes a string keeps unquoted text as typed where YAML would turn
 it into something else, such as ``|`` or ``no``) and the merged result is validated against the schema below: an
 unknown key or a wrong type fails at once with a message naming the key and the closest valid one.
+
+The model and training defaults are the main recipe's (``configs/hpa_nasnet512.yaml``: pretrained NASNet-A-Large,
+EMA, 64 images per optimizer step; a test keeps them equal), so ``Config()`` is a recipe that is shipped, and a
+config writes down where it departs from it (the demos: a small network from scratch, no EMA, one batch a step).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = "configs/hpa_nasnet512.yaml"
 
@@ -104,7 +108,7 @@ class ModifierConfig(Section):
 class ModelConfig(Section):
     backbone: str = "nasnetalarge"
     # false: random init; true: timm's hub weights; a path: a local weights file.
-    pretrained: bool | str = False
+    pretrained: bool | str = True
     in_chans: int = Field(4, ge=1)
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
     modifier: ModifierConfig = ModifierConfig()
@@ -137,25 +141,25 @@ class TrainConfig(Section):
     accum_steps: int = Field(8, ge=1)
     # Images per optimizer step over all processes; when set, accum_steps is derived from it
     # (global_batch / (batch_size x processes)), so changing the batch or the GPU count keeps the step.
-    global_batch: int | None = Field(None, ge=1)
+    global_batch: int | None = Field(64, ge=1)
     lr: float = Field(3e-4, gt=0.0)
     # Learning rate of a pretrained backbone (fine-tuning); None means train.lr. A backbone trained from
     # scratch (model.pretrained=false) has no features to protect and trains at train.lr.
-    backbone_lr: float | None = None
+    backbone_lr: float | None = 1e-4
     weight_decay: float = Field(1e-4, ge=0.0)
     # Settings relative to the schedule, so one config behaves alike at 300 optimizer steps and at 15 000:
     # linear warm-up over this fraction of all optimizer steps, then cosine decay to zero.
-    warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    clip_grad: float | None = None
+    warmup_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+    clip_grad: float | None = 5.0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = Field(4, ge=0)
+    num_workers: int = Field(8, ge=0)
     seed: int = 42
     # Continue a fold from its last.pt. Without it a fold folder that holds checkpoints is refused, unless
     # train.overwrite=true: then that fold's training outputs are removed and it trains again from scratch.
     resume: bool = False
     overwrite: bool = False
-    ema: bool = False
+    ema: bool = True
     # EMA time constant as a fraction of all optimizer steps: decay = 1 - 1 / (ema_horizon * steps), reached
     # after timm's EMA warm-up (power 1: the plain mean of all steps so far until then). Validation scores the
     # raw and the EMA weights; the better one is checkpointed and used by predict.
@@ -168,7 +172,7 @@ class TrainConfig(Section):
     # (every class at its training rate) in loss or tuned macro-F1: the model learned nothing. 0: never.
     warn_no_learning_after: int = Field(2, ge=0)
     # Also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only).
-    checkpoint_every_steps: int = Field(0, ge=0)
+    checkpoint_every_steps: int = Field(500, ge=0)
     # Processes to train with (scripts/train_fold.sh launches torchrun when more than one): "auto" is the
     # number of visible GPUs, 1 on a CPU. train.batch_size is per process.
     nproc: int | Literal["auto"] = "auto"
@@ -253,7 +257,8 @@ class MetricConfig(Section):
     # F-beta (Inclusive Images and iMet: F2). micro_f1: F1 of all (image, label) pairs pooled.
     # precision_at_k: mean over images of the share of its k highest-scoring labels that are true; it ranks
     # scores and so does not depend on the decision strategy.
-    name: Literal["macro_f1", "fbeta_samples", "micro_f1", "precision_at_k"] = "macro_f1"
+    # The choices are src.metrics.METRICS (checked below): registering a metric there is all a new one needs.
+    name: str = "macro_f1"
     # fbeta_samples: beta > 1 weighs recall above precision (2: F2).
     beta: float = Field(2.0, gt=0.0)
     # precision_at_k: k labels per image.
@@ -261,6 +266,15 @@ class MetricConfig(Section):
     # The score of an image (fbeta_samples) or class (macro_f1), or of everything (micro_f1), with no true
     # and no predicted label, as scikit-learn's zero_division.
     zero_division: float = Field(0.0, ge=0.0, le=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from src.metrics import METRICS  # metrics imports this module: look it up when a config is checked
+
+        if name not in METRICS:
+            raise ValueError(f"unknown metric {name!r}; expected one of {sorted(METRICS)}")
+        return name
 
 
 class SubmissionConfig(Section):

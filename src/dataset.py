@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
 from src.augment import to_chw  # noqa: E402
 from src.data import DataError  # noqa: E402
-from src.images import channel_paths, read_image  # noqa: E402
+from src.images import read_image  # noqa: E402
 
 
 class PackedImages:
@@ -57,9 +57,7 @@ class RGBYDataset(Dataset):
                  augment: A.Compose | None = None, packed: PackedImages | None = None, channels: int | None = None,
                  with_seeds: bool = False):
         self.ids = table["Id"].tolist()
-        exts = table["ext"] if "ext" in table else ["png"] * len(table)
-        self.files = table["files"].tolist() if "files" in table else [
-            channel_paths(d, i, e) for d, i, e in zip(table["image_dir"], self.ids, exts)]
+        self.files = table["files"].tolist()  # which files make a sample: the format's answer (src.formats)
         self.channels = channels  # one-file images are converted to this many channels (model.in_chans)
         if packed is not None and channels is not None:
             for path, shape in packed.arrays.values():

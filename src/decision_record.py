@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from src.config import Config, PipelineError, RunRef, flatten
-from src.metrics import metric_label
+from src.metrics import get_metric
 from src.run_folder import RunFolder
 from src.thresholds import Decision, ThresholdInputs, decision_for
 
@@ -79,7 +79,7 @@ def decision_record(cfg: Config, strategy: str, decision: Decision, result: dict
                      "top_k": decision.top_k},
         "refit_on_test": strategy in REFIT_ON_TEST,
         "label_rate": np.asarray(label_rate, dtype=float).tolist() if strategy in REFIT_ON_TEST else None,
-        "metric": metric_label(cfg.metric),
+        "metric": get_metric(cfg.metric).label,
         "oof_in_sample": float(result["in_sample"]),
         "oof_cross_fold": float(result["cross_fold"]),
         "runs": runs,

@@ -3,10 +3,12 @@ output folder is proven writable before any expensive work."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,19 @@ def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+def link_or_copy(source: str | Path, target: str | Path) -> Path:
+    """``target`` becomes a copy of ``source`` without writing its bytes again: a hard link where the file system
+    allows (as timm's CheckpointSaver links its best checkpoint), else a file copy; atomic either way."""
+
+    def link(tmp: Path) -> None:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    return write_atomic(target, link)
+
 
 class Staging:
     """Outputs written as a set: each file or folder goes to a temp path beside its target; ``commit`` then
@@ -211,3 +226,31 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically), so every output says how it was made."""
     return write_atomic(path, lambda tmp: tmp.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False)))
+
+
+@contextmanager
+def folder_lock(folder: Path, lock_name: str, holder: str, advice: str) -> Iterator[None]:
+    """Hold ``folder`` for this process (an OS file lock, ``flock``, on ``folder/lock_name``, so it is released when
+    the process ends, by a crash or kill -9 too): a second holder is refused with one error naming the pid of
+    the ``holder`` that has it, and ``advice``. Temp files of atomic writes a killed process left there are
+    removed once the lock is held (a live process's are kept)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / lock_name, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid = handle.read().strip() or "unknown"
+        handle.close()
+        raise PipelineError(f"{folder} is in use by another {holder} (pid {pid}); {advice}") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        remove_stale_temps(folder)
+        yield
+    finally:
+        handle.truncate(0)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

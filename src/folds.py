@@ -32,6 +32,7 @@ from src.files import WriteError, write_atomic
 from src.formats import DatasetFormat, get_format, load_training_data
 from src.metrics import binary_csr
 from src.progress import bar as progress_bar
+from src.progress import note
 from src.validate import require_valid
 
 
@@ -271,11 +272,11 @@ def make_folds(cfg: Config, progress: bool = True) -> pd.DataFrame:
         if cfg.folds.rare_classes == "error":
             raise PipelineError(message + " Lower folds.n_splits, or set folds.rare_classes=warn to "
                                           "accept it (their per-fold F1 is then undefined).")
-        print(f"warning: {message} Kept, as folds.rare_classes=warn asks.")
+        note(f"warning: {message} Kept, as folds.rare_classes=warn asks.")
     absent = np.flatnonzero(support == 0).tolist()
     if absent:
         shown = ", ".join(map(str, absent[:20])) + (f", ... ({len(absent)} in all)" if len(absent) > 20 else "")
-        print(f"warning: class(es) [{shown}] have no training samples")
+        note(f"warning: class(es) [{shown}] have no training samples")
     groups = None
     if cfg.folds.group_duplicates:
         groups = duplicate_groups(image_hashes(table, get_format(cfg.data), progress), cfg.folds.duplicate_distance)

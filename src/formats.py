@@ -27,7 +27,7 @@ built from the training data (hpa: the numbered classes). What a format answers:
 
 =====================  ==============================================================================
 labels                 ``read_source`` (one source's rows, raw label codes), ``build_vocabulary``,
-                       ``submission_columns``, ``label_separator``
+                       ``fixed_vocabulary``, ``submission_columns``, ``label_separator``
 images                 ``planes`` and ``sample_files`` (which files make a sample), ``channels(cfg)``,
                        ``hash_file`` (the image whose perceptual hash finds duplicates, src.folds)
 validation             ``inspect_file`` (one file, from its header) and ``uniform_size`` (src.validate)
@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from src.data import (
     with_vocabulary,
 )
 from src.images import CHANNELS, channel_paths, inspect_image
+from src.progress import note
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_\-.]+$")
 # What inspect_file answers: (width, height), or None and why the file cannot be used.
@@ -262,6 +262,10 @@ class DatasetFormat:
                                     partial(self.sample_files, cfg, source), path_column, check_id)
         return LabelTable(_frame(rows, source.csv, source.ext), problems)
 
+    def fixed_vocabulary(self, cfg: DataConfig) -> Vocabulary | None:
+        """The label vocabulary the layout fixes whatever its data holds; None: the training data makes it."""
+        return None
+
     def build_vocabulary(self, cfg: DataConfig, rows: Iterable[tuple[str, ...]]
                          ) -> tuple[Vocabulary, list[Problem]]:
         """The vocabulary of a training table's raw label codes: the trainable labels (``data.trainable_labels``,
@@ -344,10 +348,14 @@ class HpaFormat(DatasetFormat):
         table.frame["image_dir"] = str(source.images)
         return table
 
+    def fixed_vocabulary(self, cfg: DataConfig) -> Vocabulary:
+        """The ``data.num_classes`` numbered classes."""
+        return Vocabulary.numbered(cfg.num_classes)
+
     def build_vocabulary(self, cfg: DataConfig, rows: Iterable[tuple[str, ...]]
                          ) -> tuple[Vocabulary, list[Problem]]:
         """The ``data.num_classes`` numbered classes."""
-        return Vocabulary.numbered(cfg.num_classes), []
+        return self.fixed_vocabulary(cfg), []
 
     def sample_files(self, cfg: DataConfig, source: Source, sample_id: str, name: str | None = None
                      ) -> tuple[str, ...]:
@@ -512,7 +520,7 @@ def _openimages_rows(csv_path: Path, image_dir: Path, image_ext: str = ".jpg",
     prefix = f"{image_dir}{os.sep}"
     frame = pd.DataFrame({"Id": id_names, "codes": label_codes,
                           "files": [(f"{prefix}{i}{image_ext}",) for i in id_names], "image_dir": ""})
-    frame["source"], frame["ext"] = str(csv_path), "jpg"
+    frame["source"], frame["ext"] = str(csv_path), image_ext.lstrip(".")
     return frame, problems
 
 
@@ -570,8 +578,8 @@ def _raise_on(table: LabelTable, what: str) -> pd.DataFrame:
         more = f"\n  ... and {len(table.problems) - 20} more" if len(table.problems) > 20 else ""
         raise DataError(f"{what} has {len(table.problems)} problem(s):\n  {shown}{more}\n"
                         "Run `python -m src.validate` for a full report.")
-    for note in table.notes:
-        print(f"note: {note}", file=sys.stderr)
+    for text in table.notes:
+        note(f"note: {text}")
     return table.frame
 
 
@@ -591,3 +599,31 @@ def load_train_table(cfg: DataConfig) -> pd.DataFrame:
 def load_test_table(cfg: DataConfig) -> pd.DataFrame:
     """Test samples in sample_submission order; raises DataError naming each bad row."""
     return _raise_on(read_test_ids(cfg), "sample submission")
+
+
+# --- Checking a submission --------------------------------------------------------------------------------
+
+def validate_submission(frame: pd.DataFrame, expected_ids: list[str], vocabulary: Vocabulary,
+                        columns: tuple[str, str] = ("Id", "Predicted"), separator: str = " ") -> None:
+    """The sample submission's columns; every expected Id exactly once, in order; labels codes of the
+    vocabulary; nothing empty or NaN."""
+    if tuple(frame.columns) != columns:
+        raise PipelineError(f"submission columns are {list(frame.columns)}, expected {list(columns)}; "
+                            "nothing written")
+    id_column, label_column = columns
+    problems = []
+    if frame.isna().any().any():
+        problems.append(f"{int(frame.isna().any(axis=1).sum())} row(s) hold NaN")
+    if frame[id_column].tolist() != list(expected_ids):
+        dup = frame[id_column][frame[id_column].duplicated()].tolist()
+        missing = sorted(set(expected_ids) - set(frame[id_column]))
+        problems.append(f"Ids differ from sample_submission (duplicates {dup[:5]}, missing {missing[:5]})")
+    known = vocabulary.index
+    for row, value in enumerate(frame[label_column].fillna("").astype(str), start=2):
+        tokens = value.split() if separator.isspace() else [t.strip() for t in value.split(separator)]
+        if not tokens or not all(t in known for t in tokens):
+            problems.append(f"row {row}: labels {value!r} are not labels of the run's vocabulary "
+                            f"(such as {vocabulary.codes[0]!r})")
+            break
+    if problems:
+        raise PipelineError("submission failed validation, nothing written:\n  " + "\n  ".join(problems))

@@ -35,6 +35,7 @@ from src.config import PipelineError
 from src.data import label_csr
 from src.files import write_atomic
 from src.metrics import binary_csr, ranked_top
+from src.progress import note
 
 FORMAT_VERSION = 1
 # Below this many labels (or when dim is a large share of them) an exact dense SVD is cheap and exact.
@@ -349,8 +350,8 @@ class LabelEmbedding:
         unseen = fitted.empty_labels
         if verbose and len(unseen):
             shown = ", ".join(map(str, names[unseen[:10]])) + (", ..." if len(unseen) > 10 else "")
-            print(f"warning: {len(unseen)} of {num_labels} labels have an empty PMI row (never seen, or no "
-                  f"positive PMI left) and a zero embedding; they are never predicted: {shown}")
+            note(f"warning: {len(unseen)} of {num_labels} labels have an empty PMI row (never seen, or no "
+                 f"positive PMI left) and a zero embedding; they are never predicted: {shown}")
         return fitted
 
     def targets(self, labels_or_matrix) -> np.ndarray:

@@ -24,7 +24,7 @@ import torch
 
 from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError, override
-from src.files import write_atomic
+from src.files import Staging
 from src.model import backbone_lr
 from src.progress import bar as progress_bar
 from src.report import plot_lr_find
@@ -127,8 +127,11 @@ def lr_find(cfg: Config, fold: int = 0, steps: int = 100, start: float = 1e-7, e
             recorder.bar.close()
         table = pd.DataFrame(recorder.rows)
         suggestion = suggest(table, ratio)
-        write_atomic(out_dir / "lr_find.csv", lambda tmp: table.to_csv(tmp, index=False))
-        plot = plot_lr_find(table, suggestion.lr, suggestion.steepest_lr, ratio, out_dir / "lr_find.png")
+        with Staging() as staging:  # the table and its plot appear together, each whole
+            staging.file(out_dir / "lr_find.csv", lambda tmp: table.to_csv(tmp, index=False))
+            plot = staging.file(out_dir / "lr_find.png", lambda tmp: plot_lr_find(
+                table, suggestion.lr, suggestion.steepest_lr, ratio, tmp))
+            staging.commit()
         tracker.log_images({"lr_find/plot": plot})
         tracker.summary({"lr_find/suggested_lr": suggestion.lr, "lr_find/steepest_lr": suggestion.steepest_lr})
     finally:
@@ -137,7 +140,7 @@ def lr_find(cfg: Config, fold: int = 0, steps: int = 100, start: float = 1e-7, e
         backbone = "" if suggestion.backbone_lr is None else f" train.backbone_lr={suggestion.backbone_lr:.2g}"
         print(f"{len(table)} steps, lr {table['lr'].iloc[0]:.2g} -> {table['lr'].iloc[-1]:.2g}; smoothed loss "
               f"lowest at lr {suggestion.min_loss_lr:.2g}, falling fastest at {suggestion.steepest_lr:.2g}")
-        print(f"suggested: train.lr={suggestion.lr:.2g}{backbone}   (plot: {out_dir / 'lr_find.png'})")
+        print(f"suggested: train.lr={suggestion.lr:.2g}{backbone}   (plot: {plot})")
     return table, suggestion, out_dir
 
 

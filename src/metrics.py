@@ -1,22 +1,30 @@
-"""Competition metrics by config (``metric.name``), label decisions, and vectorised threshold searches, shared
-by training (validation) and prediction.
+"""Competition metrics, label decisions, and vectorised threshold searches, shared by training (validation) and
+prediction.
+
+Each competition metric is one object (:class:`Metric`) in one registry (:data:`METRICS`, by ``metric.name``;
+:func:`get_metric` makes it from the config): it answers every question a stage asks of a metric (its score of
+predictions or of a decision's counts, its value over a global threshold or a top k, the F-beta a per-class
+search aims at, whether decisions matter, its names in reports), and no stage tells metrics apart by name. A
+new metric is one class registered there.
 
 A sample is predicted positive for a class when its score is ``>=`` the class threshold. Truth and
 predictions are boolean n x m matrices, dense numpy arrays or scipy.sparse (csr) matrices: the metrics
 never densify a sparse one, so a many-label truth matrix stays small. Scores are finite: an n x m array, or a
-matrix read a block of rows at a time (``src.run_folder.ScoreRows``: ``scores[a:b]``, ``scores[:, cols]``,
+matrix read a block of rows at a time (``src.score_table.ScoreRows``: ``scores[a:b]``, ``scores[:, cols]``,
 ``take(index)``), which every search here reads in row blocks or column slabs, never whole; decisions on one
 come back as a sparse matrix, and :func:`decision_counts` scores a decision without making it at all.
 
 Conventions are scikit-learn's, with ``zero_division`` a number:
 
-- ``macro_f1``: ``f1_score(average="macro", zero_division=z)``: every column counts; a class with no true
-  and no predicted sample scores ``z``.
-- ``fbeta_samples``: ``fbeta_score(average="samples", beta=b, zero_division=z)``: an image with no true
-  and no predicted label scores ``z``; one with predictions but no true label (or the reverse) scores 0.
-- ``micro_f1``: ``f1_score(average="micro", zero_division=z)``: ``z`` only when nothing is true or predicted.
-- ``precision_at_k``: the share of each image's k highest-scoring labels that are true, averaged over
-  images (see :func:`precision_at_k` for ties and images with fewer than k labels).
+- ``macro_f1`` (:class:`MacroF1`): ``f1_score(average="macro", zero_division=z)``: every column counts; a
+  class with no true and no predicted sample scores ``z``.
+- ``fbeta_samples`` (:class:`FbetaSamples`): ``fbeta_score(average="samples", beta=b, zero_division=z)``: an
+  image with no true and no predicted label scores ``z``; one with predictions but no true label (or the
+  reverse) scores 0.
+- ``micro_f1`` (:class:`MicroF1`): ``f1_score(average="micro", zero_division=z)``: ``z`` only when nothing is
+  true or predicted.
+- ``precision_at_k`` (:class:`PrecisionAtK`): the share of each image's k highest-scoring labels that are
+  true, averaged over images (ties and images with fewer than k labels: see the class).
 
 "The k highest-scoring labels" of a row is one order everywhere (:func:`top_labels`, :func:`ranked_top`,
 the label bounds of :func:`bound_labels`, ``src.label_embedding.top_k``): by score, ties broken towards the
@@ -28,18 +36,18 @@ canonicalised once, where they enter a public function (``_prepare``); the helpe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import numpy as np
 from scipy import sparse
 
-if TYPE_CHECKING:
-    from src.config import MetricConfig
+from src.config import MetricConfig
 
 # Row blocks of about this many matrix entries bound the temporaries of the row-wise searches (a few
 # bytes each), whatever n and m are.
 BLOCK_ENTRIES = 1 << 22
-# The column-wise searches read scores that are not an array (src.run_folder.ScoreRows) in slabs of columns of
+# The column-wise searches read scores that are not an array (src.score_table.ScoreRows) in slabs of columns of
 # about this many entries (float32: 512 MB), one pass over the rows per slab.
 SLAB_ENTRIES = 1 << 27
 
@@ -127,31 +135,13 @@ def fbeta_from_counts(tp, true, predicted, beta: float, zero_division: float):
     return np.divide((1 + b2) * tp, denominator, out=out, where=denominator > 0)
 
 
-# -- the metrics ---------------------------------------------------------------------------------------------
 def f1_per_class(y_true, y_pred, zero_division: float = 0.0) -> np.ndarray:
     """F1 of each column of two boolean n x m matrices (dense or sparse)."""
     tp, true, predicted = confusion_counts(y_true, y_pred, axis=0)
     return fbeta_from_counts(tp, true, predicted, 1.0, zero_division)
 
 
-def macro_f1(y_true, y_pred, zero_division: float = 0.0) -> float:
-    """Mean over columns of each column's F1 (sklearn ``f1_score(average="macro")``)."""
-    return float(f1_per_class(y_true, y_pred, zero_division).mean())
-
-
-def micro_f1(y_true, y_pred, zero_division: float = 0.0) -> float:
-    """F1 of all (sample, label) pairs pooled (sklearn ``f1_score(average="micro")``)."""
-    tp, true, predicted = confusion_counts(y_true, y_pred, axis=None)
-    return float(fbeta_from_counts(tp, true, predicted, 1.0, zero_division))
-
-
-def fbeta_samples(y_true, y_pred, beta: float = 2.0, zero_division: float = 0.0) -> float:
-    """Mean over samples of each sample's F-beta (sklearn ``fbeta_score(average="samples")``; the metric of
-    Inclusive Images and iMet with beta 2)."""
-    tp, true, predicted = confusion_counts(y_true, y_pred, axis=1)
-    return float(fbeta_from_counts(tp, true, predicted, beta, zero_division).mean())
-
-
+# -- top k, row blocks and column slabs -------------------------------------------------------------------
 def _top_block(scores: np.ndarray, k: int) -> np.ndarray:
     """Boolean mask of the k highest scores of each row of one block (ties: lower class index first)."""
     n, m = scores.shape
@@ -248,61 +238,6 @@ def ranked_top(scores: np.ndarray, k: int) -> np.ndarray:
     return ranked
 
 
-def precision_at_k(y_true, scores: np.ndarray, k: int) -> float:
-    """Mean over samples of |top-k scores ∩ true labels| / k.
-
-    The top k of a row are its k highest scores, ties broken towards the lower class index (so exactly k
-    labels are taken even when scores tie; a different tie order can change the value). A row with fewer
-    than k true labels (none included) still divides by k, so its best possible precision is |true| / k;
-    with k > m every label is taken and the sum still divides by k.
-    """
-    if k < 1:
-        raise ValueError(f"precision_at_k: k must be at least 1, got {k}")
-    y_true = _prepare(y_true)
-    n = scores.shape[0]
-    if n == 0:
-        return 0.0
-    top = ranked_top(scores, k)
-    hits = _lookup(y_true, np.repeat(np.arange(n), top.shape[1]), top.ravel())
-    return float(hits.sum() / (n * k))
-
-
-def metric_score(metric: MetricConfig, y_true, y_pred, scores: np.ndarray | None = None) -> float:
-    """The configured competition metric (``metric.name``) of boolean predictions against the truth
-    (either dense or sparse); ``precision_at_k`` reads ``scores`` instead of the predictions."""
-    if metric.name == "macro_f1":
-        return macro_f1(y_true, y_pred, metric.zero_division)
-    if metric.name == "fbeta_samples":
-        return fbeta_samples(y_true, y_pred, metric.beta, metric.zero_division)
-    if metric.name == "micro_f1":
-        return micro_f1(y_true, y_pred, metric.zero_division)
-    if metric.name == "precision_at_k":
-        if scores is None:
-            raise ValueError("precision_at_k ranks scores: pass them")
-        return precision_at_k(y_true, scores, metric.k)
-    raise ValueError(f"unknown metric {metric.name!r}")
-
-
-def metric_label(metric: MetricConfig) -> str:
-    """Short name for column and W&B keys: macro_f1, f2_samples, micro_f1, p_at_3."""
-    if metric.name == "fbeta_samples":
-        return f"f{metric.beta:g}_samples"
-    if metric.name == "precision_at_k":
-        return f"p_at_{metric.k}"
-    return metric.name
-
-
-def metric_title(metric: MetricConfig) -> str:
-    """Name for people: macro-F1, mean per-image F2, micro-F1, P@3."""
-    return {"macro_f1": "macro-F1", "micro_f1": "micro-F1", "fbeta_samples": f"mean per-image F{metric.beta:g}",
-            "precision_at_k": f"P@{metric.k}"}[metric.name]
-
-
-def depends_on_decision(metric: MetricConfig) -> bool:
-    """False for ranking metrics (precision at k): every decision strategy scores the same."""
-    return metric.name != "precision_at_k"
-
-
 # -- decisions -----------------------------------------------------------------------------------------------
 def bound_labels(scores: np.ndarray, predicted: np.ndarray, min_labels: int = 1,
                  max_labels: int | None = None) -> np.ndarray:
@@ -328,9 +263,10 @@ def decide(scores: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
 
 
 class DecisionCounts:
-    """The confusion counts of one decision on (truth, scores) that every metric is made of: true labels, true
-    positives and predicted labels per class and per row (int64). Counts of held-out parts add up
-    (:meth:`assemble`), so cross-fold estimates need no prediction matrix either."""
+    """The confusion counts of one decision on (truth, scores) that every decision metric is made of
+    (:meth:`Metric.of_counts`): true labels, true positives and predicted labels per class and per row (int64).
+    Counts of held-out parts add up (:meth:`assemble`), so cross-fold estimates need no prediction matrix
+    either."""
 
     def __init__(self, true_class, tp_class, predicted_class, true_row, tp_row, predicted_row):
         self.true_class, self.tp_class, self.predicted_class = true_class, tp_class, predicted_class
@@ -350,18 +286,6 @@ class DecisionCounts:
     def f1_per_class(self, zero_division: float = 0.0) -> np.ndarray:
         """:func:`f1_per_class` of the decision."""
         return fbeta_from_counts(self.tp_class, self.true_class, self.predicted_class, 1.0, zero_division)
-
-    def score(self, metric: MetricConfig) -> float:
-        """:func:`metric_score` of the decision (not for ``precision_at_k``, which ranks the scores)."""
-        z = metric.zero_division
-        if metric.name == "macro_f1":
-            return float(self.f1_per_class(z).mean())
-        if metric.name == "fbeta_samples":
-            return float(fbeta_from_counts(self.tp_row, self.true_row, self.predicted_row, metric.beta, z).mean())
-        if metric.name == "micro_f1":
-            return float(fbeta_from_counts(self.tp_class.sum(), self.true_class.sum(), self.predicted_class.sum(),
-                                           1.0, z))
-        raise ValueError(f"{metric.name} is not a metric of a decision's counts")
 
 
 def decision_counts(y_true, scores, decide_block) -> DecisionCounts:
@@ -556,61 +480,302 @@ def _class_counts_at(y_true, scores: np.ndarray, grid: np.ndarray, min_labels: i
     return np.ascontiguousarray(_kept_at(per_class_tp).T), np.ascontiguousarray(_kept_at(per_class_pred).T)
 
 
-def metric_curve(metric: MetricConfig, y_true, scores: np.ndarray, grid: np.ndarray, min_labels: int = 0,
-                 max_labels: int | None = None) -> np.ndarray:
-    """The configured metric of the decision "one global threshold t, then ``min_labels``..``max_labels``
-    labels per row" at every t of the ascending ``grid``.
+# -- the competition metrics: one object each, registered by name --------------------------------------------
+class Metric:
+    """A competition metric with its settings, answering every question a stage asks of it: its score (of
+    predictions, or of a decision's confusion counts, :meth:`of_counts`), its value over one global threshold
+    (:meth:`curve`) and over each image's top k (:meth:`top_k_curve`), the F-beta that a per-class threshold
+    search aims at (:attr:`class_beta`), whether a decision matters at all (:attr:`ranks_scores`), and its names
+    in reports (:attr:`label`, :attr:`title`, :attr:`setting`).
 
-    One pass over the matrix in row blocks: each entry is binned once into the grid, and the per-class
-    (macro), per-row (samples) or total (micro) counts at every threshold come from cumulative histograms,
-    so the cost is about that of one decision, not one per threshold.
+    A metric is one frozen dataclass whose fields are the ``metric`` settings it reads (``beta``, ``k``,
+    ``zero_division``), registered in :data:`METRICS` under its ``name`` (``metric.name``): adding one touches
+    that class and that dict only. It derives from :class:`ClassMetric` (made of per-class counts) or
+    :class:`RowMetric` (a mean over images of each image's counts) and gives the formula on counts, or from
+    :class:`RankingMetric` (made of the scores' ranking) and gives :meth:`score`.
     """
+
+    name: ClassVar[str]  # metric.name, the key in METRICS
+    # True for a metric of the scores' ranking, not of a decision: every decision strategy scores the same by it.
+    ranks_scores: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, cfg: MetricConfig) -> Metric:
+        """The metric with the settings of the config's ``metric`` section that it reads (its fields)."""
+        return cls(**{field.name: getattr(cfg, field.name) for field in fields(cls)})
+
+    @property
+    def label(self) -> str:
+        """Short name for column and W&B keys: macro_f1, f2_samples, micro_f1, p_at_3."""
+        return self.name
+
+    @property
+    def title(self) -> str:
+        """Name for people: macro-F1, mean per-image F2, micro-F1, P@3."""
+        raise NotImplementedError
+
+    @property
+    def setting(self) -> str:
+        """The config setting that chose the metric, for the report: ``metric.name=fbeta_samples``."""
+        return f"metric.name={self.name}"
+
+    @property
+    def class_beta(self) -> float:
+        """The F-beta that a per-class threshold search maximises for this metric (``oof_f1``): F1 unless the
+        metric weighs recall and precision otherwise."""
+        return 1.0
+
+    def score(self, y_true, y_pred, scores: np.ndarray | None = None) -> float:
+        """The metric of boolean predictions against the truth (either dense or sparse); a ranking metric reads
+        ``scores`` instead of the predictions."""
+        raise NotImplementedError
+
+    def of_counts(self, counts: DecisionCounts) -> float:
+        """:meth:`score` of a decision from its confusion counts (:func:`decision_counts`)."""
+        raise NotImplementedError
+
+    def curve(self, y_true, scores: np.ndarray, grid: np.ndarray, min_labels: int = 0,
+              max_labels: int | None = None) -> np.ndarray:
+        """The metric of the decision "one global threshold t, then ``min_labels``..``max_labels`` labels per
+        row" at every t of the ascending ``grid``: one pass over the matrix in row blocks, each entry binned once
+        into the grid, the counts at every threshold from cumulative histograms (the cost of about one
+        decision, not one per threshold)."""
+        raise NotImplementedError
+
+    def top_k_curve(self, y_true, scores: np.ndarray, max_k: int) -> np.ndarray:
+        """The metric of "each row's k highest-scoring labels" for k = 1..max_k (capped at m): one partial sort
+        of each row's top ``max_k``, then every k from cumulative counts."""
+        raise NotImplementedError
+
+
+def _top_k_hits(y_true, scores: np.ndarray, max_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``max_k`` (at most m) highest-scoring classes, best first, and whether each is true (prepared
+    truth): two n x max_k matrices."""
     n = scores.shape[0]
-    g = len(grid)
-    if not depends_on_decision(metric):
-        return np.full(g, metric_score(metric, y_true, None, scores))
-    y_true = _prepare(y_true)
-    if metric.name == "fbeta_samples":  # per-row counts at every threshold, then each row's F-beta
-        row_score_sum = np.zeros(g)
-        for rows, bins, t_rows, _, true_bins in _binned_blocks(y_true, scores, grid, min_labels, max_labels):
+    top = ranked_top(scores, max_k)
+    return top, _lookup(y_true, np.repeat(np.arange(n), top.shape[1]), top.ravel()).reshape(top.shape)
+
+
+class ClassMetric(Metric):
+    """A metric made of per-class confusion counts (true positives, true labels, predicted labels)."""
+
+    def of_class_counts(self, tp, true, predicted) -> np.ndarray:
+        """The metric of per-class counts laid out along the last axis: one value per index of the others."""
+        raise NotImplementedError
+
+    def score(self, y_true, y_pred, scores: np.ndarray | None = None) -> float:
+        return float(self.of_class_counts(*confusion_counts(y_true, y_pred, axis=0)))
+
+    def of_counts(self, counts: DecisionCounts) -> float:
+        return float(self.of_class_counts(counts.tp_class, counts.true_class, counts.predicted_class))
+
+    def curve(self, y_true, scores: np.ndarray, grid: np.ndarray, min_labels: int = 0,
+              max_labels: int | None = None) -> np.ndarray:
+        y_true = _prepare(y_true)
+        tp_at, pred_at = _class_counts_at(y_true, scores, grid, min_labels, max_labels)
+        return self.of_class_counts(tp_at, _counts(y_true, 0)[None, :], pred_at)
+
+    def top_k_curve(self, y_true, scores: np.ndarray, max_k: int) -> np.ndarray:
+        m = scores.shape[1]
+        y_true = _prepare(y_true)
+        top, hits = _top_k_hits(y_true, scores, min(max_k, m))
+        # The k-th ranked label of every row joins its class's predictions (and true positives if a hit).
+        pred_per_class = np.zeros((top.shape[1], m), np.int64)
+        tp_per_class = np.zeros((top.shape[1], m), np.int64)
+        for j in range(top.shape[1]):
+            pred_per_class[j] = np.bincount(top[:, j], minlength=m)
+            tp_per_class[j] = np.bincount(top[:, j], weights=hits[:, j], minlength=m)
+        pred_at, tp_at = np.cumsum(pred_per_class, axis=0), np.cumsum(tp_per_class, axis=0)
+        return self.of_class_counts(tp_at, _counts(y_true, 0)[None, :], pred_at)
+
+
+class RowMetric(Metric):
+    """A metric that is the mean over images (rows) of each image's score from its own counts."""
+
+    def of_row_counts(self, tp, true, predicted) -> np.ndarray:
+        """Each row's score from its counts (arrays that broadcast together)."""
+        raise NotImplementedError
+
+    def score(self, y_true, y_pred, scores: np.ndarray | None = None) -> float:
+        return float(self.of_row_counts(*confusion_counts(y_true, y_pred, axis=1)).mean())
+
+    def of_counts(self, counts: DecisionCounts) -> float:
+        return float(self.of_row_counts(counts.tp_row, counts.true_row, counts.predicted_row).mean())
+
+    def curve(self, y_true, scores: np.ndarray, grid: np.ndarray, min_labels: int = 0,
+              max_labels: int | None = None) -> np.ndarray:
+        n, g = scores.shape[0], len(grid)
+        row_score_sum = np.zeros(g)  # per-row counts at every threshold, then each row's score, a block at a time
+        for rows, bins, t_rows, _, true_bins in _binned_blocks(_prepare(y_true), scores, grid, min_labels, max_labels):
             size = rows.stop - rows.start
             row_ids = np.broadcast_to(np.arange(size)[:, None], bins.shape)
             pred_hist = np.bincount((row_ids * (g + 1) + bins).ravel(), minlength=size * (g + 1)).reshape(size, g + 1)
             tp_hist = np.bincount(t_rows * (g + 1) + true_bins, minlength=size * (g + 1)).reshape(size, g + 1)
-            tp_at = _kept_at(tp_hist)
             true_per_row = np.bincount(t_rows, minlength=size)[:, None]
-            row_score_sum += fbeta_from_counts(tp_at, true_per_row, _kept_at(pred_hist), metric.beta,
-                                               metric.zero_division).sum(axis=0)
+            row_score_sum += self.of_row_counts(_kept_at(tp_hist), true_per_row, _kept_at(pred_hist)).sum(axis=0)
         return row_score_sum / max(n, 1)
-    tp_at, pred_at = _class_counts_at(y_true, scores, grid, min_labels, max_labels)
-    positives = _counts(y_true, 0)
-    if metric.name == "micro_f1":
-        return fbeta_from_counts(tp_at.sum(axis=1), positives.sum(), pred_at.sum(axis=1), 1.0, metric.zero_division)
-    return fbeta_from_counts(tp_at, positives[None, :], pred_at, 1.0, metric.zero_division).mean(axis=1)
+
+    def top_k_curve(self, y_true, scores: np.ndarray, max_k: int) -> np.ndarray:
+        y_true = _prepare(y_true)
+        top, hits = _top_k_hits(y_true, scores, min(max_k, scores.shape[1]))
+        ks = np.arange(1, top.shape[1] + 1)
+        return self.of_row_counts(np.cumsum(hits, axis=1), _counts(y_true, 1)[:, None], ks).mean(axis=0)
 
 
-def top_k_curve(metric: MetricConfig, y_true, scores: np.ndarray, max_k: int) -> np.ndarray:
-    """The configured metric of "each row's k highest-scoring labels" for k = 1..max_k (capped at m): one
-    partial sort of each row's top ``max_k``, then every k from cumulative counts."""
-    n, m = scores.shape
-    max_k = min(max_k, m)
-    if not depends_on_decision(metric):
-        return np.full(max_k, metric_score(metric, y_true, None, scores))
-    y_true = _prepare(y_true)
-    top = ranked_top(scores, max_k)
-    hits = _lookup(y_true, np.repeat(np.arange(n), max_k), top.ravel()).reshape(n, max_k)
-    ks = np.arange(1, max_k + 1)
-    if metric.name == "fbeta_samples":
-        tp = np.cumsum(hits, axis=1)
-        return fbeta_from_counts(tp, _counts(y_true, 1)[:, None], ks, metric.beta, metric.zero_division).mean(axis=0)
-    if metric.name == "micro_f1":
-        return fbeta_from_counts(np.cumsum(hits.sum(axis=0)), _counts(y_true, None), n * ks, 1.0,
-                                 metric.zero_division)
-    # macro: the k-th ranked label of every row joins its class's predictions (and true positives if a hit).
-    pred_per_class = np.zeros((max_k, m), np.int64)
-    tp_per_class = np.zeros((max_k, m), np.int64)
-    for j in range(max_k):
-        pred_per_class[j] = np.bincount(top[:, j], minlength=m)
-        tp_per_class[j] = np.bincount(top[:, j], weights=hits[:, j], minlength=m)
-    pred_at, tp_at = np.cumsum(pred_per_class, axis=0), np.cumsum(tp_per_class, axis=0)
-    return fbeta_from_counts(tp_at, _counts(y_true, 0)[None, :], pred_at, 1.0, metric.zero_division).mean(axis=1)
+class RankingMetric(Metric):
+    """A metric of the scores' ranking, not of a decision: every decision strategy scores the same by it."""
+
+    ranks_scores: ClassVar[bool] = True
+
+    def of_counts(self, counts: DecisionCounts) -> float:
+        raise ValueError(f"{self.title} ranks the scores: a decision's counts do not give it")
+
+    def curve(self, y_true, scores: np.ndarray, grid: np.ndarray, min_labels: int = 0,
+              max_labels: int | None = None) -> np.ndarray:
+        return np.full(len(grid), self.score(y_true, None, scores))
+
+    def top_k_curve(self, y_true, scores: np.ndarray, max_k: int) -> np.ndarray:
+        return np.full(min(max_k, scores.shape[1]), self.score(y_true, None, scores))
+
+
+@dataclass(frozen=True)
+class MacroF1(ClassMetric):
+    """Mean over classes of each class's F1 (sklearn ``f1_score(average="macro")``; HPA): every column counts,
+    one with no true and no predicted sample scoring ``zero_division``."""
+
+    zero_division: float
+    name: ClassVar[str] = "macro_f1"
+
+    @property
+    def title(self) -> str:
+        return "macro-F1"
+
+    def of_class_counts(self, tp, true, predicted) -> np.ndarray:
+        return fbeta_from_counts(tp, true, predicted, 1.0, self.zero_division).mean(axis=-1)
+
+
+@dataclass(frozen=True)
+class MicroF1(ClassMetric):
+    """F1 of all (sample, label) pairs pooled (sklearn ``f1_score(average="micro")``): ``zero_division`` only when
+    nothing is true or predicted."""
+
+    zero_division: float
+    name: ClassVar[str] = "micro_f1"
+
+    @property
+    def title(self) -> str:
+        return "micro-F1"
+
+    def of_class_counts(self, tp, true, predicted) -> np.ndarray:
+        return fbeta_from_counts(np.sum(tp, axis=-1), np.sum(true, axis=-1), np.sum(predicted, axis=-1), 1.0,
+                                 self.zero_division)
+
+
+@dataclass(frozen=True)
+class FbetaSamples(RowMetric):
+    """Mean over images of each image's F-beta (sklearn ``fbeta_score(average="samples")``; Inclusive Images and
+    iMet with beta 2): an image with no true and no predicted label scores ``zero_division``, one with
+    predictions but no true label (or the reverse) 0."""
+
+    beta: float
+    zero_division: float
+    name: ClassVar[str] = "fbeta_samples"
+
+    @property
+    def label(self) -> str:
+        return f"f{self.beta:g}_samples"
+
+    @property
+    def title(self) -> str:
+        return f"mean per-image F{self.beta:g}"
+
+    @property
+    def class_beta(self) -> float:
+        return self.beta  # per-image F-beta weighs recall as each class's F-beta does
+
+    def of_row_counts(self, tp, true, predicted) -> np.ndarray:
+        return fbeta_from_counts(tp, true, predicted, self.beta, self.zero_division)
+
+
+@dataclass(frozen=True)
+class PrecisionAtK(RankingMetric):
+    """Mean over images of |top-k scores ∩ true labels| / k.
+
+    The top k of a row are its k highest scores, ties broken towards the lower class index (so exactly k
+    labels are taken even when scores tie; a different tie order can change the value). A row with fewer
+    than k true labels (none included) still divides by k, so its best possible precision is |true| / k;
+    with k > m every label is taken and the sum still divides by k.
+    """
+
+    k: int
+    name: ClassVar[str] = "precision_at_k"
+
+    @property
+    def label(self) -> str:
+        return f"p_at_{self.k}"
+
+    @property
+    def title(self) -> str:
+        return f"P@{self.k}"
+
+    def score(self, y_true, y_pred, scores: np.ndarray | None = None) -> float:
+        if scores is None:
+            raise ValueError("precision_at_k ranks scores: pass them")
+        if self.k < 1:
+            raise ValueError(f"precision_at_k: k must be at least 1, got {self.k}")
+        y_true = _prepare(y_true)
+        n = scores.shape[0]
+        if n == 0:
+            return 0.0
+        top = ranked_top(scores, self.k)
+        hits = _lookup(y_true, np.repeat(np.arange(n), top.shape[1]), top.ravel())
+        return float(hits.sum() / (n * self.k))
+
+
+# The competition metrics by metric.name: the only place that tells one from another.
+METRICS: dict[str, type[Metric]] = {cls.name: cls for cls in (MacroF1, FbetaSamples, MicroF1, PrecisionAtK)}
+
+
+def get_metric(metric: MetricConfig | Metric | str | None = None) -> Metric:
+    """The metric object of the config's ``metric`` section (default: the schema's, macro-F1), or of a registered
+    name with the schema's default settings; a metric object is returned as it is."""
+    if isinstance(metric, Metric):
+        return metric
+    cfg = MetricConfig() if metric is None or isinstance(metric, str) else metric
+    name = metric if isinstance(metric, str) else cfg.name
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; expected one of {sorted(METRICS)}")
+    return METRICS[name].from_config(cfg)
+
+
+def metric_score(metric: MetricConfig | Metric, y_true, y_pred, scores: np.ndarray | None = None) -> float:
+    """The configured competition metric (:func:`get_metric`) of boolean predictions against the truth (either
+    dense or sparse); a ranking metric (``precision_at_k``) reads ``scores`` instead of the predictions."""
+    return get_metric(metric).score(y_true, y_pred, scores)
+
+
+def metric_curve(metric: MetricConfig | Metric, y_true, scores: np.ndarray, grid: np.ndarray, min_labels: int = 0,
+                 max_labels: int | None = None) -> np.ndarray:
+    """:meth:`Metric.curve` of the configured metric: its value at every global threshold of ``grid``, with
+    ``min_labels``..``max_labels`` labels per row."""
+    return get_metric(metric).curve(y_true, scores, grid, min_labels, max_labels)
+
+
+def top_k_curve(metric: MetricConfig | Metric, y_true, scores: np.ndarray, max_k: int) -> np.ndarray:
+    """:meth:`Metric.top_k_curve` of the configured metric: its value at each image's top k, k = 1..max_k."""
+    return get_metric(metric).top_k_curve(y_true, scores, max_k)
+
+
+def macro_f1(y_true, y_pred, zero_division: float = 0.0) -> float:
+    """:class:`MacroF1` of two boolean n x m matrices (dense or sparse)."""
+    return MacroF1(zero_division).score(y_true, y_pred)
+
+
+def fbeta_samples(y_true, y_pred, beta: float = 2.0, zero_division: float = 0.0) -> float:
+    """:class:`FbetaSamples` of two boolean n x m matrices (dense or sparse)."""
+    return FbetaSamples(beta, zero_division).score(y_true, y_pred)
+
+
+def precision_at_k(y_true, scores: np.ndarray, k: int) -> float:
+    """:class:`PrecisionAtK` of the truth (dense or sparse) and the scores."""
+    return PrecisionAtK(k).score(y_true, None, scores)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-import sys
 import types
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -201,7 +200,7 @@ def native_cpu_half(precision: str) -> bool:
     if not native:
         # Met at the first training step, while the epoch's bar runs: a note of its own, not cut into the bar.
         note(f"note: train.precision={precision} on a CPU without native {precision} kernels would be many times "
-             "slower than fp32: running in fp32", file=sys.stderr)
+             "slower than fp32: running in fp32")
     return native
 
 
@@ -250,7 +249,7 @@ def infer(model: nn.Module, loader, device: torch.device, *, precision: str = "f
     once), run under ``precision``, mapped by ``to_scores`` (raw float32 outputs when None) and reduced over
     views by ``reduce`` (mean or max). Returns the n x out stacked results and, when ``loss_fn`` is given,
     the mean loss of the raw outputs of the first view. ``into``: each batch's results are handed to it (a score
-    table being written, src.run_folder.ScoreSink) instead of being stacked, and None is returned for them.
+    table being written, src.score_table.ScoreSink) instead of being stacked, and None is returned for them.
     """
     check_views(views)
     model.eval()

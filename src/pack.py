@@ -54,6 +54,7 @@ from src.files import FULL_DISK_BYTES, WriteError, format_bytes, free_bytes, rem
 from src.formats import get_format
 from src.images import decode_file, decode_plane, fit_size, stack_planes
 from src.progress import bar as progress_bar
+from src.progress import note
 from src.validate import require_valid
 
 CHUNK = 64  # samples per task: big enough to amortise the task overhead, small enough to resume finely
@@ -334,7 +335,7 @@ def _note_once(text: str) -> None:
     for each experiment."""
     if text not in _noted:
         _noted.add(text)
-        print(f"note: {text}", file=sys.stderr)
+        note(f"note: {text}")
 
 
 def _present_stats(files: list[str]) -> list[list[int] | None]:
@@ -348,6 +349,9 @@ def _present_stats(files: list[str]) -> list[list[int] | None]:
     return stats
 
 
+PACK_HINT = "`python -m src.pack --config <this config>` (with the same overrides)"
+
+
 def open_packed(cfg: DataConfig, table: pd.DataFrame) -> PackedImages | None:
     """The packed rows of ``table``'s samples, when ``data.cache_dir`` holds a cache of their sources at
     ``data.image_size`` (:func:`find_cache`); None when it holds none, with a note naming the caches of other
@@ -359,74 +363,128 @@ def open_packed(cfg: DataConfig, table: pd.DataFrame) -> PackedImages | None:
     if cfg.cache_dir is None or table.empty:
         return None
     sources = {str(src.csv): src for src in train_sources(cfg) + [test_source(cfg)]}
+    names = [sources[csv].name for csv in table["source"]]
     needed = {sources[csv].name: sources[csv] for csv in table["source"].unique()}
     found = {name: find_cache(cfg, source) for name, source in needed.items()}
     caches = {name: cache for name, (cache, _) in found.items() if cache is not None}
-    foreign = {name: others for name, (_, others) in found.items() if others}
-    pack_hint = "`python -m src.pack --config <this config>` (with the same overrides)"
     if not caches:
-        for name, others in foreign.items():
+        return _read_images_instead(cfg, needed, found)
+    _require_every_source(cfg, needed, caches, found)
+    rows_of = {name: [i for i, row_name in enumerate(names) if row_name == name] for name in needed}
+    ids, files = table["Id"].tolist(), table["files"].tolist()
+    # Every source's mode first (a stat of each present file; None: used as packed), then its rows.
+    stats = {}
+    for name, source in needed.items():
+        at = rows_of[name]  # (every file of a source lies under its image folder)
+        stats[name] = _source_stats(caches[name], name, [ids[i] for i in at], [files[i] for i in at]) \
+            if source.images.exists() else None
+    rows: list[tuple[str, int]] = [("", -1)] * len(table)
+    for name, cache in caches.items():
+        at = rows_of[name]
+        if stats[name] is None:
+            packed_rows = _rows_as_packed(cache, [ids[i] for i in at])
+        else:
+            packed_rows = _rows_checked(cache, [ids[i] for i in at], [files[i] for i in at], stats[name])
+        for i, row in zip(at, packed_rows):
+            rows[i] = (name, row)
+    for name in sorted(caches):
+        _note_cache_use(name, needed[name], caches[name], as_packed=stats[name] is None)
+    return PackedImages({name: (str(cache.array), tuple(cache.manifest["shape"])) for name, cache in caches.items()},
+                        rows)
+
+
+def _read_images_instead(cfg: DataConfig, needed: dict[str, Source],
+                         found: dict[str, tuple[Cache | None, list[tuple[Path, dict]]]]) -> None:
+    """No source of the table is packed: the images are read, with a note for each source whose name and size
+    the cache folder holds only another dataset's cache of."""
+    for name, (_, others) in found.items():
+        if others:
             source = needed[name]
             _note_once(f"{cfg.cache_dir} holds no packed cache of source '{name}' ({cfg.format} labels {source.csv} "
                        f"and images {source.images} at {cfg.image_size} px), only of another source: "
-                       f"{_foreign(others)}. Reading the image files; to pack this source run {pack_hint}")
-        return None
-    if set(caches) != set(needed):
-        missing = sorted(set(needed) - set(caches))
-        also = "".join(f" ('{name}': only {_foreign(foreign[name])})" for name in missing if name in foreign)
+                       f"{_foreign(others)}. Reading the image files; to pack this source run {PACK_HINT}")
+    return None
+
+
+def _require_every_source(cfg: DataConfig, needed: dict[str, Source], caches: dict[str, Cache],
+                          found: dict[str, tuple[Cache | None, list[tuple[Path, dict]]]]) -> None:
+    """Some sources packed: all must be, each array beside its manifest (packed and read images never mix)."""
+    missing = sorted(set(needed) - set(caches))
+    if missing:
+        also = "".join(f" ('{name}': only {_foreign(found[name][1])})" for name in missing if found[name][1])
         raise PipelineError(f"{cfg.cache_dir} holds packed arrays for {sorted(caches)} but not for {missing}{also}: "
-                            f"run {pack_hint} (or data.cache_dir=null)")
-    arrays, position = {}, {}
-    for name, cache in caches.items():
+                            f"run {PACK_HINT} (or data.cache_dir=null)")
+    for cache in caches.values():
         if not cache.array.is_file():
-            raise PipelineError(f"the packed cache {cache.array} is missing beside its manifest: run {pack_hint} "
+            raise PipelineError(f"the packed cache {cache.array} is missing beside its manifest: run {PACK_HINT} "
                                 "again (or data.cache_dir=null)")
-        arrays[name] = (str(cache.array), tuple(cache.manifest["shape"]))
-        position[name] = {sample["id"]: (row, sample["files"]) for row, sample in enumerate(cache.manifest["samples"])}
-    names = [sources[csv].name for csv in table["source"]]
-    ids, files = table["Id"].tolist(), table["files"].tolist()
-    stats: list[list | None] = [None] * len(table)
-    sourceless = set()
-    for name, source in needed.items():
-        if not source.images.exists():  # every file of a source lies under its image folder
-            sourceless.add(name)
-            continue
-        rows_of = [i for i, row_name in enumerate(names) if row_name == name]
-        absent = []
-        for i in rows_of:
-            stats[i] = _present_stats(files[i])
-            absent += [(i, path) for path, st in zip(files[i], stats[i]) if st is None]
-        if len(absent) == sum(len(files[i]) for i in rows_of):
-            sourceless.add(name)
-        elif absent:
-            i, path = absent[0]
-            raise PipelineError(
-                f"the packed cache {caches[name].array} is stale: sample {ids[i]!r} has no file {path}, while other "
-                f"image files of source '{name}' are present (a cache is used without its images only when all of "
-                f"them are absent). Restore the file, or run {pack_hint} again (or data.cache_dir=null)")
-    rows = []
-    for i, (sample_id, name) in enumerate(zip(ids, names)):
-        cache, found = caches[name], position[name].get(sample_id)
-        if found is None or (name not in sourceless and found[1] != stats[i]):
-            why = "is not in it" if found is None else f"changed since packing ({Path(files[i][0]).parent})"
-            if found is not None and cache.moved:
+
+
+def _source_stats(cache: Cache, name: str, ids: list[str], files: list[list[str]]) -> list[list] | None:
+    """The sizes and times of one source's files (per sample, per file), to check its cache against; None when
+    every file is absent: the cache is then used as packed. Some absent and some present is a stale cache."""
+    stats = [_present_stats(sample_files) for sample_files in files]
+    absent = [(i, path) for i, sample_files in enumerate(files)
+              for path, st in zip(sample_files, stats[i]) if st is None]
+    if len(absent) == sum(len(sample_files) for sample_files in files):
+        return None
+    if absent:
+        i, path = absent[0]
+        raise PipelineError(
+            f"the packed cache {cache.array} is stale: sample {ids[i]!r} has no file {path}, while other "
+            f"image files of source '{name}' are present (a cache is used without its images only when all of "
+            f"them are absent). Restore the file, or run {PACK_HINT} again (or data.cache_dir=null)")
+    return stats
+
+
+def _positions(cache: Cache) -> dict[str, tuple[int, list]]:
+    """Sample Id -> (row in the packed array, its files' sizes and times when packed)."""
+    return {sample["id"]: (row, sample["files"]) for row, sample in enumerate(cache.manifest["samples"])}
+
+
+def _stale(cache: Cache, sample_id: str, why: str) -> PipelineError:
+    return PipelineError(f"the packed cache {cache.array} is stale: sample {sample_id!r} {why}. Run {PACK_HINT} "
+                         "again (or data.cache_dir=null to read the images)")
+
+
+def _rows_as_packed(cache: Cache, ids: list[str]) -> list[int]:
+    """The rows of ``ids`` in a cache whose images are gone: used as packed, only the Ids checked."""
+    position = _positions(cache)
+    missing = next((sample_id for sample_id in ids if sample_id not in position), None)
+    if missing is not None:
+        raise _stale(cache, missing, "is not in it")
+    return [position[sample_id][0] for sample_id in ids]
+
+
+def _rows_checked(cache: Cache, ids: list[str], files: list[list[str]], stats: list[list]) -> list[int]:
+    """The rows of ``ids`` in a cache whose images are present: each sample's files must have the sizes and times
+    they were packed with."""
+    position, rows = _positions(cache), []
+    for sample_id, sample_files, now in zip(ids, files, stats):
+        found = position.get(sample_id)
+        if found is None:
+            raise _stale(cache, sample_id, "is not in it")
+        if found[1] != now:
+            why = f"changed since packing ({Path(sample_files[0]).parent})"
+            if cache.moved:
                 why += (f"; the cache was packed from {describe(cache.manifest)}: copied files get new times, "
                         "`python -m src.pack --verify` compares their contents")
-            listing = "" if found is None or cache.moved else " (`python -m src.pack --verify` lists them all)"
-            raise PipelineError(f"the packed cache {cache.array} is stale: sample {sample_id!r} {why}{listing}. Run "
-                                f"{pack_hint} again (or data.cache_dir=null to read the images)")
-        rows.append((name, found[0]))
-    for name in sorted(caches):
-        cache = caches[name]
-        if name in sourceless:
-            _note_once(f"the image files of source '{name}' ({needed[name].images}) are absent: using the packed "
-                       f"cache {cache.array} as packed on {cache.manifest['packed_at']} (content hash "
-                       f"{cache.manifest['content_blake2b']}, from images {cache.manifest['identity']['images']}), "
-                       "unchecked against the images")
-        elif cache.moved:
-            _note_once(f"using the packed cache {cache.array} of source '{name}', packed from the same label file at "
-                       f"another path ({describe(cache.manifest)})")
-    return PackedImages(arrays, rows)
+            raise _stale(cache, sample_id, why + ("" if cache.moved else
+                                                  " (`python -m src.pack --verify` lists them all)"))
+        rows.append(found[0])
+    return rows
+
+
+def _note_cache_use(name: str, source: Source, cache: Cache, as_packed: bool) -> None:
+    """Say when a cache is used other than as packed from these very files: without its images, or moved."""
+    if as_packed:
+        _note_once(f"the image files of source '{name}' ({source.images}) are absent: using the packed "
+                   f"cache {cache.array} as packed on {cache.manifest['packed_at']} (content hash "
+                   f"{cache.manifest['content_blake2b']}, from images {cache.manifest['identity']['images']}), "
+                   "unchecked against the images")
+    elif cache.moved:
+        _note_once(f"using the packed cache {cache.array} of source '{name}', packed from the same label file at "
+                   f"another path ({describe(cache.manifest)})")
 
 
 def verify(cfg: Config, workers: int | None = None, progress: bool = True) -> list[str]:

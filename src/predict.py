@@ -17,7 +17,6 @@ decision as applied, with the config and the submission's hash: src.decision_rec
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -36,13 +35,14 @@ from src.data import Vocabulary, label_csr, with_vocabulary
 from src.dataset import RGBYDataset, make_loader
 from src.decision_record import REFIT_ON_TEST, decision_path, decision_record, write_record
 from src.files import Staging, ensure_writable, ensure_writable_file, remove_stale_temps
-from src.formats import label_separator, load_test_table, load_training_data, submission_columns
-from src.metrics import binary_csr, count_labels, metric_title, nonfinite_rows
+from src.formats import label_separator, load_test_table, load_training_data, submission_columns, validate_submission
+from src.metrics import binary_csr, count_labels, get_metric, nonfinite_rows
 from src.model import build_model, check_views, infer, resolve_device
 from src.pack import open_packed
+from src.progress import note
 from src.report import listed_classes, metric_columns, write_report
-from src.run_folder import (
-    RunFolder,
+from src.run_folder import RunFolder, run_vocabulary
+from src.score_table import (
     ScoreRows,
     ScoreSink,
     class_columns,
@@ -98,7 +98,7 @@ def degenerate_reasons(predicted: np.ndarray, train_labels: np.ndarray, far: flo
 @dataclass
 class OofScores:
     """Out-of-fold predictions: each row's Id and fold, and the n x m scores: an array, or for many classes
-    scores read a block of rows at a time (src.run_folder.ScoreRows: the folds' float16 tables, never loaded)."""
+    scores read a block of rows at a time (src.score_table.ScoreRows: the folds' float16 tables, never loaded)."""
 
     ids: np.ndarray
     folds: np.ndarray
@@ -141,7 +141,7 @@ def score_dataset(cfg: Config, run_cfg: Config, model: torch.nn.Module, dataset:
                   scratch: Path | None = None) -> np.ndarray | ScoreRows:
     """Class scores of every image of ``dataset``: the configured TTA views and reduction, ``to_scores`` on the
     raw outputs; an array, or above ``CSV_MAX_CLASSES`` classes a float32 table in ``scratch`` filled batch by
-    batch (see :class:`src.run_folder.ScoreSink`)."""
+    batch (see :class:`src.score_table.ScoreSink`)."""
     loader = make_loader(dataset, cfg.predict.batch_size, cfg.train.num_workers, cfg.train.seed, device)
     sink = ScoreSink(dataset.ids, cfg.data.num_classes, scratch, dtype=np.float32)
     try:
@@ -157,7 +157,7 @@ def score_dataset(cfg: Config, run_cfg: Config, model: torch.nn.Module, dataset:
 def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: pd.DataFrame, device: torch.device,
               progress: bool = True, scratch: Path | None = None) -> tuple[np.ndarray | ScoreRows, OofScores]:
     """Test scores of one experiment (mean over its folds) and its OOF scores. Above
-    ``src.run_folder.CSV_MAX_CLASSES`` classes each fold's test scores go to a float32 table in ``scratch`` as
+    ``src.score_table.CSV_MAX_CLASSES`` classes each fold's test scores go to a float32 table in ``scratch`` as
     inference makes them and the OOF scores stay in the folds' tables; both are read a block of rows at a time."""
     folder = RunFolder(ref.dir)
     run_cfg = folder.load_config()  # the experiment's own backbone, size and loss
@@ -165,8 +165,8 @@ def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: p
         raise PipelineError(f"{folder.root}: trained for {run_cfg.data.num_classes} classes, "
                             f"this config has {cfg.data.num_classes}")
     if run_cfg.train.augment.d4 == 0 and set(cfg.predict.tta) - {"identity"}:
-        print(f"warning: {folder.root} was trained without D4 augmentation; TTA views {cfg.predict.tta} show the "
-              "model images unlike any it was trained on (consider predict.tta=[identity])")
+        note(f"warning: {folder.root} was trained without D4 augmentation; TTA views {cfg.predict.tta} show the "
+             "model images unlike any it was trained on (consider predict.tta=[identity])")
 
     # The packed cache at this experiment's image size, if there is one (and it is fresh).
     data_cfg = cfg.data.model_copy(update={"image_size": run_cfg.data.image_size})
@@ -184,9 +184,9 @@ def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: p
     checkpoints = folder.fold_checkpoints(cfg.predict.folds, cfg.predict.checkpoint)
     untrained = sorted(set(range(run_cfg.folds.n_splits)) - {fold for fold, _ in checkpoints})
     if cfg.predict.folds is None and untrained:
-        print(f"warning: {folder.root}: fold(s) {untrained} of {run_cfg.folds.n_splits} have no "
-              f"{cfg.predict.checkpoint}.pt; predicting with the {len(checkpoints)} trained one(s) "
-              "(set predict.folds to choose on purpose)", file=sys.stderr)
+        note(f"warning: {folder.root}: fold(s) {untrained} of {run_cfg.folds.n_splits} have no "
+             f"{cfg.predict.checkpoint}.pt; predicting with the {len(checkpoints)} trained one(s) "
+             "(set predict.folds to choose on purpose)")
     paths = dict(checkpoints)
     fold_weights = ((fold, model_weights(load_checkpoint(path))) for fold, path in checkpoints)
     for fold, model in fold_networks(run_cfg, fold_weights, device):
@@ -225,7 +225,7 @@ def combine_runs(per_run: list[tuple[float, np.ndarray | ScoreRows, OofScores]]
     test = combine_scores([scores for _, scores, _ in per_run], partial(weighted_mean, weights))
     common = set.intersection(*(set(oof.ids) for _, _, oof in per_run))
     if any(len(common) != len(oof) for _, _, oof in per_run):
-        print(f"warning: experiments have different OOF Ids; thresholds use the {len(common)} they share")
+        note(f"warning: experiments have different OOF Ids; thresholds use the {len(common)} they share")
     first = per_run[0][2]
     keep = np.flatnonzero([sample_id in common for sample_id in first.ids])
     ids = first.ids[keep]
@@ -255,53 +255,11 @@ def label_rates(cfg: Config, train_labels: np.ndarray, vocabulary: Vocabulary | 
     return rates
 
 
-def run_vocabulary(cfg: Config) -> Vocabulary:
-    """The label vocabulary of the ensemble's runs (all must share it: scores are combined column by column);
-    a run folder from before runs kept one has HPA's numbered classes."""
-    refs = cfg.predict.runs or [RunRef(dir=cfg.run.dir)]
-    found = {}
-    for ref in refs:
-        folder = RunFolder(ref.dir)
-        found[ref.dir] = folder.load_vocabulary() or Vocabulary.numbered(folder.load_config().data.num_classes)
-    first, vocabulary = next(iter(found.items()))
-    for run_dir, other in found.items():
-        if other.codes != vocabulary.codes:
-            raise PipelineError(f"experiments {first} and {run_dir} were trained on different label vocabularies "
-                                f"({len(vocabulary)} and {len(other)} labels): they cannot be ensembled")
-    return vocabulary
-
-
 def format_labels(predicted: np.ndarray, vocabulary: Vocabulary, separator: str = " ") -> list[str]:
     """Each row's predicted labels (a dense or sparse boolean matrix) as the submission writes them."""
     rows = binary_csr(predicted)
     bounds, indices = rows.indptr.tolist(), rows.indices
     return [vocabulary.decode(indices[a:b].tolist(), separator) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def validate_submission(frame: pd.DataFrame, expected_ids: list[str], vocabulary: Vocabulary,
-                        columns: tuple[str, str] = ("Id", "Predicted"), separator: str = " ") -> None:
-    """The sample submission's columns; every expected Id exactly once, in order; labels codes of the
-    vocabulary; nothing empty or NaN."""
-    if tuple(frame.columns) != columns:
-        raise PipelineError(f"submission columns are {list(frame.columns)}, expected {list(columns)}; "
-                            "nothing written")
-    id_column, label_column = columns
-    problems = []
-    if frame.isna().any().any():
-        problems.append(f"{int(frame.isna().any(axis=1).sum())} row(s) hold NaN")
-    if frame[id_column].tolist() != list(expected_ids):
-        dup = frame[id_column][frame[id_column].duplicated()].tolist()
-        missing = sorted(set(expected_ids) - set(frame[id_column]))
-        problems.append(f"Ids differ from sample_submission (duplicates {dup[:5]}, missing {missing[:5]})")
-    known = vocabulary.index
-    for row, value in enumerate(frame[label_column].fillna("").astype(str), start=2):
-        tokens = value.split() if separator.isspace() else [t.strip() for t in value.split(separator)]
-        if not tokens or not all(t in known for t in tokens):
-            problems.append(f"row {row}: labels {value!r} are not labels of the run's vocabulary "
-                            f"(such as {vocabulary.codes[0]!r})")
-            break
-    if problems:
-        raise PipelineError("submission failed validation, nothing written:\n  " + "\n  ".join(problems))
 
 
 def score_experiments(cfg: Config, test_table: pd.DataFrame, train_table: pd.DataFrame, device: torch.device,
@@ -340,7 +298,7 @@ def report_header(cfg: Config, refs: list[RunRef], oof: OofScores, n_test: int, 
     chosen += f", by predict.threshold={AUTO}" if cfg.predict.threshold == AUTO else ""
     return (f"Experiments: {', '.join(f'{r.dir} (weight {r.weight})' for r in refs)}; "
             f"TTA {cfg.predict.tta} ({cfg.predict.tta_reduce}); {len(oof)} OOF rows, {n_test} test rows. "
-            f"Metric: {metric_title(cfg.metric)}. Chosen strategy: **{chosen}**. Cross-fold scores fit the "
+            f"Metric: {get_metric(cfg.metric).title}. Chosen strategy: **{chosen}**. Cross-fold scores fit the "
             "decision on the other folds' OOF rows: the honest estimate of the test score."
             + (" Only one fold's OOF rows: cross-fold equals in-sample." if len(np.unique(oof.folds)) < 2 else ""))
 
@@ -418,8 +376,7 @@ def predict(cfg: Config, progress: bool = True) -> Path:
         staging.commit()
     scratch.cleanup()
     if degenerate:
-        print(f"warning: the submission looks degenerate: {'; '.join(degenerate)}; written anyway (predict.force)",
-              file=sys.stderr)
+        note(f"warning: the submission looks degenerate: {'; '.join(degenerate)}; written anyway (predict.force)")
     track(cfg, out.root, strategies, classes, plots)
 
     if progress:

@@ -1,5 +1,5 @@
-"""Progress output, in one place: every stage's progress bar is :func:`bar`, and a note printed while a bar may
-be running is :func:`note`.
+"""Progress output, in one place: every stage's progress bar is :func:`bar`, and every note and warning of every
+stage is :func:`note`, on stderr (stdout holds only what a command is asked to print: its tables, a value).
 
 On a terminal (stderr is a tty) :func:`bar` is a plain tqdm bar, redrawn in place. Anywhere else (a cluster
 job's log file, ``> train.log 2>&1``, a Kaggle notebook's saved output) a redrawn bar is a stream of
@@ -77,9 +77,12 @@ def bar(iterable: Iterable | None = None, total: float | None = None, desc: str 
 
 
 def note(message: str, file: TextIO | None = None) -> None:
-    """Print ``message`` as a line of its own (to stdout by default): above a live bar while one is running
-    (tqdm clears and redraws it), else a plain print."""
-    stream = file if file is not None else sys.stdout
+    """Print a note or warning (``message`` says which: ``note: ...``, ``warning: ...``) as a line of its own, to
+    stderr (or ``file``): above a live bar while one is running (tqdm clears and redraws it), else a plain line.
+    Whatever was printed to stdout before it is flushed first, so a log of both streams keeps their order."""
+    stream = file if file is not None else sys.stderr
+    if stream is sys.stderr:
+        sys.stdout.flush()
     if any(not isinstance(active, LineBar) for active in list(tqdm._instances)):
         tqdm.write(message, file=stream)
     else:

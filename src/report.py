@@ -2,10 +2,14 @@
 
 Only this module draws (matplotlib, headless). The prediction report goes under ``run.dir/report/``; the
 label-embedding plots next to the fold that fitted the embedding. Column names and titles follow the
-configured metric (``metric.name``): ``oof_macro_f1_in_sample`` for HPA, ``oof_f2_samples_in_sample`` for
-Inclusive Images. With thousands of classes the per-class plots and the per-class table of report.md show the
-most frequent classes only; ``per_class.csv`` keeps every class. The strategy applied to test is marked in
-the tables and the strategies plot, with the reason it was chosen (``auto``: the best cross-fold estimate).
+configured metric (its ``label`` and ``title``, src.metrics): ``oof_macro_f1_in_sample`` for HPA,
+``oof_f2_samples_in_sample`` for Inclusive Images. With thousands of classes the per-class plots and the
+per-class table of report.md show the most frequent classes only; ``per_class.csv`` keeps every class. The
+strategy applied to test is marked in the tables and the strategies plot, with the reason it was chosen
+(``auto``: the best cross-fold estimate).
+
+This module draws; src.files writes. Each plot function draws a PNG to exactly the path it is given, whatever its
+suffix: a temp name of :func:`src.files.write_atomic` or :class:`src.files.Staging`, which put it in place whole.
 """
 
 from __future__ import annotations
@@ -24,13 +28,11 @@ import pandas as pd  # noqa: E402
 
 from src.config import MetricConfig
 from src.files import Staging
-from src.label_embedding import _normalize_rows  # noqa: E402
 from src.metrics import (  # noqa: E402
+    Metric,
     count_labels,
-    depends_on_decision,
     f1_curves,
-    metric_label,
-    metric_title,
+    get_metric,
     ranked_top,
 )
 
@@ -38,15 +40,16 @@ MAX_CLASSES_PLOTTED = 28  # many-label sets: the most frequent classes only
 MAX_CLASSES_LISTED = 50  # rows of the per-class table in report.md (and in W&B); per_class.csv has all
 
 
-def metric_columns(metric: MetricConfig) -> tuple[str, str]:
+def metric_columns(metric: MetricConfig | Metric | None) -> tuple[str, str]:
     """The strategies table's two score columns: (in-sample, cross-fold), e.g. oof_macro_f1_in_sample."""
-    label = metric_label(metric)
+    label = get_metric(metric).label
     return f"oof_{label}_in_sample", f"oof_{label}_cross_fold"
 
 
-def strategy_table(results: dict[str, dict], chosen: str, metric: MetricConfig | None = None) -> pd.DataFrame:
+def strategy_table(results: dict[str, dict], chosen: str, metric: MetricConfig | Metric | None = None,
+                   ) -> pd.DataFrame:
     """One row per strategy: the metric in-sample and cross-fold, labels per image, the decision in words."""
-    in_sample, cross_fold = metric_columns(metric or MetricConfig())
+    in_sample, cross_fold = metric_columns(metric)
     rows = [{"strategy": name, in_sample: r["in_sample"], cross_fold: r["cross_fold"],
              "labels_per_image": r["labels_per_image"], "decision": r["decision"].describe(),
              "chosen": "<-" if name == chosen else ""} for name, r in results.items()]
@@ -85,17 +88,17 @@ def _plotted_classes(support: np.ndarray) -> np.ndarray:
 
 
 def plot_per_class_f1(results: dict[str, dict], support: np.ndarray, path: Path,
-                      metric: MetricConfig | None = None) -> Path:
+                      metric: MetricConfig | Metric | None = None) -> Path:
     """Grouped bars: OOF F1 of each class under each strategy, support under the class number; the legend
     gives each strategy's score by the configured metric."""
-    metric = metric or MetricConfig()
+    metric = get_metric(metric)
     classes = _plotted_classes(support)
     names = list(results)
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(max(10, 0.55 * len(classes)), 4.5))
     for i, name in enumerate(names):
         ax.bar(np.arange(len(classes)) + i * width, results[name]["per_class_f1"][classes], width,
-               label=f"{name} ({metric_title(metric)} {results[name]['in_sample']:.3f})")
+               label=f"{name} ({metric.title} {results[name]['in_sample']:.3f})")
     ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2,
                   [f"{c}\n{int(support[c])}" for c in classes], fontsize=7)
     shown = "" if len(classes) == len(support) else f" ({len(classes)} most frequent of {len(support)})"
@@ -105,7 +108,7 @@ def plot_per_class_f1(results: dict[str, dict], support: np.ndarray, path: Path,
     ax.legend(fontsize=8, ncols=min(len(names), 3))
     ax.set_title("Per-class F1 on out-of-fold predictions, by decision strategy")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -134,7 +137,7 @@ def plot_f1_vs_threshold(oof_true, oof_scores: np.ndarray, results: dict[str, di
     fig.supylabel("OOF F1")
     fig.suptitle(f"F1 vs threshold per class (dashed: {chosen})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path
 
@@ -156,16 +159,16 @@ def plot_label_rates(train_rate: np.ndarray, test_rate: np.ndarray, path: Path, 
     ax.set_title("Label rate per class: submission vs training")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
 
-def plot_strategies(table: pd.DataFrame, path: Path, metric: MetricConfig | None = None,
+def plot_strategies(table: pd.DataFrame, path: Path, metric: MetricConfig | Metric | None = None,
                     reason: str | None = None) -> Path:
     """The configured metric of each strategy: fitted and scored in-sample vs cross-fold (the honest estimate);
     the strategy applied to test (``chosen`` in the table) outlined and named, with ``reason`` under the title."""
-    metric = metric or MetricConfig()
+    metric = get_metric(metric)
     in_sample, cross_fold = metric_columns(metric)
     x = np.arange(len(table))
     chosen = (table["chosen"] != "").to_numpy()
@@ -179,28 +182,28 @@ def plot_strategies(table: pd.DataFrame, path: Path, metric: MetricConfig | None
                   fontsize=8)
     for label, is_chosen in zip(ax.get_xticklabels(), chosen):
         label.set_fontweight("bold" if is_chosen else "normal")
-    ax.set_ylabel(f"OOF {metric_title(metric)}")
+    ax.set_ylabel(f"OOF {metric.title}")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title("Decision strategies on out-of-fold predictions")
     if reason:
         fig.suptitle("\n".join(textwrap.wrap(f"chosen: {reason}", 110)), fontsize=7, y=0.99, va="top")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
 
 def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen: str, oof_true,
                  oof_scores: np.ndarray, train_rate: np.ndarray, test_rate: np.ndarray,
-                 staging: Staging | None = None, metric: MetricConfig | None = None, reason: str | None = None,
+                 staging: Staging | None = None, metric: MetricConfig | Metric | None = None, reason: str | None = None,
                  ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Path]]:
     """The prediction report, written as a whole folder: ``strategies.csv``, ``per_class.csv``, four plots
     and ``report.md``, scored by ``metric`` (default macro-F1; ``oof_true`` dense or sparse); ``reason`` says
     why ``chosen`` was applied (``src.thresholds.choose_strategy``). Staged in ``staging`` (committed with the
     caller's other outputs), or swapped in at once. Returns the two tables (the per-class one with every class)
     and the plots' final paths."""
-    metric = metric or MetricConfig()
+    metric = get_metric(metric)
     support = count_labels(oof_true, 0)
     strategies = strategy_table(results, chosen, metric)
     classes = class_table(results, chosen, support, train_rate, test_rate)
@@ -226,10 +229,11 @@ def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen
 
 
 def write_markdown(path: Path, header: str, strategies: pd.DataFrame, classes: pd.DataFrame,
-                   plots: dict[str, str], metric: MetricConfig | None = None, reason: str | None = None) -> Path:
+                   plots: dict[str, str], metric: MetricConfig | Metric | None = None, reason: str | None = None,
+                   ) -> Path:
     """report.md: the two tables as fixed-width text (the per-class one capped at the most frequent
     classes), the strategy applied to test and why, and the plots inline."""
-    metric = metric or MetricConfig()
+    metric = get_metric(metric)
     chosen = strategies.loc[strategies["chosen"] != "", "strategy"].tolist()
     applied = f"Applied to test: **{', '.join(chosen)}**" + (f": {reason}" if reason else "") + ".\n"
 
@@ -241,11 +245,11 @@ def write_markdown(path: Path, header: str, strategies: pd.DataFrame, classes: p
     if len(listed) < len(classes):
         per_class += (f"\nThe {len(listed)} most frequent of {len(classes)} classes; per_class.csv lists them "
                       "all.\n")
-    note = "" if depends_on_decision(metric) else (
-        f"\n{metric_title(metric)} ranks the scores, so every strategy scores the same by it; the per-class "
+    note = "" if not metric.ranks_scores else (
+        f"\n{metric.title} ranks the scores, so every strategy scores the same by it; the per-class "
         "F1 below still tells the strategies apart.\n")
     text = [f"# Prediction report\n\n{header}\n",
-            f"## Decision strategies (OOF {metric_title(metric)}, `metric.name={metric.name}`)\n{note}",
+            f"## Decision strategies (OOF {metric.title}, `{metric.setting}`)\n{note}",
             block(strategies), applied, per_class, block(listed), "## Plots\n"]
     text += [f"![{name}]({file_name})\n" for name, file_name in plots.items()]
     path.write_text("\n".join(text))
@@ -274,7 +278,7 @@ def plot_lr_find(table: pd.DataFrame, suggested_lr: float, steepest_lr: float, b
     ax.legend(fontsize=8)
     ax.set_title("Learning-rate range test")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -302,6 +306,8 @@ def plot_similarity_heatmap(E: np.ndarray, path: str | Path, max_labels: int = 6
     that groups of co-occurring labels show as blocks. Many labels: the ``max_labels`` most frequent."""
     from scipy.cluster.hierarchy import leaves_list, linkage
 
+    from src.label_embedding import _normalize_rows  # here: it imports torch, which the other plots do not need
+
     unit = _normalize_rows(E)
     chosen = _chosen_labels(unit, support, max_labels)
     if len(chosen) > 2:
@@ -322,7 +328,7 @@ def plot_similarity_heatmap(E: np.ndarray, path: str | Path, max_labels: int = 6
     ax.set_title(f"Label similarity in embedding space{which}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     return path
 
 
@@ -331,6 +337,8 @@ def plot_label_map(E: np.ndarray, path: str | Path, support: np.ndarray | None =
     """2-D map of the labels: the first two principal components of the embedding rows, point area by
     support, labels annotated when there are at most ``annotate_max``."""
     from sklearn.decomposition import PCA
+
+    from src.label_embedding import _normalize_rows  # here: it imports torch, which the other plots do not need
 
     unit = _normalize_rows(E)
     seen = np.flatnonzero(unit.any(axis=1))
@@ -356,7 +364,7 @@ def plot_label_map(E: np.ndarray, path: str | Path, support: np.ndarray | None =
                  + (f" ({unseen} never seen, not shown)" if unseen else ""), fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     return path
 
 
@@ -386,7 +394,7 @@ def plot_tune_history(trials: pd.DataFrame, path: Path, objective: str, minimize
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)  # off the points
     ax.set_title("Optimisation history" + (f" ({failed} failed trial(s) not shown)" if failed else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -407,7 +415,7 @@ def plot_param_importances(importances: dict[str, float], path: Path, note: str 
         ax.axis("off")
     ax.set_title("Parameter importances" + (f"\n{note}" if note else ""), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 

@@ -11,7 +11,9 @@
                                   written by validation batch by batch as scores-*.tmp, then renamed)
         history.csv               one row per epoch
         config.yaml               resolved config of this fold's run
-        label_embedding.npz       loss.name=label_embedding only: the fold's label vectors
+        label_embedding.npz       loss.name=label_embedding only: the fold's label vectors, and their plots
+        label_similarity.png,     (written with it, by src.report)
+        label_map.png
         .lock                     held (flock) by the process training this fold
       labels.csv                  the label vocabulary (index, code, name) every fold was trained with
       test_probs.csv              the ensemble's test scores (same table format as oof.csv)
@@ -23,31 +25,27 @@
       tune/<study>/<trial>/       one run folder per trial (fold<tune.fold>/ as above); report/: the study report
 
 Training writes it, prediction and the benchmarks read it; neither stage imports the other. Every write is
-atomic (temp file + rename). What a checkpoint holds, and its saving and loading, is :mod:`src.checkpoint`'s;
-this module says where checkpoints live.
+atomic (temp file + rename). What a checkpoint holds, and its saving and loading, is :mod:`src.checkpoint`'s,
+and a score table's two forms and their reading and writing :mod:`src.score_table`'s; this module says where
+they live.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-import struct
-import tempfile
-import uuid
-import weakref
-import zipfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 
-from src.checkpoint import copy_checkpoint
-from src.config import Config, PipelineError, load_config, override
+from src.config import Config, PipelineError, RunRef, load_config, override
 from src.data import Vocabulary
-from src.files import remove_stale_temps, save_config, write_atomic
-from src.losses import Scorer, loss_kind
+from src.files import folder_lock, save_config, write_atomic
+from src.formats import get_format
+from src.score_table import table_files
+
+if TYPE_CHECKING:
+    from src.losses import Scorer
 
 CONFIG_FILE = "config.yaml"
 VOCABULARY_FILE = "labels.csv"
@@ -61,8 +59,11 @@ TUNE_STORAGE_FILE = "tune.db"
 LOCK_FILE = ".lock"
 # Validation scores of each checkpoint, so predict tunes thresholds on the model it applies them to.
 OOF_FILES = {"best": "oof.csv", "last": "oof_last.csv"}
-# What a fold folder holds after training, in the order a summary lists them.
-FOLD_FILES = ("best.pt", "last.pt", OOF_FILES["best"], OOF_FILES["last"], HISTORY_FILE, CONFIG_FILE)
+# The label-embedding plots, beside the embedding they picture.
+EMBEDDING_PLOTS = {"similarity": "label_similarity.png", "map": "label_map.png"}
+# What a fold folder holds after training, in the order a summary lists them (and what train.overwrite removes).
+FOLD_FILES = ("best.pt", "last.pt", OOF_FILES["best"], OOF_FILES["last"], HISTORY_FILE, CONFIG_FILE, EMBEDDING_FILE,
+              *EMBEDDING_PLOTS.values())
 
 
 class RunFolder:
@@ -86,12 +87,20 @@ class RunFolder:
     def embedding(self, fold: int) -> Path:
         return self.fold(fold) / EMBEDDING_FILE
 
+    def embedding_plot(self, fold: int, which: str) -> Path:
+        """Fold ``fold``'s plot ``which`` (``similarity``, ``map``) of its label embedding."""
+        return self.fold(fold) / EMBEDDING_PLOTS[which]
+
     def config(self, fold: int | None = None) -> Path:
         return (self.root if fold is None else self.fold(fold)) / CONFIG_FILE
 
     def output_scorer(self, cfg: Config, fold: int) -> Scorer:
         """How fold ``fold``'s raw network outputs become per-class scores (``cfg``: the run's config): its loss's
         scorer (src.losses), with what the loss fitted at training (a label embedding) read from the fold folder."""
+        # Imported here: the losses pull in torch, and the light commands that read run folders (src.submit)
+        # must start without it.
+        from src.losses import loss_kind
+
         kind = loss_kind(cfg.loss.name)
         if kind.load is None:  # the loss fitted nothing
             return kind.scorer(None)
@@ -124,6 +133,10 @@ class RunFolder:
         """The folder of study ``study``: one run folder per trial, and the study's report."""
         return self.root / TUNE_DIR / study
 
+    def tune_report(self, study: str) -> Path:
+        """The report folder of study ``study`` (src.tune)."""
+        return self.tune_study(study) / REPORT_DIR
+
     def tune_trial(self, study: str, number: int) -> Path:
         """Trial ``number``'s own run folder (its ``run.dir``)."""
         return self.tune_study(study) / str(number)
@@ -137,33 +150,17 @@ class RunFolder:
                 found[int(number)] = path
         return dict(sorted(found.items()))
 
-    @contextmanager
-    def lock(self, fold: int) -> Iterator[None]:
-        """Hold fold ``fold``'s folder for this training process: a second writer is refused, naming the pid.
-        An OS file lock (flock), so it is released when the process ends, by a crash or kill -9 too."""
-        folder = self.fold(fold)
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise PipelineError(f"{folder} is in use by another training process (pid {holder}); let it finish or "
-                                "stop it, or train into another run.dir") from None
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-            # Temp files of atomic writes that a killed process left behind (a live process's are kept).
-            remove_stale_temps(folder)
-            yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
+    def training_outputs(self, fold: int) -> list[Path]:
+        """Every file a training of fold ``fold`` writes (checkpoints, both forms of its score tables, history,
+        config, label embedding): what training the fold again from scratch removes first."""
+        tables = [file for which in OOF_FILES for file in table_files(self.oof(fold, which))]
+        return list(dict.fromkeys([self.fold(fold) / name for name in FOLD_FILES] + tables + [self.embedding(fold)]))
+
+    def lock(self, fold: int):
+        """Hold fold ``fold``'s folder for this training process (:func:`src.files.folder_lock`); a second
+        training of the fold is refused, naming the pid."""
+        return folder_lock(self.fold(fold), LOCK_FILE, "training process",
+                           "let it finish or stop it, or train into another run.dir")
 
     def fold_checkpoints(self, folds: Sequence[int] | None, which: str) -> list[tuple[int, Path]]:
         """(fold, checkpoint) pairs: every trained fold, or exactly ``folds``; a missing one is an error."""
@@ -185,10 +182,14 @@ class RunFolder:
                 raise PipelineError(f"{self.vocabulary}: this run's folds were trained on another label vocabulary "
                                     f"({len(saved)} labels; the data now gives {len(vocabulary)}); train into a new "
                                     "run.dir, or restore the data")
-            frame = pd.DataFrame({"code": vocabulary.codes, "name": vocabulary.names})
-            write_atomic(self.vocabulary, lambda tmp: frame.to_csv(tmp, index_label="index"))
+            self.save_vocabulary(vocabulary)
         save_config(cfg, self.config(fold))
         save_config(cfg, self.config())
+
+    def save_vocabulary(self, vocabulary: Vocabulary) -> Path:
+        """Write the label vocabulary (index, code, name), as :meth:`load_vocabulary` reads it."""
+        frame = pd.DataFrame({"code": vocabulary.codes, "name": vocabulary.names})
+        return write_atomic(self.vocabulary, lambda tmp: frame.to_csv(tmp, index_label="index"))
 
     def load_vocabulary(self) -> Vocabulary | None:
         """The label vocabulary the run was trained with; None for a run folder written before runs kept one
@@ -207,351 +208,29 @@ class RunFolder:
         return override(load_config(path), **{"model.pretrained": False})
 
 
-# -- score tables (OOF and test) --------------------------------------------------------------------------
-def class_columns(num_classes: int) -> list[str]:
-    return [str(c) for c in range(num_classes)]
-
-
-# Above this many classes a score table is a float16 npz (Ids + n x m scores): a csv of 7 000 columns is slow
-# to write and read and 5x the size, and 3 significant digits are plenty to rank and threshold scores.
-CSV_MAX_CLASSES = 1000
-
-
-def score_file(path: Path, num_classes: int) -> Path:
-    """Where a score table named ``path`` (a .csv) lives: the .csv, or above ``CSV_MAX_CLASSES`` the .npz."""
-    return path.with_suffix(".npz" if num_classes > CSV_MAX_CLASSES else ".csv")
-
-
-def write_score_table(file: Path, ids: Sequence[str], scores: np.ndarray | ScoreRows) -> None:
-    """Write a score table to exactly ``file`` (a temp name is fine), in the format :func:`score_file` chose:
-    ``Id`` + one column per class with 6 decimals, or an npz of Ids and float16 scores (from a
-    :class:`ScoreRows`, a block of rows at a time)."""
-    if scores.shape[1] > CSV_MAX_CLASSES:
-        writer = ScoreTableWriter(file, ids, scores.shape[1])
-        for start, stop in _read_blocks(scores.shape, 0, scores.shape[0]):
-            writer.append(scores[start:stop])
-        writer.close()
-        return
-    values = scores if isinstance(scores, np.ndarray) else scores[:]
-    frame = pd.DataFrame(values, columns=class_columns(scores.shape[1]))
-    frame.insert(0, "Id", list(ids))
-    frame.to_csv(file, index=False, float_format="%.6f")
-
-
-def write_scores(path: Path, ids: Sequence[str], scores: np.ndarray | ScoreRows) -> Path:
-    """The score table named ``path`` (see :func:`score_file`), written atomically; returns the file. A temporary
-    float16 table of the same Ids (a :class:`ScoreSink`'s) is moved into place, not rewritten."""
-    target = score_file(path, scores.shape[1])
-    if isinstance(scores, ScoreTable) and scores.temporary and scores.stored == np.float16 and \
-            target.suffix == ".npz" and np.array_equal(scores.ids, np.asarray(list(ids), dtype=str)):
-        written = scores.move_to(target)
-    else:
-        written = write_atomic(target, lambda tmp: write_score_table(tmp, ids, scores))
-    other = path.with_suffix(".csv" if target.suffix == ".npz" else ".npz")
-    other.unlink(missing_ok=True)  # never two tables of different runs side by side
-    return written
-
-
-def copy_scores(source: Path, target: Path) -> Path:
-    """``target`` becomes the score table at ``source`` (whichever of .csv/.npz it is), linked, not rewritten."""
-    for suffix, other in ((".csv", ".npz"), (".npz", ".csv")):
-        if source.with_suffix(suffix).is_file():
-            copied = copy_checkpoint(source.with_suffix(suffix), target.with_suffix(suffix))
-            target.with_suffix(other).unlink(missing_ok=True)
-            return copied
-    raise PipelineError(f"{source} not found: no score table to copy")
-
-
-def stored_table(path: Path) -> Path:
-    """The file that holds the score table named ``path``: its .csv, unless a newer .npz replaced it."""
-    csv, npz = path.with_suffix(".csv"), path.with_suffix(".npz")
-    if csv.is_file() and not (npz.is_file() and npz.stat().st_mtime_ns > csv.stat().st_mtime_ns):
-        return csv
-    if npz.is_file():
-        return npz
-    raise PipelineError(f"{path} not found: that fold has no validation scores")
-
-
-def read_scores(path: Path) -> pd.DataFrame:
-    """A score table written by :func:`write_scores` (Ids as strings), from the .csv or the .npz, as one frame
-    (a few classes, or a few rows: :func:`read_score_table` reads a many-class table a block at a time)."""
-    stored = stored_table(path)
-    if stored.suffix == ".csv":
-        return pd.read_csv(stored, dtype={"Id": str})
-    with np.load(stored) as arrays:
-        frame = pd.DataFrame(arrays["scores"].astype(np.float32), columns=class_columns(arrays["scores"].shape[1]))
-        frame.insert(0, "Id", arrays["ids"].astype(str))
-    return frame
-
-
-def read_score_table(path: Path) -> tuple[np.ndarray, np.ndarray | ScoreTable]:
-    """(Ids, scores) of the score table named ``path``: a csv's scores as an array (as pandas reads them), an
-    npz's as a :class:`ScoreTable` read a block of rows at a time (float16 on disk, float32 when read)."""
-    stored = stored_table(path)
-    if stored.suffix == ".csv":
-        frame = pd.read_csv(stored, dtype={"Id": str})
-        return frame["Id"].to_numpy(dtype=object), frame.drop(columns="Id").to_numpy()
-    table = ScoreTable(stored)
-    return table.ids.astype(object), table
-
-
-# -- score matrices read a block of rows at a time (many classes) ---------------------------------------------
-# A block of rows read from a table is about this many bytes (float32).
-READ_BLOCK_BYTES = 1 << 25
-
-
-def _read_blocks(shape: tuple[int, int], start: int, stop: int) -> Iterator[tuple[int, int]]:
-    step = max(1, READ_BLOCK_BYTES // (4 * max(shape[1], 1)))
-    for first in range(start, stop, step):
-        yield first, min(first + step, stop)
-
-
-def _row_runs(index: np.ndarray) -> Iterator[tuple[int, int, int]]:
-    """(position in ``index``, its length, first row) of each run of consecutive rows in ``index``."""
-    breaks = np.flatnonzero(np.diff(index) != 1) + 1
-    for at, end in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(index)].tolist()):
-        yield at, end - at, int(index[at])
-
-
-class ScoreRows:
-    """An n x m score matrix that is never held whole, read a block of rows at a time: a table on disk
-    (:class:`ScoreTable`), some of its rows (:meth:`take`), several one after another (:func:`stack_scores`) or a
-    function of several (:func:`combine_scores`: the fold mean, the ensemble). ``rows[a:b]`` is a float32 array
-    of those rows, ``rows[:, cols]`` every row's columns ``cols`` (one pass over the rows). src.metrics and
-    src.thresholds take one wherever they take an array of scores, so validation's 340 k x 7 178 scores (9.8 GB
-    in float32) are never in memory at once."""
-
-    shape: tuple[int, int]
-    dtype = np.dtype(np.float32)
-    ndim = 2
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` as a float32 array."""
-        raise NotImplementedError
-
-    def read_rows(self, index: np.ndarray) -> np.ndarray:
-        """Rows ``index`` (any order) as a float32 array, read as runs of consecutive rows."""
-        out = np.empty((len(index), self.shape[1]), np.float32)
-        for at, length, first in _row_runs(np.asarray(index, dtype=np.int64)):
-            out[at : at + length] = self.read(first, first + length)
-        return out
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key) -> np.ndarray:
-        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
-        if not isinstance(rows, slice) or rows.step not in (None, 1):
-            raise TypeError("ScoreRows are read by row slices ([a:b] or [a:b, columns]); take(index) selects rows")
-        start, stop, _ = rows.indices(self.shape[0])
-        stop = max(start, stop)
-        if isinstance(cols, slice) and cols == slice(None):
-            return self.read(start, stop)
-        width = len(np.arange(self.shape[1])[cols])
-        out = np.empty((stop - start, width), np.float32)
-        for first, last in _read_blocks(self.shape, start, stop):
-            out[first - start : last - start] = self.read(first, last)[:, cols]
-        return out
-
-    def take(self, index: np.ndarray) -> ScoreRows:
-        """Rows ``index`` (in that order), read when used."""
-        index = np.asarray(index, dtype=np.int64)
-        if len(index) == self.shape[0] and np.array_equal(index, np.arange(len(index))):
-            return self
-        return _RowSubset(self, index)
-
-
-def _rows_of(part: np.ndarray | ScoreRows, start: int, stop: int, index: np.ndarray | None) -> np.ndarray:
-    """Rows ``start:stop`` of ``part``, or rows ``index[start:stop]`` of it."""
-    if index is None:
-        return part[start:stop]
-    return part[index[start:stop]] if isinstance(part, np.ndarray) else part.read_rows(index[start:stop])
-
-
-class _RowSubset(ScoreRows):
-    def __init__(self, base: ScoreRows, index: np.ndarray):
-        self.base, self.index, self.shape = base, index, (len(index), base.shape[1])
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return self.base.read_rows(self.index[start:stop])
-
-
-class _StackedRows(ScoreRows):
-    def __init__(self, parts: list):
-        self.parts = parts
-        self.ends = np.cumsum([len(part) for part in parts])
-        self.shape = (int(self.ends[-1]) if len(parts) else 0, parts[0].shape[1])
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        pieces, begin = [], 0
-        for part, end in zip(self.parts, self.ends.tolist()):
-            if start < end and stop > begin:
-                pieces.append(np.asarray(part[max(start, begin) - begin : min(stop, end) - begin], np.float32))
-            begin = end
-        return np.concatenate(pieces) if pieces else np.empty((0, self.shape[1]), np.float32)
-
-
-class _CombinedRows(ScoreRows):
-    def __init__(self, parts: list, combine: Callable[[list[np.ndarray]], np.ndarray], index: list):
-        self.parts, self.combine, self.index = parts, combine, index
-        first = parts[0] if index[0] is None else index[0]
-        self.shape = (len(first), parts[0].shape[1])
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        rows = [_rows_of(part, start, stop, index) for part, index in zip(self.parts, self.index)]
-        return np.asarray(self.combine(rows), dtype=np.float32)
-
-
-def stack_scores(parts: list[np.ndarray | ScoreRows]) -> np.ndarray | ScoreRows:
-    """The rows of several score matrices one after another: one array from arrays, else read through."""
-    if all(isinstance(part, np.ndarray) for part in parts):
-        return np.concatenate(parts)
-    return _StackedRows(parts)
-
-
-def combine_scores(parts: list[np.ndarray | ScoreRows], combine: Callable[[list[np.ndarray]], np.ndarray],
-                   index: list[np.ndarray | None] | None = None) -> np.ndarray | ScoreRows:
-    """``combine`` (a fold mean, an ensemble's weighted mean) of the same rows of several score matrices;
-    ``index`` says which rows of each part make the result's rows (None: all, in order). Arrays are combined at
-    once; with a table among them, a block of rows at a time as the result is read (the same arithmetic)."""
-    index = index or [None] * len(parts)
-    if all(isinstance(part, np.ndarray) for part in parts):
-        return combine([part if rows is None else part[rows] for part, rows in zip(parts, index)])
-    return _CombinedRows(parts, combine, index)
-
-
-class ScoreTable(ScoreRows):
-    """A score table in its npz form (Ids and an uncompressed n x m float16 or float32 array) read a block of
-    rows at a time straight from the file (float32 when read), never loaded whole. ``temporary``: a table being
-    passed along (validation's, a fold's test scores) that is deleted when dropped, unless :meth:`move_to`
-    keeps it."""
-
-    def __init__(self, path: str | Path, temporary: bool = False):
-        self.path = Path(path)
-        with zipfile.ZipFile(self.path) as archive:
-            with archive.open("ids.npy") as handle:
-                self.ids = np.lib.format.read_array(handle).astype(str)
-            info = archive.getinfo("scores.npy")
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise PipelineError(f"{self.path}: compressed scores cannot be read a block at a time; write the table "
-                                "with src.run_folder.write_scores")
-        with open(self.path, "rb") as handle:  # the member's bytes start after its local header
-            handle.seek(info.header_offset)
-            local = handle.read(30)
-            name_length, extra_length = struct.unpack("<HH", local[26:30])
-            handle.seek(info.header_offset + 30 + name_length + extra_length)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(handle)]
-            shape, fortran_order, self.stored = read_header(handle)
-            self.offset = handle.tell()
-        if fortran_order or len(shape) != 2 or local[:4] != b"PK\x03\x04":
-            raise PipelineError(f"{self.path}: not a score table (expected Ids and an n x m array)")
-        self.shape = tuple(shape)
-        self.row_bytes = self.shape[1] * self.stored.itemsize
-        self._finalizer = weakref.finalize(self, _unlink, self.path) if temporary else None
-
-    @property
-    def temporary(self) -> bool:
-        return self._finalizer is not None and self._finalizer.alive
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        buffer = np.empty((max(0, stop - start), self.shape[1]), self.stored)
-        if buffer.size:
-            with open(self.path, "rb") as handle:
-                handle.seek(self.offset + start * self.row_bytes)
-                if handle.readinto(memoryview(buffer).cast("B")) != buffer.nbytes:
-                    raise PipelineError(f"{self.path} is truncated (rows {start}..{stop} of {self.shape[0]})")
-        return buffer.astype(np.float32, copy=False)
-
-    def move_to(self, target: Path) -> Path:
-        """Keep the table as ``target`` (renamed into place); it is no longer temporary."""
-        os.replace(self.path, target)
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        self.path = Path(target)
-        return self.path
-
-    def discard(self) -> None:
-        """Delete a temporary table now."""
-        if self._finalizer is not None:
-            self._finalizer()
-
-
-def _unlink(path: Path) -> None:
-    Path(path).unlink(missing_ok=True)
-
-
-class ScoreTableWriter:
-    """Writes a score table's npz (``ids.npy``, then ``scores.npy`` uncompressed) as rows arrive, holding none of
-    them: inference's batches go straight to disk. np.load reads the result like any npz."""
-
-    def __init__(self, path: str | Path, ids: Sequence[str], num_classes: int, dtype: np.dtype = np.float16):
-        self.path, self.dtype = Path(path), np.dtype(dtype)
-        ids = np.asarray(list(ids), dtype=str)
-        self.shape, self.rows = (len(ids), num_classes), 0
-        self._archive = zipfile.ZipFile(self.path, "w", zipfile.ZIP_STORED, allowZip64=True)
-        with self._archive.open("ids.npy", "w", force_zip64=True) as handle:
-            np.lib.format.write_array(handle, ids)
-        self._stream = self._archive.open("scores.npy", "w", force_zip64=True)
-        np.lib.format.write_array_header_1_0(self._stream, {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                                                            "fortran_order": False, "shape": self.shape})
-
-    def append(self, block: np.ndarray) -> None:
-        block = np.ascontiguousarray(block, dtype=self.dtype)
-        if block.ndim != 2 or block.shape[1] != self.shape[1] or self.rows + len(block) > self.shape[0]:
-            raise ValueError(f"{self.path}: a block of shape {block.shape} does not fit a table of {self.shape} "
-                             f"with {self.rows} rows written")
-        self._stream.write(memoryview(block).cast("B"))
-        self.rows += len(block)
-
-    def close(self, temporary: bool = False) -> ScoreTable:
-        if self.rows != self.shape[0]:
-            self.abort()
-            raise ValueError(f"{self.path}: {self.rows} rows written of {self.shape[0]}")
-        self._stream.close()
-        self._archive.close()
-        return ScoreTable(self.path, temporary)
-
-    def abort(self) -> None:
-        """Give up: close and delete the partial file."""
-        try:
-            self._stream.close()
-            self._archive.close()
-        finally:
-            self.path.unlink(missing_ok=True)
-
-
-class ScoreSink:
-    """Where inference puts the scores of ``ids`` as it makes them (``infer(..., into=sink.append)``):
-    :meth:`finish` gives them as an array, or, for tables past ``CSV_MAX_CLASSES`` (unless ``in_memory``), as a
-    temporary :class:`ScoreTable` written batch by batch into ``folder`` (``dtype`` on disk; deleted when
-    dropped unless :func:`write_scores` keeps it)."""
-
-    def __init__(self, ids: Sequence[str], num_classes: int, folder: str | Path | None = None,
-                 dtype: np.dtype = np.float16, in_memory: bool = False):
-        self.blocks: list[np.ndarray] = []
-        self.writer = None
-        if num_classes > CSV_MAX_CLASSES and not in_memory:
-            folder = Path(tempfile.gettempdir() if folder is None else folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            # <name>.<pid>.tmp: what src.files.remove_stale_temps removes once this process is gone.
-            name = folder / f"scores-{uuid.uuid4().hex[:12]}.{os.getpid()}.tmp"
-            self.writer = ScoreTableWriter(name, ids, num_classes, dtype)
-
-    def append(self, block: np.ndarray) -> None:
-        if self.writer is None:
-            self.blocks.append(block)
-        else:
-            self.writer.append(block)
-
-    def finish(self) -> np.ndarray | ScoreTable:
-        if self.writer is None:
-            return np.concatenate(self.blocks)
-        return self.writer.close(temporary=True)
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
+def saved_vocabulary(folder: RunFolder) -> Vocabulary:
+    """The label vocabulary run ``folder`` was trained with. A run folder from before runs kept one has the
+    vocabulary its format fixes (hpa: the numbered classes); where the data makes it, it is lost."""
+    vocabulary = folder.load_vocabulary()
+    if vocabulary is None:
+        data = folder.load_config().data
+        vocabulary = get_format(data).fixed_vocabulary(data)
+        if vocabulary is None:
+            raise PipelineError(f"{folder.vocabulary} not found: a data.format={data.format} run keeps the labels it "
+                                "was trained with there; train the run again")
+    return vocabulary
+
+
+def run_vocabulary(cfg: Config) -> Vocabulary:
+    """The label vocabulary of the ensemble's runs (all must share it: scores are combined column by column)."""
+    refs = cfg.predict.runs or [RunRef(dir=cfg.run.dir)]
+    found = {ref.dir: saved_vocabulary(RunFolder(ref.dir)) for ref in refs}
+    first, vocabulary = next(iter(found.items()))
+    for run_dir, other in found.items():
+        if other.codes != vocabulary.codes:
+            raise PipelineError(f"experiments {first} and {run_dir} were trained on different label vocabularies "
+                                f"({len(vocabulary)} and {len(other)} labels): they cannot be ensembled")
+    return vocabulary
 
 
 def write_history(path: Path, rows: list[dict]) -> Path:

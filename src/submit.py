@@ -12,15 +12,16 @@ this module never reads them.
 
 Before sending, the submission is checked again: it must be the file predict wrote for the current run (the bytes
 recorded in ``run.dir/decision.json``, not older than the run's test scores, written under this config) and pass
-the submission validation (``src.predict.validate_submission``: the sample submission's Ids in order, labels of
+the submission validation (``src.formats.validate_submission``: the sample submission's Ids in order, labels of
 the run's vocabulary, nothing empty).
 
 Every attempt, sent or not, is one row of ``kaggle.log`` (``submissions/log.csv``; the whole file is written to a
 temp file and renamed, under a lock, and rows are never removed): time (UTC), competition, file, sha256, message,
 runs (run folders and folds), config_hash (the resolved config is saved as ``configs/<hash>.yaml`` beside the
-log), git_commit and git_dirty, the decision strategy with its metric and cross-fold OOF estimate, status
-(``sent`` or ``failed: <reason>``), kaggle_ref, and the public and private scores (blank until ``--refresh``
-finds them). A failed attempt is one ``error:`` line and exit 2, with the command to retry.
+log), git_commit and git_dirty (blank outside a git checkout), the decision strategy with its metric and
+cross-fold OOF estimate, status (``sent`` or ``failed: <reason>``), kaggle_ref, and the public and private scores
+(blank until ``--refresh`` finds them; a refresh that finds nothing new leaves the log as it is). A failed attempt
+is one ``error:`` line and exit 2, with the command to retry.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,17 +43,15 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from scipy.stats import spearmanr
 
 from src.cli import cli_parser, config_from_args, run_cli, user_message
 from src.config import Config, PipelineError
 from src.data import with_vocabulary
 from src.decision_record import config_differences, decision_path, file_sha256, read_record
 from src.files import ensure_writable, write_atomic
-from src.formats import label_separator, load_test_table, submission_columns
-from src.predict import run_vocabulary, validate_submission
-from src.report import plot_oof_vs_public
-from src.run_folder import RunFolder, score_file
+from src.formats import label_separator, load_test_table, submission_columns, validate_submission
+from src.run_folder import RunFolder, run_vocabulary
+from src.score_table import score_file
 
 LOG_COLUMNS = ("time", "competition", "file", "sha256", "message", "runs", "config_hash", "git_commit", "git_dirty",
                "strategy", "metric", "oof_estimate", "status", "kaggle_ref", "public_score", "private_score")
@@ -115,16 +113,17 @@ def append_row(log_path: Path, row: dict) -> None:
 
 # -- what an attempt records --------------------------------------------------------------------------------
 def git_state(root: Path = REPO_ROOT) -> tuple[str, str]:
-    """(commit, "yes"/"no" for uncommitted changes) of the checkout; ("unknown", "") outside a git checkout."""
+    """(commit, "yes"/"no" for uncommitted changes) of the checkout; ("", "") outside a git checkout or without
+    git (a copy of the code, a Kaggle notebook)."""
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=30)
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True,
                                 timeout=60)
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown", ""
+        return "", ""
     if commit.returncode != 0 or status.returncode != 0:
-        return "unknown", ""
+        return "", ""
     return commit.stdout.strip(), "yes" if status.stdout.strip() else "no"
 
 
@@ -343,7 +342,9 @@ def parse_submissions_csv(text: str) -> pd.DataFrame:
 def match_scores(log: pd.DataFrame, kaggle_rows: pd.DataFrame, competition: str) -> Counter:
     """Fill in ``log`` (in place) from Kaggle's submissions: each sent attempt of ``competition`` still missing a
     score takes the Kaggle row with its ref, else with its file name and description made nearest in time (within
-    ``MATCH_WINDOW``); each Kaggle row is used once. Returns counts: scored, pending, errors, unmatched."""
+    ``MATCH_WINDOW``); each Kaggle row is used once. A public score once logged is kept as it is; an attempt that
+    has one takes only the private score, when Kaggle gives it (after the competition ends). Returns counts of what
+    is new: scored (a public score, or a private score added to one), pending, errors, unmatched."""
     counts: Counter = Counter()
     used: set = set()
     times = pd.to_datetime(log["time"], errors="coerce", utc=True, format="ISO8601")
@@ -367,7 +368,13 @@ def match_scores(log: pd.DataFrame, kaggle_rows: pd.DataFrame, competition: str)
         used.add(j)
         match = kaggle_rows.loc[j]
         log.at[i, "kaggle_ref"] = match["ref"] or log.at[i, "kaggle_ref"]
-        if match["status"] == "ERROR":
+        if log.at[i, "public_score"]:
+            # Scored by an earlier refresh: while the competition runs, Kaggle's private score stays blank, and
+            # this row is matched again only so that no other attempt takes its Kaggle row.
+            if match["privateScore"] and not log.at[i, "private_score"]:
+                log.at[i, "private_score"] = match["privateScore"]
+                counts["scored"] += 1
+        elif match["status"] == "ERROR":
             log.at[i, "status"] = "failed: Kaggle could not score it (see the competition's submissions page)"
             counts["errors"] += 1
         elif match["status"] == "COMPLETE" and match["publicScore"]:
@@ -399,8 +406,9 @@ def refresh(cfg: Config, kaggle: str | None = None, retry: str | None = None, pr
         raise PipelineError(f"{exc}; {retry}") from None
     with log_lock(log_path):
         log = read_log(log_path)
+        before = log.copy()
         counts = match_scores(log, kaggle_rows, cfg.kaggle.competition)
-        if counts["scored"] or counts["errors"] or counts["pending"]:
+        if not log.equals(before):  # nothing new: the log is left as it is, not written again
             write_log(log_path, log)
     if progress:
         print(f"refreshed {log_path}: {counts['scored']} scored, {counts['pending']} still pending, "
@@ -420,6 +428,9 @@ def show_log(cfg: Config, progress: bool = True) -> tuple[pd.DataFrame, Path | N
     """Print the log and plot the OOF estimate against the public score (``oof_vs_lb.png`` beside the log): one
     point per scored submission, the y = x line, the Spearman rank correlation in the title. Returns the log,
     the plot (None without a log) and the correlation (None below 2 scored submissions)."""
+    # Imported here: matplotlib is most of this module's start-up, and only --log draws.
+    from src.report import plot_oof_vs_public
+
     log_path = Path(cfg.kaggle.log)
     log = read_log(log_path)
     if not len(log):
@@ -433,9 +444,9 @@ def show_log(cfg: Config, progress: bool = True) -> tuple[pd.DataFrame, Path | N
     scored = oof.notna() & public.notna()
     rho = None
     if scored.sum() >= 2:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # constant input: rho is undefined (NaN), said as such in the title
-            value = float(spearmanr(oof[scored], public[scored]).statistic)
+        # Spearman's rho is Pearson's r of the ranks (ties at their mean rank, as scipy.stats.spearmanr has it),
+        # without importing scipy.stats for it; constant input gives NaN: rho is undefined, said so in the title.
+        value = float(oof[scored].rank().corr(public[scored].rank()))
         rho = None if math.isnan(value) else value
     metrics = sorted(set(log.loc[scored, "metric"]) - {""}) or ["metric"]
     plot = write_atomic(log_path.parent / PLOT_FILE, lambda tmp: plot_oof_vs_public(

@@ -1,13 +1,13 @@
 """Decision strategies by name (``predict.threshold``), compared on out-of-fold predictions by the
-configured competition metric (``metric.name``).
+configured competition metric (a :class:`src.metrics.Metric`, which answers what a strategy asks of it).
 
 A strategy maps (OOF truth, OOF scores, the scores to be decided, label rates) to a :class:`Decision`:
 per-class thresholds, or a top k, plus the bounds on labels per image (``predict.min_labels``,
 ``predict.max_labels``). The Decision is what gets scored on OOF and what predict applies to test.
 
 - ``fixed``: one threshold for every class (``predict.fixed_threshold``).
-- ``oof_f1``: per class, the threshold maximising that class's F1 (F-beta with ``metric.beta`` when the
-  metric is ``fbeta_samples``) on OOF scores, shrunk towards the ``global_oof`` threshold by
+- ``oof_f1``: per class, the threshold maximising that class's F-beta with the metric's ``class_beta`` (F1,
+  or ``metric.beta`` for per-image F-beta) on OOF scores, shrunk towards the ``global_oof`` threshold by
   ``predict.shrink``; classes with fewer than ``predict.min_positives`` OOF positives take the
   ``global_oof`` threshold (too rare to tune). The anchor comes from the scores themselves, so it suits
   sigmoid outputs and decoded label-embedding scores (where 0.5 means cosine 0) alike.
@@ -38,17 +38,15 @@ import numpy as np
 from src.config import MetricConfig, PredictConfig
 from src.metrics import (
     DecisionCounts,
+    Metric,
     best_thresholds,
     bound_labels,
     by_row_blocks,
     count_labels,
     decision_counts,
-    depends_on_decision,
+    get_metric,
     largest_per_column,
-    metric_curve,
-    metric_score,
     take_rows,
-    top_k_curve,
     top_labels,
 )
 
@@ -98,7 +96,7 @@ class Decision:
 @dataclass
 class ThresholdInputs:
     oof_true: np.ndarray  # n x m multi-hot, dense or scipy.sparse
-    oof_scores: np.ndarray  # n x m: an array, or scores read by rows (src.run_folder.ScoreRows)
+    oof_scores: np.ndarray  # n x m: an array, or scores read by rows (src.score_table.ScoreRows)
     target_scores: np.ndarray  # the scores the decision will be applied to (OOF or test)
     label_rate: np.ndarray  # m: positive rate of each class in train (or the user's table)
     # Global thresholds already searched on these inputs (global_oof and oof_f1's anchor are the same search).
@@ -109,34 +107,33 @@ def _bounded(thresholds: np.ndarray, cfg: PredictConfig) -> Decision:
     return Decision(np.asarray(thresholds, dtype=float), cfg.min_labels, cfg.max_labels)
 
 
-def _global_threshold(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig, bounded: bool) -> float:
+def _global_threshold(inputs: ThresholdInputs, cfg: PredictConfig, metric: Metric, bounded: bool) -> float:
     """The grid threshold maximising the OOF metric (the first of equals), with or without the label bounds."""
     bounds = (cfg.min_labels, cfg.max_labels) if bounded else (0, None)
-    key = (metric.name, metric.beta, metric.k, metric.zero_division, bounds)
+    key = (metric, bounds)  # a metric object is equal to another of its class with the same settings
     if key not in inputs.searched:
-        curve = metric_curve(metric, inputs.oof_true, inputs.oof_scores, GLOBAL_GRID, *bounds)
+        curve = metric.curve(inputs.oof_true, inputs.oof_scores, GLOBAL_GRID, *bounds)
         inputs.searched[key] = float(GLOBAL_GRID[int(np.argmax(curve))])
     return inputs.searched[key]
 
 
-def fixed(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> Decision:
+def fixed(inputs: ThresholdInputs, cfg: PredictConfig, metric: Metric) -> Decision:
     return _bounded(np.full(inputs.oof_scores.shape[1], cfg.fixed_threshold), cfg)
 
 
-def oof_f1(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> Decision:
+def oof_f1(inputs: ThresholdInputs, cfg: PredictConfig, metric: Metric) -> Decision:
     m = inputs.oof_scores.shape[1]
     anchor = _global_threshold(inputs, cfg, metric, bounded=False)
     thresholds = np.full(m, anchor)
     tuned_classes = np.flatnonzero(count_labels(inputs.oof_true, 0) >= cfg.min_positives)  # the others: too rare
     if len(tuned_classes):
-        beta = metric.beta if metric.name == "fbeta_samples" else 1.0
         truth = inputs.oof_true[:, tuned_classes] if len(tuned_classes) < m else inputs.oof_true
-        tuned, _ = best_thresholds(truth, inputs.oof_scores, beta, columns=tuned_classes)
+        tuned, _ = best_thresholds(truth, inputs.oof_scores, metric.class_beta, columns=tuned_classes)
         thresholds[tuned_classes] = cfg.shrink * tuned + (1 - cfg.shrink) * anchor
     return _bounded(thresholds, cfg)
 
 
-def rate(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> Decision:
+def rate(inputs: ThresholdInputs, cfg: PredictConfig, metric: Metric) -> Decision:
     scores = inputs.target_scores
     n = scores.shape[0]
     keep = np.clip(np.rint(inputs.label_rate * n).astype(int), 0, n)  # samples to predict positive
@@ -144,12 +141,12 @@ def rate(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> D
     return _bounded(np.where(keep > 0, top, np.nextafter(highest, np.inf)), cfg)  # keep == 0: above every score
 
 
-def global_oof(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> Decision:
+def global_oof(inputs: ThresholdInputs, cfg: PredictConfig, metric: Metric) -> Decision:
     threshold = _global_threshold(inputs, cfg, metric, bounded=False)
     return _bounded(np.full(inputs.oof_scores.shape[1], threshold), cfg)
 
 
-def global_bounded(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> Decision:
+def global_bounded(inputs: ThresholdInputs, cfg: PredictConfig, metric: Metric) -> Decision:
     threshold = _global_threshold(inputs, cfg, metric, bounded=True)
     return _bounded(np.full(inputs.oof_scores.shape[1], threshold), cfg)
 
@@ -163,9 +160,9 @@ def top_k_cap(oof_true, m: int, cfg: PredictConfig) -> int:
     return min(m, max(TOP_K_MIN_CAP, math.ceil(TOP_K_CAP_FACTOR * mean_labels)))
 
 
-def top_k(inputs: ThresholdInputs, cfg: PredictConfig, metric: MetricConfig) -> Decision:
+def top_k(inputs: ThresholdInputs, cfg: PredictConfig, metric: Metric) -> Decision:
     m = inputs.oof_scores.shape[1]
-    curve = top_k_curve(metric, inputs.oof_true, inputs.oof_scores, top_k_cap(inputs.oof_true, m, cfg))
+    curve = metric.top_k_curve(inputs.oof_true, inputs.oof_scores, top_k_cap(inputs.oof_true, m, cfg))
     k = int(np.argmax(curve)) + 1  # the smallest of equally good k
     return Decision(None, k, k, top_k=k)
 
@@ -183,9 +180,9 @@ TIE_DECIMALS = 12
 
 
 def decision_for(name: str, inputs: ThresholdInputs, cfg: PredictConfig,
-                 metric: MetricConfig | None = None) -> Decision:
-    """The decision of strategy ``name``, tuned for ``metric`` (default: macro-F1)."""
-    return STRATEGIES[name](inputs, cfg, metric or MetricConfig())
+                 metric: MetricConfig | Metric | None = None) -> Decision:
+    """The decision of strategy ``name``, tuned for ``metric`` (a config section or a metric; default: macro-F1)."""
+    return STRATEGIES[name](inputs, cfg, get_metric(metric))
 
 
 def choose_strategy(requested: str, results: dict[str, dict]) -> tuple[str, str]:
@@ -209,7 +206,7 @@ def choose_strategy(requested: str, results: dict[str, dict]) -> tuple[str, str]
 
 
 def compare_strategies(oof_true, oof_scores: np.ndarray, oof_fold: np.ndarray, label_rate: np.ndarray,
-                       cfg: PredictConfig, metric: MetricConfig | None = None) -> dict[str, dict]:
+                       cfg: PredictConfig, metric: MetricConfig | Metric | None = None) -> dict[str, dict]:
     """Every strategy on the OOF predictions, scored by ``metric`` (default: macro-F1), two ways:
 
     - ``in_sample``: decision fitted on all OOF rows and scored on the same rows (optimistic for the
@@ -225,7 +222,7 @@ def compare_strategies(oof_true, oof_scores: np.ndarray, oof_fold: np.ndarray, l
     no prediction matrix is made, so scores read by rows (many classes) are compared without n x m in memory.
     With one fold the cross-fold decision is the in-sample one (fitted on the same rows) and is not fitted twice.
     """
-    metric = metric or MetricConfig()
+    metric = get_metric(metric)
     results = {}
     folds = np.unique(oof_fold)
     n, m = oof_scores.shape
@@ -237,7 +234,7 @@ def compare_strategies(oof_true, oof_scores: np.ndarray, oof_fold: np.ndarray, l
             splits.append((held, ThresholdInputs(oof_true[fit], take_rows(oof_scores, fit),
                                                  take_rows(oof_scores, held), label_rate)))
     # A ranking metric reads the scores only: the same for every decision, computed once.
-    ranking = None if depends_on_decision(metric) else metric_score(metric, oof_true, None, oof_scores)
+    ranking = metric.score(oof_true, None, oof_scores) if metric.ranks_scores else None
     for name in STRATEGIES:
         decision = decision_for(name, inputs, cfg, metric)
         counts = decision_counts(oof_true, oof_scores, decision.apply)
@@ -249,8 +246,8 @@ def compare_strategies(oof_true, oof_scores: np.ndarray, oof_fold: np.ndarray, l
                 for held, fold_inputs in splits])
         results[name] = {"decision": decision, "thresholds": decision.class_thresholds(m),
                          "per_class_f1": counts.f1_per_class(),
-                         "in_sample": counts.score(metric) if ranking is None else ranking,
-                         "cross_fold": cross.score(metric) if ranking is None else ranking,
+                         "in_sample": metric.of_counts(counts) if ranking is None else ranking,
+                         "cross_fold": metric.of_counts(cross) if ranking is None else ranking,
                          "predicted_rate": counts.predicted_class / n,
                          "labels_per_image": float(counts.predicted_row.mean())}
     return results

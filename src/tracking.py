@@ -18,6 +18,7 @@ import wandb
 
 from src.config import Config
 from src.files import WriteError
+from src.progress import note
 
 
 class QuietLogFiles(logging.Filter):
@@ -119,5 +120,4 @@ class Tracker:
                 raise
         failure, _LOG_FILES.failure = _LOG_FILES.failure, None
         if failure and not propagating:
-            print(f"warning: W&B could not write {failure[0]} ({failure[1]}): its record of this run is incomplete",
-                  file=sys.stderr)
+            note(f"warning: W&B could not write {failure[0]} ({failure[1]}): its record of this run is incomplete")

@@ -19,7 +19,6 @@ import itertools
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
@@ -38,7 +37,6 @@ from src.augment import BatchAugment, build_cpu_policy
 from src.checkpoint import (
     NonFiniteWeights,
     capture_checkpoint,
-    copy_checkpoint,
     gather_rng_states,
     load_checkpoint,
     require_finite,
@@ -49,7 +47,7 @@ from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError, override
 from src.data import Vocabulary, label_csr
 from src.dataset import EpochSampler, RGBYDataset, make_loader
-from src.files import Staging, ensure_writable
+from src.files import Staging, ensure_writable, link_or_copy
 from src.folds import load_folds, require_fold
 from src.formats import load_training_data
 from src.label_embedding import LabelEmbedding
@@ -66,8 +64,10 @@ from src.metrics import (
 from src.model import autocast, build_model, check_backbone, effective_precision, infer, param_groups, resolve_device
 from src.pack import open_packed
 from src.progress import bar as progress_bar
+from src.progress import note
 from src.report import plot_label_map, plot_similarity_heatmap
-from src.run_folder import FOLD_FILES, LOCK_FILE, RunFolder, ScoreSink, copy_scores, write_history, write_scores
+from src.run_folder import FOLD_FILES, LOCK_FILE, RunFolder, write_history
+from src.score_table import ScoreSink, copy_scores, write_scores
 from src.thresholds import GLOBAL_GRID
 from src.tracking import Tracker
 
@@ -215,8 +215,8 @@ def resolve_accumulation(cfg: Config, dist: Dist) -> Config:
         return cfg
     accum = max(1, round(tc.global_batch / (tc.batch_size * dist.world_size)))
     if accum * tc.batch_size * dist.world_size != tc.global_batch and dist.main:
-        print(f"note: train.global_batch={tc.global_batch} is not a multiple of batch {tc.batch_size} x "
-              f"{dist.world_size} process(es): {accum * tc.batch_size * dist.world_size} images per step")
+        note(f"note: train.global_batch={tc.global_batch} is not a multiple of batch {tc.batch_size} x "
+             f"{dist.world_size} process(es): {accum * tc.batch_size * dist.world_size} images per step")
     return override(cfg, **{"train.accum_steps": accum})
 
 
@@ -259,17 +259,17 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
         model = model.to(memory_format=torch.channels_last)
     pretrained = cfg.model.pretrained is not False
     if progress and not pretrained and tc.backbone_lr is not None and tc.backbone_lr != tc.lr:
-        print(f"note: model.pretrained=false: the backbone trains at train.lr={tc.lr:g} (train.backbone_lr="
-              f"{tc.backbone_lr:g} is for fine-tuning pretrained weights)")
+        note(f"note: model.pretrained=false: the backbone trains at train.lr={tc.lr:g} (train.backbone_lr="
+             f"{tc.backbone_lr:g} is for fine-tuning pretrained weights)")
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=tc.lr)
     steps_per_epoch = math.ceil(batches / tc.accum_steps)
     total_steps = tc.epochs * steps_per_epoch
     if progress and dist.main and total_steps < FEW_STEPS:
         # A config made for a large set (global batch 64, 30 epochs) gives a small one a few dozen updates.
-        print(f"warning: {total_steps} optimizer steps in all ({tc.epochs} epochs x {steps_per_epoch} steps of "
-              f"{tc.batch_size * tc.accum_steps * dist.world_size} images): too few for most networks to learn"
-              f"{' from scratch' if not pretrained else ''}; lower train.global_batch (or train.accum_steps) or "
-              "raise train.epochs")
+        note(f"warning: {total_steps} optimizer steps in all ({tc.epochs} epochs x {steps_per_epoch} steps of "
+             f"{tc.batch_size * tc.accum_steps * dist.world_size} images): too few for most networks to learn"
+             f"{' from scratch' if not pretrained else ''}; lower train.global_batch (or train.accum_steps) or "
+             "raise train.epochs")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, round(tc.warmup_fraction * total_steps)))
     n_classes, size = cfg.data.num_classes, cfg.data.image_size
@@ -431,9 +431,11 @@ class Trainer:
 
     def train_epoch(self, batches: Iterable, tracker: Tracker | None = None, hooks: LoopHooks | None = None) -> bool:
         """Train on ``batches`` (the rest of ``state.epoch``: :meth:`epoch_batches`, or any sized iterable of
-        uint8 image and target batches, with their sample seeds third under ``train.augment.where=device``);
-        returns False when ``train.stop_after_steps`` (which writes last.pt) or ``hooks.on_step`` (which writes
-        nothing) stopped it."""
+        uint8 image and target batches, with their sample seeds third under ``train.augment.where=device``), one
+        optimizer step per accumulation window. Returns False when the run stops inside the epoch
+        (``train.stop_after_steps`` reached, or ``hooks.on_step`` said so). A stop writes nothing: where the run
+        stopped is the caller's to keep (:meth:`fit` saves last.pt); the only checkpoint written here is
+        ``train.checkpoint_every_steps``'s."""
         p, tc, state, hooks = self.parts, self.cfg.train, self.state, hooks or NO_HOOKS
         p.model.train()
         p.optimizer.zero_grad(set_to_none=True)
@@ -441,88 +443,118 @@ class Trainer:
         self.in_epoch = True
         bar = progress_bar(total=n_batches, initial=state.batches_done, disable=not self.progress,
                            desc=f"fold {self.fold} epoch {state.epoch + 1}/{tc.epochs}")
-        window_start = time.perf_counter()
-        for window in accumulation_windows(batches, tc.accum_steps):
-            window_images = sum(len(batch[0]) for batch in window)
-            window_loss = torch.zeros((), device=p.device)
-            for micro, (images, targets, *seeds) in enumerate(window, start=1):
-                images = images.to(p.device, non_blocking=True)
-                targets = targets.to(p.device, non_blocking=True)
-                if p.batch_augment is not None:
-                    if not seeds:
-                        raise PipelineError("train.augment.where=device: the training batches carry no sample "
-                                            "seeds (expected (images, targets, seeds) batches)")
-                    images = p.batch_augment(images, seeds[0])
-                if self.cfg.model.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                # Under DDP, gradients are all-reduced once per window: on its last micro-batch.
-                sync = micro == len(window) or not hasattr(p.forward, "no_sync")
-                with nullcontext() if sync else p.forward.no_sync():
-                    with autocast(p.device, tc.precision):
-                        outputs = p.forward(images)
-                    # Loss in fp32, each micro-batch weighted by its share of the window's samples.
-                    loss = p.loss_fn(outputs.float(), targets) * (len(images) / window_images)
-                    p.scaler.scale(loss).backward()
-                window_loss += loss.detach()
-                bar.update(1)
-            # One optimizer step per window: check, unscale, clip, step, schedule, EMA.
-            loss_value = float(self.dist.mean(window_loss))  # the same on every rank: all stop together
-            if not math.isfinite(loss_value):
-                raise self.diverged(f"the training loss is {loss_value}")
-            if tc.clip_grad:
-                p.scaler.unscale_(p.optimizer)
-                nn.utils.clip_grad_norm_(p.model.parameters(), tc.clip_grad)
-            p.scaler.step(p.optimizer)
-            p.scaler.update()
-            p.optimizer.zero_grad(set_to_none=True)
-            p.scheduler.step()
-            state.step += 1
-            state.batches_done += len(window)
-            if p.ema:
-                p.ema.update(p.model, step=state.step)
-            elapsed = time.perf_counter() - window_start
-            lr = p.optimizer.param_groups[-1]["lr"]
-            speed = window_images / elapsed if elapsed > 0 else float("nan")
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
-            metrics = {"train/loss": loss_value, "train/lr": lr, "train/images_per_s": speed,
-                       "train/epoch": state.epoch + state.batches_done / n_batches}
-            if tracker:
-                tracker.log(metrics, step=state.step)
-            if hooks.on_step(state.step, metrics):
-                bar.close()
-                return False
+        try:
             window_start = time.perf_counter()
-            if tc.stop_after_steps is not None and state.step >= tc.stop_after_steps:
-                bar.close()
-                self.save()
-                return False
-            # Periodic saves inside the epoch; the epoch's end saves anyway after validation.
-            if tc.checkpoint_every_steps and state.step % tc.checkpoint_every_steps == 0 and \
-                    state.batches_done < n_batches:
-                self.save()
-        bar.close()
-        state.epoch += 1
-        state.batches_done = 0
-        self.in_epoch = False
-        p.sampler.epoch_state = p.sampler.generator.get_state()
+            for window in accumulation_windows(batches, tc.accum_steps):
+                window_loss, window_images = self.backward_window(window, bar)
+                loss_value = self.optimizer_step(window_loss, len(window))
+                elapsed = time.perf_counter() - window_start
+                metrics = {"train/loss": loss_value, "train/lr": p.optimizer.param_groups[-1]["lr"],
+                           "train/images_per_s": window_images / elapsed if elapsed > 0 else float("nan"),
+                           "train/epoch": state.epoch + state.batches_done / n_batches}
+                if self.after_step(metrics, bar, tracker, hooks):
+                    return False
+                window_start = time.perf_counter()
+                if self.checkpoint_due(n_batches):
+                    self.save()
+        finally:
+            bar.close()
+        self.finish_epoch()
         return True
+
+    def backward_window(self, window: list, bar) -> tuple[torch.Tensor, int]:
+        """Forward and backward of one accumulation window's micro-batches, each loss weighted by its batch's
+        share of the window's samples (a short last window included); returns the window's loss and images."""
+        p, tc = self.parts, self.cfg.train
+        window_images = sum(len(batch[0]) for batch in window)
+        window_loss = torch.zeros((), device=p.device)
+        for micro, (images, targets, *seeds) in enumerate(window, start=1):
+            images = images.to(p.device, non_blocking=True)
+            targets = targets.to(p.device, non_blocking=True)
+            if p.batch_augment is not None:
+                if not seeds:
+                    raise PipelineError("train.augment.where=device: the training batches carry no sample "
+                                        "seeds (expected (images, targets, seeds) batches)")
+                images = p.batch_augment(images, seeds[0])
+            if self.cfg.model.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            # Under DDP, gradients are all-reduced once per window: on its last micro-batch.
+            sync = micro == len(window) or not hasattr(p.forward, "no_sync")
+            with nullcontext() if sync else p.forward.no_sync():
+                with autocast(p.device, tc.precision):
+                    outputs = p.forward(images)
+                # Loss in fp32, each micro-batch weighted by its share of the window's samples.
+                loss = p.loss_fn(outputs.float(), targets) * (len(images) / window_images)
+                p.scaler.scale(loss).backward()
+            window_loss += loss.detach()
+            bar.update(1)
+        return window_loss, window_images
+
+    def optimizer_step(self, window_loss: torch.Tensor, micro_batches: int) -> float:
+        """The step that ends an accumulation window of ``micro_batches``: check the loss, unscale, clip, step,
+        schedule, EMA; returns the window's loss (its mean over ranks: the same on every rank, so all stop
+        together on a non-finite one)."""
+        p, tc, state = self.parts, self.cfg.train, self.state
+        loss_value = float(self.dist.mean(window_loss))
+        if not math.isfinite(loss_value):
+            raise self.diverged(f"the training loss is {loss_value}")
+        if tc.clip_grad:
+            p.scaler.unscale_(p.optimizer)
+            nn.utils.clip_grad_norm_(p.model.parameters(), tc.clip_grad)
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
+        p.optimizer.zero_grad(set_to_none=True)
+        p.scheduler.step()
+        state.step += 1
+        state.batches_done += micro_batches
+        if p.ema is not None:
+            p.ema.update(p.model, step=state.step)
+        return loss_value
+
+    def after_step(self, metrics: dict, bar, tracker: Tracker | None, hooks: LoopHooks) -> bool:
+        """Tell the bar, the tracker and the hooks about the optimizer step just taken; True when the run stops
+        here (a hook said so, or ``train.stop_after_steps`` is reached)."""
+        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}",
+                        img_s=f"{metrics['train/images_per_s']:.1f}")
+        if tracker is not None:
+            tracker.log(metrics, step=self.state.step)
+        return hooks.on_step(self.state.step, metrics) or self.step_limit_reached()
+
+    def step_limit_reached(self) -> bool:
+        """Whether ``train.stop_after_steps`` optimizer steps are done."""
+        limit = self.cfg.train.stop_after_steps
+        return limit is not None and self.state.step >= limit
+
+    def checkpoint_due(self, n_batches: int) -> bool:
+        """Whether ``train.checkpoint_every_steps`` saves last.pt now: on its steps inside the epoch (the epoch's
+        end saves anyway, after validation; ``n_batches``: the epoch's micro-batches)."""
+        every = self.cfg.train.checkpoint_every_steps
+        return bool(every) and self.state.step % every == 0 and self.state.batches_done < n_batches
+
+    def finish_epoch(self) -> None:
+        """The epoch's batches are done: it counts, and the sampler's next epoch starts from here."""
+        self.state.epoch += 1
+        self.state.batches_done = 0
+        self.in_epoch = False
+        self.parts.sampler.epoch_state = self.parts.sampler.generator.get_state()
 
     # -- validation -------------------------------------------------------------------------------
     def candidates(self) -> dict[str, nn.Module]:
         """The weights validation scores: the raw model, and its EMA when training keeps one."""
         p = self.parts
-        return {"ema": p.ema.module, "raw": p.model} if p.ema else {"raw": p.model}
+        return {"ema": p.ema.module, "raw": p.model} if p.ema is not None else {"raw": p.model}
 
     def validate(self, model: nn.Module | None = None) -> dict:
         """Validation loss, macro-F1 at 0.5 and at per-class best thresholds, per-class F1, probabilities
         of ``model`` (default: the weights the last validation chose).
 
         In one process the probabilities go into a score sink as they are made: for thousands of classes a
-        temporary float16 table in the fold folder (src.run_folder.ScoreSink; what oof.npz stores), read back a
+        temporary float16 table in the fold folder (src.score_table.ScoreSink; what oof.npz stores), read back a
         block of rows at a time by the metrics, so 340 k x 7 178 validation rows never sit in memory (9.8 GB in
         float32); the truth is a sparse matrix. Under torch.distributed each rank's shard is gathered in memory."""
         p, tc, dist = self.parts, self.cfg.train, self.dist
-        model = model or self.candidates().get(self.state.eval_weights, p.model)
+        if model is None:  # (not `or`: a module's truth is its length, and an empty container's is False)
+            model = self.candidates().get(self.state.eval_weights, p.model)
         # Each rank scores every world_size-th validation row; the rows are gathered back in order, each
         # exactly once, so every rank computes the same metrics and takes the same best-checkpoint decision.
         shard = list(range(dist.rank, len(p.val_set), dist.world_size))
@@ -598,18 +630,18 @@ class Trainer:
                "prior_val_loss": self.prior["val_loss"], "prior_macro_f1_tuned": self.prior["macro_f1_tuned"],
                "beats_prior": not_learning is None, "seconds": seconds, "best": improved}
         self.history.append(row)
-        # last.pt and its OOF scores as a set: the checkpoint (the big write) goes to its temp file first, the
-        # score table is replaced only once that is written, and the checkpoint renamed into place right after.
-        # A failure (a full disk) leaves the previous pair, never scores without their checkpoint.
+        # last.pt and its OOF scores as one set: both are written to temp files, and renamed into place only once
+        # both are whole, the checkpoint last. A failure or a crash before that (a full disk, a kill) leaves the
+        # previous pair, never scores of one model beside the checkpoint of another.
         with Staging() as staging:
-            self.save(staging)
             if self.dist.main:
-                write_scores(folder.oof(fold, "last"), self.parts.val_table["Id"], metrics["probs"])
+                write_scores(folder.oof(fold, "last"), self.parts.val_table["Id"], metrics["probs"], staging)
+            self.save(staging)
             staging.commit()
         if self.dist.main:
             if improved:  # the same state: link the files instead of serialising it twice
                 copy_scores(folder.oof(fold, "last"), folder.oof(fold, "best"))
-                copy_checkpoint(folder.checkpoint(fold, "last"), folder.checkpoint(fold, "best"))
+                link_or_copy(folder.checkpoint(fold, "last"), folder.checkpoint(fold, "best"))
             write_history(folder.history(fold), self.history)
         tracker.log({f"val/{k}": row[k] for k in ("val_loss", "macro_f1", "macro_f1_tuned", "beats_prior")}
                     | {f"val/{tc.monitor}_{name}": value for name, value in scores.items()}
@@ -625,11 +657,25 @@ class Trainer:
                   "weights)" + ("  (best)" if improved else ""))
         if not_learning and tc.warn_no_learning_after and state.epoch >= tc.warn_no_learning_after and \
                 self.dist.main:
-            print(f"warning: fold {fold} epoch {state.epoch}: the model is no better than the prior predictor "
-                  f"(every class at its training rate): {not_learning}. It has not learned from the images yet: "
-                  "check train.lr (python -m src.lr_find), train.epochs, train.warmup_fraction, "
-                  "train.ema_horizon and the data.", file=sys.stderr)
+            note(f"warning: fold {fold} epoch {state.epoch}: the model is no better than the prior predictor "
+                 f"(every class at its training rate): {not_learning}. It has not learned from the images yet: "
+                 "check train.lr (python -m src.lr_find), train.epochs, train.warmup_fraction, "
+                 "train.ema_horizon and the data.")
         return row
+
+    def save_embedding(self) -> dict[str, Path]:
+        """The fold's label embedding and its two plots (drawn by src.report), written as one set; returns the
+        plots by their W&B key."""
+        embedding, folder, fold = self.parts.embedding, self.folder, self.fold
+        E, support = embedding.embedding, embedding.support
+        draw = {"similarity": lambda tmp: plot_similarity_heatmap(E, tmp, support=support),
+                "map": lambda tmp: plot_label_map(E, tmp, support=support)}
+        with Staging() as staging:
+            staging.file(folder.embedding(fold), embedding.save)
+            plots = {f"label_embedding/{which}": staging.file(folder.embedding_plot(fold, which), plot)
+                     for which, plot in draw.items()}
+            staging.commit()
+        return plots
 
     def fit(self, hooks: LoopHooks | None = None) -> dict:
         """Train the remaining epochs (resuming last.pt under ``train.resume``), validating and checkpointing
@@ -642,8 +688,8 @@ class Trainer:
         if tc.resume and last.is_file():
             self.resume(last)
             say(f"resumed {last}: epoch {self.state.epoch + 1}, optimizer step {self.state.step}")
-        elif tc.resume:
-            say(f"train.resume=true but {last} does not exist: starting fresh")
+        elif tc.resume and self.dist.main:
+            note(f"note: train.resume=true but {last} does not exist: starting fresh")
         run_name = folder.root.name
         if self.dist.main:
             folder.save_config(self.cfg, self.fold, p.vocabulary)
@@ -655,20 +701,16 @@ class Trainer:
         tracker = Tracker(tracked, fold_dir, name=f"{run_name}-fold{self.fold}", group=run_name)
         stopped, why = False, None
         try:
-            if p.embedding and self.dist.main:
-                p.embedding.save(folder.embedding(self.fold))
-                E, support = p.embedding.embedding, p.embedding.support
-                tracker.log_images({
-                    "label_embedding/similarity": plot_similarity_heatmap(
-                        E, fold_dir / "label_similarity.png", support=support),
-                    "label_embedding/map": plot_label_map(E, fold_dir / "label_map.png", support=support)})
+            if p.embedding is not None and self.dist.main:
+                tracker.log_images(self.save_embedding())
             while self.state.epoch < tc.epochs:
                 start = time.perf_counter()
                 if not self.train_epoch(self.epoch_batches(), tracker, hooks):
                     stopped = True
-                    if self.saved_step != self.state.step:  # on_step stopped it: last.pt resumes from here
-                        self.save()
+                    if not self.step_limit_reached():
                         why = f"stopped by a loop hook at step {self.state.step}"
+                    if self.saved_step != self.state.step:  # the one save of a stop: last.pt resumes from here
+                        self.save()
                     break
                 row = self.end_epoch(time.perf_counter() - start, tracker)
                 if hooks.on_epoch(self.state.epoch, row):
@@ -703,8 +745,8 @@ def print_summary(history: list[dict], result: dict) -> None:
           f"({result['monitor']} {result['best_score']:.4f}, {result.get('best_weights', 'raw')} weights)"
           + (f"; {stopped}" if stopped else ""))
     if "beats_prior" in result and not result["beats_prior"]:
-        print(f"warning: the last epoch was no better than the prior predictor ({result['not_learning']}): see the "
-              "warnings above")
+        note(f"warning: the last epoch was no better than the prior predictor ({result['not_learning']}): see the "
+             "warnings above")
     written = [name for name in FOLD_FILES if (Path(result["run_dir"]) / name).is_file()]
     print(f"outputs: {result['run_dir']}/{{{','.join(written)}}}")
     if result.get("wandb_run"):
@@ -723,10 +765,8 @@ def refuse_restart(cfg: Config, folder: RunFolder, fold: int) -> None:
 
 def _remove_training(folder: RunFolder, fold: int) -> None:
     """Remove what a previous training of fold ``fold`` wrote (checkpoints, score tables, history, config, label
-    embedding), so that nothing of it mixes with the new run's outputs."""
-    old = [folder.fold(fold) / name for name in FOLD_FILES] + [folder.embedding(fold)]
-    old += [folder.oof(fold, which).with_suffix(".npz") for which in ("best", "last")]  # many-class score tables
-    for path in old:
+    embedding and its plots), so that nothing of it mixes with the new run's outputs."""
+    for path in folder.training_outputs(fold):
         path.unlink(missing_ok=True)
 
 

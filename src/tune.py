@@ -63,6 +63,7 @@ from src.data import train_sources
 from src.files import Staging, ensure_writable
 from src.losses import loss_kind
 from src.pack import find_cache
+from src.progress import note
 from src.report import plot_param_importances, plot_tune_history
 from src.run_folder import RunFolder, write_history
 from src.train import LoopHooks, TrainingDiverged, train
@@ -615,8 +616,8 @@ def note_rung_caches(cfg: Config, rungs: Sequence[Rung], command: Sequence[str])
     if missing:
         packs = "; ".join(shlex.join(["python", "-m", "src.pack", *command, f"data.image_size={size}"])
                           for size in missing)
-        print(f"note: {cfg.data.cache_dir} holds no packed cache at {', '.join(map(str, missing))} px: those "
-              f"trials decode the image files. To pack each size once for all its trials: {packs}", flush=True)
+        note(f"note: {cfg.data.cache_dir} holds no packed cache at {', '.join(map(str, missing))} px: those "
+             f"trials decode the image files. To pack each size once for all its trials: {packs}")
 
 
 def tune_budget(cfg: Config, space: SearchSpace, budget: float, study: str, storage: str | None = None, *,
@@ -797,7 +798,7 @@ def report(cfg: Config, study: str | None = None, storage: str | None = None) ->
     found, note = importances(loaded)
     monitor = loaded.user_attrs.get("monitor", cfg.train.monitor)
     minimize = summary["direction"] == "minimize"
-    out = RunFolder(cfg.run.dir).tune_study(name) / "report"
+    out = RunFolder(cfg.run.dir).tune_report(name)
     text = format_report(summary, table, found, note, command, url, monitor)
 
     def write(folder: Path) -> None:

@@ -16,7 +16,6 @@ Exits 2 (like every stage on a user-fixable problem) when anything is wrong; wri
 from __future__ import annotations
 
 import os
-import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,7 @@ from src.config import Config, PipelineError
 from src.data import Problem
 from src.formats import DatasetFormat, get_format, read_test_ids, read_train_labels
 from src.progress import bar as progress_bar
+from src.progress import note
 
 
 class ValidationFailed(PipelineError):
@@ -81,8 +81,8 @@ def validate(cfg: Config, deep: bool = False, progress: bool = True, absent_ok: 
     splits = [(f"train ({Path(source).name})", rows) for source, rows in train.frame.groupby("source", sort=False)]
     for split, rows in splits + [("test", test.frame)]:
         if absent_ok and len(rows) and not any(os.path.exists(f) for files in rows["files"] for f in files):
-            print(f"note: not one image file of {split} is present (e.g. {rows['files'].iloc[0][0]}): its images "
-                  "are not checked", file=sys.stderr)
+            note(f"note: not one image file of {split} is present (e.g. {rows['files'].iloc[0][0]}): its images "
+                 "are not checked")
             continue
         problems += check_images(fmt, rows, split, cfg.data.source_size, channels, deep, progress)
     return problems

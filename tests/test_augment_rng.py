@@ -61,7 +61,7 @@ def train_table(tiny_cfg) -> pd.DataFrame:
 def same_image_table(train_table) -> pd.DataFrame:
     """N_COPIES rows that all point to one image: any difference between outputs is augmentation."""
     row = train_table.iloc[0]
-    return pd.DataFrame({"Id": [row["Id"]] * N_COPIES, "image_dir": [row["image_dir"]] * N_COPIES,
+    return pd.DataFrame({"Id": [row["Id"]] * N_COPIES, "files": [row["files"]] * N_COPIES,
                          "labels": [row["labels"]] * N_COPIES})
 
 

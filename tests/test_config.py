@@ -1,23 +1,46 @@
-"""Config as data: both shipped YAML files validate, overrides are YAML-typed, and every mistake a user
-can make (unknown key, wrong type, malformed override, missing file) fails with a message naming it."""
+"""Config as data: every shipped YAML file validates, the schema defaults are the main recipe, overrides are
+YAML-typed, and every mistake a user can make (unknown key, wrong type, malformed override, missing file) fails
+with a message naming it."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from src.config import Config, ConfigError, load_config
+from src.config import DEFAULT_CONFIG, Config, ConfigError, flatten, load_config
 from src.files import save_config
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
 
-def test_both_shipped_configs_are_found():
-    assert {path.name for path in CONFIGS} >= {"demo.yaml", "hpa_nasnet512.yaml"}
+def test_every_shipped_config_loads_with_relative_paths_and_its_own_run_folder():
+    """Each shipped config validates; what it writes or reads lies under the repo (no machine path), and no two
+    configs share a run folder or a folds file (their runs and folds would overwrite each other)."""
+    assert {path.name for path in CONFIGS} >= {"demo.yaml", "hpa_nasnet512.yaml", "small_data.yaml"}
+    loaded = {path.name: load_config(path) for path in CONFIGS}
+    for name, cfg in loaded.items():
+        paths = [cfg.data.dir, cfg.data.cache_dir, cfg.folds.path, cfg.run.dir, cfg.submission.path, cfg.kaggle.log]
+        absolute = [path for path in paths if path is not None and Path(path).is_absolute()]
+        assert absolute == [], f"{name}: absolute paths"
+    for key in ("run.dir", "folds.path"):
+        owners = {}
+        for name, cfg in loaded.items():
+            owners.setdefault(flatten(cfg.model_dump())[key], []).append(name)
+        assert {value: names for value, names in owners.items() if len(names) > 1} == {}, f"shared {key}"
+
+
+def test_the_schema_defaults_are_the_main_recipe():
+    """``Config()`` is the main config's model and training (pretrained NASNet, EMA, 64 images a step), not a mix
+    that no shipped config uses; the data keys describe a dataset and are the main config's to set."""
+    main = load_config(REPO_ROOT / DEFAULT_CONFIG)
+    for section in ("model", "train", "loss"):
+        default, recipe = flatten(getattr(Config(), section).model_dump()), flatten(getattr(main, section).model_dump())
+        assert {key: (default[key], recipe[key]) for key in recipe if default[key] != recipe[key]} == {}, section
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)

@@ -197,8 +197,8 @@ def test_rare_class_is_refused_naming_the_class_and_nothing_is_written(data, tmp
 def test_rare_class_with_warn_proceeds_and_warns(data, tmp_path, capsys):
     rare_ids = _make_class_rare(data, "27", keep=2)
     result = make_folds(fresh_config(data, tmp_path, "folds.rare_classes=warn"), progress=False)
-    out = capsys.readouterr().out
-    assert "warning:" in out and "class 27: 2" in out
+    err = capsys.readouterr().err
+    assert "warning:" in err and "class 27: 2" in err
     assert len(result) == len(read_targets(data))
     # The rarest class is stratified first, so its two samples land in different folds.
     assert result.set_index("Id").loc[rare_ids, "fold"].nunique() == 2

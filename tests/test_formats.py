@@ -17,7 +17,8 @@ from src.demo import make_many_label_dataset
 from src.folds import make_folds
 from src.formats import load_test_table, load_training_data, read_train_labels
 from src.images import decode_file, read_image
-from src.run_folder import CSV_MAX_CLASSES, RunFolder, copy_scores, read_scores, write_scores
+from src.run_folder import RunFolder
+from src.score_table import CSV_MAX_CLASSES, copy_scores, read_scores, write_scores
 from src.train import train
 from src.validate import validate
 from tests.conftest import REPO_ROOT
@@ -141,6 +142,21 @@ def test_a_run_vocabulary_reports_labels_it_does_not_know(tmp_path, capsys):
     assert "1 positive label(s) of 1 label id(s) are not in the run's label vocabulary" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("config, fixed", [("demo.yaml", True), ("csv_demo.yaml", False)])
+def test_a_run_folder_without_its_vocabulary_has_the_one_its_format_fixes(tmp_path, config, fixed):
+    """A run folder from before runs kept labels.csv: hpa's classes are its numbered ones; a csv run's labels came
+    from its data, so prediction stops naming the file instead of numbering them."""
+    from src.run_folder import run_vocabulary
+
+    cfg = load_config(REPO_ROOT / "configs" / config, [f"run.dir={tmp_path / 'run'}", "data.num_classes=3"])
+    RunFolder(cfg.run.dir).save_config(cfg, 0)  # the config only, no vocabulary
+    if fixed:
+        assert run_vocabulary(cfg) == Vocabulary.numbered(3)
+    else:
+        with pytest.raises(PipelineError, match=r"labels.csv not found: a data.format=csv run keeps the labels"):
+            run_vocabulary(cfg)
+
+
 def test_one_file_images_convert_to_the_model_channels(tmp_path):
     grey, rgba = tmp_path / "grey.png", tmp_path / "rgba.png"
     cv2.imwrite(str(grey), np.arange(64, dtype=np.uint8).reshape(8, 8))
@@ -181,7 +197,7 @@ def test_score_tables_for_many_classes_are_float16_npz_and_read_back(tmp_path):
 
 
 def test_a_score_table_is_written_and_read_a_block_of_rows_at_a_time(tmp_path):
-    from src.run_folder import ScoreSink, ScoreTable, combine_scores, read_score_table, stack_scores
+    from src.score_table import ScoreSink, ScoreTable, combine_scores, read_score_table, stack_scores
 
     ids = [f"i{n}" for n in range(50)]
     scores = np.random.default_rng(1).random((50, CSV_MAX_CLASSES + 7)).astype(np.float32)
@@ -291,6 +307,14 @@ def test_openimages_images_follow_the_image_extension(small_openimages, tmp_path
     _, table, _ = load_training_data(cfg)
     assert table["files"].iloc[0] == (str(small_openimages / "train" / "aa01.png"),)
     assert load_test_table(cfg.data)["files"].iloc[0] == (str(small_openimages / "test" / "ee05.png"),)
+
+
+def test_openimages_sample_table_names_the_configured_image_kind(small_openimages, tmp_path):
+    """The sample table's ``ext`` (the kind of each sample's image file) follows data.image_ext, as its files do:
+    PNG data is not said to be JPEG."""
+    cfg = small_openimages_config(small_openimages, tmp_path, "data.image_ext=.png")
+    table = read_train_labels(cfg.data).frame
+    assert set(table["ext"]) == {"png"}
 
 
 def test_a_rate_table_names_labels_by_code(tmp_path):

@@ -320,6 +320,6 @@ def test_a_schedule_of_a_few_dozen_updates_is_warned_about(tiny_data, tmp_path, 
     steps = cfg.train.epochs * parts.steps_per_epoch
     assert steps < src.train.FEW_STEPS
     assert f"warning: {steps} optimizer steps in all (3 epochs x {parts.steps_per_epoch} steps of 16 images)" in \
-        capsys.readouterr().out
+        capsys.readouterr().err
     src.train.build_parts(override(cfg, **{"train.global_batch": 4, "train.epochs": 30}), 0, progress=True)
-    assert "optimizer steps in all" not in capsys.readouterr().out
+    assert "optimizer steps in all" not in capsys.readouterr().err

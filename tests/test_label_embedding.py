@@ -183,7 +183,7 @@ def test_unseen_labels_get_zero_rows_and_are_reported(capsys):
     fitted = LabelEmbedding.fit(labels, 13, dim=4)
     np.testing.assert_array_equal(fitted.empty_labels, [11, 12])
     assert not fitted.embedding[11:].any() and fitted.support[11:].sum() == 0
-    assert "2 of 13 labels" in capsys.readouterr().out
+    assert "2 of 13 labels" in capsys.readouterr().err
     np.testing.assert_array_equal(empty_labels(fitted.embedding), [11, 12])
 
 

@@ -12,9 +12,9 @@ import torch
 from src.config import PipelineError, override
 from src.data import Vocabulary
 from src.folds import make_folds
-from src.formats import load_test_table, load_train_table
+from src.formats import load_test_table, load_train_table, validate_submission
 from src.model import d4_view
-from src.predict import degenerate_reasons, predict, predict_run, validate_submission
+from src.predict import degenerate_reasons, predict, predict_run
 from src.train import train
 from tests.conftest import TINY_CLASSES, tiny_config
 
@@ -92,20 +92,24 @@ def test_per_image_f2_with_label_bounds_names_the_report_after_the_metric(traine
 
 @pytest.mark.slow
 def test_ensemble_of_experiments_and_fold_subset(trained, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(trained.run.dir, copy)
-    cfg = override(trained, **{
-        "predict.runs": [{"dir": trained.run.dir, "weight": 1.0}, {"dir": str(copy), "weight": 3.0}],
-        "predict.folds": [0], "run.dir": str(tmp_path / "ensemble"), "submission.path": str(tmp_path / "e.csv")})
-    predict(cfg, progress=False)
-    alone = override(trained, **{"predict.folds": [0], "predict.runs": [{"dir": trained.run.dir}],
-                                 "run.dir": str(tmp_path / "alone"),
-                                 "submission.path": str(tmp_path / "a.csv")})
-    predict(alone, progress=False)
-    # Two copies of one experiment, however weighted, equal the experiment alone.
-    a = pd.read_csv(tmp_path / "ensemble" / "test_probs.csv").iloc[:, 1:].to_numpy()
-    b = pd.read_csv(tmp_path / "alone" / "test_probs.csv").iloc[:, 1:].to_numpy()
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    """Two experiments whose scores differ (another seed), weighted 1 and 3, on fold 0 only: the ensemble's test
+    scores are the weighted mean of each experiment's own."""
+    other = override(trained, **{"train.seed": 7, "run.dir": str(tmp_path / "other")})
+    train(other, 0, progress=False)
+
+    def test_scores(name: str, runs: list[dict]):
+        cfg = override(trained, **{"predict.runs": runs, "predict.folds": [0], "run.dir": str(tmp_path / name),
+                                   "submission.path": str(tmp_path / f"{name}.csv")})
+        predict(cfg, progress=False)
+        return pd.read_csv(tmp_path / name / "test_probs.csv").iloc[:, 1:].to_numpy()
+
+    first = test_scores("first", [{"dir": trained.run.dir}])
+    second = test_scores("second", [{"dir": other.run.dir}])
+    ensemble = test_scores("ensemble", [{"dir": trained.run.dir, "weight": 1.0}, {"dir": other.run.dir, "weight": 3.0}])
+    assert np.abs(first - second).max() > 1e-3  # the experiments differ, so the weights show
+    # Each table holds 6 decimals: the mean of rounded scores is within 1e-6 of the rounded mean.
+    np.testing.assert_allclose(ensemble, (1.0 * first + 3.0 * second) / 4.0, atol=2e-6)
+    assert np.abs(ensemble - (first + second) / 2).max() > 1e-4  # not the unweighted mean
 
 
 @pytest.mark.slow

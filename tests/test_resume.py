@@ -141,7 +141,7 @@ def test_resume_from_an_end_of_epoch_checkpoint(tiny_data, tmp_path, reference_r
 def test_resume_without_last_checkpoint_starts_fresh(tiny_data, tmp_path, reference_run, capsys):
     cfg = run_config(tiny_data, tmp_path, "plain", "train.resume=true")
     result = train(cfg, 0, progress=False)
-    assert "starting fresh" in capsys.readouterr().out
+    assert "starting fresh" in capsys.readouterr().err  # a note: stderr
     assert result["steps"] == EPOCHS * STEPS_PER_EPOCH
     assert_same_checkpoint(fold_dir(cfg) / "last.pt", reference_run("plain") / "last.pt")
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
 import stat
+import subprocess
 import sys
 from datetime import UTC, datetime
 from io import StringIO
@@ -21,13 +23,13 @@ import pytest
 import yaml
 
 from src.cli import run_cli
-from src.config import PipelineError, override
+from src.config import PipelineError, load_config, override
 from src.files import save_config
 from src.folds import make_folds
 from src.predict import predict
-from src.submit import LOG_COLUMNS, SubmitFailed, main, read_log, refresh, show_log, submit, write_log
+from src.submit import LOG_COLUMNS, SubmitFailed, git_state, main, read_log, refresh, show_log, submit, write_log
 from src.train import train
-from tests.conftest import tiny_config
+from tests.conftest import REPO_ROOT, tiny_config
 
 SLUG = "human-protein-atlas-image-classification"
 ACCEPTED = ("Submission ref: 51234567\n3 submissions remaining today.\n"
@@ -123,7 +125,9 @@ def test_submit_logs_the_attempt_and_refresh_fills_in_the_public_score(cfg, kagg
     assert logged["status"] == "sent" and logged["kaggle_ref"] == "51234567" and logged["public_score"] == ""
     assert logged["sha256"] == sha256(cfg.submission.path) and logged["message"] == "first try"
     assert logged["runs"] == f"{cfg.run.dir}[0]" and logged["competition"] == SLUG
-    assert len(logged["git_commit"]) == 40 and logged["git_dirty"] in ("yes", "no")
+    # The checkout's commit, or blank where the code is not a git checkout (see the no-git test below).
+    assert (logged["git_commit"], logged["git_dirty"]) == git_state()
+    assert re.fullmatch(r"[0-9a-f]{40}", logged["git_commit"]) or logged["git_commit"] == ""
     # The strategy and its cross-fold estimate are the report's chosen row.
     strategies = pd.read_csv(Path(cfg.run.dir) / "report" / "strategies.csv", keep_default_na=False)
     chosen = strategies[strategies["chosen"] == "<-"].iloc[0]
@@ -242,3 +246,61 @@ def test_cli_prints_one_error_line_and_exits_2(cfg, kaggle, tmp_path, monkeypatc
     assert err.count("\n") == 0 and err.startswith("error: no valid Kaggle credentials")
     assert err.endswith(f"retry: python -m src.submit --config {config} -m 'from the CLI'")
     assert read_log(Path(cfg.kaggle.log)).iloc[0]["message"] == "from the CLI"
+
+
+def test_outside_a_git_checkout_the_commit_is_blank(cfg, kaggle, tmp_path, monkeypatch):
+    """A copy of the code without git history (GIT_DIR names a folder that is no repository) still submits."""
+    (tmp_path / "not-a-repo").mkdir()
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "not-a-repo"))
+    kaggle.answer(ACCEPTED)
+    row = submit(cfg, "no git", progress=False)
+    logged = read_log(Path(cfg.kaggle.log)).iloc[0]
+    assert row["status"] == "sent" and (logged["git_commit"], logged["git_dirty"]) == ("", "")
+
+
+def logged_attempt(time: datetime, message: str, **scores: str) -> dict:
+    return {column: "" for column in LOG_COLUMNS} | {
+        "time": time.isoformat(timespec="seconds"), "competition": SLUG, "file": "submissions/submission.csv",
+        "message": message, "status": "sent", "kaggle_ref": "51234567"} | scores
+
+
+def test_a_refresh_that_finds_nothing_new_leaves_the_scored_rows_and_the_log_as_they_are(kaggle, tmp_path):
+    """While a competition runs Kaggle's private score is blank: a row with its public score is not counted or
+    rewritten again at each refresh; the private score is filled in once the competition ends."""
+    log_path = tmp_path / "log.csv"
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"kaggle.log={log_path}"])
+    now = datetime.now(UTC).replace(microsecond=0)
+    write_log(log_path, pd.DataFrame([logged_attempt(now, "scored", public_score="0.51234")]))
+    before, stat_before = log_path.read_bytes(), log_path.stat()
+    listed_now = listed(now.replace(tzinfo=None), "scored", "SubmissionStatus.COMPLETE", "0.51234")
+    kaggle.answer(HEADER + listed_now)
+    assert refresh(cfg, progress=False)["scored"] == 0
+    after = log_path.stat()
+    assert log_path.read_bytes() == before
+    assert (after.st_ino, after.st_mtime_ns) == (stat_before.st_ino, stat_before.st_mtime_ns)  # not written again
+
+    # After the end: the private score is new; the public score stays as logged.
+    kaggle.answer(HEADER + listed(now.replace(tzinfo=None), "scored", "SubmissionStatus.COMPLETE", "0.5", "0.49"))
+    assert refresh(cfg, progress=False)["scored"] == 1
+    logged = read_log(log_path).iloc[0]
+    assert (logged["public_score"], logged["private_score"]) == ("0.51234", "0.49")
+
+
+LIGHT_START = """
+import runpy, sys
+sys.argv = [{module!r}, "--help"]
+try:
+    runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+print("heavy:", sorted(name for name in ("torch", "timm", "albumentations") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("module", ["src.submit", "src.cli"])
+def test_light_commands_start_without_torch(module):
+    """Checking and sending a csv needs no deep-learning stack: --help imports neither torch nor timm."""
+    result = subprocess.run([sys.executable, "-c", LIGHT_START.format(module=module)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout and result.stdout.strip().endswith("heavy: []"), result.stdout[-300:]

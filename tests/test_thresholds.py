@@ -285,7 +285,7 @@ def test_scores_read_by_rows_give_the_same_comparison_and_decisions_as_an_array(
     """Many classes: OOF scores stay in their table and every search reads it in row blocks or column slabs (here
     small ones, so each search crosses several); the results are the array's, to the bit."""
     import src.metrics
-    from src.run_folder import ScoreTableWriter
+    from src.score_table import ScoreTableWriter
 
     monkeypatch.setattr(src.metrics, "BLOCK_ENTRIES", 5000)
     monkeypatch.setattr(src.metrics, "SLAB_ENTRIES", 3000 * 7)
