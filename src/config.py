@@ -291,6 +291,13 @@ class WandbConfig(Section):
     name: str | None = None
 
 
+class RungConfig(Section):
+    """One rung of the budgeted search's fidelity ladder (``python -m src.tune --budget``)."""
+
+    image_size: int = Field(ge=8)  # px, as data.image_size
+    epochs: float = Field(gt=0.0, le=1.0)  # a share of train.epochs, rounded up, at least 1 epoch
+
+
 class TuneConfig(Section):
     """Hyperparameter search (``python -m src.tune``): every trial trains fold ``tune.fold`` and reports its
     monitored validation score (``train.monitor``) after each epoch, one pruning step per epoch."""
@@ -314,6 +321,11 @@ class TuneConfig(Section):
     # A running trial records a heartbeat this often; one silent for twice as long (its process was killed) is
     # marked FAIL by the next tuner of the study and never counted.
     heartbeat_seconds: int = Field(30, ge=1)
+    # --budget: successive halving over this ladder of fidelities, cheapest rung first ({image_size, epochs} each);
+    # null: 1/2, 3/4 and all of data.image_size (multiples of 8, at least 32 px) with 1/3, 2/3 and all of
+    # train.epochs. The best 1/eta of a rung's trials go on to the next rung.
+    ladder: list[RungConfig] | None = None
+    eta: int = Field(3, ge=2)
 
 
 class KaggleConfig(Section):

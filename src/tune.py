@@ -1,6 +1,7 @@
 """Hyperparameter search a team can share: optuna over the ordinary training loop, one fold per trial.
 
     python -m src.tune --config FILE --space FILE --trials N [--study NAME] [--storage URL] [key=value ...]
+    python -m src.tune --config FILE --space FILE --budget 30m [--study NAME] [--storage URL] [key=value ...]
     python -m src.tune --report [--config FILE] [--study NAME] [--storage URL]
 
 The space is YAML, dotted config keys -> distributions (``configs/tune/*.yaml``)::
@@ -20,12 +21,21 @@ A tuner killed mid-trial leaves its trial RUNNING; its heartbeat stops, and afte
 tune.heartbeat_seconds`` the next tuner of the study marks it FAIL (it never counts) and runs another.
 ``--report`` prints the trials, the parameter importances and the best trial's training command, and writes
 ``run.dir/tune/<study>/report/`` (tables and two plots).
+
+``--budget 30m`` (``90s``, ``1.5h``) runs successive halving over a ladder of fidelities instead (``tune.ladder``:
+image size and a share of the epochs per rung, cheapest first): TPE proposes trials at rung 0, the best
+1/``tune.eta`` of a rung's complete trials are promoted (their parameters enqueued) to the next rung, and each
+rung is a study of its own, ``<study>@rung<r>``, with trial folders ``run.dir/tune/<study>@rung<r>/<trial>``. A
+trial starts only when its estimated cost (the mean of its rung's trials so far, else the rung below's scaled by
+epochs x pixels) fits the time left; one still running at the deadline is stopped there, PRUNED.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import re
 import shlex
 import socket
 import time
@@ -49,8 +59,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from src.cli import cli_parser, run_cli
 from src.config import Config, ConfigError, PipelineError, flatten, load_config, override
+from src.data import train_sources
 from src.files import Staging, ensure_writable
 from src.losses import loss_kind
+from src.pack import find_cache
+from src.progress import note
 from src.report import plot_param_importances, plot_tune_history
 from src.run_folder import RunFolder, write_history
 from src.train import LoopHooks, TrainingDiverged, train
@@ -70,6 +83,7 @@ MAY_DIFFER = ("run.dir", "wandb", "kaggle", "train.device", "train.num_workers",
 # of the search: FAIL with its reason, counted towards --trials. Anything else stops the tuner.
 TRIAL_FAILURES = (TrainingDiverged, ConfigError, torch.OutOfMemoryError)
 FAILURE_ATTR = "failure"
+STARTUP_ATTR = "startup_seconds"  # a trial's seconds before its first optimizer step
 STORAGE_ATTEMPTS = 4
 # Values the schema types but another module judges: checked for every choice before any trial runs.
 VALUE_CHECKS = {"loss.name": loss_kind}
@@ -311,22 +325,40 @@ def fail_stale_trials(study: optuna.Study) -> None:
 # -- one trial -------------------------------------------------------------------------------------------
 class PruningHooks(LoopHooks):
     """Reports each epoch's monitored score to the trial and stops the run when the pruner says so (never after
-    the last epoch: a trial that ran every epoch is a result); keeps the epoch rows, so the trial's history can
-    say it was pruned."""
+    the last epoch: a trial that ran every epoch is a result), or at the first step or epoch past ``deadline``
+    (``time.monotonic()``: the end of a ``--budget``); keeps the epoch rows, so the trial's history can say why
+    it stopped (``stopped``, also set on the hooks)."""
 
-    def __init__(self, trial: optuna.Trial, monitor: str, epochs: int, study_name: str):
+    def __init__(self, trial: optuna.Trial, monitor: str, epochs: int, study_name: str,
+                 deadline: float | None = None):
         self.trial, self.monitor, self.epochs, self.study_name, self.rows = trial, monitor, epochs, study_name, []
+        self.deadline, self.stopped, self.started = deadline, None, time.monotonic()
+
+    def on_step(self, step: int, metrics: dict) -> bool:
+        if step == 1:  # what does not grow with image size and epochs: data, model, loaders (cost estimates)
+            self.trial.set_user_attr(STARTUP_ATTR, time.monotonic() - self.started)
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self._stop(f"stopped at optimizer step {step}, in epoch {len(self.rows) + 1} of {self.epochs}: "
+                       "the --budget is spent")
+            return True
+        return False
 
     def on_epoch(self, epoch: int, row: dict) -> bool:
         self.rows.append(dict(row))
         score = epoch_score(row, self.monitor)
         self.trial.report(score, step=epoch)
         if epoch < self.epochs and self.trial.should_prune():
-            self.rows[-1]["stopped"] = (f"pruned at epoch {epoch} ({self.monitor} {score:.4f}; trial "
-                                        f"{self.trial.number} of study '{self.study_name}', "
-                                        f"{self.trial.study.pruner.__class__.__name__})")
-            return True
-        return False
+            self._stop(f"pruned at epoch {epoch} ({self.monitor} {score:.4f}; trial {self.trial.number} of study "
+                       f"'{self.study_name}', {self.trial.study.pruner.__class__.__name__})")
+        elif epoch < self.epochs and self.deadline is not None and time.monotonic() >= self.deadline:
+            self._stop(f"stopped after epoch {epoch} of {self.epochs} ({self.monitor} {score:.4f}): the --budget "
+                       "is spent")
+        return self.stopped is not None
+
+    def _stop(self, reason: str) -> None:
+        self.stopped = reason
+        if self.rows:
+            self.rows[-1]["stopped"] = reason
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
@@ -361,15 +393,19 @@ def trial_config(cfg: Config, params: dict[str, Any], study_name: str, number: i
         "wandb.group": study_name, "wandb.name": f"{study_name}-trial{number}"})
 
 
-def make_objective(cfg: Config, space: SearchSpace, study_name: str, progress: bool, ran: list[int]):
+def make_objective(cfg: Config, space: SearchSpace, study_name: str, progress: bool, ran: list[int],
+                   deadline: float | None = None, label: str = "trial"):
+    """The study's objective: train ``cfg`` with the trial's parameters, stopped at ``deadline`` if given;
+    ``label`` names the trial on the console (``trial``, ``rung 1 trial``)."""
     fold, monitor = cfg.tune.fold, cfg.train.monitor
 
     def objective(trial: optuna.Trial) -> float:
         ran.append(trial.number)
+        name = f"{label} {trial.number}"
         trial.set_user_attr("tuner", f"{socket.gethostname()}:{os.getpid()}")  # which machine and process ran it
         params = suggest(trial, space)
-        print(f"trial {trial.number}: {format_params(params)}", flush=True)
-        hooks = PruningHooks(trial, monitor, cfg.train.epochs, study_name)
+        print(f"{name}: {format_params(params)}", flush=True)
+        hooks = PruningHooks(trial, monitor, cfg.train.epochs, study_name, deadline)
         try:
             trial_cfg = trial_config(cfg, params, study_name, trial.number)
             trial.set_user_attr("run_dir", trial_cfg.run.dir)
@@ -377,17 +413,17 @@ def make_objective(cfg: Config, space: SearchSpace, study_name: str, progress: b
         except TRIAL_FAILURES as exc:
             reason = " ".join(str(exc).split())
             trial.set_user_attr(FAILURE_ATTR, reason[:500])
-            print(f"trial {trial.number}: FAIL (counted: a result of its settings): {reason}", flush=True)
+            print(f"{name}: FAIL (counted: a result of its settings): {reason}", flush=True)
             raise
-        if "stopped" in result and hooks.rows and "stopped" in hooks.rows[-1]:
-            # The loop wrote history.csv before the pruner spoke: write it again with the verdict.
-            write_history(RunFolder(trial_cfg.run.dir).history(fold), hooks.rows)
-            print(f"trial {trial.number}: PRUNED: {hooks.rows[-1]['stopped']}", flush=True)
-            raise optuna.TrialPruned(result["stopped"])
+        if hooks.stopped:
+            if hooks.rows:  # the loop wrote history.csv before the hooks spoke: write it again with the verdict
+                write_history(RunFolder(trial_cfg.run.dir).history(fold), hooks.rows)
+            print(f"{name}: PRUNED: {hooks.stopped}", flush=True)
+            raise optuna.TrialPruned(hooks.stopped)
         if not math.isfinite(result["best_score"]):
-            raise PipelineError(f"trial {trial.number} finished without a validation score ({result})")
+            raise PipelineError(f"{name} finished without a validation score ({result})")
         value = -result["best_score"] if monitor == "val_loss" else result["best_score"]
-        print(f"trial {trial.number}: COMPLETE: {monitor} {value:.4f} (best epoch {result['best_epoch']})", flush=True)
+        print(f"{name}: COMPLETE: {monitor} {value:.4f} (best epoch {result['best_epoch']})", flush=True)
         return value
 
     return objective
@@ -444,6 +480,217 @@ def summarize(study: optuna.Study, ran: Sequence[int] = ()) -> dict:
             "best": {"number": best.number, "value": best.value, "params": best.params} if best else None}
 
 
+# -- the budgeted search: successive halving over a fidelity ladder --------------------------------------
+BUDGET_UNITS = {"s": 1, "m": 60, "h": 3600}
+RUNG_SEPARATOR = "@rung"
+PROMOTED_ATTR = "promoted_from"  # the number of the trial of the rung below whose parameters a trial repeats
+LADDER_KEYS = ("data.image_size", "train.epochs")
+
+
+def parse_budget(text: str) -> float:
+    """The seconds of a ``--budget``: a positive number with a unit, ``90s``, ``30m`` or ``1.5h``."""
+    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([smh])", str(text).strip().lower())
+    if not match or float(match[1]) <= 0:
+        raise PipelineError(f"--budget {text!r}: expected a positive time with its unit, e.g. 90s, 30m or 1.5h")
+    return float(match[1]) * BUDGET_UNITS[match[2]]
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One fidelity of the ladder: its trials train at ``image_size`` px for ``epochs`` epochs."""
+
+    image_size: int
+    epochs: int
+
+    @property
+    def work(self) -> int:
+        """What a trial's cost grows with: epochs x pixels."""
+        return self.epochs * self.image_size ** 2
+
+    def overrides(self) -> dict[str, int]:
+        return {"data.image_size": self.image_size, "train.epochs": self.epochs}
+
+    def __str__(self) -> str:
+        return f"{self.image_size} px x {self.epochs} epoch{'s' if self.epochs > 1 else ''}"
+
+
+def ladder(cfg: Config) -> list[Rung]:
+    """The rungs of ``tune.ladder`` (epochs: its share of ``train.epochs``, rounded up, at least 1), each larger
+    or longer than the one below; unset: 1/2, 3/4 and all of ``data.image_size`` (multiples of 8, at least
+    32 px) with 1/3, 2/3 and all of ``train.epochs``, rungs that come out equal merged."""
+    epochs = cfg.train.epochs
+    if cfg.tune.ladder:
+        # 1e-9: a share written as 0.34 or 1/3 of 30 epochs is 10.2 or 10.000000000000002, not one more epoch
+        rungs = [Rung(r.image_size, max(1, math.ceil(r.epochs * epochs - 1e-9))) for r in cfg.tune.ladder]
+        for i, (low, high) in enumerate(zip(rungs, rungs[1:]), start=1):
+            if high.image_size < low.image_size or high.epochs < low.epochs or high == low:
+                raise ConfigError(f"tune.ladder: rung {i} ({high}) must be at least as large and as long as rung "
+                                  f"{i - 1} ({low}) and more of one (train.epochs={epochs})")
+        return rungs
+    size = cfg.data.image_size
+    sizes = [min(size, max(32, round(size * share / 8) * 8)) for share in (0.5, 0.75)] + [size]
+    rungs = [Rung(s, max(1, -(-epochs * k // 3))) for s, k in zip(sizes, (1, 2, 3))]
+    return [rung for i, rung in enumerate(rungs) if i == 0 or rung != rungs[i - 1]]
+
+
+def rung_study(study: str, rung: int) -> str:
+    """The study of rung ``rung`` of the budgeted search ``study``."""
+    return f"{study}{RUNG_SEPARATOR}{rung}"
+
+
+def _complete(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    return [t for t in trials if t.state == TrialState.COMPLETE]
+
+
+def _seconds(trial: FrozenTrial, scale: float = 1.0) -> float:
+    """A trial's seconds, its time after start-up (:data:`STARTUP_ATTR`) multiplied by ``scale``."""
+    seconds = trial.duration.total_seconds()
+    startup = min(seconds, float(trial.user_attrs.get(STARTUP_ATTR, 0.0)))
+    return startup + (seconds - startup) * scale
+
+
+def rung_costs(trials: Sequence[Sequence[FrozenTrial]], rungs: Sequence[Rung]) -> list[float | None]:
+    """The estimated seconds of a trial at each rung: the mean of the rung's complete trials; else of the
+    nearest rung below with complete trials, their time after start-up scaled by epochs x pixels; else unknown
+    (None)."""
+    measured = [[t for t in _complete(rung_trials) if t.duration is not None] for rung_trials in trials]
+    costs: list[float | None] = []
+    for r in range(len(trials)):
+        below = next((q for q in range(r, -1, -1) if measured[q]), None)
+        if below is None:
+            costs.append(None)
+            continue
+        scale = rungs[r].work / rungs[below].work
+        costs.append(sum(_seconds(t, scale) for t in measured[below]) / len(measured[below]))
+    return costs
+
+
+def next_trial(trials: Sequence[Sequence[FrozenTrial]], rungs: Sequence[Rung], eta: int, left: float,
+               maximize: bool, overhead: float = 0.0) -> tuple[int, FrozenTrial | None] | None:
+    """What the budgeted search runs next with ``left`` seconds: ``(rung, trial of the rung below to promote)``,
+    ``(0, None)`` for a new trial, ``(rung, None)`` for a promotion already enqueued, or None when nothing fits.
+    A trial costs :func:`rung_costs` plus ``overhead`` (the tuner's own seconds around a trial).
+
+    Asynchronous successive halving: a complete trial in the best 1/eta of its rung goes up as soon as the rung
+    holds enough (top rung first); else a new trial at rung 0, while one more still leaves the cost of a path to
+    the top rung; then the best trial of a rung with fewer than eta goes up; then new trials fill what is left."""
+    if left <= 0:
+        return None
+    costs = [None if cost is None else cost + overhead for cost in rung_costs(trials, rungs)]
+
+    def fits(r: int) -> bool:
+        return costs[r] is None or costs[r] <= left  # unknown: nothing has finished yet, the deadline guards
+
+    def candidate(r: int, quota: int) -> FrozenTrial | None:
+        # A promotion whose tuner was killed (FAIL without a reason of its own) may go up again.
+        promoted = {t.user_attrs.get(PROMOTED_ATTR) for t in trials[r]
+                    if t.state != TrialState.FAIL or FAILURE_ATTR in t.user_attrs}
+        ranked = sorted(_complete(trials[r - 1]), key=lambda t: t.value, reverse=maximize)
+        return next((t for t in ranked[:quota] if t.number not in promoted), None)
+
+    top = len(rungs) - 1
+    for r in range(top, 0, -1):  # a promotion enqueued by a tuner that stopped before running it
+        if fits(r) and any(t.state == TrialState.WAITING for t in trials[r]):
+            return r, None
+    for r in range(top, 0, -1):
+        if fits(r) and (best := candidate(r, len(_complete(trials[r - 1])) // eta)):
+            return r, best
+    path_to_top = sum(cost for cost in costs[1:] if cost is not None)
+    if costs[0] is None or costs[0] + path_to_top <= left:
+        return 0, None
+    for r in range(top, 0, -1):
+        if fits(r) and (best := candidate(r, 1)):
+            return r, best
+    return (0, None) if fits(0) else None
+
+
+def note_rung_caches(cfg: Config, rungs: Sequence[Rung], command: Sequence[str]) -> None:
+    """With ``data.cache_dir`` set, name the rung sizes it holds no packed cache of: their trials decode the
+    image files. Trials find a cache by ``data.cache_dir`` and their image size, so a size packed once serves
+    every trial at it."""
+    if cfg.data.cache_dir is None:
+        return
+    missing = sorted({rung.image_size for rung in rungs if any(
+        find_cache(override(cfg, **{"data.image_size": rung.image_size}).data, source)[0] is None
+        for source in train_sources(cfg.data))})
+    if missing:
+        packs = "; ".join(shlex.join(["python", "-m", "src.pack", *command, f"data.image_size={size}"])
+                          for size in missing)
+        note(f"note: {cfg.data.cache_dir} holds no packed cache at {', '.join(map(str, missing))} px: those "
+             f"trials decode the image files. To pack each size once for all its trials: {packs}")
+
+
+def tune_budget(cfg: Config, space: SearchSpace, budget: float, study: str, storage: str | None = None, *,
+                space_tree: dict | None = None, command: Sequence[str] = (), progress: bool = True) -> dict:
+    """Successive halving over :func:`ladder` for ``budget`` seconds (:func:`next_trial` picks each trial; each
+    rung is the study ``<study>@rung<r>`` in ``storage``; a rerun continues the search with a new budget).
+    Returns the search's summary: per rung its trials and best, the best top-rung trial, the seconds used."""
+    start = time.monotonic()
+    deadline = start + budget
+    if not space:
+        raise PipelineError("the search space is empty")
+    if clash := [key for key in space if key in LADDER_KEYS]:
+        raise ConfigError(f"search space: {', '.join(clash)} cannot be searched with --budget: the ladder "
+                          "(tune.ladder) sets image size and epochs per rung")
+    rungs = ladder(cfg)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # this module prints each trial's outcome itself
+    space_tree = space_tree if space_tree is not None else {k: repr(v) for k, v in space.items()}
+    url = storage or default_storage(cfg)
+    base = override(cfg, **{"tune.pruner": "none"})  # the rungs decide which trials go on, not a pruner
+    if any(s.study_name == study for s in open_storage(url, cfg.tune.heartbeat_seconds).get_all_studies()):
+        raise PipelineError(f"'{study}' in {url} is a study of --trials, not a budgeted search: use another --study")
+    studies = [open_study(base, rung_study(study, r), url, space_tree, command) for r in range(len(rungs))]
+    for opened, rung in zip(studies, rungs):  # what the report reads: each rung's size and epochs
+        for key, value in rung.overrides().items():
+            if key not in opened.user_attrs:
+                opened.set_user_attr(key, value)
+    maximize = monitored_direction(cfg) == "maximize"
+    print(f"search '{study}' ({url}): budget {budget:.0f} s, successive halving (eta {cfg.tune.eta}) over "
+          + ", ".join(f"rung {r} {rung}" for r, rung in enumerate(rungs))
+          + f"; objective {cfg.train.monitor} ({monitored_direction(cfg)}), fold {cfg.tune.fold}", flush=True)
+    note_rung_caches(cfg, rungs, command)
+    ran: list[tuple[int, int]] = []
+    overheads: list[float] = []  # this tuner's seconds around each trial (storage, garbage collection)
+    while True:
+        looked = time.monotonic()
+        for opened in studies:
+            fail_stale_trials(opened)
+        trials = [opened.get_trials(deepcopy=False) for opened in studies]
+        step = next_trial(trials, rungs, cfg.tune.eta, deadline - time.monotonic(), maximize,
+                          sum(overheads) / len(overheads) if overheads else 0.0)
+        if step is None:
+            break
+        r, promoted = step
+        gc.collect()  # what the last trial left (optuna's gc_after_trial, but not after the last one)
+        if promoted is not None:
+            studies[r].enqueue_trial(promoted.params, user_attrs={PROMOTED_ATTR: promoted.number})
+            print(f"rung {r - 1} trial {promoted.number} goes up to rung {r} ({rungs[r]})", flush=True)
+        here: list[int] = []
+        objective = make_objective(override(base, **rungs[r].overrides()), space, rung_study(study, r), progress,
+                                   here, deadline, f"rung {r} trial")
+        studies[r].optimize(objective, n_trials=1, catch=TRIAL_FAILURES)
+        ran += [(r, number) for number in here]
+        for number in here:
+            duration = studies[r].get_trials(deepcopy=False)[number].duration
+            overheads.append(time.monotonic() - looked - (duration.total_seconds() if duration else 0.0))
+    used = time.monotonic() - start
+    summary = summarize_ladder(studies, rungs) | {"seconds": used, "budget": budget, "ran_here": ran}
+    print(f"search '{study}': {used:.0f} s of the {budget:.0f} s budget; "
+          + "; ".join(f"rung {row['rung']}: {row['trials']} trials" for row in summary["rungs"]), flush=True)
+    return summary
+
+
+def summarize_ladder(studies: Sequence[optuna.Study], rungs: Sequence[Rung]) -> dict:
+    """Per rung its size, epochs, trials by state and best trial; the best trial of the top rung."""
+    rows = []
+    for r, (opened, rung) in enumerate(zip(studies, rungs)):
+        summary = summarize(opened)
+        rows.append({"rung": r, "image_size": rung.image_size, "epochs": rung.epochs,
+                     "trials": sum(summary["states"].values()), "states": summary["states"], "best": summary["best"]})
+    return {"study": studies[0].study_name.rsplit(RUNG_SEPARATOR, 1)[0], "direction": studies[0].direction.name.lower(),
+            "monitor": studies[0].user_attrs.get("monitor"), "rungs": rows, "best": rows[-1]["best"]}
+
+
 # -- the report ------------------------------------------------------------------------------------------
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: number, state, value (complete trials), the last epoch's score, epochs run, params,
@@ -477,17 +724,27 @@ def importances(study: optuna.Study) -> tuple[dict[str, float], str]:
 
 
 def best_command(study: optuna.Study) -> str | None:
-    """The best trial as a ready training command: its config file and overrides, then its parameters."""
+    """The best trial as a ready training command: its config file and overrides, a rung's image size and
+    epochs where they differ from the config's, then its parameters."""
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None
     best = study.best_trial
     command = [str(part) for part in study.user_attrs.get("command", [])]
-    params = [f"{key}={_format_value(value)}" for key, value in best.params.items()]
+    base = flatten(study.user_attrs.get("base_config", {}))
+    rung = {key: study.user_attrs[key] for key in LADDER_KEYS if key in study.user_attrs}
+    params = [f"{key}={value}" for key, value in rung.items() if base.get(key) != value]
+    params += [f"{key}={_format_value(value)}" for key, value in best.params.items()]
     return shlex.join(["bash", "scripts/train_fold.sh", str(study.user_attrs.get("fold", 0)), *command, *params])
 
 
+def _search_name(study_name: str) -> str:
+    """The search a study belongs to: itself, or the budgeted search of a rung study."""
+    return re.sub(rf"{RUNG_SEPARATOR}\d+$", "", study_name)
+
+
 def pick_study(storage: optuna.storages.BaseStorage, url: str, name: str | None) -> str:
-    names = [s.study_name for s in storage.get_all_studies()]
+    """The study (or budgeted search: its rung studies under one name) ``name``, or the only one in storage."""
+    names = list(dict.fromkeys(_search_name(s.study_name) for s in storage.get_all_studies()))
     if name is not None:
         if name not in names:
             raise PipelineError(f"no study '{name}' in {url} (studies: {', '.join(names) or 'none'})")
@@ -495,6 +752,29 @@ def pick_study(storage: optuna.storages.BaseStorage, url: str, name: str | None)
     if len(names) != 1:
         raise PipelineError(f"{url} holds {len(names)} studies ({', '.join(names) or 'none'}): name one with --study")
     return names[0]
+
+
+def rung_studies(storage: optuna.storages.BaseStorage, search: str) -> list[optuna.Study]:
+    """The rung studies of the budgeted search ``search``, rung 0 first (none for an ordinary study)."""
+    found = {int(s.study_name.rsplit(RUNG_SEPARATOR, 1)[1]): s.study_name for s in storage.get_all_studies()
+             if s.study_name != search and _search_name(s.study_name) == search}
+    return [optuna.load_study(study_name=found[r], storage=storage) for r in sorted(found)]
+
+
+def ladder_report(studies: Sequence[optuna.Study]) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """A budgeted search's summary (:func:`summarize_ladder`), every trial with its rung and the trial it was
+    promoted from, and rung 0's table (where the sampler searched: its history plot and importances)."""
+    rungs = [Rung(opened.user_attrs["data.image_size"], opened.user_attrs["train.epochs"]) for opened in studies]
+    tables = []
+    for r, opened in enumerate(studies):
+        table = trials_table(opened)
+        if len(table):
+            table.insert(0, "rung", r)
+            table.insert(2, "from", pd.array([t.user_attrs.get(PROMOTED_ATTR) for t in opened.get_trials(
+                deepcopy=False)], dtype="Int64"))
+            tables.append(table)
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["rung", "number", "state"])
+    return summarize_ladder(studies, rungs), table, trials_table(studies[0])
 
 
 def report(cfg: Config, study: str | None = None, storage: str | None = None) -> dict:
@@ -507,11 +787,15 @@ def report(cfg: Config, study: str | None = None, storage: str | None = None) ->
                             "(or pass --storage)")
     rdb = open_storage(url, cfg.tune.heartbeat_seconds)
     name = pick_study(rdb, url, study)
-    loaded = optuna.load_study(study_name=name, storage=rdb)
-    table = trials_table(loaded)
+    rungs = rung_studies(rdb, name)
+    if rungs:  # a budgeted search: the sampler searched at rung 0, the command is the top rung's best
+        summary, table, history = ladder_report(rungs)
+        loaded, command = rungs[0], best_command(rungs[-1])
+    else:
+        loaded = optuna.load_study(study_name=name, storage=rdb)
+        summary, table, command = summarize(loaded), trials_table(loaded), best_command(loaded)
+        history = table
     found, note = importances(loaded)
-    command = best_command(loaded)
-    summary = summarize(loaded)
     monitor = loaded.user_attrs.get("monitor", cfg.train.monitor)
     minimize = summary["direction"] == "minimize"
     out = RunFolder(cfg.run.dir).tune_report(name)
@@ -521,7 +805,7 @@ def report(cfg: Config, study: str | None = None, storage: str | None = None) ->
         table.to_csv(folder / "trials.csv", index=False)
         pd.DataFrame({"param": list(found), "importance": list(found.values())}).to_csv(
             folder / "importances.csv", index=False)
-        plot_tune_history(table, folder / "optimization_history.png", monitor, minimize)
+        plot_tune_history(history, folder / "optimization_history.png", monitor, minimize)
         plot_param_importances(found, folder / "param_importances.png", note)
         (folder / "report.md").write_text(f"```\n{text}\n```\n\n![history](optimization_history.png)\n\n"
                                           "![importances](param_importances.png)\n")
@@ -534,6 +818,9 @@ def report(cfg: Config, study: str | None = None, storage: str | None = None) ->
 
 def format_report(summary: dict, table: pd.DataFrame, found: dict[str, float], note: str, command: str | None,
                   url: str, monitor: str) -> str:
+    """The report's text: the trials, the importances, the best trial's command (a budgeted search: by rung)."""
+    if "rungs" in summary:
+        return format_ladder_report(summary, table, found, note, command, url, monitor)
     states = ", ".join(f"{n} {s.lower()}" for s, n in summary["states"].items())
     lines = [f"study '{summary['study']}' ({url}): {len(table)} trials ({states}); objective {monitor} "
              f"({summary['direction']})", ""]
@@ -553,14 +840,50 @@ def format_report(summary: dict, table: pd.DataFrame, found: dict[str, float], n
     return "\n".join(lines)
 
 
+def format_ladder_report(summary: dict, table: pd.DataFrame, found: dict[str, float], note: str,
+                         command: str | None, url: str, monitor: str) -> str:
+    """A budgeted search's report: the rungs (size, epochs, trials, best), every trial, rung 0's importances,
+    and the best top-rung trial's training command."""
+    rungs = summary["rungs"]
+    lines = [f"search '{summary['study']}' ({url}): successive halving over {len(rungs)} rungs, {len(table)} "
+             f"trials; objective {monitor} ({summary['direction']})", ""]
+    lines.append(pd.DataFrame([{
+        "rung": row["rung"], "image_size": row["image_size"], "epochs": row["epochs"], "trials": row["trials"],
+        **{state.lower(): row["states"].get(state, 0) for state in ("COMPLETE", "PRUNED", "FAIL")},
+        "best": row["best"]["value"] if row["best"] else None,
+        "best trial": row["best"]["number"] if row["best"] else None} for row in rungs]).to_string(
+        index=False, na_rep="-", float_format=lambda v: f"{v:.4g}"))
+    noted = "note" in table and table["note"].astype(bool).any()
+    shown = table.drop(columns=["tuner"] + ([] if noted else ["note"]), errors="ignore")
+    shown = shown.rename(columns={"number": "trial", "last_score": "last epoch"})
+    if "from" in shown:
+        shown["from"] = shown["from"].astype("string").fillna("-")
+    lines += ["", "trials (from: the trial of the rung below whose parameters it repeats):",
+              shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}")]
+    lines += ["", "parameter importances at rung 0 (fANOVA over its complete trials; a share of the objective's "
+              "variance):"]
+    lines += [f"  {key:<32} {value:.3f}" for key, value in found.items()] or [f"  none: {note}"]
+    lines.append("")
+    if command:
+        best = summary["best"]
+        lines += [f"best at the top rung: trial {best['number']}, {monitor} {best['value']:.4f}. Train it:",
+                  f"  {command}"]
+    else:
+        lines.append(f"best at the top rung: no complete trial yet (rung {len(rungs) - 1})")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = cli_parser(__doc__.splitlines()[0])
     parser.add_argument("--space", help="YAML search space: dotted config keys -> distributions")
     parser.add_argument("--trials", type=int, help="finished trials the study should hold (a rerun continues)")
     parser.add_argument("--study", help="study name (default: the space file's name; --report: the only study)")
     parser.add_argument("--storage", help="optuna storage URL (default sqlite:///<run.dir>/tune.db)")
+    parser.add_argument("--budget", help="a time budget (90s, 30m, 1.5h) instead of --trials: successive halving "
+                        "over tune.ladder until it is spent")
     parser.add_argument("--report", action="store_true", help="report the study instead of running trials")
     args = parser.parse_args()
+    budget = parse_budget(args.budget) if args.budget is not None and not args.report else None
     cfg = load_config(args.config, args.overrides)
     if args.report:
         result = report(cfg, args.study, args.storage)
@@ -568,17 +891,21 @@ def main() -> None:
         print(f"written: {result['dir']}/ (trials.csv, importances.csv, report.md, optimization_history.png, "
               "param_importances.png)")
         return
-    if not args.space or args.trials is None:
-        raise PipelineError("python -m src.tune needs --space FILE and --trials N (or --report)")
+    if not args.space or (args.trials is None) == (budget is None):
+        raise PipelineError("python -m src.tune needs --space FILE and one of --trials N or --budget TIME (or "
+                            "--report)")
     space, tree = load_space(args.space, cfg)
     study = args.study or Path(args.space).stem
     command = ["--config", args.config, *(o for o in args.overrides if not o.startswith("tune."))]
-    summary = tune(cfg, space, args.trials, study, args.storage, space_tree=tree, command=command)
+    if budget is not None:
+        summary = tune_budget(cfg, space, budget, study, args.storage, space_tree=tree, command=command)
+        where = f"search '{study}', top rung"
+    else:
+        summary = tune(cfg, space, args.trials, study, args.storage, space_tree=tree, command=command)
+        where = f"study '{study}': {', '.join(f'{n} {s.lower()}' for s, n in summary['states'].items())}"
     best = summary["best"]
-    states = ", ".join(f"{n} {s.lower()}" for s, n in summary["states"].items())
-    print(f"study '{study}': {states}; "
-          + (f"best trial {best['number']} ({summary['monitor']} {best['value']:.4f}): {format_params(best['params'])}"
-             if best else "no complete trial yet"))
+    print(f"{where}; " + (f"best trial {best['number']} ({summary['monitor']} {best['value']:.4f}): "
+                          f"{format_params(best['params'])}" if best else "no complete trial yet"))
     where = ["--storage", args.storage] if args.storage else []
     print("report: " + shlex.join(["python", "-m", "src.tune", "--report", "--study", study, *where, *command]))
 

@@ -9,11 +9,13 @@ import os
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
+from optuna.trial import FrozenTrial, create_trial
 
 import src.tune
 from src.cli import run_cli
@@ -21,7 +23,21 @@ from src.config import ConfigError, load_config, override
 from src.files import save_config
 from src.run_folder import RunFolder
 from src.train import LoopHooks
-from src.tune import load_space, main, open_storage, open_study, parse_space, report, trial_config, tune
+from src.tune import (
+    Rung,
+    ladder,
+    load_space,
+    main,
+    next_trial,
+    open_storage,
+    open_study,
+    parse_budget,
+    parse_space,
+    report,
+    trial_config,
+    tune,
+    tune_budget,
+)
 from tests.conftest import REPO_ROOT, tiny_config
 from tests.helpers import write_folds
 
@@ -193,3 +209,115 @@ def test_a_trial_runs_in_its_own_folder_as_a_wandb_run_of_the_study(tune_cfg):
     trial = trial_config(tune_cfg, {"train.lr": 0.02}, "lr", 7)
     assert trial.train.lr == 0.02 and trial.run.dir == str(RunFolder(tune_cfg.run.dir).tune_trial("lr", 7))
     assert (trial.wandb.group, trial.wandb.name) == ("lr", "lr-trial7")
+
+
+# -- the budgeted search ---------------------------------------------------------------------------------
+BUDGET = 8.0  # seconds: room for a few 24 px trials and a promoted 32 px one (each about a second, and the tuner's)
+SLACK = 1.0  # seconds past the deadline: the last trial stops at its next step, writes last.pt, is told PRUNED
+
+
+@pytest.mark.slow
+def test_a_budgeted_search_promotes_the_best_rung0_trials_and_keeps_its_budget(tune_cfg, tmp_path, capsys):
+    """Two rungs (24 and 32 px, one epoch), eta 2: rung 1 trains rung-0 parameter sets from the best half of
+    rung 0, at its own size, and the search ends within its budget; the report shows both rungs and the best
+    top-rung trial's command."""
+    url = storage_url(tmp_path)
+    open_storage(url, 1)  # an existing storage: its creation (tables, migrations) is not the search's to time
+    cfg = override(tune_cfg, **{"tune.ladder": [{"image_size": 24, "epochs": 1.0}, {"image_size": 32, "epochs": 1.0}],
+                                "tune.eta": 2, "train.epochs": 1})
+    start = time.monotonic()
+    summary = tune_budget(cfg, parse_space(LR_SPACE, cfg), BUDGET, "small", url, space_tree=LR_SPACE,
+                          command=["--config", "configs/demo.yaml"], progress=False)
+    wall = time.monotonic() - start
+    out = capsys.readouterr().out
+    assert wall <= BUDGET * 1.1 + SLACK, out
+
+    rung0, rung1 = (optuna.load_study(study_name=f"small@rung{r}", storage=url).get_trials() for r in (0, 1))
+    assert rung0 and rung1, out
+    complete0 = sorted((t for t in rung0 if t.state.name == "COMPLETE"), key=lambda t: t.value)  # val_loss: lower
+    for trial in rung1:
+        source = rung0[trial.user_attrs["promoted_from"]]
+        assert trial.params == source.params and source.state.name == "COMPLETE"
+        # in the best half of the rung-0 trials complete when it went up (or the best, with fewer than eta)
+        done_before = [t for t in complete0 if t.datetime_complete < trial.datetime_start]
+        assert source.number in [t.number for t in done_before[:max(1, len(done_before) // 2)]]
+    assert len({t.user_attrs["promoted_from"] for t in rung1}) == len(rung1)  # none promoted twice
+    for trials, size, epochs in ((rung0, 24, 1), (rung1, 32, 1)):
+        trained = load_config(RunFolder(trials[0].user_attrs["run_dir"]).config(0))
+        assert (trained.data.image_size, trained.train.epochs) == (size, epochs)
+    assert [row["trials"] for row in summary["rungs"]] == [len(rung0), len(rung1)]
+    assert f"rung 0 trial {rung1[0].user_attrs['promoted_from']} goes up to rung 1 (32 px x 1 epoch)" in out
+
+    result = report(cfg, None, url)  # the search is the only one in the storage: its two rung studies
+    assert "search 'small'" in result["text"] and len(result["table"]) == len(rung0) + len(rung1)
+    best = min((t for t in rung1 if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert result["command"] == ("bash scripts/train_fold.sh 0 --config configs/demo.yaml "
+                                 f"train.lr={best.params['train.lr']:.6g}")  # the top rung is the config's size
+
+
+@pytest.mark.slow
+def test_a_trial_running_past_the_budget_is_stopped_there_as_pruned(tune_cfg, tmp_path, capsys):
+    """One rung of 50 epochs (far longer than the budget): the trial is stopped at the deadline through the loop
+    hooks, PRUNED with the reason, and no other trial starts."""
+    cfg = override(tune_cfg, **{"train.epochs": 50, "tune.ladder": [{"image_size": 32, "epochs": 1.0}]})
+    open_storage(storage_url(tmp_path), 1)
+    start = time.monotonic()
+    tune_budget(cfg, parse_space(LR_SPACE, cfg), 1.5, "late", storage_url(tmp_path), progress=False)
+    assert time.monotonic() - start <= 1.5 * 1.1 + SLACK
+    trials = optuna.load_study(study_name="late@rung0", storage=storage_url(tmp_path)).get_trials()
+    assert [t.state.name for t in trials] == ["PRUNED"]
+    assert "rung 0 trial 0: PRUNED: stopped" in capsys.readouterr().out
+
+
+def finished(number: int, value: float, seconds: float = 10.0, startup: float = 2.0, **attrs) -> FrozenTrial:
+    """A complete trial of ``seconds``, ``startup`` of them before its first step."""
+    trial = create_trial(value=value, params={"train.lr": value}, user_attrs={"startup_seconds": startup, **attrs},
+                         distributions={"train.lr": optuna.distributions.FloatDistribution(0, 1)})
+    trial.number, trial.datetime_start = number, trial.datetime_complete - timedelta(seconds=seconds)
+    return trial
+
+
+def test_successive_halving_promotes_the_best_1_over_eta_and_keeps_a_path_to_the_top():
+    """The scheduling rule alone, on made-up trials: 32 px then 64 px (4x the pixels: 2 s of start-up + 4 x 8 s
+    = 34 s estimated at rung 1 from 10 s trials at rung 0), eta 2, a score to maximise."""
+    rungs = [Rung(32, 1), Rung(64, 1)]
+    rung0 = [finished(i, value) for i, value in enumerate([0.1, 0.4, 0.3, 0.2])]
+    assert next_trial([rung0, []], rungs, 2, 1000, True) == (1, rung0[1])  # the best goes up first
+    rung1 = [finished(0, 0.5, 34, promoted_from=1)]
+    assert next_trial([rung0, rung1], rungs, 2, 1000, True) == (1, rung0[2])  # 4 // eta = 2 go up
+    rung1.append(finished(1, 0.6, 34, promoted_from=2))
+    assert next_trial([rung0, rung1], rungs, 2, 1000, True) == (0, None)  # then new trials at rung 0,
+    assert next_trial([rung0[:1], []], rungs, 2, 40, True) == (1, rung0[0])  # unless one would leave no room above
+    assert next_trial([rung0, rung1], rungs, 2, 40, True) == (0, None)  # nothing to promote: fill the rest
+    assert next_trial([rung0, rung1], rungs, 2, 9, True) is None  # no trial fits what is left
+    assert next_trial([[], []], rungs, 2, 5, True) == (0, None)  # nothing measured yet: the deadline guards
+
+
+def test_the_default_ladder_and_a_ladder_as_data(tune_cfg):
+    cfg = override(tune_cfg, **{"data.image_size": 128, "train.epochs": 30})
+    assert ladder(cfg) == [Rung(64, 10), Rung(96, 20), Rung(128, 30)]
+    assert ladder(override(cfg, **{"data.image_size": 40, "train.epochs": 1})) == [Rung(32, 1), Rung(40, 1)]
+    cfg = override(cfg, **{"tune.ladder": [{"image_size": 64, "epochs": 0.34}, {"image_size": 128, "epochs": 1.0}]})
+    assert ladder(cfg) == [Rung(64, 11), Rung(128, 30)]  # a share of the epochs, rounded up
+    with pytest.raises(ConfigError, match=r"tune.ladder: rung 1 \(64 px x 30 epochs\) must be at least as large"):
+        ladder(override(cfg, **{"tune.ladder": [{"image_size": 128, "epochs": 0.5}, {"image_size": 64, "epochs": 1}]}))
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("1.5h", 5400), (" 2M ", 120)])
+def test_a_budget_is_a_time_with_its_unit(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("argv", [["--budget", "30"], ["--budget=-5m"], ["--budget", "0s"], ["--budget", "1d"],
+                                  ["--budget", "half an hour"], ["--budget", "10m", "--trials", "5"]])
+def test_a_bad_budget_is_one_line_and_exit_2(tune_cfg, tmp_path, monkeypatch, capsys, argv):
+    space_file, config_file = tmp_path / "space.yaml", tmp_path / "base.yaml"
+    space_file.write_text("train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    save_config(tune_cfg, config_file)
+    monkeypatch.setattr(sys, "argv", ["src.tune", "--config", str(config_file), "--space", str(space_file), *argv])
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("--budget" in err), err
+    assert not (tmp_path / "run").exists()  # refused before any study or trial
