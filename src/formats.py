@@ -78,6 +78,8 @@ def id_problem(sample_id: str) -> str | None:
         return "empty Id"
     if "/" in sample_id or "\\" in sample_id or ".." in sample_id:
         return f"Id {sample_id!r} contains a path separator or '..'"
+    if sample_id == ".":  # the folder itself, not a file in it
+        return "Id '.' names the image folder itself"
     if not _ID_RE.match(sample_id):
         return f"Id {sample_id!r} has characters other than letters, digits, '_', '-', '.'"
     return None
