@@ -13,6 +13,7 @@ to ``data.image_size``), so both sides see the same pixels.
 
 from __future__ import annotations
 
+import tempfile
 import time
 
 import numpy as np
@@ -73,9 +74,10 @@ def fastai_recipe(fit_x: np.ndarray, fit_y: np.ndarray, val_x: np.ndarray, val_y
         IntToFloatTensor(), *aug_transforms(do_flip=not oriented, flip_vert=not oriented),
         Normalize.from_stats(mean, std)])
     model = xresnet18(c_in=images.shape[1], n_out=labels.shape[1])
-    learn = Learner(dls, model, loss_func=BCEWithLogitsLossFlat())
-    learn.remove_cb(ProgressCallback)
-    lr = float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
+    with tempfile.TemporaryDirectory(prefix="fastai_peer_") as scratch:  # lr_find saves and restores a model there
+        learn = Learner(dls, model, loss_func=BCEWithLogitsLossFlat(), path=scratch)
+        learn.remove_cb(ProgressCallback)
+        lr = float(learn.lr_find(suggest_funcs=(valley,), show_plot=False).valley)
     learn.fit_one_cycle(epochs, lr)
     if tta:
         val_probs = learn.tta(ds_idx=1, n=8)[0].numpy()
