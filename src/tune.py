@@ -430,6 +430,17 @@ def make_objective(cfg: Config, space: SearchSpace, study_name: str, progress: b
 
 
 # -- the search ------------------------------------------------------------------------------------------
+def _search_setup(cfg: Config, space: SearchSpace, space_tree: dict | None, storage: str | None
+                  ) -> tuple[dict, str]:
+    """What both kinds of search check and set first: a space to search, optuna quiet, the space as recorded with
+    a new study (``space_tree``, else its distributions), and the storage URL."""
+    if not space:
+        raise PipelineError("the search space is empty")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # this module prints each trial's outcome itself
+    space_tree = space_tree if space_tree is not None else {k: repr(v) for k, v in space.items()}
+    return space_tree, storage or default_storage(cfg)
+
+
 def tune(cfg: Config, space: SearchSpace, trials: int, study: str, storage: str | None = None, *,
          space_tree: dict | None = None, command: Sequence[str] = (), progress: bool = True) -> dict:
     """Run trials of study ``study`` until it holds ``trials`` results (complete, pruned or failed by their own
@@ -437,11 +448,7 @@ def tune(cfg: Config, space: SearchSpace, trials: int, study: str, storage: str 
     summary. ``space_tree`` (the space as written) and ``command`` are recorded with a new study."""
     if trials < 1:
         raise PipelineError(f"--trials must be at least 1, got {trials}")
-    if not space:
-        raise PipelineError("the search space is empty")
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # this module prints each trial's outcome itself
-    space_tree = space_tree if space_tree is not None else {k: repr(v) for k, v in space.items()}
-    url = storage or default_storage(cfg)
+    space_tree, url = _search_setup(cfg, space, space_tree, storage)
     opened = open_study(cfg, study, url, space_tree, command)
     fail_stale_trials(opened)
     counts = count_trials(opened)
@@ -627,15 +634,11 @@ def tune_budget(cfg: Config, space: SearchSpace, budget: float, study: str, stor
     Returns the search's summary: per rung its trials and best, the best top-rung trial, the seconds used."""
     start = time.monotonic()
     deadline = start + budget
-    if not space:
-        raise PipelineError("the search space is empty")
+    space_tree, url = _search_setup(cfg, space, space_tree, storage)
     if clash := [key for key in space if key in LADDER_KEYS]:
         raise ConfigError(f"search space: {', '.join(clash)} cannot be searched with --budget: the ladder "
                           "(tune.ladder) sets image size and epochs per rung")
     rungs = ladder(cfg)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # this module prints each trial's outcome itself
-    space_tree = space_tree if space_tree is not None else {k: repr(v) for k, v in space.items()}
-    url = storage or default_storage(cfg)
     base = override(cfg, **{"tune.pruner": "none"})  # the rungs decide which trials go on, not a pruner
     if any(s.study_name == study for s in open_storage(url, cfg.tune.heartbeat_seconds).get_all_studies()):
         raise PipelineError(f"'{study}' in {url} is a study of --trials, not a budgeted search: use another --study")
