@@ -62,13 +62,3 @@ def multi_hot(sets: list[set[str]], codes: list[str]) -> np.ndarray:
 def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
     """sklearn's macro-F1 on multi-hot matrices (a class never true nor predicted counts 0)."""
     return float(f1_score(truth, predicted, average="macro", zero_division=0))
-
-
-def score_submission(submission: Path, solution: Path, data: DataConfig, codes: list[str]) -> float:
-    """Test macro-F1 of a submission against the hidden solution, over the training vocabulary ``codes``."""
-    truth, predicted = label_sets(solution, data, solution=True), label_sets(submission, data)
-    ids = list(truth)
-    missing = [i for i in ids if i not in predicted]
-    if missing:
-        raise SystemExit(f"{submission}: {len(missing)} test Id(s) missing, e.g. {missing[0]!r}")
-    return macro_f1(multi_hot([truth[i] for i in ids], codes), multi_hot([predicted[i] for i in ids], codes))
