@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.bench_recipes --set hpa      # benchmarks.real_images: HPA layout, 4 channels
     .venv/bin/python -m benchmarks.bench_recipes --set digits   # benchmarks.real_digits: csv layout, handwriting
+    .venv/bin/python -m benchmarks.bench_recipes --set digits_many --train-images 1500   # many labels, Open Images
     .venv/bin/python -m benchmarks.bench_recipes --smoke        # every row end to end on a tiny run, in seconds
 
 One run, one dataset, one CPU. The sets (``benchmarks.recipe_sets``, 800 train / 300 test images of 64 px by
@@ -23,8 +24,15 @@ d. a plain timm loop (AdamW at a constant 1e-3, BCE, a random D4 view per batch,
    seconds recipe (b)'s training took;
 e. the constant prior: every class scored at its training rate.
 
-Every row is scored by macro-F1 (sklearn ``f1_score(average="macro")`` on multi-hot matrices over the training
-vocabulary). "OOF" is fold 0's validation set: for the config recipes the chosen strategy's cross-fold figure
+On the many-label set (``--set digits_many``: Open Images layout, 54 labels) the config rows are
+m. "many-label recipe": ``configs/openimages_demo.yaml`` with only data keys and paths;
+n. "many-label recipe, round three": ``benchmarks/configs/openimages_round3.yaml``, the recipe (m) replaced;
+k. the best constant submission: one label set for every image, grown greedily from the commonest training
+   labels while the metric on the training rows improves (default rows: mnk; f, c and e run there too).
+
+Rows are scored by the set's metric on multi-hot matrices over the training vocabulary: macro-F1 (sklearn
+``f1_score(average="macro")``), or on the many-label set mean per-image F2 (``fbeta_score(average="samples")``).
+"OOF" is fold 0's validation set: for the config recipes the chosen strategy's cross-fold figure
 from the prediction report; for fastai its holdout at its global threshold; for the baselines decisions at 0.5.
 Test decisions: the recipes' submissions; fastai at its threshold; the baselines at 0.5. W&B is off.
 
@@ -63,7 +71,17 @@ from benchmarks.common import (
     work_folder,
 )
 from benchmarks.fastai_peer import fastai_recipe, load_pixels
-from benchmarks.recipe_sets import KINDS, ensure_set, label_sets, macro_f1, multi_hot, oriented
+from benchmarks.recipe_sets import (
+    KINDS,
+    MANY_LABEL,
+    best_constant,
+    ensure_set,
+    label_sets,
+    multi_hot,
+    oriented,
+    set_metric,
+    solution_file,
+)
 from src.cli import run_cli
 from src.config import Config, load_config, override
 from src.data import label_matrix
@@ -83,8 +101,11 @@ RECIPES = {
         "model.pretrained=false", "train.epochs=15", "train.batch_size=32", "train.num_workers=2"]),
     "b": ("small-data recipe", REPO_ROOT / "configs" / "small_data.yaml", []),
     "o": ("small-data recipe, round three", BENCH_CONFIGS / "small_data_round3.yaml", []),
+    "m": ("many-label recipe", REPO_ROOT / "configs" / "openimages_demo.yaml", []),
+    "n": ("many-label recipe, round three", BENCH_CONFIGS / "openimages_round3.yaml", []),
 }
-ROWS = "aboefcd"
+ROWS = "aboefcdmnk"
+MANY_LABEL_ROWS = "mnk"  # the rows of the many-label set (its own layout and metric); the others' rows elsewhere
 # The tiny run of --smoke: the sizes of tests/conftest.py's tiny config.
 SMOKE_OVERRIDES = ["folds.n_splits=2", "folds.rare_classes=warn", "train.epochs=1", "train.batch_size=8",
                    "train.num_workers=0"]
@@ -93,24 +114,25 @@ SMOKE_OVERRIDES = ["folds.n_splits=2", "folds.rare_classes=warn", "train.epochs=
 @dataclass
 class Row:
     name: str
-    oof_macro_f1: float
-    test_macro_f1: float
+    oof_metric: float  # the set's metric (set_metric): macro-F1, or per-image F2 on the many-label set
+    test_metric: float
     train_minutes: float
     notes: str
     degenerate: str = ""  # why predict would refuse this row's test decisions without --force ("" if it would not)
 
 
-def scored_row(name: str, oof_macro_f1: float, test_y: np.ndarray, test_predicted: np.ndarray,
-               train_y: np.ndarray, train_minutes: float, *notes: str) -> Row:
-    """A table row; test decisions that predict would refuse as degenerate are flagged in its notes."""
+def scored_row(name: str, oof_metric: float, test_y: np.ndarray, test_predicted: np.ndarray,
+               train_y: np.ndarray, train_minutes: float, score, *notes: str) -> Row:
+    """A table row (test decisions scored by ``score``); decisions that predict would refuse as degenerate are
+    flagged in its notes."""
     reasons = "; ".join(degenerate_reasons(test_predicted, train_y))
     notes += ("degenerate: refused without --force",) if reasons else ()
-    return Row(name, oof_macro_f1, macro_f1(test_y, test_predicted), train_minutes,
+    return Row(name, oof_metric, score(test_y, test_predicted), train_minutes,
                "; ".join(note for note in notes if note), reasons)
 
 
 def run_recipe(name: str, cfg: Config, test_ids: list[str], codes: list[str], train_y: np.ndarray,
-               test_y: np.ndarray, progress: bool) -> tuple[Row, float]:
+               test_y: np.ndarray, score, progress: bool) -> tuple[Row, float]:
     """The README path on fold 0 of ``cfg`` (train, predict with that fold alone), its submission scored;
     (row, training seconds)."""
     shutil.rmtree(cfg.run.dir, ignore_errors=True)  # a fresh run, also when --work-dir is reused
@@ -128,11 +150,11 @@ def run_recipe(name: str, cfg: Config, test_ids: list[str], codes: list[str], tr
     cross_fold = chosen.filter(like="cross_fold").iloc[0]
     submitted = label_sets(Path(submission), cfg.data)
     predicted = multi_hot([submitted[i] for i in test_ids], codes)  # the rows of test_y
-    row = scored_row(name, float(cross_fold), test_y, predicted, train_y, train_seconds / 60,
+    row = scored_row(name, float(cross_fold), test_y, predicted, train_y, train_seconds / 60, score,
                      f"OOF {chosen['strategy']}",
                      f"best epoch {result['best_epoch']}/{cfg.train.epochs} ({result.get('best_weights', 'raw')})",
                      f"{result['steps']} steps", f"predict {predict_seconds:.0f} s")
-    print(f"  -> test macro-F1 {row.test_macro_f1:.4f}, training {train_seconds:.0f} s", flush=True)
+    print(f"  -> test {row.test_metric:.4f}, training {train_seconds:.0f} s", flush=True)
     return row, train_seconds
 
 
@@ -184,26 +206,27 @@ def plain_probs(model: torch.nn.Module, images: torch.Tensor, normalise, bf16: b
     return torch.cat(outputs).numpy()
 
 
-def print_table(rows: list[Row]) -> None:
-    width = max(len(r.name) for r in rows) + 2
-    print(f"\n{'predictor':<{width}}{'OOF macro-F1':>13}{'test macro-F1':>15}{'train min':>11}  notes")
+def print_table(rows: list[Row], metric: str) -> None:
+    width, column = max(len(r.name) for r in rows) + 2, len(metric) + 7
+    print(f"\n{'predictor':<{width}}{'OOF ' + metric:>{column}}{'test ' + metric:>{column}}{'train min':>11}  notes")
     for r in rows:
-        print(f"{r.name:<{width}}{r.oof_macro_f1:>13.4f}{r.test_macro_f1:>15.4f}{r.train_minutes:>11.2f}  {r.notes}")
+        print(f"{r.name:<{width}}{r.oof_metric:>{column}.4f}{r.test_metric:>{column}.4f}{r.train_minutes:>11.2f}  "
+              f"{r.notes}")
 
 
-def markdown(rows: list[Row], header: str, comparisons: list[str]) -> str:
-    lines = [header, "", "| predictor | OOF macro-F1 (fold 0) | test macro-F1 | train minutes | notes |",
+def markdown(rows: list[Row], header: str, comparisons: list[str], metric: str) -> str:
+    lines = [header, "", f"| predictor | OOF {metric} (fold 0) | test {metric} | train minutes | notes |",
              "|---|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.oof_macro_f1:.4f} | {r.test_macro_f1:.4f} | {r.train_minutes:.2f} | {r.notes} |"
+    lines += [f"| {r.name} | {r.oof_metric:.4f} | {r.test_metric:.4f} | {r.train_minutes:.2f} | {r.notes} |"
               for r in rows]
     return "\n".join(lines + [""] + [f"- {c}" for c in comparisons]) + "\n"
 
 
-def compare(recipe: Row, baseline: Row) -> str:
-    ratio = recipe.test_macro_f1 / baseline.test_macro_f1 if baseline.test_macro_f1 > 0 else float("inf")
-    return (f"{recipe.name} vs {baseline.name}: test macro-F1 {recipe.test_macro_f1:.4f} vs "
-            f"{baseline.test_macro_f1:.4f} (difference {recipe.test_macro_f1 - baseline.test_macro_f1:+.4f}, "
-            f"ratio {ratio:.2f}); OOF {recipe.oof_macro_f1:.4f} vs {baseline.oof_macro_f1:.4f}")
+def compare(recipe: Row, baseline: Row, metric: str) -> str:
+    ratio = recipe.test_metric / baseline.test_metric if baseline.test_metric > 0 else float("inf")
+    return (f"{recipe.name} vs {baseline.name}: test {metric} {recipe.test_metric:.4f} vs "
+            f"{baseline.test_metric:.4f} (difference {recipe.test_metric - baseline.test_metric:+.4f}, "
+            f"ratio {ratio:.2f}); OOF {recipe.oof_metric:.4f} vs {baseline.oof_metric:.4f}")
 
 
 def fastai_available() -> bool:
@@ -223,7 +246,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-images", type=int, default=300)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--rows", default=ROWS, help=f"which rows, as their letters (default {ROWS})")
+    parser.add_argument("--rows", help=f"which rows, as their letters of {ROWS} (default: every row of the set: "
+                                       f"{MANY_LABEL_ROWS} on {MANY_LABEL}, the others elsewhere)")
     parser.add_argument("--backbone", default="resnet18", help="recipe (a) and the plain loop")
     parser.add_argument("--fastai-epochs", type=int, default=30, help="fastai's fit_one_cycle epochs")
     parser.add_argument("--fastai-batch-size", type=int, default=64, help="fastai's batch size (its default)")
@@ -247,9 +271,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_smoke_option(parser, "48/12 images of 32 px, 2 folds, test_resnet, one epoch, every row")
     args = parser.parse_args(argv)
     args.argv = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    # The config rows are written for one kind of set each; the baselines (f, c, e) run on any.
+    many = args.set == MANY_LABEL
+    own = "".join(r for r in ROWS if (r in MANY_LABEL_ROWS) == many or r in "fce")
+    args.rows = args.rows or (MANY_LABEL_ROWS if many else "".join(r for r in own if r not in MANY_LABEL_ROWS))
     unknown = set(args.rows) - set(ROWS)
     if unknown:
         parser.error(f"--rows: unknown row(s) {sorted(unknown)}; expected letters of {ROWS}")
+    if set(args.rows) - set(own):
+        parser.error(f"--rows: row(s) {sorted(set(args.rows) - set(own))} do not run on --set {args.set} "
+                     f"(its rows: {own})")
     if args.smoke:
         args.train_images, args.test_images, args.image_size, args.pixel_size = 48, 12, 32, 8
         args.backbone, args.plain_batch_size, args.fastai_epochs, args.fastai_batch_size = "test_resnet", 8, 1, 8
@@ -261,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     limit_cpu_threads(args.threads)
     precision = args.precision if args.precision != "auto" else "bf16" if native_cpu_half("bf16") else "fp32"
     bf16 = precision == "bf16"
+    metric, score = set_metric(args.set)
     with work_folder(args.work_dir, "bench_recipes_") as work_dir:
         data_root = work_dir / "data" if args.smoke else Path(args.data_root)
         data_dir = data_root / f"{args.set}{args.image_size}_{args.train_images}_{args.test_images}"
@@ -274,13 +306,14 @@ def main(argv: list[str] | None = None) -> None:
         configs = {}
         for key in [k for k in args.rows if k in RECIPES]:
             name, config_file, extra = RECIPES[key]
-            if key == "a" or args.smoke:  # (b) and (o) keep their own backbone unless the run is a smoke run
+            if key == "a" or args.smoke:  # the others keep their own backbone unless the run is a smoke run
                 extra = [*extra, f"model.backbone={args.backbone}"]
             paths = [f"run.dir={work_dir / 'runs' / key}", f"submission.path={work_dir / f'submission_{key}.csv'}"]
             variation = args.recipe_overrides if key == "b" else []
             configs[key] = (f"({key}) {name}", load_config(config_file, shared + paths + extra + smoke + variation))
         # One fold-0 split for every row: the folds of the main config's settings.
-        split_cfg = load_config(REPO_ROOT / "configs" / "small_data.yaml", shared + smoke)
+        split_file = "openimages_demo.yaml" if args.set == MANY_LABEL else "small_data.yaml"
+        split_cfg = load_config(REPO_ROOT / "configs" / split_file, shared + smoke)
         make_folds(split_cfg, progress=False)
         split_cfg, train_table, vocabulary = load_training_data(split_cfg)
         codes, num_classes = list(vocabulary.codes), len(vocabulary)
@@ -292,8 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         fit_table, val_table = train_table[folds != 0], train_table[folds == 0]
         all_train_y = label_matrix(train_table["labels"], num_classes)
         fit_y, val_y = (label_matrix(t["labels"], num_classes) for t in (fit_table, val_table))
-        solution = data_dir / "test_solution.csv"
-        truth = label_sets(solution, split_cfg.data, solution=True)
+        solution = solution_file(args.set, data_dir)
+        truth = label_sets(solution, split_cfg.data, solution=args.set != MANY_LABEL)
         test_y = multi_hot([truth[i] for i in test_table["Id"]], codes)
         print(f"folds       {split_cfg.folds.n_splits}; fold 0: {len(fit_table)} train, {len(val_table)} validation; "
               f"{len(test_table)} test; {describe_device(torch.device('cpu'))}; {precision}", flush=True)
@@ -301,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         rows, seconds = [], {}
         for key, (label, cfg) in configs.items():
             row, seconds[key] = run_recipe(label, cfg, test_table["Id"].tolist(), codes, all_train_y, test_y,
-                                           args.progress)
+                                           score, args.progress)
             rows.append(row)
 
         channels = split_cfg.model.in_chans
@@ -313,12 +346,12 @@ def main(argv: list[str] | None = None) -> None:
                 size = args.image_size
                 pixels = [load_pixels(t, size, channels) for t in (fit_table, val_table, test_table)]
                 out = fastai_recipe(pixels[0], fit_y, pixels[1], val_y, pixels[2], args.fastai_epochs,
-                                    args.fastai_batch_size, args.seed, macro_f1, oriented=oriented(args.set))
+                                    args.fastai_batch_size, args.seed, score, oriented=oriented(args.set))
                 threshold = out["threshold"]
                 rows.append(scored_row(
                     "(f) fastai from scratch (xresnet18, one-cycle, aug_transforms, TTA)",
-                    macro_f1(val_y, out["val_probs"] >= threshold), test_y,
-                    (out["test_probs"] >= threshold).astype(np.uint8), all_train_y, out["seconds"] / 60,
+                    score(val_y, out["val_probs"] >= threshold), test_y,
+                    (out["test_probs"] >= threshold).astype(np.uint8), all_train_y, out["seconds"] / 60, score,
                     f"lr_find valley {out['lr']:.2e}, {args.fastai_epochs} epochs, global threshold {threshold:.2f}"))
 
         if "c" in args.rows:
@@ -327,8 +360,8 @@ def main(argv: list[str] | None = None) -> None:
                                        for t in (fit_table, val_table, test_table))
             lr_val = decide(pixel_logistic_regression(fit_px, fit_y, val_px, args.lr_c, args.seed), 0.5)
             lr_test = decide(pixel_logistic_regression(fit_px, fit_y, test_px, args.lr_c, args.seed), 0.5)
-            rows.append(scored_row(f"(c) pixel logistic regression ({args.pixel_size} px)", macro_f1(val_y, lr_val),
-                                   test_y, lr_test, all_train_y, (time.perf_counter() - start) / 60,
+            rows.append(scored_row(f"(c) pixel logistic regression ({args.pixel_size} px)", score(val_y, lr_val),
+                                   test_y, lr_test, all_train_y, (time.perf_counter() - start) / 60, score,
                                    f"C {args.lr_c}, at 0.5"))
 
         if "d" in args.rows:
@@ -342,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
             plain_val = decide(plain_probs(model, val_x, normalise, bf16), 0.5)
             plain_test = decide(plain_probs(model, test_x, normalise, bf16), 0.5)
             rows.append(scored_row(f"(d) plain timm loop ({args.backbone}, same seconds as b)",
-                                   macro_f1(val_y, plain_val), test_y, plain_test, all_train_y, took / 60,
+                                   score(val_y, plain_val), test_y, plain_test, all_train_y, took / 60, score,
                                    f"AdamW {args.plain_lr:g}, {steps} steps, {epochs} epochs, at 0.5"))
 
         if "e" in args.rows:
@@ -350,13 +383,20 @@ def main(argv: list[str] | None = None) -> None:
             constant_val = decide(np.tile(prior, (len(val_y), 1)), 0.5)
             constant_test = decide(np.tile(prior, (len(test_y), 1)), 0.5)
             every_class = np.ones_like(test_y)
-            rows.append(scored_row("(e) constant prior (train label rates)", macro_f1(val_y, constant_val), test_y,
-                                   constant_test, all_train_y, 0.0,
-                                   f"at 0.5; every class on every image: test {macro_f1(test_y, every_class):.4f}"))
+            rows.append(scored_row("(e) constant prior (train label rates)", score(val_y, constant_val), test_y,
+                                   constant_test, all_train_y, 0.0, score,
+                                   f"at 0.5; every class on every image: test {score(test_y, every_class):.4f}"))
 
-        print_table(rows)
-        recipe = next((r for r in rows if r.name.startswith("(b)")), None)
-        comparisons = [compare(recipe, other) for other in rows if recipe and other is not recipe]
+        if "k" in args.rows:
+            constant = best_constant(fit_y, score)
+            named = " ".join(codes[i] for i in np.flatnonzero(constant))
+            rows.append(scored_row("(k) best constant submission", score(val_y, np.tile(constant, (len(val_y), 1))),
+                                   test_y, np.tile(constant, (len(test_y), 1)), all_train_y, 0.0, score,
+                                   f"the same labels for every image, chosen on the training rows: {named}"))
+
+        print_table(rows, metric)
+        recipe = next((r for r in rows if r.name[:3] in ("(b)", "(m)")), None)
+        comparisons = [compare(recipe, other, metric) for other in rows if recipe and other is not recipe]
         comparisons += [f"{r.name} is degenerate: {r.degenerate}" for r in rows if r.degenerate]
         print("\n" + "\n".join(comparisons))
 
@@ -365,11 +405,11 @@ def main(argv: list[str] | None = None) -> None:
         pd.DataFrame([vars(r) for r in rows]).to_csv(out / f"recipes_{args.set}.csv", index=False, float_format="%.4f")
         header = (f"# Recipes on real images: {args.set}\n\n`python -m benchmarks.bench_recipes {args.argv}`\n\n"
                   f"{len(train_table)} train / {len(test_table)} test images of {args.image_size} px "
-                  f"({args.set}, seed {args.data_seed}), {num_classes} classes; fold 0 of "
+                  f"({args.set}, seed {args.data_seed}), {num_classes} classes, scored by {metric}; fold 0 of "
                   f"{split_cfg.folds.n_splits}: {len(fit_table)} train, {len(val_table)} validation. "
                   f"{describe_device(torch.device('cpu'))}; precision {precision}."
                   + (f" Recipe (b) overrides: `{' '.join(args.recipe_overrides)}`." if args.recipe_overrides else ""))
-        (out / f"recipes_{args.set}.md").write_text(markdown(rows, header, comparisons))
+        (out / f"recipes_{args.set}.md").write_text(markdown(rows, header, comparisons, metric))
         print(f"wrote {out / f'recipes_{args.set}.csv'}, {out / f'recipes_{args.set}.md'}")
 
 

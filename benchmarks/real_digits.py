@@ -47,9 +47,14 @@ def digit_pools(split: str) -> dict[int, np.ndarray]:
 
 def draw_image(labels: list[int], pools: dict[int, np.ndarray], size: int, rng: np.random.Generator) -> np.ndarray:
     """An RGB uint8 image: the digits of ``labels`` in distinct random cells of a 2 x 2 grid."""
+    return draw_cells(labels, rng.permutation(4)[: len(labels)], pools, size, rng)
+
+
+def draw_cells(labels: list[int], cells, pools: dict[int, np.ndarray], size: int, rng: np.random.Generator
+               ) -> np.ndarray:
+    """An RGB uint8 image: digit ``labels[i]`` in cell ``cells[i]`` of a 2 x 2 grid (0 top-left, row-major)."""
     half = size // 2
     ink_mask = np.zeros((size, size), np.float32)
-    cells = rng.permutation(4)[: len(labels)]
     for digit, cell in zip(labels, cells):
         scan = pools[digit][rng.integers(len(pools[digit]))]
         side = int(half * rng.uniform(0.6, 0.95))
@@ -89,6 +94,59 @@ def make_digits_dataset(out: Path, n_train: int = 800, n_test: int = 300, size: 
     solution.assign(tags=NAMES[0]).to_csv(out / "sample_submission.csv", index=False)
 
 
+CELLS = ("top-left", "top-right", "bottom-left", "bottom-right")
+COUNTS = ("one digit", "two digits", "three digits", "four digits")
+# Many-label digits: each digit's share falls with its rank (a long tail, as in Open Images).
+MANY_DIGIT_P = 1.0 / np.arange(1, 11) ** 0.8
+MANY_DIGIT_P /= MANY_DIGIT_P.sum()
+
+
+def many_label_codes() -> tuple[list[str], list[str]]:
+    """Label codes and descriptions of the many-label set: 10 digits, 40 digit-in-cell, 4 counts (54)."""
+    codes = [f"/d/{n}" for n in NAMES] + [f"/d/{n}@{c}" for n in NAMES for c in range(4)] + \
+        [f"/d/n{k}" for k in range(1, 5)]
+    names = list(NAMES) + [f"{n} {CELLS[c]}" for n in NAMES for c in range(4)] + list(COUNTS)
+    return codes, names
+
+
+def make_digits_many(out: Path, n_train: int = 1500, n_test: int = 300, size: int = 64, seed: int = 0) -> None:
+    """The same handwriting as a many-label set in the Open Images layout (``data.format=openimages``): each
+    image is labelled with its digits, each digit in its cell (``/d/three@0``: top-left) and how many digits
+    it shows — 54 labels, hierarchical like Open Images' (a digit-in-cell implies its digit), with digit
+    frequencies falling by rank. Files: ``train_human_labels.csv`` (positives, Confidence 1),
+    ``class-descriptions.csv``, ``classes-trainable.csv``, ``train/<ImageID>.jpg``, ``test/<ImageID>.jpg``,
+    ``stage_1_sample_submission.csv`` and the hidden ``test_labels.csv`` (image_id, labels). Written to ``out``
+    (replaced if present)."""
+    out = Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    codes, names = many_label_codes()
+    rows, truth = [], []
+    for split, count in (("train", n_train), ("test", n_test)):
+        pools = digit_pools(split)
+        (out / split).mkdir(parents=True)
+        for index in range(count):
+            n_digits = int(rng.choice([1, 2, 3, 4], p=[0.35, 0.3, 0.2, 0.15]))
+            digits = [int(d) for d in rng.choice(10, size=n_digits, replace=False, p=MANY_DIGIT_P)]
+            cells = [int(c) for c in rng.permutation(4)[:n_digits]]
+            image_id = f"{split[:2]}{index:014x}"  # 16 characters, as Open Images ImageIDs
+            cv2.imwrite(str(out / split / f"{image_id}.jpg"), draw_cells(digits, cells, pools, size, rng)[..., ::-1],
+                        [cv2.IMWRITE_JPEG_QUALITY, 95])
+            labels = sorted({f"/d/{NAMES[d]}" for d in digits} | {f"/d/{NAMES[d]}@{c}" for d, c in zip(digits, cells)}
+                            | {f"/d/n{n_digits}"})
+            if split == "train":
+                rows += [(image_id, "verification", code, 1) for code in labels]
+            else:
+                truth.append((image_id, " ".join(labels)))
+    pd.DataFrame(rows, columns=["ImageID", "Source", "LabelName", "Confidence"]).to_csv(
+        out / "train_human_labels.csv", index=False)
+    pd.DataFrame({"label_code": codes, "description": names}).to_csv(out / "class-descriptions.csv", index=False)
+    pd.DataFrame({"label_code": codes}).to_csv(out / "classes-trainable.csv", index=False)
+    solution = pd.DataFrame(truth, columns=["image_id", "labels"])
+    solution.to_csv(out / "test_labels.csv", index=False)
+    solution.assign(labels=codes[0]).to_csv(out / "stage_1_sample_submission.csv", index=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -96,9 +154,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-test", type=int, default=300)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--many", action="store_true",
+                        help="the many-label version in the Open Images layout (54 labels)")
     args = parser.parse_args(argv)
-    make_digits_dataset(Path(args.out), args.n_train, args.n_test, args.size, args.seed)
-    print(f"wrote {args.n_train} train and {args.n_test} test images ({args.size} px, 10 classes) to {args.out}")
+    make = make_digits_many if args.many else make_digits_dataset
+    make(Path(args.out), args.n_train, args.n_test, args.size, args.seed)
+    print(f"wrote {args.n_train} train and {args.n_test} test images ({args.size} px, "
+          f"{len(many_label_codes()[0]) if args.many else 10} classes) to {args.out}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import tempfile
 
+import numpy as np
 import pandas as pd
 import pytest
 from threadpoolctl import threadpool_limits
@@ -166,9 +167,27 @@ def test_bench_recipes_on_the_handwriting_set_in_the_csv_layout(capsys, tmp_path
     bench_recipes.main(["--smoke", "--threads", "0", "--set", "digits", "--rows", "be", "--out", str(tmp_path)])
     table = pd.read_csv(tmp_path / "recipes_digits.csv")
     assert table["name"].tolist() == ["(b) small-data recipe", "(e) constant prior (train label rates)"]
-    assert table["test_macro_f1"].between(0, 1).all()
+    assert table["test_metric"].between(0, 1).all()
     with pytest.raises(SystemExit):
         bench_recipes.main(["--smoke", "--rows", "bz"])
+    with pytest.raises(SystemExit):  # the many-label recipe is not written for a few-label layout
+        bench_recipes.main(["--smoke", "--rows", "m"])
+
+
+def test_bench_recipes_on_the_many_label_set_scores_per_image_f2_against_the_best_constant(capsys, tmp_path):
+    from benchmarks import bench_recipes
+    from benchmarks.recipe_sets import best_constant, per_image_f2
+
+    bench_recipes.main(["--smoke", "--threads", "0", "--set", "digits_many", "--out", str(tmp_path)])
+    table = pd.read_csv(tmp_path / "recipes_digits_many.csv")
+    assert table["name"].tolist() == ["(m) many-label recipe", "(n) many-label recipe, round three",
+                                      "(k) best constant submission"]
+    assert table["test_metric"].between(0, 1).all()
+    assert "test per-image F2" in capsys.readouterr().out
+    # The best constant grows from the commonest label while F2 rises: {0, 1} scores (5 + 4 x 0.833) / 10 = 0.833;
+    # adding the rare label 2 gives (5 x 0.909 + 5 x 0.714) / 10 = 0.812, so it stops there.
+    y = np.array([[1, 1, 0]] * 5 + [[1, 0, 0]] * 4 + [[0, 0, 1]])
+    assert best_constant(y, per_image_f2).tolist() == [1, 1, 0]
 
 
 def test_bench_loader(capsys):
