@@ -1,6 +1,6 @@
 """The inference bundle: what a Kaggle notebook needs to predict offline, laid out as a Kaggle dataset.
 
-    python -m src.bundle [--config FILE] [key=value ...] [--out DIR] [--fp16] [--wheels]
+    python -m src.bundle [--config FILE] [key=value ...] [--out DIR] [--force] [--fp16] [--wheels]
 
 Built from a run that ``python -m src.predict`` has predicted (its ``decision.json``), so the notebook makes the
 same submission predict made, from the weights alone::
@@ -23,9 +23,11 @@ same submission predict made, from the weights alone::
     wheels/                      --wheels: the pinned packages a Kaggle image lacks (``WHEELS``), pip download
                                  --no-deps; torch and torchvision are not among them (``NOT_SHIPPED``)
 
-The bundle is written as one folder (staged, then renamed into place). :func:`predict_from_bundle` is what
-infer.py runs: every fold's network under the configured TTA views, folds averaged, experiments weighted, the
-recorded decision applied, the submission validated, as ``src.predict`` does.
+The bundle is written as one folder (staged, then renamed into place). It replaces only what this command made: an
+``--out`` that holds anything but an earlier bundle (its manifest.json) is refused before any work, and ``--force``
+never lets it replace a run folder, the data folder or the checkout (nor a folder holding one).
+:func:`predict_from_bundle` is what infer.py runs: every fold's network under the configured TTA views, folds
+averaged, experiments weighted, the recorded decision applied, the submission validated, as ``src.predict`` does.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from src.checkpoint import load_checkpoint, model_weights
+from src.checkpoint import file_fingerprint, load_tensors, model_weights
 from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError, load_config, override
 from src.data import Vocabulary, with_vocabulary
@@ -260,7 +262,7 @@ class Experiment:
     path: str  # its run folder inside the bundle
     folder: RunFolder  # its run folder
     cfg: Config  # its training config
-    folds: list[tuple[int, Path]]  # (fold, the checkpoint the prediction used)
+    folds: list[tuple[int, Path, str]]  # (fold, the checkpoint the prediction used, its recorded sha256)
     weight: float  # its weight in the ensemble
 
 
@@ -277,35 +279,89 @@ def predicted_record(cfg: Config) -> tuple[dict, Vocabulary]:
     return record, vocabulary
 
 
+def check_out(out: Path, cfg: Config, force: bool = False) -> None:
+    """Refuse (one line naming ``out`` and why) an ``--out`` the bundle may not replace: anything but a missing
+    path, an empty folder or an earlier bundle (its manifest.json); ``force`` allows another folder, but never a
+    run folder, the data folder, the checkout or the working folder, a folder holding one of them, or a folder
+    inside a run folder."""
+    if out.is_symlink():
+        raise PipelineError(f"--out {out} is a symbolic link: a bundle replaces only a folder it made; give another "
+                            "--out")
+    target = out.resolve()
+    runs = [Path(cfg.run.dir), *(Path(ref.dir) for ref in cfg.predict.runs)]
+    kept = {"the run folder": runs, "the data folder": [Path(cfg.data.dir)],
+            "the checkout": [REPO_ROOT], "the working folder": [Path.cwd()]}
+    for what, folders in kept.items():
+        for folder in (folder.resolve() for folder in folders):
+            if target == folder or target in folder.parents:
+                holds = "" if target == folder else f" (it holds {what} {folder})"
+                raise PipelineError(f"--out {out} is {what if not holds else 'a folder'}{holds}: never replaced by a "
+                                    "bundle, even with --force; give another --out")
+            if what == "the run folder" and folder in target.parents:
+                raise PipelineError(f"--out {out} is inside the run folder {folder}, which training and predict own: "
+                                    "give another --out")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise PipelineError(f"--out {out} is a file, not a folder: a bundle replaces only a folder it made; give "
+                            "another --out")
+    if not any(out.iterdir()) or is_bundle(out) or force:
+        return
+    raise PipelineError(f"--out {out} holds files this command did not make (no {MANIFEST_FILE} of a bundle): "
+                        "refused, nothing touched; give another --out, or --force to replace it")
+
+
+def is_bundle(folder: Path) -> bool:
+    """Whether ``folder`` is a bundle this command wrote: its manifest.json carries the bundle's kind and id."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("kind") == BUNDLE_KIND and bool(manifest.get("bundle_id"))
+
+
 def collect_weights(record: dict, run_dir: str | Path) -> list[Experiment]:
     """Each experiment of the prediction recorded in ``run_dir`` with the checkpoints it used; refused when one
-    is gone or was written after the prediction (the decision would not fit the weights shipped)."""
-    predicted_at = decision_path(run_dir).stat().st_mtime_ns
+    is gone, when the record holds no fingerprint of it (an older predict), or when its size differs from the
+    recorded one (its bytes are compared as :func:`write_weights` reads them)."""
     experiments = []
     for i, run in enumerate(record["runs"]):
         folder = RunFolder(run["dir"])
+        if "checkpoints" not in run:
+            raise PipelineError(f"{decision_path(run_dir)} records no fingerprint of the checkpoints (written by an "
+                                "older predict): run `python -m src.predict` again")
         folds = []
-        for fold in run["folds"]:
-            path = folder.checkpoint(fold, record.get("checkpoint", "best"))
+        for used in run["checkpoints"]:
+            path = folder.checkpoint(used["fold"], record.get("checkpoint", "best"))
             if not path.is_file():
                 raise PipelineError(f"{path} not found: the prediction used it; restore it or run predict again")
-            if path.stat().st_mtime_ns > predicted_at:
-                raise PipelineError(f"{path} was written after the prediction ({decision_path(run_dir)}): run "
-                                    "`python -m src.predict` again so the decision fits the weights shipped")
-            folds.append((fold, path))
+            if path.stat().st_size != used["size"]:
+                raise changed_checkpoint(path, run_dir)
+            folds.append((used["fold"], path, used["sha256"]))
         name = f"{i}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', folder.root.resolve().name)}"
         experiments.append(Experiment(f"{EXPERIMENTS_DIR}/{name}", folder, folder.load_config(), folds, run["weight"]))
     return experiments
 
 
-def write_weights(root: Path, experiments: list[Experiment], fp16: bool) -> None:
+def changed_checkpoint(path: Path, run_dir: str | Path) -> PipelineError:
+    """The refusal of a checkpoint whose content is not the one the prediction used."""
+    return PipelineError(f"{path} changed after the prediction (its content differs from {decision_path(run_dir)}'s "
+                         "record): run `python -m src.predict` again so the decision fits the weights shipped")
+
+
+def write_weights(root: Path, experiments: list[Experiment], fp16: bool, run_dir: str | Path) -> None:
     """Each experiment as a run folder under ``root`` holding its config and, per fold, the weights inference
-    uses (no optimizer, scheduler or RNG state; float16 with ``fp16``) and the label vectors a loss fitted."""
+    uses (no optimizer, scheduler or RNG state; float16 with ``fp16``) and the label vectors a loss fitted;
+    refused when a checkpoint's bytes are not those the prediction recorded in ``run_dir``."""
     for experiment in experiments:
         shipped = RunFolder(root / experiment.path)
         save_config(experiment.cfg, shipped.config())
-        for fold, checkpoint in experiment.folds:
-            weights = model_weights(load_checkpoint(checkpoint))
+        for fold, checkpoint, sha256 in experiment.folds:
+            with open(checkpoint, "rb") as handle:  # one open file: the bytes compared are the bytes loaded
+                if file_fingerprint(handle)["sha256"] != sha256:
+                    raise changed_checkpoint(checkpoint, run_dir)
+                handle.seek(0)
+                weights = model_weights(load_tensors(handle, checkpoint))
             if fp16:
                 weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
             shipped.fold(fold).mkdir(parents=True, exist_ok=True)
@@ -341,7 +397,7 @@ def bundle_manifest(cfg: Config, record: dict, vocabulary: Vocabulary, experimen
         "competition": cfg.kaggle.competition, "data_format": config["data"]["format"],
         "labels": len(vocabulary), "weights_dtype": "float16" if fp16 else "float32",
         "experiments": [{"path": e.path, "run_dir": str(e.folder.root), "weight": e.weight,
-                         "folds": [f for f, _ in e.folds], "backbone": e.cfg.model.backbone,
+                         "folds": [f for f, _, _ in e.folds], "backbone": e.cfg.model.backbone,
                          "image_size": e.cfg.data.image_size, "in_chans": e.cfg.model.in_chans, "loss": e.cfg.loss.name}
                         for e in experiments],
         "tta": config["predict"]["tta"], "tta_reduce": config["predict"]["tta_reduce"],
@@ -367,19 +423,21 @@ def write_manifest(root: Path, manifest: dict, sample_submission: str, title: st
 
 
 def bundle(cfg: Config, out: str | Path | None = None, fp16: bool = False, wheels: bool = False,
-           pip: Sequence[str] | None = None, progress: bool = True) -> Path:
+           pip: Sequence[str] | None = None, progress: bool = True, force: bool = False) -> Path:
     """Write the inference bundle of ``cfg``'s prediction to ``out`` (default ``bundles/<run folder name>``),
-    staged as one folder and renamed into place; returns its folder. ``pip``: the pip command for ``--wheels``
-    (default: this Python's)."""
-    record, vocabulary = predicted_record(cfg)
+    staged as one folder and renamed into place; returns its folder. ``out`` is checked first
+    (:func:`check_out`; ``force``: replace a folder that is not a bundle). ``pip``: the pip command for
+    ``--wheels`` (default: this Python's)."""
     run_name = Path(cfg.run.dir).resolve().name
     out = Path(out) if out is not None else Path(BUNDLES_DIR) / run_name
+    check_out(out, cfg, force)
+    record, vocabulary = predicted_record(cfg)
     ensure_writable(out.parent, "the bundle")
     experiments = collect_weights(record, cfg.run.dir)
     dataset_id = cfg.kaggle.dataset or f"{PLACEHOLDER_OWNER}/{dataset_slug(run_name)}"
 
     def write(root: Path) -> None:
-        write_weights(root, experiments, fp16)
+        write_weights(root, experiments, fp16, cfg.run.dir)
         write_decision(root, record, vocabulary, decision_path(cfg.run.dir))
         write_program(root)
         shipped = download_wheels(root / WHEELS_DIR, pip) if wheels else {}
@@ -421,10 +479,7 @@ def load_bundle(bundle_dir: str | Path) -> tuple[dict, dict, Vocabulary]:
 def bundled_weights(folder: RunFolder, fold: int) -> dict:
     """A fold's inference weights as the bundle stores them (float32 or float16)."""
     path = folder.fold(fold) / WEIGHTS_FILE
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise PipelineError(f"{path} is missing or unreadable ({exc})") from None
+    return load_tensors(path, path, "bundle weights")
 
 
 def predict_from_bundle(bundle_dir: str | Path, data_dir: str | Path, out: str | Path = "submission.csv",
@@ -488,11 +543,13 @@ def infer_main(bundle_dir: Path) -> None:
 def main() -> None:
     parser = cli_parser(__doc__.splitlines()[0])
     parser.add_argument("--out", help=f"the bundle folder (default {BUNDLES_DIR}/<run folder name>)")
+    parser.add_argument("--force", action="store_true", help="replace an --out folder that is not a bundle (never "
+                        "a run folder, the data folder or the checkout)")
     parser.add_argument("--fp16", action="store_true", help="store the weights as float16 (half the size)")
     parser.add_argument("--wheels", action="store_true", help="add wheels of the pinned packages a Kaggle image "
                         f"lacks ({', '.join(WHEELS)}); needs the package index")
     args = parser.parse_args()
-    bundle(config_from_args(args), args.out, fp16=args.fp16, wheels=args.wheels)
+    bundle(config_from_args(args), args.out, fp16=args.fp16, wheels=args.wheels, force=args.force)
 
 
 if __name__ == "__main__":

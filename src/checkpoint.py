@@ -18,11 +18,14 @@ the training loop says when to write one; this module says what is in it.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import pickle
 import random
+import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import torch
@@ -163,14 +166,53 @@ def save_checkpoint(parts: TrainingParts, state: Any, history: list[dict], path:
     return write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
 
 
+def load_tensors(source: str | Path | BinaryIO, path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load`` of ``source`` (a path or an open file of ``path``) with ``weights_only``: tensors and plain
+    Python only. Any failure is one PipelineError line naming ``path``; a pickled Python object (code a load would
+    run) gets the same line wherever weights are loaded (a checkpoint, a bundle's weights)."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PipelineError(f"{what} not found: {path}") from None
+    except pickle.UnpicklingError as exc:
+        # torch's message spans paragraphs and suggests weights_only=False: exactly what must not be done here.
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        held = f" ({found.group(1)})" if found else ""
+        raise PipelineError(f"{path} holds a pickled Python object{held}, not only tensors: refused unloaded (loading "
+                            "it could run code); use weights this pipeline wrote") from None
+    except Exception as exc:
+        raise PipelineError(f"{what} {path} is unreadable ({type(exc).__name__}: {' '.join(str(exc).split())})"
+                            ) from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only: weights_only)."""
+    return load_tensors(path, path)
+
+
+def file_fingerprint(handle: BinaryIO) -> dict:
+    """``{"size", "sha256"}`` of an open binary file's bytes, read from its start a MiB at a time (sha256: the
+    fastest secure hash of hashlib where the CPU has SHA extensions, see docs/reliability.md)."""
+    handle.seek(0)
+    digest, size = hashlib.sha256(), 0
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
+        size += len(block)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def load_fingerprinted(path: str | Path) -> tuple[dict, dict]:
+    """:func:`load_checkpoint` and the :func:`file_fingerprint` of the very bytes loaded: one open file, so a
+    checkpoint replaced meanwhile (renamed into place by training) cannot pair one version's hash with another's
+    weights."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        handle = open(path, "rb")
     except FileNotFoundError:
         raise PipelineError(f"checkpoint not found: {path}") from None
-    except Exception as exc:
-        raise PipelineError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from None
+    with handle:
+        fingerprint = file_fingerprint(handle)
+        handle.seek(0)
+        return load_tensors(handle, path), fingerprint
 
 
 def restore_checkpoint(parts: TrainingParts, ckpt: dict, path: Path) -> tuple[dict, list[dict]]:

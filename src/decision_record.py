@@ -11,7 +11,9 @@ needs without the OOF files or another pass over them::
     metric            the competition metric's column name (macro_f1, f2_samples, ...)
     oof_in_sample     the strategy's OOF estimate fitted and scored on the same rows
     oof_cross_fold    fitted on the other folds' rows: the honest estimate of the test score
-    runs              the experiments (run folder, weight, folds) ensembled; checkpoint: best or last
+    runs              the experiments (run folder, weight, folds) ensembled, and each fold's checkpoint as
+                      predict read it (size and sha256: a bundle ships only those very bytes); checkpoint: best
+                      or last
     submission        the path predict wrote and the sha256 of its bytes
     config            the resolved config predict ran with (after the label vocabulary set data.num_classes)
 
@@ -64,14 +66,13 @@ def file_sha256(path: str | Path) -> str:
 
 
 def decision_record(cfg: Config, strategy: str, decision: Decision, result: dict, label_rate: np.ndarray,
-                    refs: Sequence[RunRef], submission: pd.DataFrame) -> dict:
-    """The record of one prediction: ``result`` is the strategy's entry of ``compare_strategies``."""
+                    refs: Sequence[RunRef], checkpoints: Sequence[list[dict]], submission: pd.DataFrame) -> dict:
+    """The record of one prediction: ``result`` is the strategy's entry of ``compare_strategies``; ``checkpoints``
+    per experiment, each fold's checkpoint as predict read it (``{"fold", "size", "sha256"}``)."""
     thresholds = None if decision.thresholds is None else np.broadcast_to(
         np.asarray(decision.thresholds, dtype=float), (len(label_rate),)).tolist()
-    runs = [{"dir": ref.dir, "weight": ref.weight,
-             "folds": [fold for fold, _ in RunFolder(ref.dir).fold_checkpoints(cfg.predict.folds,
-                                                                                cfg.predict.checkpoint)]}
-            for ref in refs]
+    runs = [{"dir": ref.dir, "weight": ref.weight, "folds": [c["fold"] for c in used], "checkpoints": used}
+            for ref, used in zip(refs, checkpoints)]
     return {
         "strategy": strategy,
         "requested": cfg.predict.threshold,

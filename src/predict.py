@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from src.checkpoint import load_checkpoint, model_weights
+from src.checkpoint import load_fingerprinted, model_weights
 from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError, RunRef, override
 from src.data import Vocabulary, label_csr, with_vocabulary
@@ -126,7 +126,7 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table:
                 device: torch.device, progress: bool = True) -> tuple[np.ndarray, pd.DataFrame]:
     """Test scores of one experiment (mean over its folds) and its OOF scores as one table (Id, fold, one column
     per class): :func:`score_run` for a few classes."""
-    test, oof = score_run(cfg, ref, test_table, train_table, device, progress)
+    test, oof, _ = score_run(cfg, ref, test_table, train_table, device, progress)
     return (test if isinstance(test, np.ndarray) else test[:]), oof.frame()
 
 
@@ -163,8 +163,10 @@ def score_dataset(cfg: Config, run_cfg: Config, model: torch.nn.Module, dataset:
 
 
 def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: pd.DataFrame, device: torch.device,
-              progress: bool = True, scratch: Path | None = None) -> tuple[np.ndarray | ScoreRows, OofScores]:
-    """Test scores of one experiment (mean over its folds) and its OOF scores. Above
+              progress: bool = True, scratch: Path | None = None
+              ) -> tuple[np.ndarray | ScoreRows, OofScores, list[dict]]:
+    """Test scores of one experiment (mean over its folds), its OOF scores and the checkpoints used (each fold's
+    ``{"fold", "size", "sha256"}``: what the decision record keeps, so a bundle ships those very bytes). Above
     ``src.score_table.CSV_MAX_CLASSES`` classes each fold's test scores go to a float32 table in ``scratch`` as
     inference makes them and the OOF scores stay in the folds' tables; both are read a block of rows at a time."""
     folder = RunFolder(ref.dir)
@@ -195,9 +197,15 @@ def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: p
         note(f"warning: {folder.root}: fold(s) {untrained} of {run_cfg.folds.n_splits} have no "
              f"{cfg.predict.checkpoint}.pt; predicting with the {len(checkpoints)} trained one(s) "
              "(set predict.folds to choose on purpose)")
-    paths = dict(checkpoints)
-    fold_weights = ((fold, model_weights(load_checkpoint(path))) for fold, path in checkpoints)
-    for fold, model in fold_networks(run_cfg, fold_weights, device):
+    paths, used = dict(checkpoints), []
+
+    def fold_weights() -> Iterator[tuple[int, dict]]:
+        for fold, path in checkpoints:
+            ckpt, fingerprint = load_fingerprinted(path)
+            used.append({"fold": fold, **fingerprint})
+            yield fold, model_weights(ckpt)
+
+    for fold, model in fold_networks(run_cfg, fold_weights(), device):
         path = paths[fold]
         to_scores = folder.output_scorer(run_cfg, fold)
         name = f"{folder.root.name} fold {fold}"
@@ -212,7 +220,7 @@ def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: p
         oof_folds.append(np.full(len(ids), fold))
         oof_parts.append(require_finite(scores, f"{oof_path}: OOF scores"))
     test = combine_scores(fold_scores, fold_mean)
-    return test, OofScores(np.concatenate(oof_ids), np.concatenate(oof_folds), stack_scores(oof_parts))
+    return test, OofScores(np.concatenate(oof_ids), np.concatenate(oof_folds), stack_scores(oof_parts)), used
 
 
 def fold_mean(parts: list[np.ndarray]) -> np.ndarray:
@@ -272,11 +280,13 @@ def format_labels(predicted: np.ndarray, vocabulary: Vocabulary, separator: str 
 
 def score_experiments(cfg: Config, test_table: pd.DataFrame, train_table: pd.DataFrame, device: torch.device,
                       progress: bool = True, scratch: Path | None = None
-                      ) -> tuple[np.ndarray | ScoreRows, OofScores, list[RunRef]]:
-    """Test and OOF scores of the ensemble: every experiment of ``predict.runs`` (or just ``run.dir``)."""
+                      ) -> tuple[np.ndarray | ScoreRows, OofScores, list[RunRef], list[list[dict]]]:
+    """Test and OOF scores of the ensemble: every experiment of ``predict.runs`` (or just ``run.dir``); the
+    experiments, and the checkpoints each used (:func:`score_run`)."""
     refs = cfg.predict.runs or [RunRef(dir=cfg.run.dir)]
-    per_run = [(ref.weight, *score_run(cfg, ref, test_table, train_table, device, progress, scratch)) for ref in refs]
-    return *combine_runs(per_run), refs
+    scored = [score_run(cfg, ref, test_table, train_table, device, progress, scratch) for ref in refs]
+    per_run = [(ref.weight, test, oof) for ref, (test, oof, _) in zip(refs, scored)]
+    return *combine_runs(per_run), refs, [used for _, _, used in scored]
 
 
 def oof_truth(oof: OofScores, train_table: pd.DataFrame, num_classes: int) -> tuple:
@@ -344,7 +354,7 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     # makes them and are read back a block of rows at a time; the folder goes when predict ends (its finalizer on
     # an error; remove_stale_temps after a kill). Labels stay sparse: 1.7 M x 7 178 dense would be 12 GB.
     scratch = tempfile.TemporaryDirectory(prefix="scores-", suffix=f".{os.getpid()}.tmp", dir=cfg.run.dir)
-    test_scores, oof, refs = score_experiments(cfg, test_table, train_table, device, progress, Path(scratch.name))
+    test_scores, oof, refs, used = score_experiments(cfg, test_table, train_table, device, progress, Path(scratch.name))
     oof_true, oof_scores = oof_truth(oof, train_table, m)
     train_labels = label_csr(train_table["labels"], m)
     train_rate = label_rates(cfg, train_labels, vocabulary)
@@ -379,7 +389,7 @@ def predict(cfg: Config, progress: bool = True) -> Path:
                 "(predict.force=true).")
         # The decision as applied, the config and the submission's hash, beside it: src.submit checks against it,
         # src.bundle ships it.
-        record = decision_record(cfg, chosen, decision, results[chosen], train_rate, refs, submission)
+        record = decision_record(cfg, chosen, decision, results[chosen], train_rate, refs, used, submission)
         staging.file(decision_path(out.root), lambda tmp: write_record(tmp, record))
         sub_path = staging.file(cfg.submission.path, lambda tmp: submission.to_csv(tmp, index=False))
         staging.commit()

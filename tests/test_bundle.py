@@ -3,8 +3,10 @@ it predicts offline exactly the submission ``src.predict`` wrote."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,10 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.bundle import WHEELS, bundle, predict_from_bundle
+import src.bundle
+from src.bundle import WHEELS, bundle, collect_weights, predict_from_bundle
+from src.checkpoint import load_checkpoint
+from src.cli import run_cli
 from src.config import PipelineError, override
+from src.decision_record import decision_path
 from src.folds import make_folds
 from src.predict import predict
+from src.run_folder import RunFolder
 from src.train import train
 from tests.conftest import REPO_ROOT, tiny_config
 
@@ -144,3 +151,125 @@ def test_a_label_embedding_run_with_the_rate_strategy_predicts_the_same_from_its
     assert json.loads((out / "decision.json").read_text())["refit_on_test"] is True
     written = predict_from_bundle(out, cfg.data.dir, tmp_path / "from_bundle.csv", progress=False)
     assert written.read_bytes() == Path(cfg.submission.path).read_bytes()
+
+
+def tree_state(path: Path) -> dict:
+    """Every entry under ``path`` (the path itself included, links not followed): its type, size, mtime and, for a
+    file, its bytes: what a refused --out must leave as it was."""
+    entries = [path] + (sorted(path.rglob("*")) if path.is_dir() and not path.is_symlink() else [])
+    state = {}
+    for entry in entries:
+        st = entry.lstat()
+        content = entry.read_bytes() if entry.is_file() and not entry.is_symlink() else os.readlink(entry) \
+            if entry.is_symlink() else None
+        state[str(entry.relative_to(path))] = (st.st_mode, st.st_size, st.st_mtime_ns, content)
+    return state
+
+
+def user_folder(parent: Path) -> Path:
+    """A folder of a user's files under ``parent``."""
+    folder = parent / "notes"
+    folder.mkdir(parents=True)
+    (folder / "thesis.txt").write_text("years of work")
+    return folder
+
+
+def linked_user_folder(parent: Path) -> Path:
+    """A symbolic link to a folder of a user's files."""
+    (parent / "link").symlink_to(user_folder(parent))
+    return parent / "link"
+
+
+# Each case: (--out, --force); those the bundle may never replace are tried with --force.
+OUT_CASES = {
+    "the run folder": lambda cfg, tmp: (Path(cfg.run.dir), True),
+    "inside the run folder": lambda cfg, tmp: (Path(cfg.run.dir) / "fold0", True),
+    "a user folder": lambda cfg, tmp: (user_folder(tmp), False),
+    "a file": lambda cfg, tmp: (user_folder(tmp) / "thesis.txt", True),
+    "a link to a user folder": lambda cfg, tmp: (linked_user_folder(tmp), True),
+    "the data folder": lambda cfg, tmp: (Path(cfg.data.dir), True),
+    "the checkout": lambda cfg, tmp: (src.bundle.REPO_ROOT, True),
+    "an ancestor of the run folder": lambda cfg, tmp: (Path(cfg.run.dir).parent, True),
+}
+WHY = {"the run folder": "is the run folder", "inside the run folder": "is inside the run folder",
+       "a user folder": "holds files this command did not make", "a file": "is a file, not a folder",
+       "a link to a user folder": "is a symbolic link", "the data folder": "is the data folder",
+       "the checkout": "is the checkout", "an ancestor of the run folder": "holds the run folder"}
+
+
+@pytest.mark.parametrize("case", list(OUT_CASES))
+def test_an_out_the_bundle_did_not_make_is_refused_before_any_work_and_left_untouched(predicted, tmp_path, case,
+                                                                                      monkeypatch):
+    # A stand-in checkout: were the refusal ever to fail, the real one is not what gets replaced.
+    fake_checkout = user_folder(tmp_path / "checkout")
+    monkeypatch.setattr(src.bundle, "REPO_ROOT", fake_checkout)
+    out, force = OUT_CASES[case](predicted, tmp_path)
+    watched = [out, Path(predicted.run.dir), Path(predicted.data.dir), fake_checkout]
+    before = [tree_state(path) for path in watched]
+    with pytest.raises(PipelineError, match=f"^--out {re.escape(str(out))} .*{WHY[case]}"):
+        bundle(predicted, out, progress=False, force=force)
+    assert [tree_state(path) for path in watched] == before
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_a_bundle_folder_an_empty_folder_and_with_force_a_user_folder_are_replaced(predicted, tmp_path):
+    first = bundle(predicted, tmp_path / "bundle", progress=False)
+    (first / "stale.txt").write_text("from the previous bundle")
+    again = bundle(predicted, first, progress=False)  # recognised by its manifest.json
+    assert again == first and not (again / "stale.txt").exists() and (again / "manifest.json").is_file()
+    (tmp_path / "empty").mkdir()
+    assert (bundle(predicted, tmp_path / "empty", progress=False) / "manifest.json").is_file()
+    forced = bundle(predicted, user_folder(tmp_path), progress=False, force=True)
+    assert sorted(p.name for p in forced.iterdir()) == sorted(p.name for p in first.iterdir() if p.name != "wheels")
+
+
+def test_a_checkpoint_whose_bytes_changed_with_its_mtime_kept_is_not_bundled(predicted, tmp_path):
+    """``cp -p``/``rsync -a``/``touch -r``: the time says nothing changed, the content does."""
+    record = json.loads(decision_path(predicted.run.dir).read_text())
+    folder = RunFolder(predicted.run.dir)
+    assert record["runs"][0]["checkpoints"] == [
+        {"fold": fold, "size": folder.checkpoint(fold, "best").stat().st_size,
+         "sha256": hashlib.sha256(folder.checkpoint(fold, "best").read_bytes()).hexdigest()} for fold in (0, 1)]
+    path = folder.checkpoint(1, "best")
+    original, stat = path.read_bytes(), path.stat()
+    # One byte of a weight flipped in place: a checkpoint torch still loads, of the same size, its mtime put back.
+    at = original.find(torch.load(path, weights_only=True)["model"]["head.weight"].numpy().tobytes()[:64])
+    try:
+        with open(path, "r+b") as handle:
+            handle.seek(at)
+            handle.write(bytes([original[at] ^ 0x40]))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert at > 0 and path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+        with pytest.raises(PipelineError, match=f"^{re.escape(str(path))} changed after the prediction"):
+            bundle(predicted, tmp_path / "bundle", progress=False)
+        assert not (tmp_path / "bundle").exists()
+    finally:
+        path.write_bytes(original)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    for run in record["runs"]:  # a record from before fingerprints: one line saying what to run
+        del run["checkpoints"]
+    with pytest.raises(PipelineError, match="records no fingerprint .* run `python -m src.predict` again"):
+        collect_weights(record, predicted.run.dir)
+
+
+class Payload:
+    """Any class: a pickle naming it runs code when loaded without weights_only."""
+
+
+def test_pickled_objects_in_bundle_weights_get_the_checkpoint_one_line(predicted, tmp_path, capsys):
+    out = bundle(predicted, tmp_path / "bundle", progress=False)
+    weights = out / "experiments" / "0-run" / "fold0" / "weights.pt"
+    torch.save({"head.weight": Payload()}, weights)
+    checkpoint = tmp_path / "last.pt"
+    torch.save({"model": Payload()}, checkpoint)
+    errors = []
+    for path, load in ((weights, lambda: predict_from_bundle(out, predicted.data.dir, tmp_path / "s.csv",
+                                                             progress=False)),
+                       (checkpoint, lambda: load_checkpoint(checkpoint))):
+        with pytest.raises(SystemExit) as exited:
+            run_cli(load)
+        stderr = capsys.readouterr().err
+        assert exited.value.code == 2 and "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
+        errors.append(stderr.replace(str(path), "<file>"))
+    assert errors[0] == errors[1] and "pickled Python object (tests.test_bundle.Payload)" in errors[0]
+    assert "weights_only=False" not in errors[0]
