@@ -200,7 +200,7 @@ def test_a_bad_distribution_names_its_key(tune_cfg, space, expected):
 
 
 def test_the_example_spaces_fit_their_configs():
-    for space, config in (("hpa", "hpa_nasnet512"), ("small_data", "small_data")):
+    for space, config in (("hpa", "hpa_nasnet512"), ("small_data", "small_data"), ("many_labels", "openimages_demo")):
         cfg = load_config(REPO_ROOT / "configs" / f"{config}.yaml")
         assert load_space(REPO_ROOT / "configs" / "tune" / f"{space}.yaml", cfg)[0]
 
