@@ -190,8 +190,9 @@ class RunFolder:
         wanted = list(found) if folds is None else list(folds)
         missing = [f for f in wanted if f not in found]
         if not found or missing:
-            raise PipelineError(f"{self.root}: no {which}.pt for fold(s) {missing or 'any'}; "
-                                "train them first (bash scripts/train_fold.sh N)")
+            make = ("average them first (python -m src.average --fold N)" if which == AVERAGED
+                    else "train them first (bash scripts/train_fold.sh N)")
+            raise PipelineError(f"{self.root}: no {which}.pt for fold(s) {missing or 'any'}; {make}")
         return [(f, found[f]) for f in wanted]
 
     # -- the saved config -----------------------------------------------------------------------------
