@@ -48,8 +48,9 @@ CHANNEL_FACTOR = (0.9, 1.1)
 GAMMA = (0.8, 1.2)
 CROP_RATIO = (3 / 4, 4 / 3)
 
-# Salts that split one sample seed into independent streams for the geometry and the intensity.
-GEOMETRY_STREAM, INTENSITY_STREAM = 0x5EED_6E0, 0x5EED_1A7
+# Salts that split one sample seed into independent streams for the geometry and the intensity (and the native-
+# resolution crop, train.augment.crop: a stream of its own, so the other two draw as they do without it).
+GEOMETRY_STREAM, INTENSITY_STREAM, CROP_STREAM = 0x5EED_6E0, 0x5EED_1A7, 0x5EED_C20
 
 
 def stream(seed: int, salt: int) -> random.Random:
@@ -133,6 +134,13 @@ def sample_geometry(rng: random.Random, cfg: AugmentConfig, width: int, height: 
         crop = crop_matrix(rng, out_w, out_h, cfg.crop_scale)
         warp = crop if warp is None else crop @ warp
     return Geometry(element, warp)
+
+
+def sample_crop(rng: random.Random, crop: int, width: int, height: int) -> tuple[int, int]:
+    """The top-left corner ``(x0, y0)`` of a uniformly placed ``crop`` x ``crop`` window in a width x height image."""
+    if crop > width or crop > height:
+        raise ValueError(f"train.augment.crop={crop} does not fit a {width} x {height} image")
+    return rng.randint(0, width - crop), rng.randint(0, height - crop)
 
 
 def intensity_tables(channels: int, contrast_brightness: tuple[float, float] | None = None,
@@ -223,6 +231,31 @@ def warp_reflect(image: np.ndarray, matrix: np.ndarray, width: int, height: int,
     return warp(image)
 
 
+class NativeCrop(_SaltedSeed, A.DualTransform):
+    """A random ``crop`` x ``crop`` window of the image, its pixels as stored (a slice: never resampled); the first
+    transform of a policy with ``train.augment.crop``. Position: :func:`sample_crop`."""
+
+    salt = CROP_STREAM
+
+    def __init__(self, crop: int):
+        super().__init__(p=1.0)
+        self.crop = crop
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        return {"corner": sample_crop(self.py_random, self.crop, width, height)}
+
+    def apply(self, img: np.ndarray, corner: tuple[int, int], **params: Any) -> np.ndarray:
+        x0, y0 = corner
+        return np.ascontiguousarray(img[y0 : y0 + self.crop, x0 : x0 + self.crop])
+
+    def apply_to_mask(self, mask: np.ndarray, corner: tuple[int, int], **params: Any) -> np.ndarray:
+        return self.apply(mask, corner)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("crop",)
+
+
 class D4Affine(_SaltedSeed, A.DualTransform):
     """D4 view, affine jitter and resized crop of the policy in one resampling (H x W x C in and out).
 
@@ -292,7 +325,8 @@ class ChannelIntensity(_SaltedSeed, A.ImageOnlyTransform):
 def build_cpu_policy(cfg: AugmentConfig) -> A.Compose:
     """The policy as an albumentations Compose: H x W x C uint8 in, C x H x W uint8 out. Reseed it per sample
     (``set_random_seed``) for reproducible draws."""
-    return A.Compose([D4Affine(cfg), ChannelIntensity(cfg)])
+    crop = [NativeCrop(cfg.crop)] if cfg.crop else []
+    return A.Compose([*crop, D4Affine(cfg), ChannelIntensity(cfg)])
 
 
 # -- on the training device, per batch (torch) ----------------------------------------------------------------
@@ -325,13 +359,15 @@ class BatchAugment:
         return (np.stack(inverses) if moved else None), (np.stack(tables) if changed else None)
 
     def __call__(self, images: torch.Tensor, seeds: torch.Tensor | list[int]) -> torch.Tensor:
-        """The augmented batch (uint8, same shape and device)."""
+        """The augmented batch (uint8, same device; ``train.augment.crop`` x that with a crop, else the same shape)."""
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != len(images):
+            raise ValueError(f"{len(seeds)} seeds for a batch of {len(images)} images")
+        if self.cfg.crop:
+            images = self.crop(images, seeds)
         n, channels, height, width = images.shape
         if height != width:
             raise ValueError(f"batch augmentation needs square images, got {height} x {width}")
-        seeds = [int(s) for s in seeds]
-        if len(seeds) != n:
-            raise ValueError(f"{len(seeds)} seeds for a batch of {n} images")
         inverses, tables = self.parameters(seeds, channels, height)
         if inverses is not None:
             images = self.warp(images, torch.as_tensor(inverses, dtype=torch.float32, device=images.device))
@@ -340,6 +376,13 @@ class BatchAugment:
             flat = images.reshape(n, channels, -1).long()
             images = torch.gather(lookup, 2, flat).view(n, channels, height, width)
         return images
+
+    def crop(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Each image's ``train.augment.crop`` window (:func:`sample_crop` from its seed, as :class:`NativeCrop`):
+        slices of the stored pixels."""
+        size, (height, width) = self.cfg.crop, images.shape[2:]
+        corners = [sample_crop(stream(seed, CROP_STREAM), size, width, height) for seed in seeds]
+        return torch.stack([image[:, y0 : y0 + size, x0 : x0 + size] for image, (x0, y0) in zip(images, corners)])
 
     @staticmethod
     def warp(images: torch.Tensor, inverses: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,9 @@ A checkpoint (``last.pt``; ``best.pt`` is a link to the same file) holds the who
     config                                the resolved config, for the resume check
     history                               one row per epoch so far
 
+Two lighter files hold weights only: an epoch's weights kept by ``train.keep_epochs`` (``model``, ``ema``:
+:func:`epoch_weights`) and the averaged checkpoint of ``src.average`` (:func:`averaged_checkpoint`).
+
 Tensors and plain Python only, so it loads with ``weights_only=True``; written atomically (temp file +
 rename) and only from finite weights. The run folder says where checkpoints live (``RunFolder.checkpoint``);
 the training loop says when to write one; this module says what is in it.
@@ -241,3 +244,25 @@ def model_weights(ckpt: dict) -> dict:
     if ckpt.get("ema") and ckpt.get("state", {}).get("eval_weights", "ema") == "ema":
         return {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
     return ckpt["model"]
+
+
+# -- weights only: kept epochs and their average ------------------------------------------------------
+def epoch_weights(parts: TrainingParts) -> dict:
+    """What ``train.keep_epochs`` keeps of an epoch: the raw weights and the EMA's (None without one), no
+    training state."""
+    return {"model": parts.model.state_dict(), "ema": parts.ema.module.state_dict() if parts.ema else None}
+
+
+def averaged_checkpoint(weights: dict, epochs: list[int], averaged: str, config: dict) -> dict:
+    """The checkpoint ``src.average`` writes: the averaged ``weights`` (``averaged``: of the raw or the EMA weights
+    of ``epochs``) as the weights :func:`model_weights` gives inference."""
+    return {"model": weights, "ema": None, "state": {"eval_weights": "raw"},
+            "averaged": {"epochs": epochs, "weights": averaged}, "config": config}
+
+
+def save_weights(path: Path, weights: dict, staging: Staging | None = None) -> Path:
+    """Write a weights-only file (:func:`epoch_weights`, :func:`averaged_checkpoint`) atomically, as
+    :func:`save_checkpoint` does (with ``staging``: renamed on its commit)."""
+    if staging is not None:
+        return staging.file(path, lambda tmp: torch.save(weights, tmp))
+    return write_atomic(path, lambda tmp: torch.save(weights, tmp))

@@ -133,6 +133,11 @@ class AugmentConfig(Section):
     # each batch on the training device (torch), leaving the workers only reading, for when CPU cores are few.
     # The same parameters from the same per-sample seeds either way.
     where: Literal["loader", "device"] = "loader"
+    # Random crops of this many px from the stored image (data.image_size), at native resolution, never resized
+    # back: pack at a large size (data.image_size=1024) and train on crops (512) of it; validation and prediction
+    # see the whole image (the backbones are fully convolutional) or predict.crops views. Null: no crop (HPA 1st
+    # place, bestfitting, trained on random crops; docs/winners.md).
+    crop: int | None = Field(None, ge=8)
 
 
 class TrainConfig(Section):
@@ -182,6 +187,9 @@ class TrainConfig(Section):
     # train.resume=true continues from there (smoke runs, and the resume tests). None: run all epochs.
     stop_after_steps: int | None = Field(None, ge=1)
     augment: AugmentConfig = AugmentConfig()
+    # Keep the weights (raw, and EMA when kept) of the last K epochs in fold<N>/epochs/, for `python -m src.average`
+    # (checkpoint averaging with BatchNorm statistics re-estimated; HPA 3rd place). 0: keep none.
+    keep_epochs: int = Field(0, ge=0)
 
 
 class LossConfig(Section):
@@ -212,10 +220,14 @@ class PredictConfig(Section):
     runs: list[RunRef] = []
     # Fold numbers to use; None means every fold checkpoint found.
     folds: list[int] | None = None
-    checkpoint: Literal["best", "last"] = "best"
+    # averaged: the fold's averaged.pt (python -m src.average) and its own OOF scores.
+    checkpoint: Literal["best", "last", "averaged"] = "best"
     # D4 views: identity, rot90, rot180, rot270, flip, flip_rot90, flip_rot180, flip_rot270.
     tta: list[str] = ["identity", "flip"]
     tta_reduce: Literal["mean", "max"] = "mean"
+    # Crop views: a k x k grid of train.augment.crop px crops (N = k * k: 1 is the central crop, 4 the corners),
+    # each under every TTA view, all reduced by tta_reduce; 0: the whole image. Needs a run trained on crops.
+    crops: int = Field(0, ge=0)
     # Re-score each fold's validation rows under the same TTA views, so thresholds are tuned on scores made
     # like the test scores (training's OOF is one view; matters most with tta_reduce=max). One more pass
     # over the training set.
@@ -355,6 +367,14 @@ class Config(Section):
     tune: TuneConfig = TuneConfig()
     kaggle: KaggleConfig = KaggleConfig()
 
+    @model_validator(mode="after")
+    def _crop_fits(self) -> Config:
+        crop = self.train.augment.crop
+        if crop is not None and crop > self.data.image_size:
+            raise ValueError(f"train.augment.crop ({crop}) is larger than the stored images (data.image_size="
+                             f"{self.data.image_size})")
+        return self
+
 
 class PipelineError(Exception):
     """A problem the user can fix (bad config, bad data): shown as one message, exit code 2."""
@@ -385,6 +405,8 @@ def _describe(error: dict[str, Any]) -> str:
         close = difflib.get_close_matches(key, _valid_keys(Config), n=1, cutoff=0.5)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown config key '{key}'{hint}"
+    if not key:  # a check across sections (Config's own validator): its message names the keys
+        return str(error["msg"]).removeprefix("Value error, ")
     return f"config key '{key}': {error['msg']} (got {error.get('input')!r})"
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import difflib
 import functools
+import itertools
+import math
 import re
 import types
 from collections.abc import Callable, Sequence
@@ -237,28 +239,53 @@ def check_views(views: Sequence[str]) -> None:
         raise PipelineError(f"predict.tta: unknown or no view(s) {unknown}; choose from {list(D4_VIEWS)}")
 
 
+def crop_windows(height: int, width: int, crop: int, count: int) -> list[tuple[int, int]]:
+    """The ``(top, left)`` corners of ``count`` = k x k crops of ``crop`` px on a height x width image: a grid from the
+    first to the last position, evenly spaced (k = 1: the central crop). When k x crop reaches the image's sides
+    the crops cover it."""
+    k = math.isqrt(count)
+    if k * k != count or count == 0:
+        raise PipelineError(f"predict.crops={count}: expected a square number of crop views (1, 4, 9, ...; 0: the "
+                            "whole image)")
+    if crop > min(height, width):
+        raise PipelineError(f"predict.crops: {crop} px crops do not fit {height} x {width} images")
+
+    def starts(side: int) -> list[int]:
+        return [(side - crop) // 2] if k == 1 else [round(i * (side - crop) / (k - 1)) for i in range(k)]
+
+    return [(top, left) for top in starts(height) for left in starts(width)]
+
+
 @torch.no_grad()
 def infer(model: nn.Module, loader, device: torch.device, *, precision: str = "fp32", channels_last: bool = False,
           views: Sequence[str] = ("identity",), reduce: str = "mean",
           to_scores: Callable[[np.ndarray], np.ndarray] | None = None, loss_fn: nn.Module | None = None,
-          desc: str = "infer", progress: bool = True,
-          into: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray | None, float | None]:
+          desc: str = "infer", progress: bool = True, into: Callable[[np.ndarray], None] | None = None,
+          crops: int = 0, crop: int | None = None) -> tuple[np.ndarray | None, float | None]:
     """The one inference loop (validation, OOF re-scoring, prediction).
 
     For each loaded batch, every TTA view in ``views`` is made on the device (images are read and decoded
     once), run under ``precision``, mapped by ``to_scores`` (raw float32 outputs when None) and reduced over
-    views by ``reduce`` (mean or max). Returns the n x out stacked results and, when ``loss_fn`` is given,
-    the mean loss of the raw outputs of the first view. ``into``: each batch's results are handed to it (a score
-    table being written, src.score_table.ScoreSink) instead of being stacked, and None is returned for them.
+    views by ``reduce`` (mean or max). ``crops``: the views are made of each of ``crops`` windows of ``crop`` px
+    (:func:`crop_windows`; the network is fully convolutional), all of them reduced together. Returns the n x out
+    stacked results and, when ``loss_fn`` is given, the mean loss of the raw outputs of the first view (of the first
+    crop). ``into``: each batch's results are handed to it (a score table being written,
+    src.score_table.ScoreSink) instead of being stacked, and None is returned for them.
     """
     check_views(views)
+    if crops and crop is None:
+        raise PipelineError(f"predict.crops={crops}: the run was trained without train.augment.crop, so there is no "
+                            "crop size; set predict.crops=0 (the whole image)")
     model.eval()
     results, total_loss, count = [], 0.0, 0
     for images, targets in progress_bar(loader, desc=desc, disable=not progress, leave=False):
         images = images.to(device, non_blocking=True)
+        windows = crop_windows(images.shape[2], images.shape[3], crop, crops) if crops else [None]
         per_view = []
-        for view in views:
-            view_images = d4_view(images, view)
+        for window, view in itertools.product(windows, views):
+            part = images if window is None else images[:, :, window[0] : window[0] + crop,
+                                                        window[1] : window[1] + crop]
+            view_images = d4_view(part, view)
             if channels_last:  # after the view: a rotation of a channels_last tensor is not channels_last
                 view_images = view_images.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):
@@ -270,7 +297,7 @@ def infer(model: nn.Module, loader, device: torch.device, *, precision: str = "f
             outputs = outputs.cpu().numpy()
             per_view.append(to_scores(outputs) if to_scores is not None else outputs)
         stacked = np.stack(per_view)
-        reduced = stacked[0] if len(views) == 1 else stacked.mean(0) if reduce == "mean" else stacked.max(0)
+        reduced = stacked[0] if len(per_view) == 1 else stacked.mean(0) if reduce == "mean" else stacked.max(0)
         if into is not None:
             into(reduced)
         else:

@@ -147,7 +147,8 @@ def fold_networks(run_cfg: Config, fold_weights: Iterable[tuple[int, dict]],
 def score_dataset(cfg: Config, run_cfg: Config, model: torch.nn.Module, dataset: RGBYDataset, to_scores,
                   device: torch.device, desc: str, progress: bool = True,
                   scratch: Path | None = None) -> np.ndarray | ScoreRows:
-    """Class scores of every image of ``dataset``: the configured TTA views and reduction, ``to_scores`` on the
+    """Class scores of every image of ``dataset``: the configured TTA views (of each crop view, ``predict.crops``, at
+    the run's ``train.augment.crop``) and reduction, ``to_scores`` on the
     raw outputs; an array, or above ``CSV_MAX_CLASSES`` classes a float32 table in ``scratch`` filled batch by
     batch (see :class:`src.score_table.ScoreSink`)."""
     loader = make_loader(dataset, cfg.predict.batch_size, cfg.train.num_workers, cfg.train.seed, device)
@@ -155,7 +156,7 @@ def score_dataset(cfg: Config, run_cfg: Config, model: torch.nn.Module, dataset:
     try:
         infer(model, loader, device, precision=cfg.train.precision, channels_last=run_cfg.model.channels_last,
               views=cfg.predict.tta, reduce=cfg.predict.tta_reduce, to_scores=to_scores, desc=desc,
-              progress=progress, into=sink.append)
+              progress=progress, into=sink.append, crops=cfg.predict.crops, crop=run_cfg.train.augment.crop)
     except BaseException:
         sink.abort()
         raise
@@ -177,6 +178,13 @@ def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: p
     if run_cfg.train.augment.d4 == 0 and set(cfg.predict.tta) - {"identity"}:
         note(f"warning: {folder.root} was trained without D4 augmentation; TTA views {cfg.predict.tta} show the "
              "model images unlike any it was trained on (consider predict.tta=[identity])")
+    if cfg.predict.crops:
+        if run_cfg.train.augment.crop is None:
+            raise PipelineError(f"predict.crops={cfg.predict.crops}: {folder.root} was trained without "
+                                "train.augment.crop (no crop size); set predict.crops=0 (the whole image)")
+        if not cfg.predict.oof_tta:
+            note(f"note: predict.crops={cfg.predict.crops} scores test images by crops, but the OOF scores the "
+                 "thresholds are tuned on are training's, of whole images; predict.oof_tta=true scores them alike")
 
     # The packed cache at this experiment's image size, if there is one (and it is fresh).
     data_cfg = cfg.data.model_copy(update={"image_size": run_cfg.data.image_size})
@@ -315,7 +323,8 @@ def report_header(cfg: Config, refs: list[RunRef], oof: OofScores, n_test: int, 
     chosen += f" ({decision.describe()})" if decision is not None else ""
     chosen += f", by predict.threshold={AUTO}" if cfg.predict.threshold == AUTO else ""
     return (f"Experiments: {', '.join(f'{r.dir} (weight {r.weight})' for r in refs)}; "
-            f"TTA {cfg.predict.tta} ({cfg.predict.tta_reduce}); {len(oof)} OOF rows, {n_test} test rows. "
+            f"TTA {cfg.predict.tta}{f' x {cfg.predict.crops} crops' if cfg.predict.crops else ''} "
+            f"({cfg.predict.tta_reduce}); {len(oof)} OOF rows, {n_test} test rows. "
             f"Metric: {get_metric(cfg.metric).title}. Chosen strategy: **{chosen}**. Cross-fold scores fit the "
             "decision on the other folds' OOF rows: the honest estimate of the test score."
             + (f" Only one fold's OOF rows: cross-fold fits on {PSEUDO_FOLDS - 1} of {PSEUDO_FOLDS} random parts of "

@@ -6,7 +6,10 @@
       config.yaml                 resolved config of the last fold trained (also in each fold folder)
       fold<N>/
         last.pt, best.pt          full training state (best.pt: the epoch ``train.monitor`` liked best)
-        oof.csv, oof_last.csv     validation scores of best.pt / last.pt: ``Id`` + one column per class
+        epochs/epoch_<E>.pt       train.keep_epochs=K: the weights (raw and EMA) of the last K epochs, only
+        averaged.pt               src.average: their mean, BatchNorm statistics re-estimated (weights only)
+        oof.csv, oof_last.csv     validation scores of best.pt / last.pt (oof_averaged.csv: of averaged.pt):
+                                  ``Id`` + one column per class
                                   (above 1 000 classes the same table as oof.npz: Ids + float16 scores,
                                   written by validation batch by batch as scores-*.tmp, then renamed)
         history.csv               one row per epoch
@@ -58,7 +61,10 @@ TUNE_DIR = "tune"
 TUNE_STORAGE_FILE = "tune.db"
 LOCK_FILE = ".lock"
 # Validation scores of each checkpoint, so predict tunes thresholds on the model it applies them to.
-OOF_FILES = {"best": "oof.csv", "last": "oof_last.csv"}
+OOF_FILES = {"best": "oof.csv", "last": "oof_last.csv", "averaged": "oof_averaged.csv"}
+# train.keep_epochs' weights, one file per epoch, and src.average's checkpoint made from them.
+EPOCHS_DIR = "epochs"
+AVERAGED = "averaged"
 # The label-embedding plots, beside the embedding they picture.
 EMBEDDING_PLOTS = {"similarity": "label_similarity.png", "map": "label_map.png"}
 # What a fold folder holds after training, in the order a summary lists them (and what train.overwrite removes).
@@ -80,6 +86,19 @@ class RunFolder:
 
     def oof(self, fold: int, which: str = "best") -> Path:
         return self.fold(fold) / OOF_FILES[which]
+
+    def epoch_weights(self, fold: int, epoch: int) -> Path:
+        """Where ``train.keep_epochs`` keeps the weights of epoch ``epoch`` (1-based) of fold ``fold``."""
+        return self.fold(fold) / EPOCHS_DIR / f"epoch_{epoch:02d}.pt"
+
+    def kept_epochs(self, fold: int) -> dict[int, Path]:
+        """Epoch -> its kept weights, oldest first, for every epoch fold ``fold`` keeps."""
+        found = {}
+        for path in (self.fold(fold) / EPOCHS_DIR).glob("epoch_*.pt"):
+            number = path.stem.removeprefix("epoch_")
+            if number.isdigit():
+                found[int(number)] = path
+        return dict(sorted(found.items()))
 
     def history(self, fold: int) -> Path:
         return self.fold(fold) / HISTORY_FILE
@@ -152,9 +171,12 @@ class RunFolder:
 
     def training_outputs(self, fold: int) -> list[Path]:
         """Every file a training of fold ``fold`` writes (checkpoints, both forms of its score tables, history,
-        config, label embedding): what training the fold again from scratch removes first."""
+        config, label embedding, kept epochs) and the averaged checkpoint made of them: what training the fold
+        again from scratch removes first."""
         tables = [file for which in OOF_FILES for file in table_files(self.oof(fold, which))]
-        return list(dict.fromkeys([self.fold(fold) / name for name in FOLD_FILES] + tables + [self.embedding(fold)]))
+        derived = [*self.kept_epochs(fold).values(), self.checkpoint(fold, AVERAGED)]
+        return list(dict.fromkeys([self.fold(fold) / name for name in FOLD_FILES] + tables + [self.embedding(fold)]
+                                  + derived))
 
     def lock(self, fold: int):
         """Hold fold ``fold``'s folder for this training process (:func:`src.files.folder_lock`); a second
@@ -168,8 +190,9 @@ class RunFolder:
         wanted = list(found) if folds is None else list(folds)
         missing = [f for f in wanted if f not in found]
         if not found or missing:
-            raise PipelineError(f"{self.root}: no {which}.pt for fold(s) {missing or 'any'}; "
-                                "train them first (bash scripts/train_fold.sh N)")
+            make = ("average them first (python -m src.average --fold N)" if which == AVERAGED
+                    else "train them first (bash scripts/train_fold.sh N)")
+            raise PipelineError(f"{self.root}: no {which}.pt for fold(s) {missing or 'any'}; {make}")
         return [(f, found[f]) for f in wanted]
 
     # -- the saved config -----------------------------------------------------------------------------

@@ -37,11 +37,13 @@ from src.augment import BatchAugment, build_cpu_policy
 from src.checkpoint import (
     NonFiniteWeights,
     capture_checkpoint,
+    epoch_weights,
     gather_rng_states,
     load_checkpoint,
     require_finite,
     restore_checkpoint,
     save_checkpoint,
+    save_weights,
 )
 from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError, override
@@ -636,8 +638,13 @@ class Trainer:
         with Staging() as staging:
             if self.dist.main:
                 write_scores(folder.oof(fold, "last"), self.parts.val_table["Id"], metrics["probs"], staging)
+                if tc.keep_epochs:  # this epoch's weights for src.average, in the same set
+                    save_weights(folder.epoch_weights(fold, state.epoch), epoch_weights(self.parts), staging)
             self.save(staging)
             staging.commit()
+        if self.dist.main and tc.keep_epochs:  # the last K only, oldest removed
+            for old in list(folder.kept_epochs(fold).values())[:-tc.keep_epochs]:
+                old.unlink()
         if self.dist.main:
             if improved:  # the same state: link the files instead of serialising it twice
                 copy_scores(folder.oof(fold, "last"), folder.oof(fold, "best"))
