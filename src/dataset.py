@@ -117,7 +117,8 @@ class EpochSampler(Sampler):
         self.epoch_state = self.generator.get_state()
         self.skip = 0
         if weights is not None and (len(weights) != num_samples or not np.all(np.asarray(weights) > 0)):
-            raise ValueError(f"sampler weights: expected {num_samples} positive weights, got {len(weights)}")
+            raise ValueError(f"sampler weights: expected {num_samples} positive weights, got {len(weights)} "
+                             f"(smallest {np.min(weights) if len(weights) else None})")
         # Inverse-CDF sampling: a uniform draw u picks the first sample whose cumulative weight exceeds u x total.
         self.cumulative = None if weights is None else torch.as_tensor(np.cumsum(weights, dtype=np.float64))
 
