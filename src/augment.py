@@ -16,6 +16,9 @@ Both draw each sample's parameters from that sample's seed (``EpochSampler`` yie
 through the same functions (:func:`sample_geometry`, :func:`sample_intensity`), so a run replays exactly when
 resumed, whatever the worker count, and the two placements sample one distribution. Geometry and intensity
 draw from separate streams of the seed, so whether one fires says nothing about the other.
+
+After the policy, on the device, a batch may be mixed (``train.augment.mix``: mixup or cutmix, :class:`BatchMix`),
+its draws taken from the batch's sample seeds too.
 """
 
 from __future__ import annotations
@@ -396,3 +399,76 @@ class BatchAugment:
         grid = F.affine_grid(theta[:, :2], [n, channels, height, width], align_corners=True)
         warped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=True)
         return warped.round_().clamp_(0, 255).to(torch.uint8)
+
+
+# -- mixing samples on the training device (mixup, cutmix) -----------------------------------------------------
+# Salt of the stream a batch's mixing draws from (its samples' seeds are the rest of the entropy).
+MIX_STREAM = 0x5EED_313
+
+
+@dataclass(frozen=True)
+class MixDraw:
+    """How one batch is mixed: sample i keeps weight ``lam`` and takes ``1 - lam`` from sample
+    ``permutation[i]``; mixup blends whole images, cutmix (``box``: rows y0:y1, columns x0:x1) pastes the
+    partner's box, ``lam`` then being the share of the image left outside the box."""
+
+    lam: float
+    permutation: np.ndarray
+    box: tuple[int, int, int, int] | None = None
+
+
+def mix_batch(images: torch.Tensor, targets: torch.Tensor, draw: MixDraw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and targets of a batch mixed as ``draw`` says; targets always blend with the weight ``lam``.
+    Mixup returns float32 images (on the uint8 scale: the network normalises either), cutmix uint8 ones."""
+    partner = torch.as_tensor(draw.permutation, device=images.device)
+    if draw.box is None:
+        mixed = draw.lam * images.float() + (1.0 - draw.lam) * images[partner].float()
+    else:
+        y0, y1, x0, x1 = draw.box
+        mixed = images.clone()
+        mixed[:, :, y0:y1, x0:x1] = images[partner][:, :, y0:y1, x0:x1]
+    return mixed, draw.lam * targets + (1.0 - draw.lam) * targets[partner]
+
+
+class BatchMix:
+    """Mixup or cutmix (``cfg.mix``) of a training batch on its device, after the policy: with probability
+    ``cfg.mix_prob`` the batch is mixed with a random permutation of itself at a weight drawn from
+    Beta(``cfg.mix_alpha``, ``cfg.mix_alpha``) (cutmix: a box of 1 - weight of the area, as timm's ``rand_bbox``,
+    the weight then being the exact area share kept). Everything is drawn from the batch's sample seeds, so a
+    resumed run mixes the same batches the same way; no global RNG is touched. ``mix_targets`` maps multi-hot
+    targets to those whose linear mix is the mix of two samples' targets (the loss registry's answer)."""
+
+    def __init__(self, cfg: AugmentConfig, mix_targets=None):
+        self.cfg = cfg
+        self.mix_targets = mix_targets
+
+    def draw(self, seeds: list[int], height: int, width: int) -> MixDraw | None:
+        """The mixing of a batch with these sample seeds and image size; None when it is left unmixed."""
+        if min(seeds) < 0:
+            raise ValueError("mixing needs the batch's sample seeds (the sampler's), got -1")
+        rng = np.random.default_rng([*seeds, MIX_STREAM])
+        if rng.random() >= self.cfg.mix_prob:
+            return None
+        lam = float(rng.beta(self.cfg.mix_alpha, self.cfg.mix_alpha))
+        permutation = rng.permutation(len(seeds))
+        if self.cfg.mix != "cutmix":
+            return MixDraw(lam, permutation)
+        cut = math.sqrt(1.0 - lam)
+        half_h, half_w = int(height * cut) // 2, int(width * cut) // 2
+        cy, cx = int(rng.integers(height)), int(rng.integers(width))
+        y0, y1 = max(cy - half_h, 0), min(cy + half_h, height)
+        x0, x1 = max(cx - half_w, 0), min(cx + half_w, width)
+        return MixDraw(1.0 - (y1 - y0) * (x1 - x0) / (height * width), permutation, (y0, y1, x0, x1))
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor,
+                 seeds: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch mixed, or as it came (the same tensors) when this batch is not mixed."""
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != len(images):
+            raise ValueError(f"{len(seeds)} seeds for a batch of {len(images)} images")
+        draw = self.draw(seeds, images.shape[-2], images.shape[-1])
+        if draw is None:
+            return images, targets
+        if self.mix_targets is not None:
+            targets = self.mix_targets(targets)
+        return mix_batch(images, targets, draw)

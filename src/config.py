@@ -138,6 +138,13 @@ class AugmentConfig(Section):
     # see the whole image (the backbones are fully convolutional) or predict.crops views. Null: no crop (HPA 1st
     # place, bestfitting, trained on random crops; docs/winners.md).
     crop: int | None = Field(None, ge=8)
+    # Mixing of training samples on the device, after the policy (src.augment.BatchMix): "mixup" blends each
+    # image with another of its batch, "cutmix" pastes a box of another; the targets mix with the same weight
+    # (cutmix: the box's area share). A batch is mixed with probability mix_prob, its weight drawn from
+    # Beta(mix_alpha, mix_alpha), from its samples' seeds (a resumed run mixes the same way).
+    mix: Literal["none", "mixup", "cutmix"] = "none"
+    mix_prob: float = Field(0.5, ge=0.0, le=1.0)
+    mix_alpha: float = Field(1.0, gt=0.0)
 
 
 class TrainConfig(Section):
@@ -186,6 +193,11 @@ class TrainConfig(Section):
     # Stop after this many optimizer steps in total, as if interrupted: last.pt is written and
     # train.resume=true continues from there (smoke runs, and the resume tests). None: run all epochs.
     stop_after_steps: int | None = Field(None, ge=1)
+    # Which samples an epoch draws (src.dataset.EpochSampler): "uniform", each sample once in a shuffled order;
+    # "rare", as many draws with replacement, sample i weighted (1 / frequency of its rarest label) **
+    # sampler_power (a row without labels: the frequency of such rows). Power 0 is the uniform sampler itself.
+    sampler: Literal["uniform", "rare"] = "uniform"
+    sampler_power: float = Field(0.5, ge=0.0)
     augment: AugmentConfig = AugmentConfig()
     # Keep the weights (raw, and EMA when kept) of the last K epochs in fold<N>/epochs/, for `python -m src.average`
     # (checkpoint averaging with BatchNorm statistics re-estimated; HPA 3rd place). 0: keep none.
@@ -197,6 +209,8 @@ class LossConfig(Section):
     # or "label_embedding" alone: PMI -> SVD label vectors, cosine-proximity regression, nearest-label decoding.
     name: str = "bce+soft_f1"
     focal_gamma: float = Field(2.0, ge=0.0)
+    # hard_bce: the share of a batch's label terms (samples x classes) whose BCE is averaged, the largest first.
+    hard_fraction: float = Field(0.5, gt=0.0, le=1.0)
     # label_embedding: embedding dimension k (capped at the number of classes), positive PMI (negative and
     # never-co-occurring pairs set to 0), and a pseudo-count added to each label's count (rare labels).
     embedding_dim: int = Field(300, ge=2)

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
 from src.augment import to_chw  # noqa: E402
-from src.data import DataError  # noqa: E402
+from src.data import DataError, label_csr  # noqa: E402
 from src.images import read_image  # noqa: E402
 
 
@@ -101,15 +101,26 @@ class EpochSampler(Sampler):
     state at the start of the epoch is checkpointed: a run resumed mid-epoch regenerates the same
     permutation and seeds and skips the ``skip`` samples already trained on. ``rank``/``world_size``
     shard the permutation for distributed training (padded so every rank sees the same count).
+
+    With ``weights`` (one per sample, :func:`rarity_weights`) an epoch is instead ``num_samples`` draws with
+    replacement, sample i drawn with probability ``weights[i] / sum(weights)``, from the same generator: the
+    epoch keeps its length, resume and sharding stay exact (every rank draws the same sequence and takes its
+    own slice of it), and each draw gets its own augmentation seed (a sample drawn twice is augmented twice).
     """
 
-    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1,
+                 weights: np.ndarray | None = None):
         self.num_samples = num_samples
         self.rank = rank
         self.world_size = world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch_state = self.generator.get_state()
         self.skip = 0
+        if weights is not None and (len(weights) != num_samples or not np.all(np.asarray(weights) > 0)):
+            raise ValueError(f"sampler weights: expected {num_samples} positive weights, got {len(weights)} "
+                             f"(smallest {np.min(weights) if len(weights) else None})")
+        # Inverse-CDF sampling: a uniform draw u picks the first sample whose cumulative weight exceeds u x total.
+        self.cumulative = None if weights is None else torch.as_tensor(np.cumsum(weights, dtype=np.float64))
 
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.world_size) - self.skip
@@ -119,16 +130,40 @@ class EpochSampler(Sampler):
         if state is not None:
             self.generator.set_state(state)
         self.epoch_state = self.generator.get_state()
-        order = torch.randperm(self.num_samples, generator=self.generator)
-        seeds = torch.randint(0, 2**31 - 1, (self.num_samples,), generator=self.generator)
+        if self.cumulative is None:
+            order = torch.randperm(self.num_samples, generator=self.generator)
+            seeds = torch.randint(0, 2**31 - 1, (self.num_samples,), generator=self.generator)[order]
+        else:
+            total = self.cumulative[-1]
+            draws = torch.rand(self.num_samples, generator=self.generator, dtype=torch.float64) * total
+            order = torch.searchsorted(self.cumulative, draws, right=True).clamp_(max=self.num_samples - 1)
+            seeds = torch.randint(0, 2**31 - 1, (self.num_samples,), generator=self.generator)
         per_rank = math.ceil(self.num_samples / self.world_size)
-        padded = torch.cat([order, order[: per_rank * self.world_size - self.num_samples]])
-        mine = padded[self.rank :: self.world_size]
-        self._pairs = [(int(i), int(seeds[i])) for i in mine][skip:]
+        pad = per_rank * self.world_size - self.num_samples
+        padded, padded_seeds = torch.cat([order, order[:pad]]), torch.cat([seeds, seeds[:pad]])
+        self._pairs = list(zip(padded[self.rank :: self.world_size].tolist(),
+                               padded_seeds[self.rank :: self.world_size].tolist()))[skip:]
         self.skip = skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter(self._pairs)
+
+
+def rarity_weights(labels: pd.Series | list, num_classes: int, power: float) -> np.ndarray | None:
+    """Per-sample draw weights for rare-class sampling: ``(1 / freq(rarest label of the sample)) ** power``,
+    a label's frequency being the number of rows (of ``labels``) that carry it. A row with no label counts as
+    carrying one more label, "none", whose frequency is the number of such rows. ``power`` 0 returns None: the
+    uniform sampler itself, whose order equal weights would not reproduce."""
+    if power == 0:
+        return None
+    matrix = label_csr(labels, num_classes)
+    counts = np.bincount(matrix.indices, minlength=num_classes).astype(np.float64)
+    empty = np.diff(matrix.indptr) == 0
+    rarest = np.full(matrix.shape[0], float(empty.sum()))
+    if (~empty).any():
+        # min over each non-empty row's labels (an empty row's start equals the next row's: dropping it is safe)
+        rarest[~empty] = np.minimum.reduceat(counts[matrix.indices], matrix.indptr[:-1][~empty])
+    return rarest ** -float(power)
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, device: torch.device,

@@ -3,13 +3,15 @@
 Every loss takes raw outputs and multi-hot targets and is computed in float32: the training loop calls it
 outside the autocast region on ``outputs.float()``. A registry entry (:class:`LossKind`) also answers what the
 stages ask of a loss beyond the loss itself: what it fits on the training labels before the network is built,
-how many outputs the network has, and how raw outputs become per-class scores. The losses on per-class logits
-(BCE, focal, soft-F1; mixable) fit nothing and are scored by the sigmoid; ``label_embedding`` (alone only) fits
+how many outputs the network has, how raw outputs become per-class scores, and what mixed samples' targets are
+a mix of (mixup/cutmix). The losses on per-class logits (BCE, focal, soft-F1, Lovász hinge, hard-example BCE;
+mixable) fit nothing and are scored by the sigmoid; ``label_embedding`` (alone only) fits
 PMI/SVD label vectors, regresses onto them and is decoded with them.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from scipy.special import expit
 from torch import nn
+from torch.nn import functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 from src.config import Config, ConfigError, LossConfig
@@ -58,6 +61,53 @@ class FocalLoss(nn.Module):
         return sigmoid_focal_loss(logits.float(), targets.float(), alpha=-1, gamma=self.gamma, reduction="mean")
 
 
+def lovasz_hinge_per_class(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Lovász hinge (Berman et al. 2018) of each class's column over the batch, averaged over classes: the
+    Lovász extension of the Jaccard loss applied to the hinge errors ``relu(1 - logit * sign)``. Per column the
+    errors are sorted in decreasing order and weighted by the Jaccard loss's increments along that order
+    (Berman's ``lovasz_grad``), as bestfitting's HPA loss does class by class. Soft targets (mixed samples) enter
+    the signs and the Jaccard counts as fractions."""
+    logits, targets = logits.float(), targets.float()
+    errors = 1.0 - logits * (2.0 * targets - 1.0)
+    errors_sorted, order = torch.sort(errors, dim=0, descending=True)
+    truth_sorted = torch.gather(targets, 0, order)
+    positives = truth_sorted.sum(dim=0)
+    # Jaccard loss of the first k errors of each column; the union is never below 1 (see Berman's lovasz_grad).
+    jaccard = 1.0 - (positives - truth_sorted.cumsum(dim=0)) / (positives + (1.0 - truth_sorted).cumsum(dim=0))
+    increments = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+    return (torch.relu(errors_sorted) * increments).sum(dim=0).mean()
+
+
+class LovaszHinge(nn.Module):
+    """Multilabel Lovász hinge, per class (:func:`lovasz_hinge_per_class`); ``symmetric``: the mean of the loss
+    on (logits, targets) and on (-logits, 1 - targets), bestfitting's ``SymmetricLovaszLoss``, which also rewards
+    getting the negatives of a class right."""
+
+    def __init__(self, symmetric: bool = False):
+        super().__init__()
+        self.symmetric = symmetric
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = lovasz_hinge_per_class(logits, targets)
+        if self.symmetric:
+            loss = (loss + lovasz_hinge_per_class(-logits, 1.0 - targets.float())) / 2
+        return loss
+
+
+class HardBCE(nn.Module):
+    """Hard-example log loss: the BCE of the ``fraction`` of a batch's label terms (samples x classes) with the
+    largest BCE, averaged; 1 is plain BCE. The easy negatives that dominate a multilabel batch drop out."""
+
+    def __init__(self, fraction: float):
+        super().__init__()
+        self.fraction = fraction
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        terms = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none").flatten()
+        k = max(1, math.ceil(self.fraction * terms.numel()))
+        return terms.topk(k, sorted=False).values.mean()
+
+
 class WeightedSum(nn.Module):
     """sum_i weight_i * loss_i(outputs, targets)."""
 
@@ -90,6 +140,17 @@ class LossKind:
     # Fitted state -> how raw network outputs become per-class scores in [0, 1].
     scorer: Callable[[LabelEmbedding | None], Scorer] = lambda fitted: expit
     mixable: bool = True
+    # (the loss module, multi-hot targets) -> targets whose linear mix is the mix of two samples' targets
+    # (src.augment.BatchMix mixes them with the images' weights): the targets themselves for per-class losses.
+    mix_targets: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda loss, targets: targets
+
+
+def _unit_embedding_rows(loss: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """Multi-hot rows scaled so that each row times the label embedding is the unit vector the cosine loss
+    regresses onto (a row without labels stays zero): a linear mix of two scaled rows, which the loss maps
+    through the embedding, is then the same mix of the two samples' target vectors."""
+    lengths = (targets.float() @ loss.embedding).norm(dim=1, keepdim=True)
+    return targets.float() / lengths.clamp_min(loss.eps)
 
 
 def _fit_label_embedding(cfg: Config, labels: Sequence[Sequence[int]], verbose: bool) -> LabelEmbedding:
@@ -109,12 +170,17 @@ LOSSES = {
     "bce": LossKind(lambda cfg, fitted: nn.BCEWithLogitsLoss()),
     "focal": LossKind(lambda cfg, fitted: FocalLoss(cfg.focal_gamma)),
     "soft_f1": LossKind(lambda cfg, fitted: SoftMacroF1Loss()),
+    # The HPA 2018 winner's losses (bestfitting: focal + symmetric Lovász + hard-example log loss; docs/winners.md).
+    "lovasz": LossKind(lambda cfg, fitted: LovaszHinge()),
+    "symmetric_lovasz": LossKind(lambda cfg, fitted: LovaszHinge(symmetric=True)),
+    "hard_bce": LossKind(lambda cfg, fitted: HardBCE(cfg.hard_fraction)),
     # PMI -> SVD label vectors fitted on the training fold, cosine-proximity regression onto them, scores by
     # cosine similarity to every label vector (src.label_embedding).
     "label_embedding": LossKind(
         make=lambda cfg, fitted: _fitted(fitted, "build its loss").loss(), fit=_fit_label_embedding,
         load=LabelEmbedding.load, out_dim=lambda fitted: _fitted(fitted, "size the head").embedding.shape[1],
-        scorer=lambda fitted: _fitted(fitted, "score outputs").decode, mixable=False),
+        scorer=lambda fitted: _fitted(fitted, "score outputs").decode, mixable=False,
+        mix_targets=_unit_embedding_rows),
 }
 
 

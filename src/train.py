@@ -33,7 +33,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from src.augment import BatchAugment, build_cpu_policy
+from src.augment import BatchAugment, BatchMix, build_cpu_policy
 from src.checkpoint import (
     NonFiniteWeights,
     capture_checkpoint,
@@ -48,7 +48,7 @@ from src.checkpoint import (
 from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError, override
 from src.data import Vocabulary, label_csr
-from src.dataset import EpochSampler, RGBYDataset, make_loader
+from src.dataset import EpochSampler, RGBYDataset, make_loader, rarity_weights
 from src.files import Staging, ensure_writable, link_or_copy
 from src.folds import load_folds, require_fold
 from src.formats import load_training_data
@@ -204,6 +204,8 @@ class FoldParts:
     # train.augment.where=device: the policy applied to each training batch on the device (batches then carry
     # their samples' seeds); None when the DataLoader workers augment.
     batch_augment: BatchAugment | None = None
+    # train.augment.mix: mixup/cutmix of each training batch on the device, after the policy; None when off.
+    batch_mix: BatchMix | None = None
 
     def __post_init__(self) -> None:
         if self.forward is None:  # (not `or`: a compiled module has no truth value)
@@ -276,6 +278,8 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
         optimizer, warmup_cosine(total_steps, round(tc.warmup_fraction * total_steps)))
     n_classes, size = cfg.data.num_classes, cfg.data.image_size
     on_device = tc.augment.where == "device"
+    mixing = tc.augment.mix != "none"  # mixing draws from the batch's sample seeds: the batches carry them
+    loss_fn = build_loss(cfg.loss, embedding).to(device)
     ema = (ModelEmaV3(model, decay=ema_decay(tc.ema_horizon, total_steps), use_warmup=True, warmup_power=1.0)
            if tc.ema else None)
     forward = model
@@ -296,19 +300,22 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
     return FoldParts(
         cfg=cfg, fold=fold, device=device, vocabulary=vocabulary, train_table=train_table, val_table=val_table,
         embedding=embedding,
-        model=model, loss_fn=build_loss(cfg.loss, embedding).to(device),
+        model=model, loss_fn=loss_fn,
         optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16"),
         # EMA warm-up with power 1: decay t / (t + 1), a plain mean of every step so far, until its time
         # constant reaches the horizon; from then on a fixed-horizon EMA. Both scale with the schedule.
         ema=ema,
         train_set=RGBYDataset(train_table, n_classes, size, None if on_device else build_cpu_policy(tc.augment),
-                              open_packed(cfg.data, train_table), channels=cfg.model.in_chans, with_seeds=on_device),
+                              open_packed(cfg.data, train_table), channels=cfg.model.in_chans,
+                              with_seeds=on_device or mixing),
         val_set=RGBYDataset(val_table, n_classes, size, packed=open_packed(cfg.data, val_table),
                             channels=cfg.model.in_chans),
-        sampler=EpochSampler(len(train_table), tc.seed, dist.rank, dist.world_size),
+        sampler=EpochSampler(len(train_table), tc.seed, dist.rank, dist.world_size, weights=rarity_weights(
+            train_table["labels"], n_classes, tc.sampler_power) if tc.sampler == "rare" else None),
         steps_per_epoch=steps_per_epoch, dist=dist, forward=forward,
         batch_augment=BatchAugment(tc.augment) if on_device else None,
+        batch_mix=BatchMix(tc.augment, lambda targets: kind.mix_targets(loss_fn, targets)) if mixing else None,
     )
 
 
@@ -473,11 +480,13 @@ class Trainer:
         for micro, (images, targets, *seeds) in enumerate(window, start=1):
             images = images.to(p.device, non_blocking=True)
             targets = targets.to(p.device, non_blocking=True)
+            if (p.batch_augment is not None or p.batch_mix is not None) and not seeds:
+                raise PipelineError("train.augment.where=device or train.augment.mix: the training batches carry "
+                                    "no sample seeds (expected (images, targets, seeds) batches)")
             if p.batch_augment is not None:
-                if not seeds:
-                    raise PipelineError("train.augment.where=device: the training batches carry no sample "
-                                        "seeds (expected (images, targets, seeds) batches)")
                 images = p.batch_augment(images, seeds[0])
+            if p.batch_mix is not None:
+                images, targets = p.batch_mix(images, targets, seeds[0])
             if self.cfg.model.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             # Under DDP, gradients are all-reduced once per window: on its last micro-batch.

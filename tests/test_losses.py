@@ -108,3 +108,61 @@ def test_focal_loss_with_gamma_zero_is_bce():
     logits = torch.randn(12, 6) * 3
     targets = (torch.rand(12, 6) < 0.3).float()
     torch.testing.assert_close(FocalLoss(gamma=0.0)(logits, targets), nn.BCEWithLogitsLoss()(logits, targets))
+
+
+def jaccard_lovasz_reference(errors: list[float], truth: list[int]) -> float:
+    """The Lovász extension of the Jaccard loss at relu(errors), by its definition on sets: walk the errors in
+    decreasing order and weight each by how much the Jaccard loss Delta(M) = |M| / |positives u M| of the
+    mispredicted set M grows when its sample joins M."""
+    positives = {i for i, t in enumerate(truth) if t}
+    delta = lambda M: len(M) / len(positives | M) if M else 0.0  # noqa: E731
+    total, mispredicted = 0.0, set()
+    for i in sorted(range(len(errors)), key=lambda i: -errors[i]):
+        before = delta(mispredicted)
+        mispredicted.add(i)
+        total += max(errors[i], 0.0) * (delta(mispredicted) - before)
+    return total
+
+
+def test_lovasz_hinge_of_one_class_equals_the_hand_computed_extension():
+    # errors 1 - x*s = [-1, 2, 1.5, -2]; in order 2 (a positive), 1.5 (a negative), then non-positive ones;
+    # Delta({1}) = 1/2, Delta({1, 2}) = 2/3: 2 * 1/2 + 1.5 * (2/3 - 1/2) = 1.25
+    logits = torch.tensor([[2.0], [-1.0], [0.5], [-3.0]])
+    truth = torch.tensor([[1.0], [1.0], [0.0], [0.0]])
+    assert jaccard_lovasz_reference([-1, 2, 1.5, -2], [1, 1, 0, 0]) == pytest.approx(1.25)
+    assert float(build_loss(LossConfig(name="lovasz"))(logits, truth)) == pytest.approx(1.25)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lovasz_hinge_is_the_mean_over_classes_of_each_columns_extension(seed):
+    rng = np.random.default_rng(seed)
+    logits, truth = rng.normal(0, 2, (7, 4)), (rng.random((7, 4)) < 0.4).astype(int)
+    truth[:, 0] = 0  # a class without positives in the batch
+    per_class = [jaccard_lovasz_reference(list(1 - logits[:, c] * (2 * truth[:, c] - 1)), list(truth[:, c]))
+                 for c in range(4)]
+    as_tensors = torch.tensor(logits, dtype=torch.float32), torch.tensor(truth, dtype=torch.float32)
+    assert float(LOSSES["lovasz"].make(LossConfig(), None)(*as_tensors)) == pytest.approx(np.mean(per_class), 1e-5)
+    # bestfitting's symmetric form: the mean with the loss of the negated problem
+    negated = [jaccard_lovasz_reference(list(1 + logits[:, c] * (1 - 2 * truth[:, c])), list(1 - truth[:, c]))
+               for c in range(4)]
+    symmetric = build_loss(LossConfig(name="symmetric_lovasz"))(*as_tensors)
+    assert float(symmetric) == pytest.approx((np.mean(per_class) + np.mean(negated)) / 2, 1e-5)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 1.0])
+def test_hard_bce_is_the_bce_of_the_largest_terms(fraction):
+    rng = np.random.default_rng(1)
+    logits, truth = rng.normal(0, 3, (8, 5)), (rng.random((8, 5)) < 0.3).astype(float)
+    terms = np.logaddexp(0, logits) - truth * logits  # BCE with logits, per term
+    k = int(np.ceil(fraction * terms.size))
+    expected = np.sort(terms.ravel())[::-1][:k].mean()
+    loss = build_loss(LossConfig(name="hard_bce", hard_fraction=fraction))(torch.tensor(logits), torch.tensor(truth))
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_winners_losses_mix_with_the_others():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(10, 6), (torch.rand(10, 6) < 0.3).float()
+    cfg = LossConfig(name="0.5*focal+0.5*lovasz+0.5*hard_bce", hard_fraction=0.3)
+    parts = [LOSSES[name].make(cfg, None)(logits, targets) for name in ("focal", "lovasz", "hard_bce")]
+    torch.testing.assert_close(build_loss(cfg)(logits, targets), 0.5 * sum(parts))
