@@ -13,6 +13,7 @@ config writes down where it departs from it (the demos: a small network from scr
 from __future__ import annotations
 
 import difflib
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -181,7 +182,22 @@ class TrainConfig(Section):
     # Stop after this many optimizer steps in total, as if interrupted: last.pt is written and
     # train.resume=true continues from there (smoke runs, and the resume tests). None: run all epochs.
     stop_after_steps: int | None = Field(None, ge=1)
+    # Stop cleanly before this much time has passed since training started (seconds, or a time with units such as
+    # 8h30m): at an optimizer step, once the next step window (and an epoch's validation when one is due) would not
+    # fit, as measured so far this session; last.pt is written and train.resume=true continues exactly (a Kaggle
+    # session's limit; see docs/gpus.md). None: no limit.
+    time_limit: float | None = Field(None, gt=0.0)
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("time_limit", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return parse_duration(value, "train.time_limit")
+            except PipelineError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class LossConfig(Section):
@@ -358,6 +374,20 @@ class Config(Section):
 
 class PipelineError(Exception):
     """A problem the user can fix (bad config, bad data): shown as one message, exit code 2."""
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)([smh])"
+
+
+def parse_duration(text: str, what: str) -> float:
+    """The seconds of a time written with its units: ``90s``, ``30m``, ``1.5h``, ``8h30m`` (``what`` names the
+    option or key in the error)."""
+    spelled = str(text).strip().lower()
+    seconds = sum(float(number) * DURATION_UNITS[unit] for number, unit in re.findall(DURATION_PART, spelled))
+    if not re.fullmatch(f"(?:{DURATION_PART})+", spelled) or seconds <= 0:
+        raise PipelineError(f"{what} {text!r}: expected a positive time with its unit, e.g. 90s, 30m, 1.5h or 8h30m")
+    return seconds
 
 
 class ConfigError(PipelineError):
