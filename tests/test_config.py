@@ -33,7 +33,7 @@ def test_every_shipped_config_loads_with_relative_paths_and_its_own_run_folder()
         owners.setdefault(cfg.run.dir, []).append(name)
     assert {value: names for value, names in owners.items() if len(names) > 1} == {}, "shared run.dir"
     makers = {}
-    for name, cfg in loaded.items():
+    for cfg in loaded.values():
         makers.setdefault(cfg.folds.path, set()).add(yaml.safe_dump([cfg.data.model_dump(), cfg.folds.model_dump()]))
     assert {path: len(ways) for path, ways in makers.items() if len(ways) > 1} == {}, "folds file made two ways"
 
