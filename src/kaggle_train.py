@@ -207,13 +207,12 @@ def write_kit(cfg: Config, out: str | Path | None = None, progress: bool = True)
     if cfg.data.extra:
         raise PipelineError("data.extra: the training notebook reads the competition's own data only; train with "
                             "data.extra=[] on Kaggle, or where the extra sources are")
-    if cfg.model.pretrained is not False:
-        what = ("fetches timm's weights: turn the notebook's internet on, or" if cfg.model.pretrained is True else
-                "is a file on this machine:")
-        note(f"note: model.pretrained={cfg.model.pretrained} {what} save the weights with `python -m src.weights`, "
-             "add the file as a dataset and put model.pretrained=/kaggle/input/<dataset>/<file> in the notebook's "
-             "OVERRIDES")
     read_folds_file(cfg)  # a missing or broken folds file: the error that says how to make it
+    if cfg.model.pretrained is not False:
+        what = ("=true fetches timm's weights: turn the notebook's internet on, or" if cfg.model.pretrained is True
+                else f"={cfg.model.pretrained} is a file on this machine:")
+        note(f"note: model.pretrained{what} save the weights with `python -m src.weights`, add the file as a "
+             "dataset and put model.pretrained=/kaggle/input/<dataset>/<file> in the notebook's OVERRIDES")
     folds_bytes = Path(cfg.folds.path).read_bytes()
     run_name = Path(cfg.run.dir).resolve().name
     out = Path(out) if out is not None else Path(BUNDLES_DIR) / f"{run_name}-training"

@@ -31,8 +31,8 @@ def hub_model(backbone: str) -> nn.Module:
     try:
         return timm.create_model(backbone, pretrained=True)
     except OSError as exc:  # no network, or no such weights on the hub
-        raise PipelineError(f"could not fetch timm's pretrained weights for {backbone!r} ({type(exc).__name__}: "
-                            f"{exc}): run python -m src.weights where the hub can be reached") from None
+        raise PipelineError(f"could not fetch timm's pretrained weights for {backbone!r} ({type(exc).__name__}): "
+                            "run python -m src.weights where the hub can be reached") from None
 
 
 def save_weights(weights: nn.Module | dict, out: str | Path) -> Path:
