@@ -354,15 +354,16 @@ class SessionTiming:
     save: float = 0.0
     epoch_end: float = 0.0
 
-    def until_next_stop(self, ends_epoch: bool, val_windows: float) -> float:
+    def until_next_stop(self, ends_epoch: bool, val_windows: float, saves_now: bool = False) -> float:
         """The time before the run can next stop, and the save of that stop, from what was measured: the next
-        window (the median window: the first ones carry warm-up); when that window ends the epoch, also the epoch
-        end and the next epoch's first window. Not yet measured: a save as long as a window, and an epoch end as
+        window (the median window: the first ones carry warm-up), after the save due now if one is
+        (``saves_now``: train.checkpoint_every_steps); when that window ends the epoch, also the epoch end and the
+        next epoch's first window. Not yet measured: a save as long as a window, and an epoch end as
         ``val_windows`` windows (validation images / images per window: forward and backward per image, an
         upper bound for validation's forward) plus a save."""
         window = statistics.median(self.windows) if self.windows else 0.0
         save = self.save or window
-        need = window + save
+        need = window + save * (2 if saves_now else 1)
         if ends_epoch:
             need += (self.epoch_end or val_windows * window + save) + window
         return need
@@ -565,7 +566,8 @@ class Trainer:
             return False
         ends_epoch = remaining <= self.cfg.train.accum_steps
         need = self.timing.until_next_stop(ends_epoch, len(self.parts.val_set) / (
-            self.cfg.train.batch_size * self.cfg.train.accum_steps * self.dist.world_size))
+            self.cfg.train.batch_size * self.cfg.train.accum_steps * self.dist.world_size),
+            saves_now=self.checkpoint_due(n_batches))
         self.out_of_time = bool(self.dist.all_gather(time.monotonic() + need > self.deadline)[0])
         return self.out_of_time
 

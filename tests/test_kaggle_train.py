@@ -39,6 +39,7 @@ def test_the_time_to_the_next_stop_counts_the_epoch_end_only_when_the_next_windo
     timing.save, timing.epoch_end = 0.5, 4.0  # measured: they replace the estimates
     assert timing.until_next_stop(False, 3.0) == 1.5 + 0.5
     assert timing.until_next_stop(True, 3.0) == 1.5 + 0.5 + 4.0 + 1.5
+    assert timing.until_next_stop(False, 3.0, saves_now=True) == 1.5 + 0.5 + 0.5  # train.checkpoint_every_steps
 
 
 def test_kaggle_installs_the_pinned_packages_the_image_lacks_and_never_torch():
