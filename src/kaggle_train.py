@@ -114,8 +114,9 @@ if DATA is None:
     raise FileNotFoundError(f"no {{COMPETITION}} data under {{INPUT}}: add the competition as an input")
 # The packed cache (optional): a dataset holding python -m src.pack's files.
 CACHE = getattr(first(["train-{data.image_size}px-*.json"]), "parent", None)
-# The previous session's output (this notebook's output added as an input), if any.
-PREVIOUS = first([f"{{RUN_NAME}}/fold{{FOLD}}/last.pt"])
+# The previous session's output (this notebook's output added as an input), if any: the run folder holding this
+# fold's last.pt, else one holding another fold's (its folds travel on in this session's output).
+PREVIOUS = first([f"{{RUN_NAME}}/fold{{FOLD}}/last.pt", f"{{RUN_NAME}}/fold*/last.pt"])
 print("kit:", KIT)
 print("data:", DATA)
 print("packed cache:", CACHE or "none (the images are read)")
