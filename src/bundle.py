@@ -379,10 +379,15 @@ def write_decision(root: Path, record: dict, vocabulary: Vocabulary, decision_fi
     shutil.copyfile(decision_file, decision_path(root))
 
 
-def write_program(root: Path) -> None:
-    """A copy of this pipeline's src package and the infer.py that imports it."""
+def copy_src(root: Path) -> None:
+    """A copy of this pipeline's src package at ``root/src`` (what a Kaggle notebook imports)."""
     shutil.copytree(Path(__file__).resolve().parent, root / "src",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.tmp"))
+
+
+def write_program(root: Path) -> None:
+    """A copy of this pipeline's src package and the infer.py that imports it."""
+    copy_src(root)
     (root / INFER_FILE).write_text(INFER_PY)
 
 

@@ -88,7 +88,7 @@ def restore_rng_states(states: dict) -> None:
 # Keys whose change makes a checkpoint's weights or its position in the data order meaningless.
 RESUME_MUST_MATCH = ("data.num_classes", "model.backbone", "model.in_chans", "model.modifier", "loss.name",
                      "loss.embedding_dim", "train.batch_size", "train.accum_steps", "train.seed", "folds")
-RESUME_IGNORED = ("train.resume", "train.stop_after_steps")
+RESUME_IGNORED = ("train.resume", "train.stop_after_steps", "train.time_limit")
 
 
 def check_resumable(saved: dict, current: dict, path: Path, saved_world: int = 1, current_world: int = 1) -> None:

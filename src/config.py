@@ -13,6 +13,7 @@ config writes down where it departs from it (the demos: a small network from scr
 from __future__ import annotations
 
 import difflib
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -198,10 +199,25 @@ class TrainConfig(Section):
     # sampler_power (a row without labels: the frequency of such rows). Power 0 is the uniform sampler itself.
     sampler: Literal["uniform", "rare"] = "uniform"
     sampler_power: float = Field(0.5, ge=0.0)
+    # Stop cleanly before this much time has passed since training started (seconds, or a time with units such as
+    # 8h30m): at an optimizer step, once the next step window (and an epoch's validation when one is due) would not
+    # fit, as measured so far this session; last.pt is written and train.resume=true continues exactly (a Kaggle
+    # session's limit; see docs/gpus.md). None: no limit.
+    time_limit: float | None = Field(None, gt=0.0)
     augment: AugmentConfig = AugmentConfig()
     # Keep the weights (raw, and EMA when kept) of the last K epochs in fold<N>/epochs/, for `python -m src.average`
     # (checkpoint averaging with BatchNorm statistics re-estimated; HPA 3rd place). 0: keep none.
     keep_epochs: int = Field(0, ge=0)
+
+    @field_validator("time_limit", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return parse_duration(value, "train.time_limit")
+            except PipelineError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class LossConfig(Section):
@@ -251,7 +267,8 @@ class PredictConfig(Section):
     threshold: Literal["auto", "fixed", "oof_f1", "rate", "global_oof", "top_k", "global_bounded"] = "auto"
     fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     # oof_f1: final = shrink * tuned + (1 - shrink) * (the global_oof threshold); below 1 it guards against
-    # overfitting the tuned thresholds to a small OOF set (2nd place HPA shrank with 0.7).
+    # overfitting the tuned thresholds to a small OOF set. (HPA's 2nd place multiplied every tuned threshold by 0.7
+    # instead: a uniform scaling, not this blend.)
     shrink: float = Field(1.0, gt=0.0, le=1.0)
     # oof_f1: classes with fewer OOF positives than this take the global_oof threshold.
     min_positives: int = Field(5, ge=1)
@@ -392,6 +409,20 @@ class Config(Section):
 
 class PipelineError(Exception):
     """A problem the user can fix (bad config, bad data): shown as one message, exit code 2."""
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)([smh])"
+
+
+def parse_duration(text: str, what: str) -> float:
+    """The seconds of a time written with its units: ``90s``, ``30m``, ``1.5h``, ``8h30m`` (``what`` names the
+    option or key in the error)."""
+    spelled = str(text).strip().lower()
+    seconds = sum(float(number) * DURATION_UNITS[unit] for number, unit in re.findall(DURATION_PART, spelled))
+    if not re.fullmatch(f"(?:{DURATION_PART})+", spelled) or seconds <= 0:
+        raise PipelineError(f"{what} {text!r}: expected a positive time with its unit, e.g. 90s, 30m, 1.5h or 8h30m")
+    return seconds
 
 
 class ConfigError(PipelineError):

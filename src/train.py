@@ -19,10 +19,11 @@ import itertools
 import math
 import os
 import random
+import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -353,6 +354,30 @@ def prior_metrics(parts: FoldParts) -> dict:
     return {"val_loss": loss_sum / n, "macro_f1_tuned": float(tuned_f1.mean())}
 
 
+@dataclass
+class SessionTiming:
+    """What this session's work took (seconds), for ``train.time_limit``: each optimizer-step window, the slowest
+    checkpoint save and the slowest epoch end (validation, scores, checkpoint)."""
+
+    windows: list[float] = field(default_factory=list)
+    save: float = 0.0
+    epoch_end: float = 0.0
+
+    def until_next_stop(self, ends_epoch: bool, val_windows: float, saves_now: bool = False) -> float:
+        """The time before the run can next stop, and the save of that stop, from what was measured: the next
+        window (the median window: the first ones carry warm-up), after the save due now if one is
+        (``saves_now``: train.checkpoint_every_steps); when that window ends the epoch, also the epoch end and the
+        next epoch's first window. Not yet measured: a save as long as a window, and an epoch end as
+        ``val_windows`` windows (validation images / images per window: forward and backward per image, an
+        upper bound for validation's forward) plus a save."""
+        window = statistics.median(self.windows) if self.windows else 0.0
+        save = self.save or window
+        need = window + save * (2 if saves_now else 1)
+        if ends_epoch:
+            need += (self.epoch_end or val_windows * window + save) + window
+        return need
+
+
 def accumulation_windows(batches: Iterable, accum_steps: int) -> Iterator[list]:
     """The batches in lists of ``accum_steps`` (the last list may be shorter): one list per optimizer
     step. Holding a window's batches before its first backward gives each micro-batch its exact share of
@@ -375,6 +400,10 @@ class Trainer:
         self.saved_step: int | None = None  # optimizer step of the last checkpoint this run wrote or resumed
         self.in_epoch = False  # inside train_epoch's batches (state.epoch is the epoch in progress, 0-based)
         self._loaders: dict[str, tuple[object, DataLoader]] = {}  # kept across epochs: see kept_loader
+        # train.time_limit: when this session must be done (time.monotonic()), and what its work took so far.
+        self.deadline: float | None = None
+        self.timing = SessionTiming()
+        self.out_of_time = False  # the run stopped to keep within train.time_limit
 
     # -- checkpoints (what they hold: src.checkpoint) ---------------------------------------------
     def checkpoint(self, rng_ranks: list[dict] | None = None) -> dict:
@@ -387,6 +416,7 @@ class Trainer:
         path = self.folder.checkpoint(self.fold, "last")
         # The RNG gather is a collective: every rank joins it before any can stop.
         rng_ranks = gather_rng_states(self.dist) if self.dist.world_size > 1 else None
+        started = time.perf_counter()
         try:  # every rank checks the weights (they are equal), so all stop together; rank 0 alone writes
             if self.dist.main:
                 save_checkpoint(self.parts, self.state, self.history, path, rng_ranks, staging)
@@ -395,6 +425,7 @@ class Trainer:
         except NonFiniteWeights as bad:
             raise self.diverged(str(bad)) from None
         self.saved_step = self.state.step
+        self.timing.save = max(self.timing.save, time.perf_counter() - started)
         return path
 
     def diverged(self, what: str) -> TrainingDiverged:
@@ -458,10 +489,11 @@ class Trainer:
                 window_loss, window_images = self.backward_window(window, bar)
                 loss_value = self.optimizer_step(window_loss, len(window))
                 elapsed = time.perf_counter() - window_start
+                self.timing.windows.append(elapsed)
                 metrics = {"train/loss": loss_value, "train/lr": p.optimizer.param_groups[-1]["lr"],
                            "train/images_per_s": window_images / elapsed if elapsed > 0 else float("nan"),
                            "train/epoch": state.epoch + state.batches_done / n_batches}
-                if self.after_step(metrics, bar, tracker, hooks):
+                if self.after_step(metrics, bar, tracker, hooks) or self.time_is_up(n_batches):
                     return False
                 window_start = time.perf_counter()
                 if self.checkpoint_due(n_batches):
@@ -535,6 +567,20 @@ class Trainer:
         """Whether ``train.stop_after_steps`` optimizer steps are done."""
         limit = self.cfg.train.stop_after_steps
         return limit is not None and self.state.step >= limit
+
+    def time_is_up(self, n_batches: int) -> bool:
+        """Whether the run stops now to keep within ``train.time_limit``: when the work before the next chance to
+        stop (:meth:`SessionTiming.until_next_stop`) and the save of that stop would end past the deadline. Never
+        on the step that ends an epoch (its validation comes first), decided on rank 0 for every rank."""
+        remaining = n_batches - self.state.batches_done
+        if self.deadline is None or remaining == 0:
+            return False
+        ends_epoch = remaining <= self.cfg.train.accum_steps
+        need = self.timing.until_next_stop(ends_epoch, len(self.parts.val_set) / (
+            self.cfg.train.batch_size * self.cfg.train.accum_steps * self.dist.world_size),
+            saves_now=self.checkpoint_due(n_batches))
+        self.out_of_time = bool(self.dist.all_gather(time.monotonic() + need > self.deadline)[0])
+        return self.out_of_time
 
     def checkpoint_due(self, n_batches: int) -> bool:
         """Whether ``train.checkpoint_every_steps`` saves last.pt now: on its steps inside the epoch (the epoch's
@@ -701,6 +747,8 @@ class Trainer:
         fold_dir.mkdir(parents=True, exist_ok=True)
         last = folder.checkpoint(self.fold, "last")
         say = print if self.dist.main else (lambda *args, **kwargs: None)
+        if tc.time_limit is not None:
+            self.deadline = time.monotonic() + tc.time_limit
         if tc.resume and last.is_file():
             self.resume(last)
             say(f"resumed {last}: epoch {self.state.epoch + 1}, optimizer step {self.state.step}")
@@ -723,12 +771,20 @@ class Trainer:
                 start = time.perf_counter()
                 if not self.train_epoch(self.epoch_batches(), tracker, hooks):
                     stopped = True
-                    if not self.step_limit_reached():
+                    if self.out_of_time:
+                        why = f"stopped at optimizer step {self.state.step} to keep within train.time_limit"
+                    elif not self.step_limit_reached():
                         why = f"stopped by a loop hook at step {self.state.step}"
                     if self.saved_step != self.state.step:  # the one save of a stop: last.pt resumes from here
                         self.save()
+                    if self.out_of_time and self.dist.main:
+                        note(f"note: fold {self.fold} {why} ({tc.time_limit:g} s): {last} holds the state; "
+                             "continue with train.resume=true (in the Kaggle training notebook: the next session, "
+                             "with this session's output added as an input)")
                     break
-                row = self.end_epoch(time.perf_counter() - start, tracker)
+                ended = time.perf_counter()
+                row = self.end_epoch(ended - start, tracker)
+                self.timing.epoch_end = max(self.timing.epoch_end, time.perf_counter() - ended)
                 if hooks.on_epoch(self.state.epoch, row):
                     why = f"pruned at epoch {self.state.epoch}"
                     break

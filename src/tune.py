@@ -58,7 +58,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from src.cli import cli_parser, run_cli
-from src.config import Config, ConfigError, PipelineError, flatten, load_config, override
+from src.config import Config, ConfigError, PipelineError, flatten, load_config, override, parse_duration
 from src.data import train_sources
 from src.files import Staging, ensure_writable
 from src.losses import loss_kind
@@ -488,18 +488,9 @@ def summarize(study: optuna.Study, ran: Sequence[int] = ()) -> dict:
 
 
 # -- the budgeted search: successive halving over a fidelity ladder --------------------------------------
-BUDGET_UNITS = {"s": 1, "m": 60, "h": 3600}
 RUNG_SEPARATOR = "@rung"
 PROMOTED_ATTR = "promoted_from"  # the number of the trial of the rung below whose parameters a trial repeats
 LADDER_KEYS = ("data.image_size", "train.epochs")
-
-
-def parse_budget(text: str) -> float:
-    """The seconds of a ``--budget``: a positive number with a unit, ``90s``, ``30m`` or ``1.5h``."""
-    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([smh])", str(text).strip().lower())
-    if not match or float(match[1]) <= 0:
-        raise PipelineError(f"--budget {text!r}: expected a positive time with its unit, e.g. 90s, 30m or 1.5h")
-    return float(match[1]) * BUDGET_UNITS[match[2]]
 
 
 @dataclass(frozen=True)
@@ -886,7 +877,7 @@ def main() -> None:
                         "over tune.ladder until it is spent")
     parser.add_argument("--report", action="store_true", help="report the study instead of running trials")
     args = parser.parse_args()
-    budget = parse_budget(args.budget) if args.budget is not None and not args.report else None
+    budget = parse_duration(args.budget, "--budget") if args.budget is not None and not args.report else None
     cfg = load_config(args.config, args.overrides)
     if args.report:
         result = report(cfg, args.study, args.storage)

@@ -19,19 +19,23 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
 
 def test_every_shipped_config_loads_with_relative_paths_and_its_own_run_folder():
-    """Each shipped config validates; what it writes or reads lies under the repo (no machine path), and no two
-    configs share a run folder or a folds file (their runs and folds would overwrite each other)."""
+    """Each shipped config validates; what it writes or reads lies under the repo (no machine path), no two
+    configs share a run folder (their runs would overwrite each other), and configs that share a folds file make
+    it the same way (one dataset's backbones: an ensemble needs their folds to be the same)."""
     assert {path.name for path in CONFIGS} >= {"demo.yaml", "hpa_nasnet512.yaml", "small_data.yaml"}
     loaded = {path.name: load_config(path) for path in CONFIGS}
     for name, cfg in loaded.items():
         paths = [cfg.data.dir, cfg.data.cache_dir, cfg.folds.path, cfg.run.dir, cfg.submission.path, cfg.kaggle.log]
         absolute = [path for path in paths if path is not None and Path(path).is_absolute()]
         assert absolute == [], f"{name}: absolute paths"
-    for key in ("run.dir", "folds.path"):
-        owners = {}
-        for name, cfg in loaded.items():
-            owners.setdefault(flatten(cfg.model_dump())[key], []).append(name)
-        assert {value: names for value, names in owners.items() if len(names) > 1} == {}, f"shared {key}"
+    owners = {}
+    for name, cfg in loaded.items():
+        owners.setdefault(cfg.run.dir, []).append(name)
+    assert {value: names for value, names in owners.items() if len(names) > 1} == {}, "shared run.dir"
+    makers = {}
+    for cfg in loaded.values():
+        makers.setdefault(cfg.folds.path, set()).add(yaml.safe_dump([cfg.data.model_dump(), cfg.folds.model_dump()]))
+    assert {path: len(ways) for path, ways in makers.items() if len(ways) > 1} == {}, "folds file made two ways"
 
 
 def test_the_schema_defaults_are_the_main_recipe():

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, create_trial
 
 import src.tune
 from src.cli import run_cli
-from src.config import ConfigError, load_config, override
+from src.config import ConfigError, load_config, override, parse_duration
 from src.files import save_config
 from src.run_folder import RunFolder
 from src.train import LoopHooks
@@ -31,7 +31,6 @@ from src.tune import (
     next_trial,
     open_storage,
     open_study,
-    parse_budget,
     parse_space,
     report,
     trial_config,
@@ -309,9 +308,10 @@ def test_the_default_ladder_and_a_ladder_as_data(tune_cfg):
         ladder(override(cfg, **{"tune.ladder": [{"image_size": 128, "epochs": 0.5}, {"image_size": 64, "epochs": 1}]}))
 
 
-@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("1.5h", 5400), (" 2M ", 120)])
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("1.5h", 5400), (" 2M ", 120),
+                                           ("8h30m", 30600), ("1h0.5m10s", 3640)])
 def test_a_budget_is_a_time_with_its_unit(text, seconds):
-    assert parse_budget(text) == seconds
+    assert parse_duration(text, "--budget") == seconds
 
 
 @pytest.mark.parametrize("argv", [["--budget", "30"], ["--budget=-5m"], ["--budget", "0s"], ["--budget", "1d"],
