@@ -13,6 +13,7 @@ config writes down where it departs from it (the demos: a small network from scr
 from __future__ import annotations
 
 import difflib
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -184,9 +185,35 @@ class TrainConfig(Section):
     augment: AugmentConfig = AugmentConfig()
 
 
+# The losses of src.losses.LOSSES (a test keeps the two the same), each with whether it mixes with the others
+# (on per-class logits) or stands alone: named here so that a config is checked without importing torch.
+LOSS_NAMES = {"bce": True, "focal": True, "soft_f1": True, "label_embedding": False}
+
+
+def loss_terms(name: str) -> list[tuple[float, str]]:
+    """``loss.name`` as weighted terms: ``"0.5*bce+soft_f1"`` -> ``[(0.5, "bce"), (1.0, "soft_f1")]``, a loss
+    that stands alone -> ``[(1.0, name)]``; an unknown name (with the closest known one), a malformed term, or a
+    loss that stands alone inside a mix is a ValueError."""
+    if LOSS_NAMES.get(name) is False:
+        return [(1.0, name)]
+    mixable = sorted(key for key, mixes in LOSS_NAMES.items() if mixes)
+    alone = " or ".join(repr(key) for key, mixes in LOSS_NAMES.items() if not mixes)
+    terms = []
+    for part in name.replace(" ", "").split("+"):
+        match = re.fullmatch(r"(?:((?:\d+\.?\d*|\.\d+)(?:[eE]-?\d+)?)\*)?([a-z_0-9]+)", part)
+        if not match or match.group(2) not in mixable:
+            close = difflib.get_close_matches(match.group(2) if match else part, mixable, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{part!r} in {name!r} is not a loss{hint}; choose from {mixable}, optionally "
+                             f"weighted and mixed, e.g. '0.5*bce+soft_f1', or {alone} alone")
+        terms.append((float(match.group(1) or 1.0), match.group(2)))
+    return terms
+
+
 class LossConfig(Section):
     # A loss name or a weighted mix, e.g. "bce", "soft_f1", "bce+soft_f1", "0.5*bce+soft_f1";
     # or "label_embedding" alone: PMI -> SVD label vectors, cosine-proximity regression, nearest-label decoding.
+    # Checked against LOSS_NAMES when the config is validated, not first when training builds the loss.
     name: str = "bce+soft_f1"
     focal_gamma: float = Field(2.0, ge=0.0)
     # label_embedding: embedding dimension k (capped at the number of classes), positive PMI (negative and
@@ -194,6 +221,12 @@ class LossConfig(Section):
     embedding_dim: int = Field(300, ge=2)
     pmi_positive: bool = True
     pmi_smoothing: float = Field(0.0, ge=0.0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        loss_terms(name)
+        return name
 
 
 class RunConfig(Section):

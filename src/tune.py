@@ -63,7 +63,6 @@ from src.cli import cli_parser, run_cli
 from src.config import Config, ConfigError, PipelineError, flatten, load_config, override
 from src.data import train_sources
 from src.files import Staging, ensure_writable
-from src.losses import loss_kind
 from src.pack import find_cache
 from src.progress import note
 from src.report import plot_param_importances, plot_tune_history
@@ -87,8 +86,6 @@ TRIAL_FAILURES = (TrainingDiverged, ConfigError, torch.OutOfMemoryError)
 FAILURE_ATTR = "failure"
 STARTUP_ATTR = "startup_seconds"  # a trial's seconds before its first optimizer step
 STORAGE_ATTEMPTS = 4
-# Values the schema types but another module judges: checked for every choice before any trial runs.
-VALUE_CHECKS = {"loss.name": loss_kind}
 DISTRIBUTION_FIELDS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
                        "categorical": {"choices"}}
 
@@ -167,8 +164,6 @@ def parse_space(tree: Any, cfg: Config, source: str = "search space") -> SearchS
             distribution = _distribution(key, spec)
             for value in candidate_values(distribution):
                 override(cfg, **{key: value})
-                if key in VALUE_CHECKS:
-                    VALUE_CHECKS[key](value)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc.problems[0]}") from None
         space[key] = distribution
