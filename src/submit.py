@@ -140,18 +140,22 @@ def write_log(log_path: Path, frame: pd.DataFrame) -> Path:
 
 def log_attempt(log_path: Path, row: dict, index: int | None = None) -> int:
     """Write one attempt into the log and return its row index: at the end, or, given ``index``, over the
-    attempt's own ``pending`` row (the same time and file; appended if the log no longer holds it). The whole
-    new file goes to a temp name, then is renamed into place, under the log's lock."""
+    attempt's own ``pending`` row (the same time, file and sha256; appended if the log no longer holds it, left
+    as it is if ``--refresh`` has settled it from Kaggle's list meanwhile). The whole new file goes to a temp
+    name, then is renamed into place, under the log's lock."""
     with log_lock(log_path):
         frame = read_log(log_path)
         cells = {column: str(row.get(column, "")) for column in frame.columns}
-        if index is not None and index < len(frame) and frame.loc[index, "status"] == PENDING and all(
-                frame.loc[index, column] == cells[column] for column in ("time", "file", "sha256")):
-            frame.loc[index] = cells
-        else:
+        ours = index is not None and index < len(frame) and all(
+            frame.loc[index, column] == cells[column] for column in ("time", "file", "sha256"))
+        if not ours:
             index = len(frame)
             frame = pd.concat([frame, pd.DataFrame([cells], dtype=str)], ignore_index=True) if index else \
                 pd.DataFrame([cells], dtype=str)
+        elif frame.loc[index, "status"] == PENDING:
+            frame.loc[index, list(cells)] = list(cells.values())
+        else:
+            return index
         write_log(log_path, frame)
     return index
 

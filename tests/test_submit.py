@@ -27,7 +27,18 @@ from src.config import PipelineError, load_config, override
 from src.files import save_config
 from src.folds import make_folds
 from src.predict import predict
-from src.submit import LOG_COLUMNS, SubmitFailed, git_state, main, read_log, refresh, show_log, submit, write_log
+from src.submit import (
+    LOG_COLUMNS,
+    SubmitFailed,
+    git_state,
+    log_attempt,
+    main,
+    read_log,
+    refresh,
+    show_log,
+    submit,
+    write_log,
+)
 from src.train import train
 from tests.conftest import REPO_ROOT, tiny_config
 
@@ -394,3 +405,18 @@ def test_log_says_rho_is_undefined_when_the_estimates_are_all_equal(cfg, capsys)
                        public_score=f"0.4{d}") for d in range(1, 5)]))
     assert show_log(cfg)[2] is None
     assert "4 scored submission(s); Spearman rho undefined: all 4 OOF estimates are equal" in capsys.readouterr().out
+
+
+def test_an_attempt_settled_by_refresh_while_its_cli_ran_is_not_logged_twice(tmp_path):
+    """--refresh (another process) found the pending attempt on Kaggle before its own CLI returned: the row
+    refresh wrote stands, and the attempt is not appended a second time."""
+    log_path = tmp_path / "log.csv"
+    row = logged_attempt(datetime(2026, 1, 1, tzinfo=UTC), "racing", status="pending", kaggle_ref="")
+    index = log_attempt(log_path, row)
+    settled = read_log(log_path)
+    settled.loc[index, ["status", "kaggle_ref", "public_score"]] = ["sent", "51234567", "0.5"]
+    write_log(log_path, settled)
+    assert log_attempt(log_path, row | {"status": "sent", "kaggle_ref": "51234567"}, index) == index
+    log = read_log(log_path)
+    assert len(log) == 1 and log.iloc[0]["public_score"] == "0.5"
+    assert log_attempt(log_path, row | {"time": "2026-01-02T00:00:00+00:00"}, index) == 1  # not that row: appended
