@@ -220,9 +220,36 @@ class TrainConfig(Section):
         return value
 
 
+# The losses of src.losses.LOSSES (a test keeps the two the same), each with whether it mixes with the others
+# (on per-class logits) or stands alone: named here so that a config is checked without importing torch.
+LOSS_NAMES = {"bce": True, "focal": True, "soft_f1": True, "lovasz": True, "symmetric_lovasz": True, "hard_bce": True,
+              "label_embedding": False}
+
+
+def loss_terms(name: str) -> list[tuple[float, str]]:
+    """``loss.name`` as weighted terms: ``"0.5*bce+soft_f1"`` -> ``[(0.5, "bce"), (1.0, "soft_f1")]``, a loss
+    that stands alone -> ``[(1.0, name)]``; an unknown name (with the closest known one), a malformed term, or a
+    loss that stands alone inside a mix is a ValueError."""
+    if LOSS_NAMES.get(name) is False:
+        return [(1.0, name)]
+    mixable = sorted(key for key, mixes in LOSS_NAMES.items() if mixes)
+    alone = " or ".join(repr(key) for key, mixes in LOSS_NAMES.items() if not mixes)
+    terms = []
+    for part in name.replace(" ", "").split("+"):
+        match = re.fullmatch(r"(?:((?:\d+\.?\d*|\.\d+)(?:[eE]-?\d+)?)\*)?([a-z_0-9]+)", part)
+        if not match or match.group(2) not in mixable:
+            close = difflib.get_close_matches(match.group(2) if match else part, mixable, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{part!r} in {name!r} is not a loss{hint}; choose from {mixable}, optionally "
+                             f"weighted and mixed, e.g. '0.5*bce+soft_f1', or {alone} alone")
+        terms.append((float(match.group(1) or 1.0), match.group(2)))
+    return terms
+
+
 class LossConfig(Section):
     # A loss name or a weighted mix, e.g. "bce", "soft_f1", "bce+soft_f1", "0.5*bce+soft_f1";
     # or "label_embedding" alone: PMI -> SVD label vectors, cosine-proximity regression, nearest-label decoding.
+    # Checked against LOSS_NAMES when the config is validated, not first when training builds the loss.
     name: str = "bce+soft_f1"
     focal_gamma: float = Field(2.0, ge=0.0)
     # hard_bce: the share of a batch's label terms (samples x classes) whose BCE is averaged, the largest first.
@@ -232,6 +259,12 @@ class LossConfig(Section):
     embedding_dim: int = Field(300, ge=2)
     pmi_positive: bool = True
     pmi_smoothing: float = Field(0.0, ge=0.0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        loss_terms(name)
+        return name
 
 
 class RunConfig(Section):

@@ -6,13 +6,13 @@ stages ask of a loss beyond the loss itself: what it fits on the training labels
 how many outputs the network has, how raw outputs become per-class scores, and what mixed samples' targets are
 a mix of (mixup/cutmix). The losses on per-class logits (BCE, focal, soft-F1, Lovász hinge, hard-example BCE;
 mixable) fit nothing and are scored by the sigmoid; ``label_embedding`` (alone only) fits
-PMI/SVD label vectors, regresses onto them and is decoded with them.
+PMI/SVD label vectors, regresses onto them and is decoded with them. The names, and which mix, are also listed in
+``src.config.LOSS_NAMES``: a config's ``loss.name`` is checked there when it is validated, without torch.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from src.config import Config, ConfigError, LossConfig
+from src.config import Config, LossConfig, loss_terms
 from src.label_embedding import LabelEmbedding
 
 
@@ -125,8 +125,9 @@ Scorer = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class LossKind:
-    """A registry entry: what the stages ask of a loss, by its name. The defaults are those of a loss on
-    per-class logits: nothing fitted, one output per class, scored by the sigmoid, mixable with the others."""
+    """A registry entry: what the stages ask of a loss, by its name (each also in ``src.config.LOSS_NAMES``, which
+    says whether it mixes with the others). The defaults are those of a loss on per-class logits: nothing fitted,
+    one output per class, scored by the sigmoid."""
 
     # (loss config, fitted state or None) -> the loss module.
     make: Callable[[LossConfig, LabelEmbedding | None], nn.Module]
@@ -139,7 +140,6 @@ class LossKind:
     out_dim: Callable[[LabelEmbedding | None], int | None] = lambda fitted: None
     # Fitted state -> how raw network outputs become per-class scores in [0, 1].
     scorer: Callable[[LabelEmbedding | None], Scorer] = lambda fitted: expit
-    mixable: bool = True
     # (the loss module, multi-hot targets) -> targets whose linear mix is the mix of two samples' targets
     # (src.augment.BatchMix mixes them with the images' weights): the targets themselves for per-class losses.
     mix_targets: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda loss, targets: targets
@@ -179,42 +179,20 @@ LOSSES = {
     "label_embedding": LossKind(
         make=lambda cfg, fitted: _fitted(fitted, "build its loss").loss(), fit=_fit_label_embedding,
         load=LabelEmbedding.load, out_dim=lambda fitted: _fitted(fitted, "size the head").embedding.shape[1],
-        scorer=lambda fitted: _fitted(fitted, "score outputs").decode, mixable=False,
-        mix_targets=_unit_embedding_rows),
+        scorer=lambda fitted: _fitted(fitted, "score outputs").decode, mix_targets=_unit_embedding_rows),
 }
-
-
-def parse_mix(name: str) -> list[tuple[float, str]]:
-    """``"0.5*bce+soft_f1"`` -> ``[(0.5, "bce"), (1.0, "soft_f1")]``; unknown names, and losses that only
-    stand alone, are an error."""
-    mixable = sorted(key for key, kind in LOSSES.items() if kind.mixable)
-    alone = " or ".join(repr(key) for key, kind in LOSSES.items() if not kind.mixable)
-    terms = []
-    for part in name.replace(" ", "").split("+"):
-        match = re.fullmatch(r"(?:((?:\d+\.?\d*|\.\d+)(?:[eE]-?\d+)?)\*)?([a-z_0-9]+)", part)
-        if not match or match.group(2) not in mixable:
-            raise ConfigError(f"loss.name: {part!r} in {name!r} is not a loss; choose from {mixable}, "
-                              f"optionally weighted and mixed, e.g. '0.5*bce+soft_f1', or {alone} alone")
-        terms.append((float(match.group(1) or 1.0), match.group(2)))
-    return terms
 
 
 def loss_kind(name: str) -> LossKind:
     """The registry entry of ``loss.name``: the loss that stands alone, or for a mix its first term's (every
-    mixable loss works on per-class logits, so any term answers for the mix); an unknown name is an error."""
-    kind = LOSSES.get(name)
-    if kind is not None and not kind.mixable:
-        return kind
-    return LOSSES[parse_mix(name)[0][1]]
+    mixable loss works on per-class logits, so any term answers for the mix)."""
+    return LOSSES[loss_terms(name)[0][1]]
 
 
 def build_loss(cfg: LossConfig, fitted: LabelEmbedding | None = None) -> nn.Module:
     """The loss (or weighted mix) named by ``cfg.name``; ``fitted``: what its entry fitted on the training
     labels (:attr:`LossKind.fit`), for a loss that needs it."""
-    kind = loss_kind(cfg.name)
-    if not kind.mixable:
-        return kind.make(cfg, fitted)
-    terms = [(weight, LOSSES[name].make(cfg, fitted)) for weight, name in parse_mix(cfg.name)]
+    terms = [(weight, LOSSES[name].make(cfg, fitted)) for weight, name in loss_terms(cfg.name)]
     return terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else WeightedSum(terms)
 
 

@@ -423,8 +423,8 @@ def plot_param_importances(importances: dict[str, float], path: Path, note: str 
 def plot_oof_vs_public(oof_estimate: np.ndarray, public_score: np.ndarray, labels: Sequence[str], path: Path,
                        metric: str, rho: float | None) -> Path:
     """Each scored submission as a point (its OOF cross-fold estimate vs its public leaderboard score, labelled),
-    the y = x line, and the Spearman rank correlation ``rho`` in the title (None: too few points). Written as
-    PNG to exactly ``path`` (a temp name is fine)."""
+    the y = x line, and the Spearman rank correlation ``rho`` in the title (None: too few points, or one side
+    constant). Written as PNG to exactly ``path`` (a temp name is fine)."""
     fig, ax = plt.subplots(figsize=(6, 5.5))
     shown = np.concatenate([oof_estimate, public_score]) if len(oof_estimate) else np.array([0.0, 1.0])
     low, high = float(shown.min()), float(shown.max())
@@ -438,7 +438,8 @@ def plot_oof_vs_public(oof_estimate: np.ndarray, public_score: np.ndarray, label
     ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel(f"OOF {metric}, cross-fold estimate")
     ax.set_ylabel("public leaderboard score")
-    correlation = f"Spearman rho {rho:.2f}" if rho is not None else "Spearman rho: needs 2+ scored submissions"
+    correlation = (f"Spearman rho {rho:.2f}" if rho is not None else "Spearman rho: needs 2+ scored submissions"
+                   if len(oof_estimate) < 2 else "Spearman rho undefined: a side's scores are all equal")
     ax.set_title(f"OOF estimate vs public score ({len(oof_estimate)} submissions; {correlation})", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -1,12 +1,14 @@
 """The Kaggle round trip: send the run's submission, log every attempt, fetch public scores, compare with OOF.
 
     python -m src.submit [--config FILE] [key=value ...] [-m MESSAGE]   check the submission, send it, log it
+                                                     (a message that starts with "-": --message=-MESSAGE)
     python -m src.submit [--config FILE] --refresh                        fill in public scores from Kaggle
     python -m src.submit [--config FILE] --log                            print the log, plot OOF vs public score
 
 The only module that runs the official ``kaggle`` CLI (a subprocess; on PATH, else beside this Python):
-``kaggle competitions submit -c SLUG -f FILE -m MESSAGE`` and ``kaggle competitions submissions -c SLUG --csv``
-(columns ``ref,fileName,date,description,status,publicScore,privateScore``). Credentials stay the CLI's business
+``kaggle competitions submit -c SLUG -f FILE --message=MESSAGE`` and ``kaggle competitions submissions -c SLUG
+--csv`` (columns ``ref,fileName,date,description,status,publicScore,privateScore``); its output is read as UTF-8,
+any other bytes replaced. Credentials stay the CLI's business
 (``kaggle auth login``, ``~/.kaggle/access_token``, ``KAGGLE_API_TOKEN``, or the legacy ``~/.kaggle/kaggle.json``);
 this module never reads them.
 
@@ -21,11 +23,15 @@ runs (run folders and folds), config_hash (the resolved config is saved as ``con
 log), git_commit and git_dirty (blank outside a git checkout), the decision strategy with its metric and
 cross-fold OOF estimate, status (``sent`` or ``failed: <reason>``), kaggle_ref, and the public and private scores
 (blank until ``--refresh`` finds them; a refresh that finds nothing new leaves the log as it is). A failed attempt
-is one ``error:`` line and exit 2, with the command to retry.
+is one ``error:`` line and exit 2, with the command to retry. The row is written as ``pending`` before the CLI
+starts and completed when it ends: an attempt whose process died meanwhile stays ``pending`` until ``--refresh``
+finds it in Kaggle's list (then ``sent``) or shows Kaggle never received it (then ``failed``). A damaged log (a
+cut row, a header again, a repeated row) is refused with its line number before anything is sent.
 """
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import hashlib
 import math
@@ -60,6 +66,10 @@ KAGGLE_COLUMNS = ("fileName", "date", "description", "status", "publicScore")
 KAGGLE_TIMEOUT_S = 600
 # A Kaggle submission matches a logged attempt (same file name and description) made within this time of it.
 MATCH_WINDOW = timedelta(hours=24)
+# Kaggle dates a submission when it arrives, after the attempt's row was written: minus the clocks' difference.
+CLOCK_SKEW = timedelta(minutes=5)
+# The status of an attempt whose kaggle CLI is running (or was killed while running: --refresh settles it).
+PENDING = "pending"
 CONFIGS_DIR = "configs"
 PLOT_FILE = "oof_vs_lb.png"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -85,14 +95,39 @@ def log_lock(log_path: Path) -> Iterator[None]:
 
 
 def read_log(log_path: Path) -> pd.DataFrame:
-    """The log as text cells (every column of ``LOG_COLUMNS``, and any other it already has); empty if absent."""
+    """The log as text cells (every column of ``LOG_COLUMNS``, and any other it already has); empty if absent.
+
+    A damaged log (a row with another number of cells than the header, the header again further down as when
+    two logs are concatenated, a row repeated) is refused with its line number: read silently, it would count
+    one submission twice or give a row blank cells."""
     if not log_path.is_file():
         return pd.DataFrame(columns=list(LOG_COLUMNS), dtype=str)
+    unreadable = f"{log_path} is not a readable csv"
+    fix = "move it aside or fix it (nothing was sent or changed)"
     try:
-        frame = pd.read_csv(log_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{log_path} is not a readable csv ({type(exc).__name__}: {exc}); move it aside or fix "
-                            "it (nothing was sent or changed)") from None
+        with open(log_path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header:
+                raise PipelineError(f"{unreadable} (no header line); {fix}")
+            rows: list[list[str]] = []
+            seen: dict[tuple, int] = {}  # each row -> its line
+            for row in reader:
+                line = reader.line_num
+                if not row:
+                    continue  # a blank line, as pandas skips it
+                if row == header:
+                    raise PipelineError(f"{log_path}, line {line}: the header again (two logs joined?); {fix}")
+                if len(row) != len(header):
+                    raise PipelineError(f"{log_path}, line {line}: {len(row)} cells, the header has {len(header)} "
+                                        f"(a cut or edited row?); {fix}")
+                if tuple(row) in seen:
+                    raise PipelineError(f"{log_path}, line {line}: a repeat of line {seen[tuple(row)]}; {fix}")
+                seen[tuple(row)] = line
+                rows.append(row)
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{unreadable} ({type(exc).__name__}: {exc}); {fix}") from None
+    frame = pd.DataFrame(rows, columns=header, dtype=str)
     for column in LOG_COLUMNS:
         if column not in frame:
             frame[column] = ""
@@ -103,12 +138,26 @@ def write_log(log_path: Path, frame: pd.DataFrame) -> Path:
     return write_atomic(log_path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def append_row(log_path: Path, row: dict) -> None:
-    """Add one attempt at the end of the log: the whole new file to a temp name, then renamed into place."""
+def log_attempt(log_path: Path, row: dict, index: int | None = None) -> int:
+    """Write one attempt into the log and return its row index: at the end, or, given ``index``, over the
+    attempt's own ``pending`` row (the same time, file and sha256; appended if the log no longer holds it, left
+    as it is if ``--refresh`` has settled it from Kaggle's list meanwhile). The whole new file goes to a temp
+    name, then is renamed into place, under the log's lock."""
     with log_lock(log_path):
         frame = read_log(log_path)
-        new = pd.DataFrame([{column: str(row.get(column, "")) for column in frame.columns}], dtype=str)
-        write_log(log_path, pd.concat([frame, new], ignore_index=True) if len(frame) else new)
+        cells = {column: str(row.get(column, "")) for column in frame.columns}
+        ours = index is not None and index < len(frame) and all(
+            frame.loc[index, column] == cells[column] for column in ("time", "file", "sha256"))
+        if not ours:
+            index = len(frame)
+            frame = pd.concat([frame, pd.DataFrame([cells], dtype=str)], ignore_index=True) if index else \
+                pd.DataFrame([cells], dtype=str)
+        elif frame.loc[index, "status"] == PENDING:
+            frame.loc[index, list(cells)] = list(cells.values())
+        else:
+            return index
+        write_log(log_path, frame)
+    return index
 
 
 # -- what an attempt records --------------------------------------------------------------------------------
@@ -217,8 +266,10 @@ def find_kaggle() -> str:
 def run_kaggle(kaggle: str, args: list[str], timeout: float = KAGGLE_TIMEOUT_S) -> subprocess.CompletedProcess:
     """``kaggle <args>``, its output captured; a PipelineError when it cannot be started or does not finish."""
     try:
-        return subprocess.run([kaggle, *args], capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        # Its output is read as UTF-8 with any other bytes replaced: a server's error page or a local encoding
+        # must not turn a sent submission into a traceback.
+        return subprocess.run([kaggle, *args], capture_output=True, encoding="utf-8", errors="replace",
+                              timeout=timeout, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         raise PipelineError(f"the kaggle CLI is not installed ({kaggle} not found): {INSTALL_HINT}") from None
     except PermissionError:
@@ -268,14 +319,16 @@ def submit(cfg: Config, message: str | None = None, kaggle: str | None = None, r
     ensure_writable(log_path.parent, "the submission log")
     read_log(log_path)  # an unreadable log stops us before anything is sent, not after
     path = Path(cfg.submission.path)
-    retry = retry or ("python -m src.submit" + (f" -m {shlex.quote(message)}" if message else ""))
+    retry = retry or ("python -m src.submit" + (f" {shlex.quote(f'--message={message}')}" if message else ""))
     commit, dirty = git_state()
     row = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "competition": cfg.kaggle.competition,
            "file": str(path), "git_commit": commit, "git_dirty": dirty}
 
+    pending: int | None = None  # the attempt's row once written as pending
+
     def failed(reason: str, advice: str) -> SubmitFailed:
         row["status"] = f"failed: {reason}"
-        append_row(log_path, row)
+        log_attempt(log_path, row, pending)
         return SubmitFailed(f"{reason}; the attempt is logged in {log_path} (failed), {path} is unchanged; {advice}")
 
     try:
@@ -291,17 +344,22 @@ def submit(cfg: Config, message: str | None = None, kaggle: str | None = None, r
 
     config_hash = save_config_copy(log_path, record["config"])
     message = message or default_message(record, config_hash)
-    row.update(record_fields(record), sha256=record["submission"]["sha256"], config_hash=config_hash, message=message)
+    row.update(record_fields(record), sha256=record["submission"]["sha256"], config_hash=config_hash, message=message,
+               status=PENDING)
+    # Logged before the CLI starts: if this process dies while the CLI runs (which may still deliver the file),
+    # the row stays pending and --refresh settles it from Kaggle's own list.
+    pending = log_attempt(log_path, row)
     try:
-        result = run_kaggle(kaggle or find_kaggle(),
-                            ["competitions", "submit", "-c", cfg.kaggle.competition, "-f", str(path), "-m", message])
+        # --message=: a message that starts with "-" is the option's value, not an option of its own.
+        result = run_kaggle(kaggle or find_kaggle(), ["competitions", "submit", "-c", cfg.kaggle.competition,
+                                                      "-f", str(path), f"--message={message}"])
     except PipelineError as exc:
         raise failed(one_line(exc), f"retry: {retry}") from None
     if result.returncode != 0:
         raise failed(failure_reason(result, cfg.kaggle.competition), f"retry: {retry}")
     ref = re.search(r"Submission ref:\s*(\d+)", result.stdout)
     row.update(status="sent", kaggle_ref=ref.group(1) if ref else "")
-    append_row(log_path, row)
+    log_attempt(log_path, row, pending)
     if progress:
         print(f"sent {path} to {cfg.kaggle.competition}: {_last_line(result.stdout)}")
         print(f"logged in {log_path} (config {config_hash}); public score: `python -m src.submit --refresh` once "
@@ -340,34 +398,52 @@ def parse_submissions_csv(text: str) -> pd.DataFrame:
 
 
 def match_scores(log: pd.DataFrame, kaggle_rows: pd.DataFrame, competition: str) -> Counter:
-    """Fill in ``log`` (in place) from Kaggle's submissions: each sent attempt of ``competition`` still missing a
-    score takes the Kaggle row with its ref, else with its file name and description made nearest in time (within
-    ``MATCH_WINDOW``); each Kaggle row is used once. A public score once logged is kept as it is; an attempt that
-    has one takes only the private score, when Kaggle gives it (after the competition ends). Returns counts of what
-    is new: scored (a public score, or a private score added to one), pending, errors, unmatched."""
+    """Fill in ``log`` (in place) from Kaggle's submissions: each sent or pending attempt of ``competition`` still
+    missing a score takes the Kaggle row with its ref, else with its file name and description made nearest in
+    time (within ``MATCH_WINDOW``; for a pending attempt not before it) and not logged under another ref; each
+    Kaggle row is used once. A pending attempt (its process died while the kaggle CLI ran) that is found becomes
+    sent; one that is not found, older than ``MATCH_WINDOW`` while Kaggle's list reaches back before it, was never
+    received and becomes failed. A public score once logged is kept as it is; an attempt that has one takes only
+    the private score, when Kaggle gives it (after the competition ends). Returns counts of what is new: scored (a
+    public score, or a private score added to one), pending, errors, unmatched, settled (pending attempts found
+    on Kaggle), not_received."""
     counts: Counter = Counter()
-    used: set = set()
+    # Kaggle rows another attempt logged by ref are never taken by a file name and description.
+    used: set = set(kaggle_rows.index[kaggle_rows["ref"].isin(set(log["kaggle_ref"]) - {""})])
     times = pd.to_datetime(log["time"], errors="coerce", utc=True, format="ISO8601")
+    received_by = pd.Timestamp.now(tz="UTC") - MATCH_WINDOW  # an attempt older than this has long been sent or not
+    listed_since = kaggle_rows["date"].min() if len(kaggle_rows) else None  # None: none ever, so all listed
     for i in log.index:
-        if log.at[i, "competition"] != competition or log.at[i, "status"] != "sent" or (
+        status = log.at[i, "status"]
+        if log.at[i, "competition"] != competition or status not in ("sent", PENDING) or (
                 log.at[i, "public_score"] and log.at[i, "private_score"]):
             continue
-        free = kaggle_rows[~kaggle_rows.index.isin(used)]
         if log.at[i, "kaggle_ref"]:
-            candidates = free[free["ref"] == log.at[i, "kaggle_ref"]]
+            candidates = kaggle_rows[kaggle_rows["ref"] == log.at[i, "kaggle_ref"]]
         else:
+            free = kaggle_rows[~kaggle_rows.index.isin(used)]
             candidates = free[(free["fileName"] == Path(log.at[i, "file"]).name)
                               & (free["description"].str.strip() == log.at[i, "message"].strip())]
+            if status == PENDING and pd.notna(times[i]):
+                candidates = candidates[candidates["date"] >= times[i] - CLOCK_SKEW]
             if pd.notna(times[i]) and len(candidates):
                 gap = (candidates["date"] - times[i]).abs()
                 candidates = candidates.loc[gap[gap <= MATCH_WINDOW].sort_values().index]
         if not len(candidates):
-            counts["unmatched"] += 1
+            if status == PENDING and pd.notna(times[i]) and times[i] < received_by and (
+                    listed_since is None or listed_since <= times[i]):
+                log.at[i, "status"] = "failed: interrupted before Kaggle received it (not in Kaggle's list)"
+                counts["not_received"] += 1
+            else:
+                counts["unmatched"] += 1
             continue
         j = candidates.index[0]
         used.add(j)
         match = kaggle_rows.loc[j]
         log.at[i, "kaggle_ref"] = match["ref"] or log.at[i, "kaggle_ref"]
+        if status == PENDING:
+            log.at[i, "status"] = "sent"
+            counts["settled"] += 1
         if log.at[i, "public_score"]:
             # Scored by an earlier refresh: while the competition runs, Kaggle's private score stays blank, and
             # this row is matched again only so that no other attempt takes its Kaggle row.
@@ -411,8 +487,11 @@ def refresh(cfg: Config, kaggle: str | None = None, retry: str | None = None, pr
         if not log.equals(before):  # nothing new: the log is left as it is, not written again
             write_log(log_path, log)
     if progress:
+        interrupted = (f"; of the attempts interrupted while the kaggle CLI ran, {counts['settled']} found on Kaggle "
+                       f"(now sent), {counts['not_received']} never received (now failed)"
+                       if counts["settled"] or counts["not_received"] else "")
         print(f"refreshed {log_path}: {counts['scored']} scored, {counts['pending']} still pending, "
-              f"{counts['errors']} failed on Kaggle, {counts['unmatched']} not found on Kaggle")
+              f"{counts['errors']} failed on Kaggle, {counts['unmatched']} not found on Kaggle{interrupted}")
     return counts
 
 
@@ -453,7 +532,13 @@ def show_log(cfg: Config, progress: bool = True) -> tuple[pd.DataFrame, Path | N
         oof[scored].to_numpy(), public[scored].to_numpy(), [f"#{i}" for i in log.index[scored]], tmp,
         "/".join(metrics), rho))
     if progress:
-        correlation = f"Spearman rho {rho:.3f}" if rho is not None else "Spearman rho needs 2+ scored submissions"
+        if rho is not None:
+            correlation = f"Spearman rho {rho:.3f}"
+        elif scored.sum() < 2:
+            correlation = "Spearman rho needs 2+ scored submissions"
+        else:  # a rank correlation of a constant is undefined: say which side is constant
+            same = "OOF estimates" if oof[scored].nunique() == 1 else "public scores"
+            correlation = f"Spearman rho undefined: all {int(scored.sum())} {same} are equal"
         print(f"\n{int(scored.sum())} scored submission(s); {correlation}; plot: {plot}")
     return log, plot, rho
 

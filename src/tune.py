@@ -40,13 +40,15 @@ import shlex
 import socket
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
+import sqlalchemy.exc
 import torch
 import yaml
 from optuna.distributions import (
@@ -61,7 +63,6 @@ from src.cli import cli_parser, run_cli
 from src.config import Config, ConfigError, PipelineError, flatten, load_config, override, parse_duration
 from src.data import train_sources
 from src.files import Staging, ensure_writable
-from src.losses import loss_kind
 from src.pack import find_cache
 from src.progress import note
 from src.report import plot_param_importances, plot_tune_history
@@ -85,8 +86,6 @@ TRIAL_FAILURES = (TrainingDiverged, ConfigError, torch.OutOfMemoryError)
 FAILURE_ATTR = "failure"
 STARTUP_ATTR = "startup_seconds"  # a trial's seconds before its first optimizer step
 STORAGE_ATTEMPTS = 4
-# Values the schema types but another module judges: checked for every choice before any trial runs.
-VALUE_CHECKS = {"loss.name": loss_kind}
 DISTRIBUTION_FIELDS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
                        "categorical": {"choices"}}
 
@@ -165,8 +164,6 @@ def parse_space(tree: Any, cfg: Config, source: str = "search space") -> SearchS
             distribution = _distribution(key, spec)
             for value in candidate_values(distribution):
                 override(cfg, **{key: value})
-                if key in VALUE_CHECKS:
-                    VALUE_CHECKS[key](value)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc.problems[0]}") from None
         space[key] = distribution
@@ -220,6 +217,41 @@ def _heartbeat(study: optuna.Study) -> int:
     return getattr(study._storage, "heartbeat_interval", None) or 0
 
 
+def _database_error(exc: BaseException) -> sqlalchemy.exc.DBAPIError | None:
+    """The database driver's error under ``exc`` (optuna's StorageInternalError wraps sqlalchemy's, which wraps
+    the driver's), or None."""
+    while exc is not None:
+        if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+# What a user can do about the database's own words.
+STORAGE_HINTS = {"readonly": "make the file and its folder writable, or pass another --storage",
+                 "malformed": "the file is damaged: move it aside (a new study starts) or pass another --storage",
+                 "not a database": "the file is not an SQLite database: move it aside or pass another --storage"}
+
+
+def storage_cause(exc: BaseException) -> str:
+    """The database's own words for a storage failure on one line (optuna's message only guesses at them:
+    "invalid data in the commit"), without sqlalchemy's SQL and links, and what to do where that is known."""
+    found = _database_error(exc)
+    text = str(found.orig) if found is not None else re.split(r"\[SQL:|\(Background on this error", str(exc))[0]
+    cause = " ".join(text.split())[:300] or type(exc).__name__
+    hint = next((f"; {advice}" for key, advice in STORAGE_HINTS.items() if key in cause), "")
+    return f"{cause}{hint}"
+
+
+@contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """A failure of the study's database (opening it, writing trials) as one error naming it and its cause."""
+    try:
+        yield
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+        raise PipelineError(f"the tuning storage {url} failed: {storage_cause(exc)}") from None
+
+
 def open_storage(url: str, heartbeat_seconds: int) -> optuna.storages.RDBStorage:
     """The study's database, with a heartbeat per running trial (a killed tuner's trial goes stale)."""
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # wait for the other tuners
@@ -232,10 +264,13 @@ def open_storage(url: str, heartbeat_seconds: int) -> optuna.storages.RDBStorage
                                                   heartbeat_stale_trial_callback=_stale_trial)
             except Exception as exc:  # sqlalchemy's errors: a bad URL, a missing driver, an unreachable server
                 # Tuners started together on a new database race to create its tables ("table ... already
-                # exists", a duplicate schema version): the loser finds them made on a second try.
-                if attempt + 1 == STORAGE_ATTEMPTS or isinstance(exc, (ValueError, ImportError)):
-                    raise PipelineError(f"cannot open the tuning storage {url}: "
-                                        f"{' '.join(str(exc).split())[:300]}") from None
+                # exists", a duplicate schema version): the loser finds them made on a second try. A damaged
+                # or read-only file stays so: no second try.
+                found = _database_error(exc)
+                race = isinstance(found, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError)) and \
+                    "readonly" not in str(found.orig)
+                if attempt + 1 == STORAGE_ATTEMPTS or not race:
+                    raise PipelineError(f"cannot open the tuning storage {url}: {storage_cause(exc)}") from None
         time.sleep(0.5 + attempt)
     raise AssertionError("unreachable")
 
@@ -449,31 +484,32 @@ def tune(cfg: Config, space: SearchSpace, trials: int, study: str, storage: str 
     if trials < 1:
         raise PipelineError(f"--trials must be at least 1, got {trials}")
     space_tree, url = _search_setup(cfg, space, space_tree, storage)
-    opened = open_study(cfg, study, url, space_tree, command)
-    fail_stale_trials(opened)
-    counts = count_trials(opened)
-    print(f"study '{study}' ({url}): {counts.results} of {trials} trials done, {counts.running} running elsewhere"
-          + (f", {counts.stale_or_broken} failed without a result (not counted)" if counts.stale_or_broken else "")
-          + f"; objective {cfg.train.monitor} ({monitored_direction(cfg)}), fold {cfg.tune.fold}", flush=True)
-    ran: list[int] = []
-    objective = make_objective(cfg, space, study, progress, ran)
-    waiting = False
-    while True:
+    with storage_errors(url):
+        opened = open_study(cfg, study, url, space_tree, command)
         fail_stale_trials(opened)
         counts = count_trials(opened)
-        if counts.results >= trials:
-            break
-        if counts.results + counts.running >= trials:
-            # The last trials are running in other tuners: wait for them, and take over one that goes stale.
-            if not waiting:
-                print(f"waiting for {counts.running} trial(s) running in other tuners (a killed one is failed "
-                      f"after {2 * cfg.tune.heartbeat_seconds} s and replaced)", flush=True)
-                waiting = True
-            time.sleep(min(5, cfg.tune.heartbeat_seconds))
-            continue
+        print(f"study '{study}' ({url}): {counts.results} of {trials} trials done, {counts.running} running elsewhere"
+              + (f", {counts.stale_or_broken} failed without a result (not counted)" if counts.stale_or_broken else "")
+              + f"; objective {cfg.train.monitor} ({monitored_direction(cfg)}), fold {cfg.tune.fold}", flush=True)
+        ran: list[int] = []
+        objective = make_objective(cfg, space, study, progress, ran)
         waiting = False
-        opened.optimize(objective, n_trials=1, catch=TRIAL_FAILURES, gc_after_trial=True)
-    return summarize(opened, ran)
+        while True:
+            fail_stale_trials(opened)
+            counts = count_trials(opened)
+            if counts.results >= trials:
+                break
+            if counts.results + counts.running >= trials:
+                # The last trials are running in other tuners: wait for them, and take over one that goes stale.
+                if not waiting:
+                    print(f"waiting for {counts.running} trial(s) running in other tuners (a killed one is failed "
+                          f"after {2 * cfg.tune.heartbeat_seconds} s and replaced)", flush=True)
+                    waiting = True
+                time.sleep(min(5, cfg.tune.heartbeat_seconds))
+                continue
+            waiting = False
+            opened.optimize(objective, n_trials=1, catch=TRIAL_FAILURES, gc_after_trial=True)
+        return summarize(opened, ran)
 
 
 def summarize(study: optuna.Study, ran: Sequence[int] = ()) -> dict:
@@ -631,42 +667,44 @@ def tune_budget(cfg: Config, space: SearchSpace, budget: float, study: str, stor
                           "(tune.ladder) sets image size and epochs per rung")
     rungs = ladder(cfg)
     base = override(cfg, **{"tune.pruner": "none"})  # the rungs decide which trials go on, not a pruner
-    if any(s.study_name == study for s in open_storage(url, cfg.tune.heartbeat_seconds).get_all_studies()):
-        raise PipelineError(f"'{study}' in {url} is a study of --trials, not a budgeted search: use another --study")
-    studies = [open_study(base, rung_study(study, r), url, space_tree, command) for r in range(len(rungs))]
-    for opened, rung in zip(studies, rungs):  # what the report reads: each rung's size and epochs
-        for key, value in rung.overrides().items():
-            if key not in opened.user_attrs:
-                opened.set_user_attr(key, value)
-    maximize = monitored_direction(cfg) == "maximize"
-    print(f"search '{study}' ({url}): budget {budget:.0f} s, successive halving (eta {cfg.tune.eta}) over "
-          + ", ".join(f"rung {r} {rung}" for r, rung in enumerate(rungs))
-          + f"; objective {cfg.train.monitor} ({monitored_direction(cfg)}), fold {cfg.tune.fold}", flush=True)
-    note_rung_caches(cfg, rungs, command)
-    ran: list[tuple[int, int]] = []
-    overheads: list[float] = []  # this tuner's seconds around each trial (storage, garbage collection)
-    while True:
-        looked = time.monotonic()
-        for opened in studies:
-            fail_stale_trials(opened)
-        trials = [opened.get_trials(deepcopy=False) for opened in studies]
-        step = next_trial(trials, rungs, cfg.tune.eta, deadline - time.monotonic(), maximize,
-                          sum(overheads) / len(overheads) if overheads else 0.0)
-        if step is None:
-            break
-        r, promoted = step
-        gc.collect()  # what the last trial left (optuna's gc_after_trial, but not after the last one)
-        if promoted is not None:
-            studies[r].enqueue_trial(promoted.params, user_attrs={PROMOTED_ATTR: promoted.number})
-            print(f"rung {r - 1} trial {promoted.number} goes up to rung {r} ({rungs[r]})", flush=True)
-        here: list[int] = []
-        objective = make_objective(override(base, **rungs[r].overrides()), space, rung_study(study, r), progress,
-                                   here, deadline, f"rung {r} trial")
-        studies[r].optimize(objective, n_trials=1, catch=TRIAL_FAILURES)
-        ran += [(r, number) for number in here]
-        for number in here:
-            duration = studies[r].get_trials(deepcopy=False)[number].duration
-            overheads.append(time.monotonic() - looked - (duration.total_seconds() if duration else 0.0))
+    with storage_errors(url):
+        if any(s.study_name == study for s in open_storage(url, cfg.tune.heartbeat_seconds).get_all_studies()):
+            raise PipelineError(f"'{study}' in {url} is a study of --trials, not a budgeted search: use another "
+                                "--study")
+        studies = [open_study(base, rung_study(study, r), url, space_tree, command) for r in range(len(rungs))]
+        for opened, rung in zip(studies, rungs):  # what the report reads: each rung's size and epochs
+            for key, value in rung.overrides().items():
+                if key not in opened.user_attrs:
+                    opened.set_user_attr(key, value)
+        maximize = monitored_direction(cfg) == "maximize"
+        print(f"search '{study}' ({url}): budget {budget:.0f} s, successive halving (eta {cfg.tune.eta}) over "
+              + ", ".join(f"rung {r} {rung}" for r, rung in enumerate(rungs))
+              + f"; objective {cfg.train.monitor} ({monitored_direction(cfg)}), fold {cfg.tune.fold}", flush=True)
+        note_rung_caches(cfg, rungs, command)
+        ran: list[tuple[int, int]] = []
+        overheads: list[float] = []  # this tuner's seconds around each trial (storage, garbage collection)
+        while True:
+            looked = time.monotonic()
+            for opened in studies:
+                fail_stale_trials(opened)
+            trials = [opened.get_trials(deepcopy=False) for opened in studies]
+            step = next_trial(trials, rungs, cfg.tune.eta, deadline - time.monotonic(), maximize,
+                              sum(overheads) / len(overheads) if overheads else 0.0)
+            if step is None:
+                break
+            r, promoted = step
+            gc.collect()  # what the last trial left (optuna's gc_after_trial, but not after the last one)
+            if promoted is not None:
+                studies[r].enqueue_trial(promoted.params, user_attrs={PROMOTED_ATTR: promoted.number})
+                print(f"rung {r - 1} trial {promoted.number} goes up to rung {r} ({rungs[r]})", flush=True)
+            here: list[int] = []
+            objective = make_objective(override(base, **rungs[r].overrides()), space, rung_study(study, r), progress,
+                                       here, deadline, f"rung {r} trial")
+            studies[r].optimize(objective, n_trials=1, catch=TRIAL_FAILURES)
+            ran += [(r, number) for number in here]
+            for number in here:
+                duration = studies[r].get_trials(deepcopy=False)[number].duration
+                overheads.append(time.monotonic() - looked - (duration.total_seconds() if duration else 0.0))
     used = time.monotonic() - start
     summary = summarize_ladder(studies, rungs) | {"seconds": used, "budget": budget, "ran_here": ran}
     print(f"search '{study}': {used:.0f} s of the {budget:.0f} s budget; "
@@ -779,18 +817,19 @@ def report(cfg: Config, study: str | None = None, storage: str | None = None) ->
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise PipelineError(f"no tuning storage at {url.removeprefix('sqlite:///')}: run python -m src.tune first "
                             "(or pass --storage)")
-    rdb = open_storage(url, cfg.tune.heartbeat_seconds)
-    name = pick_study(rdb, url, study)
-    rungs = rung_studies(rdb, name)
-    if rungs:  # a budgeted search: the sampler searched at rung 0, the command is the top rung's best
-        summary, table, history = ladder_report(rungs)
-        loaded, command = rungs[0], best_command(rungs[-1])
-    else:
-        loaded = optuna.load_study(study_name=name, storage=rdb)
-        summary, table, command = summarize(loaded), trials_table(loaded), best_command(loaded)
-        history = table
-    found, note = importances(loaded)
-    monitor = loaded.user_attrs.get("monitor", cfg.train.monitor)
+    with storage_errors(url):
+        rdb = open_storage(url, cfg.tune.heartbeat_seconds)
+        name = pick_study(rdb, url, study)
+        rungs = rung_studies(rdb, name)
+        if rungs:  # a budgeted search: the sampler searched at rung 0, the command is the top rung's best
+            summary, table, history = ladder_report(rungs)
+            loaded, command = rungs[0], best_command(rungs[-1])
+        else:
+            loaded = optuna.load_study(study_name=name, storage=rdb)
+            summary, table, command = summarize(loaded), trials_table(loaded), best_command(loaded)
+            history = table
+        found, note = importances(loaded)
+        monitor = loaded.user_attrs.get("monitor", cfg.train.monitor)
     minimize = summary["direction"] == "minimize"
     out = RunFolder(cfg.run.dir).tune_report(name)
     text = format_report(summary, table, found, note, command, url, monitor)

@@ -194,3 +194,25 @@ def test_cli_reports_unknown_key_in_one_line_without_traceback():
     assert "unknown config key 'train.lrr'" in result.stderr
     assert "did you mean 'train.lr'" in result.stderr
     assert result.stdout == ""
+
+
+VALIDATE_WITHOUT_TORCH = """
+import runpy, sys
+sys.argv = ["src.cli", "--config", "configs/demo.yaml", "loss.name=bce+soft_fl"]
+try:
+    runpy.run_module("src.cli", run_name="__main__", alter_sys=True)
+except SystemExit as stop:
+    print("exit", stop.code)
+print("torch" in sys.modules)
+"""
+
+
+def test_an_unknown_loss_name_is_refused_with_the_config_and_without_torch():
+    """Not first when training builds the loss: the config check names it, with the closest loss, and needs no
+    torch (the losses' names are the config's, src.losses keeps its registry equal to them)."""
+    result = subprocess.run([sys.executable, "-c", VALIDATE_WITHOUT_TORCH], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.split() == ["exit", "2", "False"], result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1, result.stderr
+    assert "config key 'loss.name': Value error, 'soft_fl' in 'bce+soft_fl' is not a loss (did you mean 'soft_f1'?)" \
+        in result.stderr

@@ -8,8 +8,8 @@ import torch
 from sklearn.metrics import f1_score
 from torch import nn
 
-from src.config import ConfigError, LossConfig
-from src.losses import LOSSES, FocalLoss, SoftMacroF1Loss, build_loss, parse_mix
+from src.config import LOSS_NAMES, ConfigError, LossConfig, build_config, loss_terms
+from src.losses import LOSSES, FocalLoss, SoftMacroF1Loss, build_loss, loss_kind
 from src.model import build_model
 
 HARD_LOGIT = 50.0  # sigmoid(+-50) is 0/1 to well within float32 tolerance
@@ -75,11 +75,25 @@ def test_soft_f1_is_float32_under_bf16_autocast(tiny_cfg):
     torch.testing.assert_close(loss, SoftMacroF1Loss()(logits.float(), targets))
 
 
-def test_parse_mix_reads_names_and_weights():
-    assert parse_mix("bce+soft_f1") == [(1.0, "bce"), (1.0, "soft_f1")]
-    assert parse_mix("0.5*bce + 2*focal") == [(0.5, "bce"), (2.0, "focal")]
-    assert parse_mix("soft_f1") == [(1.0, "soft_f1")]
-    assert parse_mix("1e-1*bce+.5*soft_f1") == [(0.1, "bce"), (0.5, "soft_f1")]
+def test_loss_terms_reads_names_and_weights():
+    assert loss_terms("bce+soft_f1") == [(1.0, "bce"), (1.0, "soft_f1")]
+    assert loss_terms("0.5*bce + 2*focal") == [(0.5, "bce"), (2.0, "focal")]
+    assert loss_terms("soft_f1") == [(1.0, "soft_f1")]
+    assert loss_terms("1e-1*bce+.5*soft_f1") == [(0.1, "bce"), (0.5, "soft_f1")]
+    assert loss_terms("label_embedding") == [(1.0, "label_embedding")]
+
+
+def test_the_configs_loss_names_are_the_registry():
+    """src.config checks loss.name without importing torch, against its own table: the registry's names, each
+    mixing (a mix of them builds) or standing alone as the table says."""
+    assert set(LOSS_NAMES) == set(LOSSES)
+    mixable = [name for name, mixes in LOSS_NAMES.items() if mixes]
+    assert isinstance(build_loss(LossConfig(name="+".join(mixable))), nn.Module)
+    for name, mixes in LOSS_NAMES.items():
+        assert loss_kind(name) is LOSSES[name]
+        if not mixes:
+            with pytest.raises(ValueError, match=f"or '{name}' alone"):
+                loss_terms(f"bce+{name}")
 
 
 def test_build_loss_applies_the_weights_of_a_mix():
@@ -95,10 +109,12 @@ def test_build_loss_applies_the_weights_of_a_mix():
     torch.testing.assert_close(build_loss(LossConfig(name="bce"))(logits, targets), bce)
 
 
-@pytest.mark.parametrize("name", ["dice", "bce+dice", "bce+", "2**bce", "1.2.3*bce", "e*bce", "-1*bce", ""])
+@pytest.mark.parametrize("name", ["dice", "bce+dice", "bce+", "2**bce", "1.2.3*bce", "e*bce", "-1*bce", "",
+                                  "bce+label_embedding"])
 def test_unknown_or_malformed_loss_is_a_config_error_listing_the_choices(name):
     with pytest.raises(ConfigError) as error:
-        build_loss(LossConfig(name=name))
+        build_config({"loss": {"name": name}})
+    assert "config key 'loss.name'" in str(error.value)
     for choice in LOSSES:
         assert choice in str(error.value)
 

@@ -14,7 +14,7 @@ import re
 import stat
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from io import StringIO
 from pathlib import Path
 
@@ -27,7 +27,18 @@ from src.config import PipelineError, load_config, override
 from src.files import save_config
 from src.folds import make_folds
 from src.predict import predict
-from src.submit import LOG_COLUMNS, SubmitFailed, git_state, main, read_log, refresh, show_log, submit, write_log
+from src.submit import (
+    LOG_COLUMNS,
+    SubmitFailed,
+    git_state,
+    log_attempt,
+    main,
+    read_log,
+    refresh,
+    show_log,
+    submit,
+    write_log,
+)
 from src.train import train
 from tests.conftest import REPO_ROOT, tiny_config
 
@@ -51,6 +62,7 @@ FAKE_KAGGLE = """#!/bin/sh
 here=$(dirname "$0")
 n=$(ls "$here/calls" | wc -l)
 printf '%s\\0' "$@" > "$here/calls/$n"
+if [ -f "$here/hook" ]; then . "$here/hook"; fi
 cat "$here/stdout"
 cat "$here/stderr" >&2
 exit "$(cat "$here/rc")"
@@ -58,7 +70,8 @@ exit "$(cat "$here/rc")"
 
 
 class FakeKaggle:
-    """A ``kaggle`` shell script: records each call's arguments, prints the canned answer, exits with its code."""
+    """A ``kaggle`` shell script: records each call's arguments, runs ``hook`` (shell) if there is one, prints the
+    canned answer, exits with its code."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -68,8 +81,9 @@ class FakeKaggle:
         script.chmod(script.stat().st_mode | stat.S_IXUSR)
         self.answer()
 
-    def answer(self, stdout: str = "", stderr: str = "", rc: int = 0) -> None:
-        (self.folder / "stdout").write_text(stdout)
+    def answer(self, stdout: str | bytes = "", stderr: str = "", rc: int = 0) -> None:
+        out = self.folder / "stdout"
+        out.write_bytes(stdout) if isinstance(stdout, bytes) else out.write_text(stdout)
         (self.folder / "stderr").write_text(stderr)
         (self.folder / "rc").write_text(str(rc))
 
@@ -118,7 +132,8 @@ def listed(date: datetime, description: str, status: str, public: str = "", priv
 def test_submit_logs_the_attempt_and_refresh_fills_in_the_public_score(cfg, kaggle, tmp_path):
     kaggle.answer(ACCEPTED, UPLOAD_BAR)
     row = submit(cfg, "first try", progress=False)
-    assert kaggle.calls == [["competitions", "submit", "-c", SLUG, "-f", cfg.submission.path, "-m", "first try"]]
+    assert kaggle.calls == [["competitions", "submit", "-c", SLUG, "-f", cfg.submission.path,
+                             "--message=first try"]]
     log = read_log(Path(cfg.kaggle.log))
     assert list(log.columns) == list(LOG_COLUMNS) and len(log) == 1
     logged = log.iloc[0]
@@ -304,3 +319,104 @@ def test_light_commands_start_without_torch(module):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout and result.stdout.strip().endswith("heavy: []"), result.stdout[-300:]
+
+
+# -- round three: the CLI's bytes, an interrupted attempt, odd messages, a damaged log ----------------------
+def test_output_that_is_not_utf8_is_read_with_the_bytes_replaced(cfg, kaggle):
+    """A server's error page or a local encoding in the CLI's output: the attempt is still logged as sent, and
+    refresh still reads the table."""
+    kaggle.answer(b"Submission ref: 51234567\nR\xe9sum\xe9 \xff\xfe\nSuccessfully submitted\n")
+    row = submit(cfg, "bytes", progress=False)
+    assert row["status"] == "sent" and row["kaggle_ref"] == "51234567"
+    now = datetime.now(UTC).replace(tzinfo=None)
+    kaggle.answer(b"Warning: caf\xe9\n" + (HEADER + listed(now, "bytes", "SubmissionStatus.COMPLETE", "0.5")).encode())
+    assert refresh(cfg, progress=False)["scored"] == 1
+    assert read_log(Path(cfg.kaggle.log)).iloc[0]["public_score"] == "0.5"
+
+
+def test_a_message_that_starts_with_a_dash_is_the_messages_value(cfg, kaggle):
+    kaggle.answer(ACCEPTED)
+    submit(cfg, "-5% lr, --no-tta", progress=False)
+    assert kaggle.calls[-1][-1] == "--message=-5% lr, --no-tta"
+    assert read_log(Path(cfg.kaggle.log)).iloc[0]["message"] == "-5% lr, --no-tta"
+
+
+def test_an_attempt_killed_while_the_cli_runs_stays_pending_and_refresh_settles_it(cfg, kaggle, tmp_path):
+    """kill -9 of src.submit while the CLI runs (the orphaned CLI still sends the file): the row is there, pending;
+    --refresh finds the submission in Kaggle's list and completes the row."""
+    config = save_config(cfg, tmp_path / "config.yaml")
+    kaggle.answer(ACCEPTED)
+    (kaggle.folder / "hook").write_text("kill -9 $PPID\n")
+    result = subprocess.run([sys.executable, "-m", "src.submit", "--config", str(config), "-m", "killed"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == -9, result.stderr
+    (kaggle.folder / "hook").unlink()
+    log = read_log(Path(cfg.kaggle.log))
+    assert len(log) == 1 and log.iloc[0]["status"] == "pending" and log.iloc[0]["message"] == "killed"
+    assert log.iloc[0]["sha256"] == sha256(cfg.submission.path) and log.iloc[0]["kaggle_ref"] == ""
+
+    now = datetime.now(UTC).replace(tzinfo=None)
+    kaggle.answer(HEADER + listed(now, "killed", "SubmissionStatus.COMPLETE", "0.47", ref="51234999"))
+    counts = refresh(cfg, progress=False)
+    assert counts["settled"] == 1 and counts["scored"] == 1
+    logged = read_log(Path(cfg.kaggle.log)).iloc[0]
+    assert (logged["status"], logged["kaggle_ref"], logged["public_score"]) == ("sent", "51234999", "0.47")
+
+
+def test_refresh_fails_a_pending_attempt_kaggle_never_received(kaggle, tmp_path):
+    """Pending for over a day, absent from a list that reaches back before it: never received. A recent one
+    (its CLI may still be sending) stays pending; a Kaggle row from before an attempt is not that attempt's."""
+    log_path = tmp_path / "log.csv"
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"kaggle.log={log_path}"])
+    now = datetime.now(UTC).replace(microsecond=0)
+    old, recent = now - timedelta(days=2), now - timedelta(minutes=30)
+    write_log(log_path, pd.DataFrame([logged_attempt(old, "lost", status="pending", kaggle_ref=""),
+                                      logged_attempt(recent, "again", status="pending", kaggle_ref="")]))
+    kaggle.answer(HEADER + listed((now - timedelta(days=3)).replace(tzinfo=None), "again",
+                                  "SubmissionStatus.COMPLETE", "0.4", ref="1"))
+    counts = refresh(cfg, progress=False)
+    assert counts["not_received"] == 1 and counts["unmatched"] == 1 and counts["settled"] == 0
+    log = read_log(log_path)
+    assert log.iloc[0]["status"].startswith("failed: interrupted before Kaggle received it")
+    assert log.iloc[1]["status"] == "pending" and log.iloc[1]["public_score"] == ""
+
+
+@pytest.mark.parametrize("damage, line, expected", [
+    (lambda text: text.rsplit(",", 3)[0] + "\n", 3, "cells, the header has 16"),  # a cut last row
+    (lambda text: text + text, 4, "the header again"),  # two logs joined
+    (lambda text: text + text.splitlines(keepends=True)[-1], 4, "a repeat of line 3"),
+])
+def test_a_damaged_log_is_refused_with_its_line(cfg, kaggle, damage, line, expected):
+    log_path = Path(cfg.kaggle.log)
+    write_log(log_path, pd.DataFrame([logged_attempt(datetime(2026, 1, d, tzinfo=UTC), f"#{d}") for d in (1, 2)]))
+    log_path.write_text(damage(log_path.read_text()))
+    with pytest.raises(PipelineError, match=rf"log.csv, line {line}: .*{expected}") as failure:
+        show_log(cfg, progress=False)
+    assert "\n" not in str(failure.value)
+    kaggle.answer(ACCEPTED)
+    with pytest.raises(PipelineError, match=f"line {line}"):
+        submit(cfg, "not sent", progress=False)
+    assert kaggle.calls == []
+
+
+def test_log_says_rho_is_undefined_when_the_estimates_are_all_equal(cfg, capsys):
+    write_log(Path(cfg.kaggle.log), pd.DataFrame([
+        logged_attempt(datetime(2026, 1, d, tzinfo=UTC), f"#{d}", metric="macro_f1", oof_estimate="0.5",
+                       public_score=f"0.4{d}") for d in range(1, 5)]))
+    assert show_log(cfg)[2] is None
+    assert "4 scored submission(s); Spearman rho undefined: all 4 OOF estimates are equal" in capsys.readouterr().out
+
+
+def test_an_attempt_settled_by_refresh_while_its_cli_ran_is_not_logged_twice(tmp_path):
+    """--refresh (another process) found the pending attempt on Kaggle before its own CLI returned: the row
+    refresh wrote stands, and the attempt is not appended a second time."""
+    log_path = tmp_path / "log.csv"
+    row = logged_attempt(datetime(2026, 1, 1, tzinfo=UTC), "racing", status="pending", kaggle_ref="")
+    index = log_attempt(log_path, row)
+    settled = read_log(log_path)
+    settled.loc[index, ["status", "kaggle_ref", "public_score"]] = ["sent", "51234567", "0.5"]
+    write_log(log_path, settled)
+    assert log_attempt(log_path, row | {"status": "sent", "kaggle_ref": "51234567"}, index) == index
+    log = read_log(log_path)
+    assert len(log) == 1 and log.iloc[0]["public_score"] == "0.5"
+    assert log_attempt(log_path, row | {"time": "2026-01-02T00:00:00+00:00"}, index) == 1  # not that row: appended

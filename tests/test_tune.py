@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import time
@@ -19,7 +20,7 @@ from optuna.trial import FrozenTrial, create_trial
 
 import src.tune
 from src.cli import run_cli
-from src.config import ConfigError, load_config, override, parse_duration
+from src.config import ConfigError, PipelineError, load_config, override, parse_duration
 from src.files import save_config
 from src.run_folder import RunFolder
 from src.train import LoopHooks
@@ -327,3 +328,51 @@ def test_a_bad_budget_is_one_line_and_exit_2(tune_cfg, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("--budget" in err), err
     assert not (tmp_path / "run").exists()  # refused before any study or trial
+
+
+@pytest.fixture(scope="module")
+def made_storage(tmp_path_factory) -> Path:
+    """A study's SQLite file spanning a few pages, made once (making a storage takes a second)."""
+    path = tmp_path_factory.mktemp("storage") / "made.db"
+    optuna.create_study(storage=f"sqlite:///{path}", study_name="old").set_user_attr("space", "x" * 9000)
+    return path
+
+
+def damaged_storage(made: Path, path: Path) -> str:
+    """The study's file with its second page overwritten: it opens, and fails at the first write."""
+    data = bytearray(made.read_bytes())
+    page = int.from_bytes(data[16:18], "big")  # the page size, from the SQLite header
+    data[page:2 * page] = b"\xff" * page
+    path.write_bytes(data)
+    return f"sqlite:///{path}"
+
+
+def read_only_storage(made: Path, path: Path) -> str:
+    shutil.copy(made, path)
+    path.chmod(0o444)
+    if os.access(path, os.W_OK):
+        pytest.skip("this user (root) can write a read-only file")
+    return f"sqlite:///{path}"
+
+
+@pytest.mark.parametrize("make, cause", [
+    (lambda made, path: path.write_bytes(bytes(range(256)) * 16) and f"sqlite:///{path}",
+     "file is not a database; the file is not an SQLite database: move it aside or pass another --storage"),
+    (damaged_storage, "database disk image is malformed; the file is damaged: move it aside (a new study starts) or "
+                      "pass another --storage"),
+    (lambda made, path: shutil.copy(made, path) and f"sqlite:///file:{path}?mode=ro&uri=true",  # as a chmod 0444
+     "attempt to write a readonly database; make the file and its folder writable, or pass another --storage"),
+    (read_only_storage, "attempt to write a readonly database; make the file and its folder writable, or pass "
+                        "another --storage"),
+])
+def test_a_damaged_or_read_only_storage_is_one_line_with_the_databases_cause(tune_cfg, made_storage, tmp_path,
+                                                                              make, cause):
+    """Not optuna's traceback ending in its guess ("invalid data in the commit, e.g. exceeding max length"): the
+    storage and SQLite's own words, before any trial runs."""
+    url = make(made_storage, tmp_path / "tune.db")
+    with pytest.raises(PipelineError, match="tuning storage") as failure:
+        tune(tune_cfg, parse_space(LR_SPACE, tune_cfg), 1, "s", url, progress=False)
+    message = str(failure.value)
+    assert url in message and message.endswith(cause), message
+    assert "\n" not in message and "[SQL" not in message
+    assert not RunFolder(tune_cfg.run.dir).tune_trial("s", 0).exists()  # no trial ran
