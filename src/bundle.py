@@ -281,6 +281,13 @@ def collect_weights(record: dict, run_dir: str | Path) -> list[Experiment]:
     """Each experiment of the prediction recorded in ``run_dir`` with the checkpoints it used; refused when one
     is gone or was written after the prediction (the decision would not fit the weights shipped)."""
     predicted_at = decision_path(run_dir).stat().st_mtime_ns
+    ensemble = record.get("ensemble") or {}
+    if ensemble.get("stack") is not None or isinstance((ensemble.get("weights") or [0])[0], list) or \
+            any(run.get("dir") is None for run in record["runs"]):
+        used = ensemble.get("describe") or "score tables"
+        raise PipelineError(f"{decision_path(run_dir)}: the prediction used {used}; a bundle ships run folders "
+                            "combined by one weight per run: predict with "
+                            "predict.stack=none, predict.weights_per_class=false and run folders only to bundle")
     experiments = []
     for i, run in enumerate(record["runs"]):
         folder = RunFolder(run["dir"])
