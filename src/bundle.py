@@ -58,6 +58,7 @@ from src.decision_record import (
     read_record,
     record_decision,
 )
+from src.ensemble import weighted_mean
 from src.files import Staging, ensure_writable, save_config, write_atomic
 from src.formats import label_separator, load_test_table, submission_columns
 from src.model import check_views, resolve_device
@@ -67,7 +68,6 @@ from src.predict import (
     make_submission,
     require_finite,
     score_dataset,
-    weighted_mean,
 )
 from src.progress import note
 from src.run_folder import RunFolder, run_vocabulary

@@ -21,7 +21,6 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from src.config import Config, PipelineError, RunRef, override
 from src.data import Vocabulary, label_csr, with_vocabulary
 from src.dataset import RGBYDataset, make_loader
 from src.decision_record import REFIT_ON_TEST, decision_path, decision_record, write_record
-from src.ensemble import Blend, BlendSetting, as_arrays, blend_methods, choose_blend, compare_blends, weighted_mean
+from src.ensemble import Blend, BlendSetting, as_arrays, blend_methods, choose_blend, compare_blends
 from src.files import Staging, ensure_writable, ensure_writable_file, remove_stale_temps
 from src.folds import read_folds_file
 from src.formats import (
@@ -268,7 +267,8 @@ def score_pair(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: 
     missing = ~pd.Index(oof_ids).isin(folds.index)
     if missing.any():
         raise PipelineError(f"{pair.oof}: Id {oof_ids[np.argmax(missing)]!r} has no fold in {cfg.folds.path}")
-    oof = OofScores(np.asarray(oof_ids, dtype=object), folds.loc[list(oof_ids)].to_numpy(), oof_scores)
+    oof = OofScores(np.asarray(oof_ids, dtype=object), folds.loc[list(oof_ids)].to_numpy(),
+                    require_finite(oof_scores, f"{pair.oof}: OOF scores"))
 
     def in_order(path: str | None, table: pd.DataFrame, what: str) -> np.ndarray | ScoreRows:
         if path is None:
@@ -279,8 +279,7 @@ def score_pair(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: 
 
     test = require_finite(in_order(pair.test, test_table, "test"), f"{pair.test}: test scores")
     holdout = None if holdout_table is None else in_order(pair.holdout, holdout_table, "holdout")
-    return RunScores(ref, test, OofScores(oof.ids, oof.folds, require_finite(oof.scores, f"{pair.oof}: OOF scores")),
-                     holdout)
+    return RunScores(ref, test, oof, holdout)
 
 
 def align_oof(runs: list[OofScores]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
@@ -296,17 +295,6 @@ def align_oof(runs: list[OofScores]) -> tuple[np.ndarray, np.ndarray, list[np.nd
     rows = [None if len(at) == len(oof) and np.array_equal(at, np.arange(len(at))) else at
             for at, oof in zip(rows, runs)]
     return ids, first.folds[keep], rows
-
-
-def combine_runs(per_run: list[tuple[float, np.ndarray | ScoreRows, OofScores]]
-                 ) -> tuple[np.ndarray | ScoreRows, OofScores]:
-    """Weighted mean of test scores and of OOF scores over experiments (OOF on the Ids all share, in the first
-    experiment's row order); tables are combined a block of rows at a time as they are read."""
-    weights = [weight for weight, _, _ in per_run]
-    test = combine_scores([scores for _, scores, _ in per_run], partial(weighted_mean, weights))
-    ids, folds, rows = align_oof([oof for _, _, oof in per_run])
-    scores = combine_scores([oof.scores for _, _, oof in per_run], partial(weighted_mean, weights), rows)
-    return test, OofScores(ids, folds, scores)
 
 
 def label_rates(cfg: Config, train_labels: np.ndarray, vocabulary: Vocabulary | None = None) -> np.ndarray:
@@ -345,11 +333,6 @@ def score_experiments(cfg: Config, test_table: pd.DataFrame, train_table: pd.Dat
     return [score_run(cfg, ref, test_table, train_table, device, progress, scratch, holdout_table)
             if ref.dir is not None else score_pair(cfg, ref, test_table, train_table, vocabulary, holdout_table)
             for ref in refs]
-
-
-def oof_truth(oof: OofScores, train_table: pd.DataFrame, num_classes: int) -> tuple:
-    """The OOF rows' true labels (a sparse binary matrix) and their scores, row for row."""
-    return ids_truth(oof.ids, train_table, num_classes), oof.scores
 
 
 def ids_truth(ids: np.ndarray, train_table: pd.DataFrame, num_classes: int):
