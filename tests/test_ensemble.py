@@ -143,3 +143,17 @@ def test_blend_submissions_by_vote_and_scores_by_rank(tmp_path):
                                                                                              index=False)
     ranked = pd.read_csv(blend(scores, tmp_path / "rank.csv", by="rank", weights=[3, 1]), dtype={"Id": str})
     np.testing.assert_allclose(ranked[["0", "1"]].to_numpy(), [[(3 * 1 + 0.5) / 4, 0.5], [(3 * 0.5 + 1) / 4, 1.0]])
+
+
+def test_the_submission_log_message_names_the_blend_and_runs_made_elsewhere():
+    from src.submit import default_message
+
+    record = {"strategy": "oof_f1", "metric": "macro_f1", "oof_cross_fold": 0.5,
+              "runs": [{"dir": "runs/a", "weight": 0.8, "folds": [0, 1]},
+                       {"dir": None, "scores": {"oof": "b_oof.csv", "test": "b_test.csv"}, "weight": 0.2, "folds": []}],
+              "ensemble": {"method": "search", "describe": "search 0.8, 0.2"}}
+    message = default_message(record, "abc")
+    assert message == ("oof_f1 (oof macro_f1 0.5000, cross-fold) | runs/a[0,1] x0.8; b_oof.csv[] x0.2 | "
+                       "ensemble search 0.8, 0.2 | config abc")
+    record["ensemble"] = None  # the default: the hand weights, the message as before
+    assert default_message(record, "abc").endswith("b_oof.csv[] x0.2 | config abc")
