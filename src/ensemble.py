@@ -31,7 +31,7 @@ from functools import partial
 
 import numpy as np
 
-from src.config import PredictConfig
+from src.config import PipelineError, PredictConfig
 from src.metrics import DecisionCounts, Metric, best_thresholds, decision_counts, take_rows
 from src.score_table import ScoreRows, combine_scores
 from src.thresholds import ThresholdInputs, decision_for, pseudo_folds
@@ -50,6 +50,16 @@ INNER_PARTS = 5
 # Scores (rows x classes x runs) a blend is fitted on in memory at most: 400 MB of float32.
 BLEND_MAX_CELLS = 100_000_000
 LOGIT_EPS = 1e-6
+# predict.stack_other_classes gives each class's model every class's score: m models of m + r inputs.
+STACK_OTHER_MAX_CLASSES = 200
+
+
+def check_blend_config(cfg: PredictConfig, num_classes: int) -> None:
+    """Refuse, before any scoring, a stack over every class's scores that the class count makes impractical."""
+    if cfg.stack != "none" and cfg.stack_other_classes and num_classes > STACK_OTHER_MAX_CLASSES:
+        raise PipelineError(f"predict.stack_other_classes=true with {num_classes} classes: each class's model would "
+                            f"take {num_classes} more inputs (at most {STACK_OTHER_MAX_CLASSES} classes); set it to "
+                            "false")
 
 
 def weighted_mean(weights: list, parts: list[np.ndarray]) -> np.ndarray:
@@ -151,9 +161,10 @@ class Blend:
     def record(self) -> dict:
         """The blend as decision.json keeps it."""
         weights = None if self.weights is None else self.weights.tolist()
+        # The m x m coefficients on the other classes are left out: 7 178 classes would make 51 M numbers.
         stack = None if self.stack is None else {
             "own": self.stack.own.tolist(), "intercept": self.stack.intercept.tolist(),
-            "other": None if self.stack.other is None else self.stack.other.tolist()}
+            "other_classes": self.stack.other is not None}
         return {"method": self.method, "describe": self.describe(), "weights": weights, "stack": stack}
 
 
@@ -263,10 +274,11 @@ def _decided_counts(truth_fit, fitted: np.ndarray, truth_held, held: np.ndarray,
     return decision_counts(truth_held, held, decision.apply)
 
 
-def as_arrays(parts: list[np.ndarray | ScoreRows]) -> list[np.ndarray] | None:
-    """The runs' scores as float32 arrays to fit a blend on, or None above :data:`BLEND_MAX_CELLS`."""
+def as_arrays(parts: list[np.ndarray | ScoreRows], max_cells: int = BLEND_MAX_CELLS) -> list[np.ndarray] | None:
+    """The runs' scores as arrays to fit a blend on (tables read whole, float32), or None above ``max_cells``
+    scores (rows x classes x runs)."""
     n, m = parts[0].shape
-    if n * m * len(parts) > BLEND_MAX_CELLS:
+    if n * m * len(parts) > max_cells:
         return None
     return [part if isinstance(part, np.ndarray) else part[:] for part in parts]
 

@@ -33,7 +33,15 @@ from src.config import Config, PipelineError, RunRef, override
 from src.data import Vocabulary, label_csr, with_vocabulary
 from src.dataset import RGBYDataset, make_loader
 from src.decision_record import REFIT_ON_TEST, decision_path, decision_record, write_record
-from src.ensemble import Blend, BlendSetting, as_arrays, blend_methods, choose_blend, compare_blends
+from src.ensemble import (
+    Blend,
+    BlendSetting,
+    as_arrays,
+    blend_methods,
+    check_blend_config,
+    choose_blend,
+    compare_blends,
+)
 from src.files import Staging, ensure_writable, ensure_writable_file, remove_stale_temps
 from src.folds import read_folds_file
 from src.formats import (
@@ -397,6 +405,7 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     cfg, train_table, _ = load_training_data(with_vocabulary(cfg, vocabulary), vocabulary)
     test_table = load_test_table(cfg.data)
     m = cfg.data.num_classes
+    check_blend_config(cfg.predict, m)
 
     # Many-class scores made here (each fold's test scores, re-scored OOF rows) go to a scratch folder as inference
     # makes them and are read back a block of rows at a time; the folder goes when predict ends (its finalizer on

@@ -226,6 +226,8 @@ def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen
     support = count_labels(oof_true, 0)
     strategies = strategy_table(results, chosen, metric, holdout)
     classes = class_table(results, chosen, support, train_rate, test_rate)
+    if holdout is not None:  # the thresholds applied: fitted on the holdout
+        classes["threshold"] = holdout[chosen]["thresholds"]
     names = {"strategies": "strategies.png", "per_class_f1": "per_class_f1.png",
              "f1_vs_threshold": "f1_vs_threshold.png", "label_rates": "label_rates.png"}
 

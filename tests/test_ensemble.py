@@ -13,6 +13,8 @@ from src.config import PipelineError, PredictConfig
 from src.ensemble import (
     Blend,
     BlendSetting,
+    as_arrays,
+    check_blend_config,
     choose_blend,
     compare_blends,
     search_class_weights,
@@ -45,6 +47,8 @@ def test_weighted_mean_of_runs_that_differ_arrays_and_tables_alike(tmp_path):
     writer.append(second)
     table = writer.close()  # read a block of rows at a time, combined as read
     np.testing.assert_allclose(Blend("hand", np.array([1.0, 3.0])).combine([first, table])[:], expected, rtol=1e-6)
+    np.testing.assert_array_equal(as_arrays([first, table])[1], table[:])  # a blend is fitted on arrays ...
+    assert as_arrays([first, table], max_cells=100) is None  # ... up to a size, then predict keeps hand weights
     per_class = np.array([[1.0, 0, 1, 1, 1, 1], [1.0, 1, 0, 1, 1, 3]])
     mixed = Blend("search", per_class).combine([first, second])
     np.testing.assert_allclose(mixed[:, 1], second[:, 1])
@@ -102,6 +106,8 @@ def test_stack_learns_a_run_that_scores_backwards_and_auto_ties_go_to_the_simple
     tied = {name: {"cross_fold": 0.5} for name in ("search", "equal", "hand")}
     assert choose_blend(PredictConfig(weights="auto"), tied)[0] == "hand"
     assert choose_blend(PredictConfig(weights="search"), tied) == ("search", "configured (predict.weights=search)")
+    with pytest.raises(PipelineError, match="predict.stack_other_classes=true with 7178 classes"):
+        check_blend_config(PredictConfig(stack="logistic", stack_other_classes=True), 7178)
 
 
 def test_external_score_tables_are_checked_on_labels_and_ids(tmp_path):
