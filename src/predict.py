@@ -4,10 +4,13 @@
 
 For each experiment (``predict.runs``, or just ``run.dir``) every fold checkpoint runs the test set
 under the chosen D4 test-time views (``predict.tta``, reduced by ``predict.tta_reduce``); folds are
-averaged, experiments combined with their weights. Out-of-fold predictions are combined the same way,
-so thresholds are tuned on the very ensemble the submission uses. All threshold strategies are
-compared on OOF (in-sample and cross-fold); ``predict.threshold`` picks the one applied to test (``auto``:
-the best cross-fold estimate, a tie going to the simpler strategy).
+averaged, experiments combined with their weights (``predict.weights``: hand, equal, searched, or a stack:
+src.ensemble, compared cross-fold). An experiment may be a pair of score tables made elsewhere
+(``predict.runs[].scores``). Out-of-fold predictions are combined the same way, so thresholds are tuned on the very
+ensemble the submission uses. All threshold strategies are compared on OOF (in-sample and cross-fold);
+``predict.threshold`` picks the one applied to test (``auto``: the best cross-fold estimate, a tie going to the
+simpler strategy). With ``data.holdout`` (labelled test-domain images that never train) the blend and the decision
+are fitted on the holdout's scores instead, and the report shows OOF and holdout estimates side by side.
 
 Writes ``submission.path`` (validated, atomic), ``run.dir/test_probs.csv`` (for later ensembles),
 ``run.dir/report/`` (report.md, strategies.csv, per_class.csv, PNG plots) and ``run.dir/decision.json`` (the
@@ -352,6 +355,60 @@ def ids_truth(ids: np.ndarray, train_table: pd.DataFrame, num_classes: int):
     return label_csr([truth_by_id[i] for i in ids], num_classes)
 
 
+@dataclass
+class FittedBlend:
+    """The blend applied and the decision fitted on its scores: ``blends`` and ``blend_why`` hold the comparison of
+    the ways of combining the runs (None when only the hand weights were asked for, or fitting was too big);
+    ``scores`` are the fitted rows' blended scores the decision was fitted on, ``results`` the strategies compared
+    on them, ``chosen`` and ``why`` the strategy applied."""
+
+    blend: Blend
+    scores: np.ndarray | ScoreRows
+    results: dict[str, dict]
+    chosen: str
+    why: str
+    blends: dict[str, dict] | None = None
+    blend_why: str | None = None
+
+    def record(self, cfg: Config, fitted_on: str) -> dict | None:
+        """decision.json's ``ensemble``: None when nothing was compared (the hand weights, as always)."""
+        if self.blends is None:
+            return None
+        return {**self.blend.record(), "requested": cfg.predict.weights, "stack_requested": cfg.predict.stack,
+                "why": self.blend_why, "fitted_on": fitted_on,
+                "cross_fold": {name: r["cross_fold"] for name, r in self.blends.items()}}
+
+
+def fit_blend_and_decision(cfg: Config, truth, parts: list[np.ndarray | ScoreRows], folds: np.ndarray,
+                           train_rate: np.ndarray, hand_weights: np.ndarray) -> FittedBlend:
+    """How the runs' scores (``parts``, the rows of ``truth``: OOF or the holdout) become one, and the decision on
+    it: the strategies compared on the hand-weighted mean; with ``predict.weights``/``predict.stack`` set, every
+    way of combining compared cross-fold for the strategy chosen (src.ensemble.compare_blends), and the strategies
+    compared again on the chosen blend's scores when it is not the hand weights."""
+    blend = Blend("hand", hand_weights)
+    scores = blend.combine(parts)
+    results = compare_strategies(truth, scores, folds, train_rate, cfg.predict, cfg.metric)
+    chosen, why = choose_strategy(cfg.predict.threshold, results)
+    methods = blend_methods(cfg.predict, len(parts))
+    if methods == ["hand"]:
+        return FittedBlend(blend, scores, results, chosen, why)
+    arrays = as_arrays(parts)
+    if arrays is None:
+        note(f"warning: predict.weights={cfg.predict.weights}, predict.stack={cfg.predict.stack}: fitting a blend "
+             f"holds {parts[0].shape[0]} x {parts[0].shape[1]} scores of {len(parts)} runs in memory, above "
+             "src.ensemble.BLEND_MAX_CELLS; the hand weights are applied")
+        return FittedBlend(blend, scores, results, chosen, why)
+    setting = BlendSetting(chosen, cfg.predict, get_metric(cfg.metric), train_rate, hand_weights)
+    blends = compare_blends(truth, arrays, folds, methods, setting)
+    method, blend_why = choose_blend(cfg.predict, blends)
+    if method != "hand":
+        blend = blends[method]["blend"]
+        scores = blend.fitted  # for a stack, cross-fitted: never scores of rows its model saw
+        results = compare_strategies(truth, scores, folds, train_rate, cfg.predict, cfg.metric)
+        chosen, why = choose_strategy(cfg.predict.threshold, results)
+    return FittedBlend(blend, scores, results, chosen, why, blends, blend_why)
+
+
 def make_submission(test_table: pd.DataFrame, predicted: np.ndarray, vocabulary: Vocabulary,
                     columns: tuple[str, str] = ("Id", "Predicted"), separator: str = " ") -> pd.DataFrame:
     """The submission table in the sample submission's columns (hpa ``Id,Predicted`` with class indices;
@@ -426,26 +483,9 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     else:
         fit_true, fit_parts = label_csr(holdout_table["labels"], m), [run.holdout for run in runs]
         fit_folds = np.zeros(len(holdout_table), int)  # random parts of it for the cross-fold estimates
-    blend, blends, blend_why = Blend("hand", np.array([ref.weight for ref in refs])), None, None
-    fit_scores = blend.combine(fit_parts)
-    results = compare_strategies(fit_true, fit_scores, fit_folds, train_rate, cfg.predict, cfg.metric)
-    chosen, why = choose_strategy(cfg.predict.threshold, results)
-    methods = blend_methods(cfg.predict, len(runs))
-    if methods != ["hand"]:
-        arrays = as_arrays(fit_parts)
-        if arrays is None:
-            note(f"warning: predict.weights={cfg.predict.weights}, predict.stack={cfg.predict.stack}: fitting a blend "
-                 f"holds {fit_parts[0].shape[0]} x {m} scores of {len(runs)} runs in memory, above "
-                 f"src.ensemble.BLEND_MAX_CELLS; the hand weights are applied")
-        else:
-            setting = BlendSetting(chosen, cfg.predict, get_metric(cfg.metric), train_rate, blend.weights)
-            blends = compare_blends(fit_true, arrays, fit_folds, methods, setting)
-            method, blend_why = choose_blend(cfg.predict, blends)
-            if method != "hand":  # the decision is fitted again, on the chosen blend's scores
-                blend = blends[method]["blend"]
-                fit_scores = blend.fitted
-                results = compare_strategies(fit_true, fit_scores, fit_folds, train_rate, cfg.predict, cfg.metric)
-                chosen, why = choose_strategy(cfg.predict.threshold, results)
+    fitted = fit_blend_and_decision(cfg, fit_true, fit_parts, fit_folds, train_rate,
+                                    np.array([ref.weight for ref in refs]))
+    blend, fit_scores, results, chosen, why = fitted.blend, fitted.scores, fitted.results, fitted.chosen, fitted.why
     test_scores = blend.combine([run.test for run in runs])
     if holdout_table is None:
         oof_scores, oof_results = fit_scores, results
@@ -461,19 +501,15 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     submission = make_submission(test_table, predicted, vocabulary, submission_columns(cfg.data),
                                  label_separator(cfg.data))
     degenerate = degenerate_reasons(predicted, train_labels)
-    ensembles = None if blends is None else ensemble_table(blends, blend.method, "holdout" if holdout_table is not
-                                                           None else "oof", cfg.metric)
-    ensemble = None if blends is None else {**blend.record(), "requested": cfg.predict.weights,
-                                            "stack_requested": cfg.predict.stack, "why": blend_why,
-                                            "fitted_on": "oof" if holdout_table is None else "holdout",
-                                            "cross_fold": {name: r["cross_fold"] for name, r in blends.items()}}
+    fitted_on = "oof" if holdout_table is None else "holdout"
+    ensembles = None if fitted.blends is None else ensemble_table(fitted.blends, blend.method, fitted_on, cfg.metric)
 
     # All outputs as one set (staged, then renamed into place): the run-folder outputs first, the submission
     # last. A failure on the way leaves every previous output as it was.
     out = RunFolder(cfg.run.dir)
     header = report_header(cfg, refs, oof, len(test_table), chosen, decision)
-    if blends is not None:
-        header += f"\n\nEnsemble: **{blend.describe()}** ({blend_why}); the ways compared are in ensembles.csv."
+    if fitted.blends is not None:
+        header += f"\n\nEnsemble: **{blend.describe()}** ({fitted.blend_why}); the ways compared are in ensembles.csv."
     if holdout_table is not None:
         header += (f"\n\nHoldout: {len(holdout_table)} labelled test-domain rows (data.holdout); the blend and the "
                    "decision are fitted on them and chosen by their holdout estimates (the holdout columns; "
@@ -497,7 +533,7 @@ def predict(cfg: Config, progress: bool = True) -> Path:
         # The decision as applied, the config and the submission's hash, beside it: src.submit checks against it,
         # src.bundle ships it.
         record = decision_record(cfg, chosen, decision, oof_results[chosen], train_rate, refs, submission,
-                                 ensemble=ensemble, run_weights=blend.run_weights,
+                                 ensemble=fitted.record(cfg, fitted_on), run_weights=blend.run_weights,
                                  holdout=None if holdout_table is None else results[chosen])
         staging.file(decision_path(out.root), lambda tmp: write_record(tmp, record))
         sub_path = staging.file(cfg.submission.path, lambda tmp: submission.to_csv(tmp, index=False))
