@@ -163,3 +163,17 @@ def test_the_submission_log_message_names_the_blend_and_runs_made_elsewhere():
                        "ensemble search 0.8, 0.2 | config abc")
     record["ensemble"] = None  # the default: the hand weights, the message as before
     assert default_message(record, "abc").endswith("b_oof.csv[] x0.2 | config abc")
+
+
+def test_a_bundle_refuses_a_prediction_it_cannot_repeat(tmp_path):
+    from src.bundle import collect_weights
+
+    (tmp_path / "decision.json").write_text("{}")
+    stacked = {"runs": [{"dir": "runs/a", "weight": 1.0, "folds": [0]}],
+               "ensemble": {"method": "stack", "describe": "stack logistic", "weights": None, "stack": {"own": []}}}
+    with pytest.raises(PipelineError, match="used stack logistic; a bundle ships run folders"):
+        collect_weights(stacked, tmp_path)
+    elsewhere = {"runs": [{"dir": None, "scores": {"oof": "b.csv", "test": "t.csv"}, "weight": 1.0, "folds": []}],
+                 "ensemble": None}
+    with pytest.raises(PipelineError, match="used score tables"):
+        collect_weights(elsewhere, tmp_path)
