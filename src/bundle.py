@@ -60,6 +60,7 @@ from src.decision_record import (
     read_record,
     record_decision,
 )
+from src.ensemble import weighted_mean
 from src.files import Staging, ensure_writable, save_config, write_atomic
 from src.formats import label_separator, load_test_table, submission_columns
 from src.model import check_views, resolve_device
@@ -69,7 +70,6 @@ from src.predict import (
     make_submission,
     require_finite,
     score_dataset,
-    weighted_mean,
 )
 from src.progress import note
 from src.run_folder import RunFolder, run_vocabulary
@@ -324,6 +324,13 @@ def collect_weights(record: dict, run_dir: str | Path) -> list[Experiment]:
     """Each experiment of the prediction recorded in ``run_dir`` with the checkpoints it used; refused when one
     is gone, when the record holds no fingerprint of it (an older predict), or when its size differs from the
     recorded one (its bytes are compared as :func:`write_weights` reads them)."""
+    ensemble = record.get("ensemble") or {}
+    if ensemble.get("stack") is not None or isinstance((ensemble.get("weights") or [0])[0], list) or \
+            any(run.get("dir") is None for run in record["runs"]):
+        how = ensemble.get("describe") or "score tables"
+        raise PipelineError(f"{decision_path(run_dir)}: the prediction used {how}; a bundle ships run folders "
+                            "combined by one weight per run: predict with "
+                            "predict.stack=none, predict.weights_per_class=false and run folders only to bundle")
     experiments = []
     for i, run in enumerate(record["runs"]):
         folder = RunFolder(run["dir"])

@@ -53,6 +53,9 @@ class DataConfig(Section):
     train_images: str = "train"
     test_images: str = "test"
     extra: list[ExtraSource] = []
+    # A labelled source in the test domain (csv + images, as an extra source): it never trains and never joins
+    # the folds; predict scores it and fits the decision, ensemble weights and stacking on it (docs/prediction.md).
+    holdout: ExtraSource | None = None
     num_classes: int | None = Field(28, ge=1)
     # csv format: the id and label columns of the train csv and sample submission (label names separated by
     # data.label_separator), and an optional column with each image's file name under the image folder
@@ -271,11 +274,34 @@ class RunConfig(Section):
     dir: str = "runs/hpa_nasnet512"
 
 
-class RunRef(Section):
-    """One experiment of an ensemble: its run folder and its weight."""
+class ScorePair(Section):
+    """Score tables made elsewhere (a teammate, another repo), in the run folder's format (src.score_table): ``Id``
+    + one column per class (named by class index or by label code), csv or our npz. ``oof``: out-of-fold scores of
+    training Ids (their folds are read from ``folds.path``); ``test``: every test Id; ``holdout``: every
+    ``data.holdout`` Id (required when there is a holdout)."""
 
-    dir: str
+    oof: str
+    test: str
+    holdout: str | None = None
+
+
+class RunRef(Section):
+    """One experiment of an ensemble: its run folder (or a pair of score tables made elsewhere) and its weight."""
+
+    dir: str | None = None
+    scores: ScorePair | None = None
     weight: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RunRef:
+        if (self.dir is None) == (self.scores is None):
+            raise ValueError("a predict.runs entry names either dir (a run folder) or scores ({oof, test} tables)")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The run folder, or the OOF table of a score pair: how the report and logs name the run."""
+        return self.dir if self.dir is not None else self.scores.oof
 
 
 class PredictConfig(Section):
@@ -314,6 +340,18 @@ class PredictConfig(Section):
     # rate: csv "class,rate" overriding the train label rates.
     rate_table: str | None = None
     batch_size: int = Field(16, ge=1)
+    # How the runs' scores become one (src.ensemble): hand: runs[].weight (the weighted mean); equal: every run
+    # weight 1; search: non-negative weights maximising the metric after the decision strategy on OOF (on
+    # data.holdout when there is one); auto: the best cross-fold estimate of these (and of stack when set), a tie
+    # going to the simpler. Every way but hand is compared in the report (ensembles.csv).
+    weights: Literal["hand", "equal", "search", "auto"] = "hand"
+    # search: one weight per run and class (each class's best F-beta) instead of one per run.
+    weights_per_class: bool = False
+    # logistic: per class a logistic regression over the runs' scores of that class, fitted with nested folds
+    # (applied as named unless predict.weights=auto picks among all ways).
+    stack: Literal["none", "logistic"] = "none"
+    # stack: every class's mean score is an input of each class's model too (label co-occurrence).
+    stack_other_classes: bool = False
     # Write a submission that looks degenerate (the same labels on nearly every row, or predicted label rates
     # far from the training rates on most classes) instead of stopping with exit 2. Also: predict --force.
     force: bool = False

@@ -11,9 +11,13 @@ needs without the OOF files or another pass over them::
     metric            the competition metric's column name (macro_f1, f2_samples, ...)
     oof_in_sample     the strategy's OOF estimate fitted and scored on the same rows
     oof_cross_fold    fitted on the other folds' rows: the honest estimate of the test score
-    runs              the experiments (run folder, weight, folds) ensembled, and each fold's checkpoint as
-                      predict read it (size and sha256: a bundle ships only those very bytes); checkpoint: best
-                      or last
+    runs              the experiments (run folder or score tables, weight as applied, folds) ensembled, and for a
+                      run folder each fold's checkpoint as predict read it (size and sha256: a bundle ships only
+                      those very bytes); checkpoint: best or last
+    ensemble          null with the hand weights and no comparison; else how the runs were combined
+                      (src.ensemble): method, weights (per run, or runs x classes), stack coefficients, why,
+                      fitted_on (oof or holdout) and every way's cross-fold estimate
+    holdout_in_sample, holdout_cross_fold   with data.holdout: the strategy's estimates on it (what chose it)
     submission        the path predict wrote and the sha256 of its bytes
     config            the resolved config predict ran with (after the label vocabulary set data.num_classes)
 
@@ -66,13 +70,23 @@ def file_sha256(path: str | Path) -> str:
 
 
 def decision_record(cfg: Config, strategy: str, decision: Decision, result: dict, label_rate: np.ndarray,
-                    refs: Sequence[RunRef], checkpoints: Sequence[list[dict]], submission: pd.DataFrame) -> dict:
-    """The record of one prediction: ``result`` is the strategy's entry of ``compare_strategies``; ``checkpoints``
-    per experiment, each fold's checkpoint as predict read it (``{"fold", "size", "sha256"}``)."""
+                    refs: Sequence[RunRef], submission: pd.DataFrame, ensemble: dict | None = None,
+                    run_weights: Sequence[float] | None = None, holdout: dict | None = None,
+                    checkpoints: Sequence[list[dict]] | None = None) -> dict:
+    """The record of one prediction: ``result`` is the strategy's entry of ``compare_strategies`` on OOF
+    (``holdout``: on data.holdout); ``ensemble``: how the runs were combined when not by hand weights alone
+    (``src.ensemble.Blend.record``), ``run_weights`` the weights applied (default: the hand weights);
+    ``checkpoints`` per experiment, each fold's checkpoint as predict read it (``{"fold", "size", "sha256"}``)."""
     thresholds = None if decision.thresholds is None else np.broadcast_to(
         np.asarray(decision.thresholds, dtype=float), (len(label_rate),)).tolist()
-    runs = [{"dir": ref.dir, "weight": ref.weight, "folds": [c["fold"] for c in used], "checkpoints": used}
-            for ref, used in zip(refs, checkpoints)]
+    weights = list(run_weights) if run_weights is not None else [ref.weight for ref in refs]
+    checkpoints = list(checkpoints) if checkpoints is not None else [[] for _ in refs]
+    runs = [{"dir": ref.dir, "weight": weight, "folds": [c["fold"] for c in used], "checkpoints": used}
+            if ref.dir is not None else
+            {"dir": None, "scores": ref.scores.model_dump(), "weight": weight, "folds": []}
+            for ref, weight, used in zip(refs, weights, checkpoints)]
+    extra = {} if holdout is None else {"holdout_in_sample": float(holdout["in_sample"]),
+                                        "holdout_cross_fold": float(holdout["cross_fold"])}
     return {
         "strategy": strategy,
         "requested": cfg.predict.threshold,
@@ -83,7 +97,9 @@ def decision_record(cfg: Config, strategy: str, decision: Decision, result: dict
         "metric": get_metric(cfg.metric).label,
         "oof_in_sample": float(result["in_sample"]),
         "oof_cross_fold": float(result["cross_fold"]),
+        **extra,
         "runs": runs,
+        "ensemble": ensemble,
         "checkpoint": cfg.predict.checkpoint,
         "submission": {"path": cfg.submission.path, "sha256": csv_sha256(submission), "rows": len(submission)},
         "written": datetime.now(UTC).isoformat(timespec="seconds"),

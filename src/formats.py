@@ -598,6 +598,30 @@ def load_train_table(cfg: DataConfig) -> pd.DataFrame:
     return _raise_on(read_train_labels(cfg), "training data")
 
 
+def load_holdout_table(cfg: DataConfig, vocabulary: Vocabulary, train_table: pd.DataFrame | None = None
+                       ) -> pd.DataFrame | None:
+    """The labelled test-domain samples of ``data.holdout`` (read like a training source, labels as class indices
+    into ``vocabulary``), or None without one. An Id also in ``train_table`` is refused: the holdout never trains."""
+    if cfg.holdout is None:
+        return None
+    source = Source("holdout", Path(cfg.holdout.csv), Path(cfg.holdout.images), cfg.holdout.ext)
+    table = get_format(cfg).read_source(cfg, source, "train")
+    table.frame["labels"], unknown = vocabulary.encode(table.frame["codes"])
+    if unknown:
+        table.notes.append(f"data.holdout: {sum(unknown.values())} positive label(s) not in the run's label "
+                           "vocabulary were left out")
+    frame = _raise_on(table, f"data.holdout ({source.csv})").drop(columns="codes")
+    if train_table is not None:
+        shared = frame["Id"].isin(train_table["Id"])
+        if shared.any():
+            first = frame["Id"][shared].iloc[0]
+            raise DataError(f"{source.csv}: Id {first!r} is also a training Id ({int(shared.sum())} such rows); the "
+                            "holdout must never train")
+    if frame.empty:
+        raise DataError(f"{source.csv}: data.holdout holds no usable rows")
+    return frame.reset_index(drop=True)
+
+
 def load_test_table(cfg: DataConfig) -> pd.DataFrame:
     """Test samples in sample_submission order; raises DataError naming each bad row."""
     return _raise_on(read_test_ids(cfg), "sample submission")

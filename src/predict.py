@@ -4,10 +4,13 @@
 
 For each experiment (``predict.runs``, or just ``run.dir``) every fold checkpoint runs the test set
 under the chosen D4 test-time views (``predict.tta``, reduced by ``predict.tta_reduce``); folds are
-averaged, experiments combined with their weights. Out-of-fold predictions are combined the same way,
-so thresholds are tuned on the very ensemble the submission uses. All threshold strategies are
-compared on OOF (in-sample and cross-fold); ``predict.threshold`` picks the one applied to test (``auto``:
-the best cross-fold estimate, a tie going to the simpler strategy).
+averaged, experiments combined with their weights (``predict.weights``: hand, equal, searched, or a stack:
+src.ensemble, compared cross-fold). An experiment may be a pair of score tables made elsewhere
+(``predict.runs[].scores``). Out-of-fold predictions are combined the same way, so thresholds are tuned on the very
+ensemble the submission uses. All threshold strategies are compared on OOF (in-sample and cross-fold);
+``predict.threshold`` picks the one applied to test (``auto``: the best cross-fold estimate, a tie going to the
+simpler strategy). With ``data.holdout`` (labelled test-domain images that never train) the blend and the decision
+are fitted on the holdout's scores instead, and the report shows OOF and holdout estimates side by side.
 
 Writes ``submission.path`` (validated, atomic), ``run.dir/test_probs.csv`` (for later ensembles),
 ``run.dir/report/`` (report.md, strategies.csv, per_class.csv, PNG plots) and ``run.dir/decision.json`` (the
@@ -20,8 +23,7 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,19 +36,38 @@ from src.config import Config, PipelineError, RunRef, override
 from src.data import Vocabulary, label_csr, with_vocabulary
 from src.dataset import RGBYDataset, make_loader
 from src.decision_record import REFIT_ON_TEST, decision_path, decision_record, write_record
+from src.ensemble import (
+    Blend,
+    BlendSetting,
+    as_arrays,
+    blend_methods,
+    check_blend_config,
+    choose_blend,
+    compare_blends,
+)
 from src.files import Staging, ensure_writable, ensure_writable_file, remove_stale_temps
-from src.formats import label_separator, load_test_table, load_training_data, submission_columns, validate_submission
-from src.metrics import binary_csr, count_labels, get_metric, nonfinite_rows
+from src.folds import read_folds_file
+from src.formats import (
+    label_separator,
+    load_holdout_table,
+    load_test_table,
+    load_training_data,
+    submission_columns,
+    validate_submission,
+)
+from src.metrics import binary_csr, count_labels, get_metric, nonfinite_rows, take_rows
 from src.model import build_model, check_views, infer, resolve_device
 from src.pack import open_packed
 from src.progress import note
-from src.report import listed_classes, metric_columns, write_report
+from src.report import ensemble_table, listed_classes, metric_columns, write_report
 from src.run_folder import RunFolder, run_vocabulary
 from src.score_table import (
     ScoreRows,
     ScoreSink,
     class_columns,
     combine_scores,
+    matching_rows,
+    read_external_scores,
     read_score_table,
     score_file,
     stack_scores,
@@ -126,8 +147,9 @@ def predict_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table:
                 device: torch.device, progress: bool = True) -> tuple[np.ndarray, pd.DataFrame]:
     """Test scores of one experiment (mean over its folds) and its OOF scores as one table (Id, fold, one column
     per class): :func:`score_run` for a few classes."""
-    test, oof, _ = score_run(cfg, ref, test_table, train_table, device, progress)
-    return (test if isinstance(test, np.ndarray) else test[:]), oof.frame()
+    scores = score_run(cfg, ref, test_table, train_table, device, progress)
+    test = scores.test
+    return (test if isinstance(test, np.ndarray) else test[:]), scores.oof.frame()
 
 
 def fold_networks(run_cfg: Config, fold_weights: Iterable[tuple[int, dict]],
@@ -163,13 +185,26 @@ def score_dataset(cfg: Config, run_cfg: Config, model: torch.nn.Module, dataset:
     return sink.finish()
 
 
+@dataclass
+class RunScores:
+    """One experiment's scores: test (mean over its folds), OOF, and ``data.holdout``'s (None without one)."""
+
+    ref: RunRef
+    test: np.ndarray | ScoreRows
+    oof: OofScores
+    holdout: np.ndarray | ScoreRows | None = None
+    # Each fold's checkpoint as predict read it ({"fold", "size", "sha256"}); none for score tables made elsewhere.
+    checkpoints: list[dict] = field(default_factory=list)
+
+
 def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: pd.DataFrame, device: torch.device,
-              progress: bool = True, scratch: Path | None = None
-              ) -> tuple[np.ndarray | ScoreRows, OofScores, list[dict]]:
-    """Test scores of one experiment (mean over its folds), its OOF scores and the checkpoints used (each fold's
-    ``{"fold", "size", "sha256"}``: what the decision record keeps, so a bundle ships those very bytes). Above
-    ``src.score_table.CSV_MAX_CLASSES`` classes each fold's test scores go to a float32 table in ``scratch`` as
-    inference makes them and the OOF scores stay in the folds' tables; both are read a block of rows at a time."""
+              progress: bool = True, scratch: Path | None = None, holdout_table: pd.DataFrame | None = None
+              ) -> RunScores:
+    """Test scores of one experiment (mean over its folds), its OOF scores, (with ``holdout_table``) the holdout's
+    (mean over its folds, as test) and the checkpoints used (each fold's ``{"fold", "size", "sha256"}``: what the
+    decision record keeps, so a bundle ships those very bytes). Above ``src.score_table.CSV_MAX_CLASSES`` classes
+    each fold's test scores go to a float32 table in ``scratch`` as inference makes them and the OOF scores stay in
+    the folds' tables; both are read a block of rows at a time."""
     folder = RunFolder(ref.dir)
     run_cfg = folder.load_config()  # the experiment's own backbone, size and loss
     if run_cfg.data.num_classes != cfg.data.num_classes:
@@ -189,16 +224,18 @@ def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: p
     # The packed cache at this experiment's image size, if there is one (and it is fresh).
     data_cfg = cfg.data.model_copy(update={"image_size": run_cfg.data.image_size})
 
-    def dataset_of(table: pd.DataFrame) -> RGBYDataset:
-        return RGBYDataset(table, cfg.data.num_classes, run_cfg.data.image_size, packed=open_packed(data_cfg, table),
-                           channels=run_cfg.model.in_chans)
+    def dataset_of(table: pd.DataFrame, packed: bool = True) -> RGBYDataset:
+        return RGBYDataset(table, cfg.data.num_classes, run_cfg.data.image_size,
+                           packed=open_packed(data_cfg, table) if packed else None, channels=run_cfg.model.in_chans)
 
     def scores_of(model: torch.nn.Module, dataset: RGBYDataset, to_scores, desc: str) -> np.ndarray | ScoreRows:
         return score_dataset(cfg, run_cfg, model, dataset, to_scores, device, desc, progress, scratch)
 
     test_set = dataset_of(test_table)  # once per experiment: every fold scores the same images
+    # The holdout is never packed (src.pack packs the training and test sources): its images are read.
+    holdout_set = None if holdout_table is None else dataset_of(holdout_table, packed=False)
     rows_by_id = train_table.set_index("Id")
-    fold_scores, oof_ids, oof_folds, oof_parts = [], [], [], []
+    fold_scores, oof_ids, oof_folds, oof_parts, holdout_scores = [], [], [], [], []
     checkpoints = folder.fold_checkpoints(cfg.predict.folds, cfg.predict.checkpoint)
     untrained = sorted(set(range(run_cfg.folds.n_splits)) - {fold for fold, _ in checkpoints})
     if cfg.predict.folds is None and untrained:
@@ -218,6 +255,9 @@ def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: p
         to_scores = folder.output_scorer(run_cfg, fold)
         name = f"{folder.root.name} fold {fold}"
         fold_scores.append(require_finite(scores_of(model, test_set, to_scores, name), f"{path}: test scores"))
+        if holdout_set is not None:
+            holdout_scores.append(require_finite(scores_of(model, holdout_set, to_scores, f"{name} holdout"),
+                                                 f"{path}: holdout scores"))
         oof_path = folder.oof(fold, cfg.predict.checkpoint)
         ids, scores = read_score_table(oof_path)
         if cfg.predict.oof_tta:
@@ -228,7 +268,9 @@ def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: p
         oof_folds.append(np.full(len(ids), fold))
         oof_parts.append(require_finite(scores, f"{oof_path}: OOF scores"))
     test = combine_scores(fold_scores, fold_mean)
-    return test, OofScores(np.concatenate(oof_ids), np.concatenate(oof_folds), stack_scores(oof_parts)), used
+    holdout = combine_scores(holdout_scores, fold_mean) if holdout_scores else None
+    oof = OofScores(np.concatenate(oof_ids), np.concatenate(oof_folds), stack_scores(oof_parts))
+    return RunScores(ref, test, oof, holdout, used)
 
 
 def fold_mean(parts: list[np.ndarray]) -> np.ndarray:
@@ -236,28 +278,51 @@ def fold_mean(parts: list[np.ndarray]) -> np.ndarray:
     return np.mean(parts, axis=0)
 
 
-def weighted_mean(weights: list[float], parts: list[np.ndarray]) -> np.ndarray:
-    """An ensemble's scores: the experiments' scores weighted by ``experiments[].weight``."""
-    return sum(weight * scores for weight, scores in zip(weights, parts)) / sum(weights)
+def score_pair(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: pd.DataFrame,
+               vocabulary: Vocabulary, holdout_table: pd.DataFrame | None = None) -> RunScores:
+    """The scores of an experiment made elsewhere (``predict.runs[].scores``), checked against the data: OOF Ids
+    must be training Ids (their folds read from ``folds.path``), the test table must hold every test Id and the
+    holdout table every holdout Id; columns must name the run's labels. A bad file stops with one line naming it
+    and its first bad Id or label."""
+    pair = ref.scores
+    codes = vocabulary.codes
+    oof_ids, oof_scores = read_external_scores(Path(pair.oof), codes)
+    unknown = ~pd.Index(oof_ids).isin(train_table["Id"])
+    if unknown.any():
+        raise PipelineError(f"{pair.oof}: Id {oof_ids[np.argmax(unknown)]!r} is not a training Id "
+                            f"({int(unknown.sum())} such rows)")
+    folds = read_folds_file(cfg).set_index("Id")["fold"]
+    missing = ~pd.Index(oof_ids).isin(folds.index)
+    if missing.any():
+        raise PipelineError(f"{pair.oof}: Id {oof_ids[np.argmax(missing)]!r} has no fold in {cfg.folds.path}")
+    oof = OofScores(np.asarray(oof_ids, dtype=object), folds.loc[list(oof_ids)].to_numpy(),
+                    require_finite(oof_scores, f"{pair.oof}: OOF scores"))
+
+    def in_order(path: str | None, table: pd.DataFrame, what: str) -> np.ndarray | ScoreRows:
+        if path is None:
+            raise PipelineError(f"predict.runs entry {ref.name}: data.holdout is set, so its scores need "
+                                "scores.holdout (the holdout's scores in the same format)")
+        ids, scores = read_external_scores(Path(path), codes)
+        return take_rows(scores, matching_rows(Path(path), ids, table["Id"].tolist(), what))
+
+    test = require_finite(in_order(pair.test, test_table, "test"), f"{pair.test}: test scores")
+    holdout = None if holdout_table is None else in_order(pair.holdout, holdout_table, "holdout")
+    return RunScores(ref, test, oof, holdout)
 
 
-def combine_runs(per_run: list[tuple[float, np.ndarray | ScoreRows, OofScores]]
-                 ) -> tuple[np.ndarray | ScoreRows, OofScores]:
-    """Weighted mean of test scores and of OOF scores over experiments (OOF on the Ids all share, in the first
-    experiment's row order); tables are combined a block of rows at a time as they are read."""
-    weights = [weight for weight, _, _ in per_run]
-    test = combine_scores([scores for _, scores, _ in per_run], partial(weighted_mean, weights))
-    common = set.intersection(*(set(oof.ids) for _, _, oof in per_run))
-    if any(len(common) != len(oof) for _, _, oof in per_run):
+def align_oof(runs: list[OofScores]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
+    """The OOF Ids every experiment holds (in the first experiment's row order), their folds, and for each
+    experiment which of its rows they are (None: all, in order)."""
+    common = set.intersection(*(set(oof.ids) for oof in runs))
+    if any(len(common) != len(oof) for oof in runs):
         note(f"warning: experiments have different OOF Ids; thresholds use the {len(common)} they share")
-    first = per_run[0][2]
+    first = runs[0]
     keep = np.flatnonzero([sample_id in common for sample_id in first.ids])
     ids = first.ids[keep]
-    rows = [pd.Index(oof.ids).get_indexer(ids) for _, _, oof in per_run]
+    rows = [pd.Index(oof.ids).get_indexer(ids) for oof in runs]
     rows = [None if len(at) == len(oof) and np.array_equal(at, np.arange(len(at))) else at
-            for at, (_, _, oof) in zip(rows, per_run)]
-    scores = combine_scores([oof.scores for _, _, oof in per_run], partial(weighted_mean, weights), rows)
-    return test, OofScores(ids, first.folds[keep], scores)
+            for at, oof in zip(rows, runs)]
+    return ids, first.folds[keep], rows
 
 
 def label_rates(cfg: Config, train_labels: np.ndarray, vocabulary: Vocabulary | None = None) -> np.ndarray:
@@ -287,23 +352,78 @@ def format_labels(predicted: np.ndarray, vocabulary: Vocabulary, separator: str 
 
 
 def score_experiments(cfg: Config, test_table: pd.DataFrame, train_table: pd.DataFrame, device: torch.device,
-                      progress: bool = True, scratch: Path | None = None
-                      ) -> tuple[np.ndarray | ScoreRows, OofScores, list[RunRef], list[list[dict]]]:
-    """Test and OOF scores of the ensemble: every experiment of ``predict.runs`` (or just ``run.dir``); the
-    experiments, and the checkpoints each used (:func:`score_run`)."""
+                      progress: bool = True, scratch: Path | None = None, holdout_table: pd.DataFrame | None = None,
+                      vocabulary: Vocabulary | None = None) -> list[RunScores]:
+    """The scores of every experiment of ``predict.runs`` (or just ``run.dir``): run folders scored here, score
+    tables made elsewhere read and checked."""
     refs = cfg.predict.runs or [RunRef(dir=cfg.run.dir)]
-    scored = [score_run(cfg, ref, test_table, train_table, device, progress, scratch) for ref in refs]
-    per_run = [(ref.weight, test, oof) for ref, (test, oof, _) in zip(refs, scored)]
-    return *combine_runs(per_run), refs, [used for _, _, used in scored]
+    vocabulary = vocabulary or Vocabulary.numbered(cfg.data.num_classes)
+    return [score_run(cfg, ref, test_table, train_table, device, progress, scratch, holdout_table)
+            if ref.dir is not None else score_pair(cfg, ref, test_table, train_table, vocabulary, holdout_table)
+            for ref in refs]
 
 
-def oof_truth(oof: OofScores, train_table: pd.DataFrame, num_classes: int) -> tuple:
-    """The OOF rows' true labels (a sparse binary matrix) and their scores, row for row."""
+def ids_truth(ids: np.ndarray, train_table: pd.DataFrame, num_classes: int):
+    """The true labels of training rows ``ids`` (a sparse binary matrix)."""
     truth_by_id = dict(zip(train_table["Id"], train_table["labels"]))
-    unknown = [i for i in oof.ids if i not in truth_by_id]
+    unknown = [i for i in ids if i not in truth_by_id]
     if unknown:
         raise PipelineError(f"OOF Ids not in the training data (e.g. {unknown[:3]}): run dirs and data.dir disagree")
-    return label_csr([truth_by_id[i] for i in oof.ids], num_classes), oof.scores
+    return label_csr([truth_by_id[i] for i in ids], num_classes)
+
+
+@dataclass
+class FittedBlend:
+    """The blend applied and the decision fitted on its scores: ``blends`` and ``blend_why`` hold the comparison of
+    the ways of combining the runs (None when only the hand weights were asked for, or fitting was too big);
+    ``scores`` are the fitted rows' blended scores the decision was fitted on, ``results`` the strategies compared
+    on them, ``chosen`` and ``why`` the strategy applied."""
+
+    blend: Blend
+    scores: np.ndarray | ScoreRows
+    results: dict[str, dict]
+    chosen: str
+    why: str
+    blends: dict[str, dict] | None = None
+    blend_why: str | None = None
+
+    def record(self, cfg: Config, fitted_on: str) -> dict | None:
+        """decision.json's ``ensemble``: None when nothing was compared (the hand weights, as always)."""
+        if self.blends is None:
+            return None
+        return {**self.blend.record(), "requested": cfg.predict.weights, "stack_requested": cfg.predict.stack,
+                "why": self.blend_why, "fitted_on": fitted_on,
+                "cross_fold": {name: r["cross_fold"] for name, r in self.blends.items()}}
+
+
+def fit_blend_and_decision(cfg: Config, truth, parts: list[np.ndarray | ScoreRows], folds: np.ndarray,
+                           train_rate: np.ndarray, hand_weights: np.ndarray) -> FittedBlend:
+    """How the runs' scores (``parts``, the rows of ``truth``: OOF or the holdout) become one, and the decision on
+    it: the strategies compared on the hand-weighted mean; with ``predict.weights``/``predict.stack`` set, every
+    way of combining compared cross-fold for the strategy chosen (src.ensemble.compare_blends), and the strategies
+    compared again on the chosen blend's scores when it is not the hand weights."""
+    blend = Blend("hand", hand_weights)
+    scores = blend.combine(parts)
+    results = compare_strategies(truth, scores, folds, train_rate, cfg.predict, cfg.metric)
+    chosen, why = choose_strategy(cfg.predict.threshold, results)
+    methods = blend_methods(cfg.predict, len(parts))
+    if methods == ["hand"]:
+        return FittedBlend(blend, scores, results, chosen, why)
+    arrays = as_arrays(parts)
+    if arrays is None:
+        note(f"warning: predict.weights={cfg.predict.weights}, predict.stack={cfg.predict.stack}: fitting a blend "
+             f"holds {parts[0].shape[0]} x {parts[0].shape[1]} scores of {len(parts)} runs in memory, above "
+             "src.ensemble.BLEND_MAX_CELLS; the hand weights are applied")
+        return FittedBlend(blend, scores, results, chosen, why)
+    setting = BlendSetting(chosen, cfg.predict, get_metric(cfg.metric), train_rate, hand_weights)
+    blends = compare_blends(truth, arrays, folds, methods, setting)
+    method, blend_why = choose_blend(cfg.predict, blends)
+    if method != "hand":
+        blend = blends[method]["blend"]
+        scores = blend.fitted  # for a stack, cross-fitted: never scores of rows its model saw
+        results = compare_strategies(truth, scores, folds, train_rate, cfg.predict, cfg.metric)
+        chosen, why = choose_strategy(cfg.predict.threshold, results)
+    return FittedBlend(blend, scores, results, chosen, why, blends, blend_why)
 
 
 def make_submission(test_table: pd.DataFrame, predicted: np.ndarray, vocabulary: Vocabulary,
@@ -322,7 +442,7 @@ def report_header(cfg: Config, refs: list[RunRef], oof: OofScores, n_test: int, 
     """The report's opening paragraph: what was ensembled, the metric, the chosen strategy and decision."""
     chosen += f" ({decision.describe()})" if decision is not None else ""
     chosen += f", by predict.threshold={AUTO}" if cfg.predict.threshold == AUTO else ""
-    return (f"Experiments: {', '.join(f'{r.dir} (weight {r.weight})' for r in refs)}; "
+    return (f"Experiments: {', '.join(f'{r.name} (weight {r.weight})' for r in refs)}; "
             f"TTA {cfg.predict.tta}{f' x {cfg.predict.crops} crops' if cfg.predict.crops else ''} "
             f"({cfg.predict.tta_reduce}); {len(oof)} OOF rows, {n_test} test rows. "
             f"Metric: {get_metric(cfg.metric).title}. Chosen strategy: **{chosen}**. Cross-fold scores fit the "
@@ -336,8 +456,10 @@ def track(cfg: Config, out_dir: Path, strategies: pd.DataFrame, classes: pd.Data
     per-class table (when it is short enough to read) and report figures to W&B."""
     tracker = Tracker(cfg, out_dir, name=f"{out_dir.name}-predict", group=out_dir.name, job_type="predict")
     try:
-        tracker.log({f"oof/{column.removeprefix('oof_')}/{row['strategy']}": row[column]
-                     for _, row in strategies.iterrows() for column in metric_columns(cfg.metric)})
+        columns = [*metric_columns(cfg.metric), *(column for column in metric_columns(cfg.metric, "holdout")
+                                                   if column in strategies.columns)]
+        tracker.log({f"{column.split('_')[0]}/{column.split('_', 1)[1]}/{row['strategy']}": row[column]
+                     for _, row in strategies.iterrows() for column in columns})
         if len(listed_classes(classes)) == len(classes):  # thousands of classes: per_class.csv only
             tracker.log_per_class("oof/per_class", {"f1": classes["f1"].to_numpy(),
                                                     "threshold": classes["threshold"].to_numpy()})
@@ -358,37 +480,67 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     cfg, train_table, _ = load_training_data(with_vocabulary(cfg, vocabulary), vocabulary)
     test_table = load_test_table(cfg.data)
     m = cfg.data.num_classes
+    check_blend_config(cfg.predict, m)
 
     # Many-class scores made here (each fold's test scores, re-scored OOF rows) go to a scratch folder as inference
     # makes them and are read back a block of rows at a time; the folder goes when predict ends (its finalizer on
     # an error; remove_stale_temps after a kill). Labels stay sparse: 1.7 M x 7 178 dense would be 12 GB.
     scratch = tempfile.TemporaryDirectory(prefix="scores-", suffix=f".{os.getpid()}.tmp", dir=cfg.run.dir)
-    test_scores, oof, refs, used = score_experiments(cfg, test_table, train_table, device, progress, Path(scratch.name))
-    oof_true, oof_scores = oof_truth(oof, train_table, m)
+    holdout_table = load_holdout_table(cfg.data, vocabulary, train_table)
+    runs = score_experiments(cfg, test_table, train_table, device, progress, Path(scratch.name), holdout_table,
+                             vocabulary)
+    refs = [run.ref for run in runs]
+    ids, folds, rows = align_oof([run.oof for run in runs])
+    oof_parts = [run.oof.scores if at is None else take_rows(run.oof.scores, at) for run, at in zip(runs, rows)]
+    oof_true = ids_truth(ids, train_table, m)
     train_labels = label_csr(train_table["labels"], m)
     train_rate = label_rates(cfg, train_labels, vocabulary)
-    results = compare_strategies(oof_true, oof_scores, oof.folds, train_rate, cfg.predict, cfg.metric)
-    chosen, why = choose_strategy(cfg.predict.threshold, results)
+    # The rows the blend and the decision are fitted on: the holdout when there is one (the test domain), else OOF.
+    if holdout_table is None:
+        fit_true, fit_parts, fit_folds = oof_true, oof_parts, folds
+    else:
+        fit_true, fit_parts = label_csr(holdout_table["labels"], m), [run.holdout for run in runs]
+        fit_folds = np.zeros(len(holdout_table), int)  # random parts of it for the cross-fold estimates
+    fitted = fit_blend_and_decision(cfg, fit_true, fit_parts, fit_folds, train_rate,
+                                    np.array([ref.weight for ref in refs]))
+    blend, fit_scores, results, chosen, why = fitted.blend, fitted.scores, fitted.results, fitted.chosen, fitted.why
+    test_scores = blend.combine([run.test for run in runs])
+    if holdout_table is None:
+        oof_scores, oof_results = fit_scores, results
+    else:  # OOF beside the holdout: the holdout-fitted blend on the OOF rows, every strategy compared there too
+        oof_scores = blend.combine(oof_parts)
+        oof_results = compare_strategies(oof_true, oof_scores, folds, train_rate, cfg.predict, cfg.metric)
+    oof = OofScores(ids, folds, oof_scores)
     # The comparison's in-sample decision; only the rate strategy reads the scores it is applied to, so it is
     # fitted again on the test scores.
     decision = results[chosen]["decision"] if chosen not in REFIT_ON_TEST else decision_for(
-        chosen, ThresholdInputs(oof_true, oof_scores, test_scores, train_rate), cfg.predict, cfg.metric)
+        chosen, ThresholdInputs(fit_true, fit_scores, test_scores, train_rate), cfg.predict, cfg.metric)
     predicted = decision.apply(test_scores)
     submission = make_submission(test_table, predicted, vocabulary, submission_columns(cfg.data),
                                  label_separator(cfg.data))
     degenerate = degenerate_reasons(predicted, train_labels)
+    fitted_on = "oof" if holdout_table is None else "holdout"
+    ensembles = None if fitted.blends is None else ensemble_table(fitted.blends, blend.method, fitted_on, cfg.metric)
 
     # All outputs as one set (staged, then renamed into place): the run-folder outputs first, the submission
     # last. A failure on the way leaves every previous output as it was.
     out = RunFolder(cfg.run.dir)
     header = report_header(cfg, refs, oof, len(test_table), chosen, decision)
+    if fitted.blends is not None:
+        header += f"\n\nEnsemble: **{blend.describe()}** ({fitted.blend_why}); the ways compared are in ensembles.csv."
+    if holdout_table is not None:
+        header += (f"\n\nHoldout: {len(holdout_table)} labelled test-domain rows (data.holdout); the blend and the "
+                   "decision are fitted on them and chosen by their holdout estimates (the holdout columns; "
+                   "cross-fold: random parts of the holdout); the OOF columns score the same blend on the OOF rows.")
     if degenerate:
         header += "\n\n**Warning: the submission looks degenerate:** " + "; ".join(degenerate) + "."
     with Staging() as staging:
         staging.file(score_file(out.test_scores, m), lambda tmp: write_score_table(tmp, test_table["Id"], test_scores))
         test_rate = count_labels(predicted, 0) / predicted.shape[0]
-        strategies, classes, plots = write_report(out.report, header, results, chosen, oof_true, oof_scores,
-                                                  train_rate, test_rate, staging, cfg.metric, why)
+        strategies, classes, plots = write_report(out.report, header, oof_results, chosen, oof_true, oof_scores,
+                                                  train_rate, test_rate, staging, cfg.metric, why,
+                                                  holdout=None if holdout_table is None else results,
+                                                  ensembles=ensembles)
         if degenerate and not cfg.predict.force:
             staging.commit()  # the report shows what went wrong; the submission is not replaced
             raise PipelineError(
@@ -398,7 +550,10 @@ def predict(cfg: Config, progress: bool = True) -> Path:
                 "(predict.force=true).")
         # The decision as applied, the config and the submission's hash, beside it: src.submit checks against it,
         # src.bundle ships it.
-        record = decision_record(cfg, chosen, decision, results[chosen], train_rate, refs, used, submission)
+        record = decision_record(cfg, chosen, decision, oof_results[chosen], train_rate, refs, submission,
+                                 ensemble=fitted.record(cfg, fitted_on), run_weights=blend.run_weights,
+                                 holdout=None if holdout_table is None else results[chosen],
+                                 checkpoints=[run.checkpoints for run in runs])
         staging.file(decision_path(out.root), lambda tmp: write_record(tmp, record))
         sub_path = staging.file(cfg.submission.path, lambda tmp: submission.to_csv(tmp, index=False))
         staging.commit()

@@ -40,20 +40,37 @@ MAX_CLASSES_PLOTTED = 28  # many-label sets: the most frequent classes only
 MAX_CLASSES_LISTED = 50  # rows of the per-class table in report.md (and in W&B); per_class.csv has all
 
 
-def metric_columns(metric: MetricConfig | Metric | None) -> tuple[str, str]:
-    """The strategies table's two score columns: (in-sample, cross-fold), e.g. oof_macro_f1_in_sample."""
+def metric_columns(metric: MetricConfig | Metric | None, rows: str = "oof") -> tuple[str, str]:
+    """A table's two score columns on ``rows`` (oof or holdout): (in-sample, cross-fold), e.g.
+    oof_macro_f1_in_sample."""
     label = get_metric(metric).label
-    return f"oof_{label}_in_sample", f"oof_{label}_cross_fold"
+    return f"{rows}_{label}_in_sample", f"{rows}_{label}_cross_fold"
 
 
 def strategy_table(results: dict[str, dict], chosen: str, metric: MetricConfig | Metric | None = None,
-                   ) -> pd.DataFrame:
-    """One row per strategy: the metric in-sample and cross-fold, labels per image, the decision in words."""
+                   holdout: dict[str, dict] | None = None) -> pd.DataFrame:
+    """One row per strategy: the metric in-sample and cross-fold (on OOF; with ``holdout``, the holdout's beside
+    it), labels per image, the decision in words (the one applied: the holdout's when there is one)."""
     in_sample, cross_fold = metric_columns(metric)
     rows = [{"strategy": name, in_sample: r["in_sample"], cross_fold: r["cross_fold"],
              "labels_per_image": r["labels_per_image"], "decision": r["decision"].describe(),
              "chosen": "<-" if name == chosen else ""} for name, r in results.items()]
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if holdout is not None:
+        for at, (column, key) in enumerate(zip(metric_columns(metric, "holdout"), ("in_sample", "cross_fold"))):
+            frame.insert(3 + at, column, [holdout[name][key] for name in frame["strategy"]])
+        frame["decision"] = [holdout[name]["decision"].describe() for name in frame["strategy"]]
+    return frame
+
+
+def ensemble_table(blends: dict[str, dict], chosen: str, rows: str, metric: MetricConfig | Metric | None = None,
+                   ) -> pd.DataFrame:
+    """One row per way of combining the runs (src.ensemble.compare_blends): the metric in-sample and cross-fold
+    on the ``rows`` they were fitted on (oof or holdout), the weights in words, the one applied."""
+    in_sample, cross_fold = metric_columns(metric, rows)
+    return pd.DataFrame([{"ensemble": name, in_sample: r["in_sample"], cross_fold: r["cross_fold"],
+                          "blend": r["blend"].describe(), "chosen": "<-" if name == chosen else ""}
+                         for name, r in blends.items()])
 
 
 def class_table(results: dict[str, dict], chosen: str, support: np.ndarray, train_rate: np.ndarray,
@@ -197,27 +214,33 @@ def plot_strategies(table: pd.DataFrame, path: Path, metric: MetricConfig | Metr
 def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen: str, oof_true,
                  oof_scores: np.ndarray, train_rate: np.ndarray, test_rate: np.ndarray,
                  staging: Staging | None = None, metric: MetricConfig | Metric | None = None, reason: str | None = None,
+                 holdout: dict[str, dict] | None = None, ensembles: pd.DataFrame | None = None,
                  ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Path]]:
     """The prediction report, written as a whole folder: ``strategies.csv``, ``per_class.csv``, four plots
     and ``report.md``, scored by ``metric`` (default macro-F1; ``oof_true`` dense or sparse); ``reason`` says
-    why ``chosen`` was applied (``src.thresholds.choose_strategy``). Staged in ``staging`` (committed with the
-    caller's other outputs), or swapped in at once. Returns the two tables (the per-class one with every class)
-    and the plots' final paths."""
+    why ``chosen`` was applied (``src.thresholds.choose_strategy``); ``holdout``: the strategies compared on
+    ``data.holdout`` (columns beside OOF's); ``ensembles``: :func:`ensemble_table` (``ensembles.csv``). Staged in
+    ``staging`` (committed with the caller's other outputs), or swapped in at once. Returns the two tables (the
+    per-class one with every class) and the plots' final paths."""
     metric = get_metric(metric)
     support = count_labels(oof_true, 0)
-    strategies = strategy_table(results, chosen, metric)
+    strategies = strategy_table(results, chosen, metric, holdout)
     classes = class_table(results, chosen, support, train_rate, test_rate)
+    if holdout is not None:  # the thresholds applied: fitted on the holdout
+        classes["threshold"] = holdout[chosen]["thresholds"]
     names = {"strategies": "strategies.png", "per_class_f1": "per_class_f1.png",
              "f1_vs_threshold": "f1_vs_threshold.png", "label_rates": "label_rates.png"}
 
     def write(folder: Path) -> None:
         strategies.to_csv(folder / "strategies.csv", index=False)
         classes.to_csv(folder / "per_class.csv", index=False)
+        if ensembles is not None:
+            ensembles.to_csv(folder / "ensembles.csv", index=False)
         plot_strategies(strategies, folder / names["strategies"], metric, reason)
         plot_per_class_f1(results, support, folder / names["per_class_f1"], metric)
         plot_f1_vs_threshold(oof_true, oof_scores, results, chosen, folder / names["f1_vs_threshold"])
         plot_label_rates(train_rate, test_rate, folder / names["label_rates"])
-        write_markdown(folder / "report.md", header, strategies, classes, names, metric, reason)
+        write_markdown(folder / "report.md", header, strategies, classes, names, metric, reason, ensembles)
 
     if staging is not None:
         staging.folder(report_dir, write)
@@ -230,7 +253,7 @@ def write_report(report_dir: Path, header: str, results: dict[str, dict], chosen
 
 def write_markdown(path: Path, header: str, strategies: pd.DataFrame, classes: pd.DataFrame,
                    plots: dict[str, str], metric: MetricConfig | Metric | None = None, reason: str | None = None,
-                   ) -> Path:
+                   ensembles: pd.DataFrame | None = None) -> Path:
     """report.md: the two tables as fixed-width text (the per-class one capped at the most frequent
     classes), the strategy applied to test and why, and the plots inline."""
     metric = get_metric(metric)
@@ -250,7 +273,10 @@ def write_markdown(path: Path, header: str, strategies: pd.DataFrame, classes: p
         "F1 below still tells the strategies apart.\n")
     text = [f"# Prediction report\n\n{header}\n",
             f"## Decision strategies (OOF {metric.title}, `{metric.setting}`)\n{note}",
-            block(strategies), applied, per_class, block(listed), "## Plots\n"]
+            block(strategies), applied]
+    if ensembles is not None:
+        text += ["## Ensembles (ways of combining the runs, src.ensemble)\n", block(ensembles)]
+    text += [per_class, block(listed), "## Plots\n"]
     text += [f"![{name}]({file_name})\n" for name, file_name in plots.items()]
     path.write_text("\n".join(text))
     return path

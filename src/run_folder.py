@@ -246,7 +246,13 @@ def saved_vocabulary(folder: RunFolder) -> Vocabulary:
 
 def run_vocabulary(cfg: Config) -> Vocabulary:
     """The label vocabulary of the ensemble's runs (all must share it: scores are combined column by column)."""
-    refs = cfg.predict.runs or [RunRef(dir=cfg.run.dir)]
+    refs = [ref for ref in cfg.predict.runs or [RunRef(dir=cfg.run.dir)] if ref.dir is not None]
+    if not refs:  # score tables only: their columns are checked against the labels the format fixes
+        vocabulary = get_format(cfg.data).fixed_vocabulary(cfg.data)
+        if vocabulary is None:
+            raise PipelineError(f"predict.runs holds score tables only; with data.format={cfg.data.format} the labels "
+                                "come from a run folder: list one in predict.runs too")
+        return vocabulary
     found = {ref.dir: saved_vocabulary(RunFolder(ref.dir)) for ref in refs}
     first, vocabulary = next(iter(found.items()))
     for run_dir, other in found.items():

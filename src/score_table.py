@@ -127,6 +127,62 @@ def read_score_table(path: Path) -> tuple[np.ndarray, np.ndarray | ScoreTable]:
     return table.ids.astype(object), table
 
 
+def read_external_scores(path: Path, codes: Sequence[str]) -> tuple[np.ndarray, np.ndarray | ScoreTable]:
+    """(Ids, scores) of a score table made elsewhere (``predict.runs[].scores``): a csv of ``Id`` + one column per
+    label, named by class index (``0``..``m-1``, as predict writes them) or by the label's code (any order: put in
+    the run's order here), or our npz (:func:`write_scores`; m columns). One PipelineError naming the file and
+    its first bad label or Id: a missing file, a label outside ``codes``, a missing label, a duplicate or empty Id."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path} not found (a predict.runs[].scores table)")
+    if path.suffix == ".npz":
+        table = ScoreTable(path)
+        ids, scores = table.ids.astype(object), table
+        if table.shape[1] != len(codes):
+            raise PipelineError(f"{path}: {table.shape[1]} score columns, the run's labels are {len(codes)}")
+    else:
+        frame = pd.read_csv(path, dtype={"Id": str}, keep_default_na=False)
+        if "Id" not in frame.columns:
+            raise PipelineError(f"{path}: no Id column (expected Id + one column per label)")
+        columns = [str(c) for c in frame.columns if c != "Id"]
+        names = class_columns(len(codes)) if set(columns) <= set(class_columns(len(codes))) else list(codes)
+        unknown = [c for c in columns if c not in names]
+        if unknown:
+            raise PipelineError(f"{path}: column {unknown[0]!r} is not a label of the run ({len(unknown)} such "
+                                f"columns; expected class indices 0..{len(codes) - 1} or label codes such as "
+                                f"{codes[0]!r})")
+        missing = [c for c in names if c not in columns]
+        if missing:
+            raise PipelineError(f"{path}: no column for label {missing[0]!r} ({len(missing)} labels missing)")
+        frame.columns = ["Id" if c == "Id" else str(c) for c in frame.columns]
+        ids = frame["Id"].to_numpy(dtype=object)
+        values = frame[names].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.flatnonzero(np.isnan(values).any(axis=1))
+        if len(bad):
+            raise PipelineError(f"{path}: Id {ids[bad[0]]!r} has a score that is not a number ({len(bad)} such rows)")
+        scores = values
+    duplicated = pd.Index(ids).duplicated()
+    empty = pd.Index(ids) == ""
+    if duplicated.any() or empty.any():
+        at = int(np.argmax(duplicated | empty))
+        raise PipelineError(f"{path}: Id {ids[at]!r} (row {at + 2}) is {'empty' if empty[at] else 'duplicated'}")
+    return ids, scores
+
+
+def matching_rows(path: Path, ids: np.ndarray, expected: Sequence[str], what: str) -> np.ndarray:
+    """Which row of a table of ``ids`` holds each of ``expected`` (the same set), or a PipelineError naming
+    ``path`` and the first Id missing or extra."""
+    at = pd.Index(ids).get_indexer(list(expected))
+    if (at < 0).any():
+        raise PipelineError(f"{path}: {what} Id {expected[int(np.argmax(at < 0))]!r} is missing "
+                            f"({int((at < 0).sum())} of {len(expected)})")
+    if len(ids) != len(expected):
+        extra = ~pd.Index(ids).isin(list(expected))
+        raise PipelineError(f"{path}: Id {ids[int(np.argmax(extra))]!r} is not a {what} Id "
+                            f"({int(extra.sum())} such rows)")
+    return at
+
+
 # -- score matrices read a block of rows at a time (many classes) ---------------------------------------------
 # A block of rows read from a table is about this many bytes (float32).
 READ_BLOCK_BYTES = 1 << 25

@@ -196,7 +196,8 @@ def runs_text(record: dict) -> str:
     parts = []
     for run in record["runs"]:
         weight = f" x{run['weight']:g}" if run.get("weight", 1.0) != 1.0 else ""
-        parts.append(f"{run['dir']}[{','.join(str(f) for f in run['folds'])}]{weight}")
+        name = run["dir"] if run.get("dir") is not None else run["scores"]["oof"]
+        parts.append(f"{name}[{','.join(str(f) for f in run['folds'])}]{weight}")
     return "; ".join(parts)
 
 
@@ -211,7 +212,9 @@ def default_message(record: dict, config_hash: str) -> str:
     """A description that says what was sent (and lets --refresh find it again)."""
     estimate = record.get("oof_cross_fold")
     oof = f"oof {record.get('metric', 'metric')} {estimate:.4f}, " if estimate is not None else ""
-    return f"{record['strategy']} ({oof}cross-fold) | {runs_text(record)} | config {config_hash}"
+    ensemble = record.get("ensemble")  # weights searched or a stack: what the runs' weights alone do not say
+    blend = f" | ensemble {ensemble['describe']}" if ensemble and ensemble.get("method") != "hand" else ""
+    return f"{record['strategy']} ({oof}cross-fold) | {runs_text(record)}{blend} | config {config_hash}"
 
 
 def one_line(text: str) -> str:

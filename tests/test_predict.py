@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -260,3 +261,47 @@ def test_nan_scores_stop_predict_and_keep_the_previous_submission(trained, tmp_p
     with pytest.raises(PipelineError, match="NaN or infinite"):
         predict(cfg, progress=False)
     assert target.read_text() == (run / "test_probs.csv").read_text() == "previous\n"
+
+
+@pytest.mark.slow
+def test_holdout_fits_the_blend_and_decision_beside_a_score_pair_made_elsewhere(trained, tmp_path):
+    """data.holdout (the demo's labelled test images) never trains; predict scores it, fits the ensemble (weights
+    searched, a stack, hand and equal compared) and the decision on it, and reports OOF and holdout side by side.
+    The second run is a score pair made elsewhere (noise, labels named by column)."""
+    data = trained.data.dir
+    holdout = {"csv": f"{data}/test_solution.csv", "images": f"{data}/test"}
+    rng = np.random.default_rng(0)
+    oof_ids = pd.concat([pd.read_csv(f"{trained.run.dir}/fold{f}/oof.csv", dtype={"Id": str})["Id"] for f in (0, 1)])
+    test_ids = pd.read_csv(f"{data}/sample_submission.csv", dtype=str)["Id"]
+    pair = {}
+    for name, ids in (("oof", oof_ids), ("test", test_ids), ("holdout", test_ids)):
+        frame = pd.DataFrame(rng.random((len(ids), TINY_CLASSES)), columns=[str(c) for c in range(TINY_CLASSES)])
+        frame.insert(0, "Id", ids.to_numpy())
+        pair[name] = str(tmp_path / f"teammate_{name}.csv")
+        frame.to_csv(pair[name], index=False)
+    cfg = override(trained, **{"data.holdout": holdout, "predict.weights": "auto", "predict.stack": "logistic",
+                               "predict.tta": ["identity"], "run.dir": str(tmp_path / "out"),
+                               "predict.runs": [{"dir": trained.run.dir}, {"scores": pair, "weight": 2}],
+                               "submission.path": str(tmp_path / "s.csv")})
+    assert not set(test_ids) & set(load_train_table(cfg.data)["Id"])  # the holdout is no training source
+    predict(cfg, progress=False)
+    assert len(read_submission(cfg)) == 12
+    report = tmp_path / "out" / "report"
+    strategies = pd.read_csv(report / "strategies.csv", keep_default_na=False)
+    assert {"oof_macro_f1_cross_fold", "holdout_macro_f1_cross_fold"} <= set(strategies.columns)
+    chosen = strategies[strategies["chosen"] == "<-"].iloc[0]
+    assert chosen["holdout_macro_f1_cross_fold"] == strategies["holdout_macro_f1_cross_fold"].max()  # by holdout
+    ensembles = pd.read_csv(report / "ensembles.csv", keep_default_na=False)
+    assert ensembles["ensemble"].tolist() == ["hand", "equal", "search", "stack"]
+    applied = ensembles[ensembles["chosen"] == "<-"].iloc[0]
+    assert applied["holdout_macro_f1_cross_fold"] == ensembles["holdout_macro_f1_cross_fold"].max()
+    record = json.loads((tmp_path / "out" / "decision.json").read_text())
+    assert record["ensemble"]["fitted_on"] == "holdout" and record["ensemble"]["method"] == applied["ensemble"]
+    assert set(record["ensemble"]["cross_fold"]) == {"hand", "equal", "search", "stack"}
+    assert record["holdout_cross_fold"] == chosen["holdout_macro_f1_cross_fold"]
+    assert record["runs"][1]["scores"]["oof"] == pair["oof"] and record["runs"][1]["folds"] == []
+    # A teammate's table whose columns are not the run's labels: one line naming the file and the label.
+    bad = pd.read_csv(pair["test"]).rename(columns={"3": "cow"})
+    bad.to_csv(pair["test"], index=False)
+    with pytest.raises(PipelineError, match=r"teammate_test.csv: column 'cow' is not a label of the run"):
+        predict(override(cfg, **{"predict.runs": [{"scores": pair}, {"dir": trained.run.dir}]}), progress=False)
