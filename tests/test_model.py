@@ -145,17 +145,21 @@ def test_training_parts_use_the_resolved_precision_and_a_scaler_only_for_fp16(fa
                                                                              capsys):
     """build_parts resolves train.precision once: its config holds the name used, its GradScaler runs for fp16
     only, and the choice is said at the start."""
-    from src.train import build_parts
+    from src.checkpoint import capture_checkpoint, restore_checkpoint
+    from src.train import TrainState, build_parts
     from tests.conftest import tiny_config
     from tests.helpers import write_folds
 
     cfg = tiny_config(tiny_data, tmp_path, "train.precision=auto")
     write_folds(cfg, 24)
     fake_device(None, cpu_native=False)  # a CPU without native half kernels: auto gives fp32
-    parts = build_parts(cfg, 0, progress=True)
+    parts = fp32_parts = build_parts(cfg, 0, progress=True)
     assert parts.cfg.train.precision == "fp32" and not parts.scaler.is_enabled()
     assert parts.precision.requested == "auto"
     assert "note: train.precision: auto -> fp32 (this CPU has no native bf16 kernels" in capsys.readouterr().err
     fake_device(None, cpu_native=True)
     parts = build_parts(override(cfg, **{"train.precision": "fp16"}), 0, progress=False)
     assert parts.cfg.train.precision == "fp16" and parts.scaler.is_enabled()
+    # An fp32 (or bf16) checkpoint resumed in fp16, as on an older card under auto: the scaler starts afresh.
+    restore_checkpoint(parts, capture_checkpoint(fp32_parts, TrainState(), []), tmp_path / "last.pt")
+    assert parts.scaler.is_enabled() and parts.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
