@@ -50,9 +50,9 @@ from src.train import Trainer, build_parts
 GIB = 2**30
 OK, NOT_USED, PROBLEM = "ok", "--", "!!"
 # The last torch CUDA build line that still ships kernels for Maxwell, Pascal and Volta (sm_50, sm_60, sm_70):
-# PyTorch's CUDA 12.8+ builds dropped them (pytorch/pytorch#157517 for Maxwell and Pascal from 2.8,
-# pytorch/pytorch#172352 for Volta from 2.11), and CUDA 13 itself cannot build for them. Up to torch 2.14 the
-# CUDA 12.6 wheels keep sm_50..sm_90.
+# PyTorch's CUDA 12.8 builds dropped them (Maxwell and Pascal from 2.8: pytorch/pytorch#157517; Volta from 2.11:
+# pytorch/pytorch#172352), and CUDA 13 cannot build for them. Up to torch 2.14 the CUDA 12.6 wheels keep
+# sm_50..sm_90 (2.15 plans to drop them: pytorch/pytorch#190385).
 LEGACY_INDEX = "https://download.pytorch.org/whl/cu126"
 NEWEST_INDEX = "https://download.pytorch.org/whl/cu130"
 
@@ -336,6 +336,8 @@ def try_batch(trainer: Trainer, batch: int, steps: int) -> Trial:
     if not trial.fits:  # freed outside the except block, whose traceback holds the activations
         batches = None
         parts.optimizer.zero_grad(set_to_none=True)
+        # A step cut between unscale_ and update leaves the scaler mid-step: the next batch size gets a fresh one.
+        parts.scaler = torch.amp.GradScaler(device.type, enabled=parts.scaler.is_enabled())
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return trial

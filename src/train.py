@@ -242,7 +242,8 @@ PER_CLASS_LOG_MAX = 50
 
 
 def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SINGLE) -> FoldParts:
-    """Data split, label embedding, model, loss, optimizer, schedule, scaler, EMA and datasets of one fold.
+    """Data split, precision (resolved for the device), label embedding, model, loss, optimizer, schedule, scaler,
+    EMA and datasets of one fold.
     Under torch.distributed (``dist``): DDP over the whole network, the sampler sharded by rank, the model
     placed on this rank's GPU."""
     cfg = resolve_accumulation(cfg, dist)
