@@ -88,7 +88,7 @@ from src.data import label_matrix
 from src.folds import load_folds, make_folds
 from src.formats import load_test_table, load_training_data
 from src.metrics import decide
-from src.model import native_cpu_half
+from src.model import resolve_precision
 from src.predict import degenerate_reasons, predict
 from src.train import train
 
@@ -290,7 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     limit_cpu_threads(args.threads)
-    precision = args.precision if args.precision != "auto" else "bf16" if native_cpu_half("bf16") else "fp32"
+    precision = args.precision if args.precision != "auto" else resolve_precision(torch.device("cpu"), "auto").name
     bf16 = precision == "bf16"
     metric, score = set_metric(args.set)
     with work_folder(args.work_dir, "bench_recipes_") as work_dir:

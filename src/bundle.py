@@ -227,7 +227,7 @@ INFER_PY = '''"""Predict with this inference bundle (written by `python -m src.b
 no OOF files needed.
 
     python infer.py --data /kaggle/input/<competition> [--out submission.csv] [--device auto|cpu|cuda]
-                    [--precision fp32|bf16|fp16] [--workers N] [--batch-size N] [--quiet]
+                    [--precision auto|fp32|bf16|fp16] [--workers N] [--batch-size N] [--quiet]
 
 It imports the bundle's own copy of the pipeline (src/ beside this file), never another one.
 """
@@ -543,7 +543,8 @@ def infer_main(bundle_dir: Path) -> None:
     parser.add_argument("--data", required=True, help="the competition's data folder (e.g. /kaggle/input/<slug>)")
     parser.add_argument("--out", default="submission.csv", help="the submission to write (default submission.csv)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the bundle's train.device")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: the bundle's train.precision")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="default: the bundle's train.precision")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: the bundle's train.num_workers)")
     parser.add_argument("--batch-size", type=int, help="default: the bundle's predict.batch_size")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -228,7 +228,10 @@ def restore_checkpoint(parts: TrainingParts, ckpt: dict, path: Path) -> tuple[di
     parts.model.load_state_dict(ckpt["model"])
     parts.optimizer.load_state_dict(ckpt["optimizer"])
     parts.scheduler.load_state_dict(ckpt["scheduler"])
-    parts.scaler.load_state_dict(ckpt["scaler"])
+    # A bf16 or fp32 run saved a disabled scaler's empty state: resumed in fp16 (train.precision=auto on an older
+    # card) its scaler starts afresh, as a new fp16 run's does.
+    if ckpt["scaler"]:
+        parts.scaler.load_state_dict(ckpt["scaler"])
     if parts.ema and ckpt["ema"] is not None:
         parts.ema.load_state_dict(ckpt["ema"])
     parts.sampler.epoch_state = ckpt["sampler_epoch_state"]

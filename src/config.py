@@ -167,7 +167,10 @@ class TrainConfig(Section):
     # linear warm-up over this fraction of all optimizer steps, then cosine decay to zero.
     warmup_fraction: float = Field(0.02, ge=0.0, lt=1.0)
     clip_grad: float | None = 5.0
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # auto: the device's (src.model.resolve_precision): bf16 on CUDA cards of compute capability 8.0+ and CPUs
+    # with native bf16 kernels, fp16 with a loss scaler on older CUDA cards (T4, V100, P100), fp32 elsewhere. An
+    # explicit bf16 on an older card runs fp16, with a warning. The run's config.yaml holds what it used, and why.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(8, ge=0)
     seed: int = 42

@@ -223,9 +223,11 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
         removed.append(entry)
     return removed
 
-def save_config(cfg: Config, path: str | Path) -> Path:
-    """Write the resolved config as YAML (atomically), so every output says how it was made."""
-    return write_atomic(path, lambda tmp: tmp.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False)))
+def save_config(cfg: Config, path: str | Path, comment: str | None = None) -> Path:
+    """Write the resolved config as YAML (atomically), so every output says how it was made; ``comment``: a
+    ``#`` line above it (what was resolved and why: a YAML comment, so the file loads as the config it is)."""
+    header = f"# {comment}\n" if comment else ""
+    return write_atomic(path, lambda tmp: tmp.write_text(header + yaml.safe_dump(cfg.model_dump(), sort_keys=False)))
 
 
 @contextmanager

@@ -20,6 +20,7 @@ import re
 import types
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# CUDA cards from this compute capability on (Ampere, sm_80) have native bf16 arithmetic; older ones (Turing T4
+# 7.5, Volta V100 7.0, Pascal P100 6.0) have fast fp16 but no bf16.
+BF16_CAPABILITY = (8, 0)
+
+
 @functools.cache
 def native_cpu_half(precision: str) -> bool:
     """Whether this CPU has native kernels for ``precision`` (bf16: AVX512-BF16/AMX; fp16: AVX512-FP16/AMX).
@@ -198,24 +204,83 @@ def native_cpu_half(precision: str) -> bool:
     about 20x slower than fp32 on an AVX2 machine."""
     check = torch.ops.mkldnn._is_mkldnn_bf16_supported if precision == "bf16" else \
         torch.ops.mkldnn._is_mkldnn_fp16_supported
-    native = bool(check())
-    if not native:
-        # Met at the first training step, while the epoch's bar runs: a note of its own, not cut into the bar.
-        note(f"note: train.precision={precision} on a CPU without native {precision} kernels would be many times "
-             "slower than fp32: running in fp32")
-    return native
+    return bool(check())
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision a run uses on a device (``name``: fp32, bf16 or fp16), the one ``train.precision`` asked
+    for (``requested``) and why they are what they are (``reason``, one line for the log and the run folder)."""
+
+    name: str
+    requested: str
+    reason: str
+
+    @property
+    def overridden(self) -> bool:
+        """An explicit request the device cannot honour well (``auto`` is never overridden: it chooses)."""
+        return self.requested not in ("auto", self.name)
+
+    def describe(self) -> str:
+        """``train.precision: auto -> bf16 (why)``, as printed at the start of training and saved with the run."""
+        return f"train.precision: {self.requested} -> {self.name} ({self.reason})"
+
+
+def resolve_precision(device: torch.device, requested: str) -> Precision:
+    """The precision a run on ``device`` really uses for ``train.precision=requested``; the one place that
+    decides it (training, validation and prediction all ask here).
+
+    - ``auto``: on CUDA, bf16 from compute capability 8.0 (native bf16) and fp16 below it (T4, V100, P100:
+      with the training loop's ``GradScaler``, which only fp16 needs); on a CPU, bf16 where it has native bf16
+      kernels, else fp32; fp32 on any other device.
+    - ``bf16`` on a CUDA card below 8.0: fp16 instead, with a warning. The user asked for half precision (its
+      speed and memory); bf16 there is emulated, many times slower, or refused by some kernels, while fp16 with
+      a loss scaler is what those cards run natively. An error would stop a run whose intent is clear.
+    - ``bf16``/``fp16`` on a CPU without native kernels for it: fp32, with a warning (about 20x faster there).
+    - Anything else is used as asked."""
+    if requested == "fp32":
+        return Precision("fp32", requested, "as configured")
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= BF16_CAPABILITY:
+            return Precision("bf16" if requested == "auto" else requested, requested,
+                             f"CUDA compute capability {major}.{minor} has native bf16"
+                             + ("" if requested == "auto" else "; as configured"))
+        why = f"CUDA compute capability {major}.{minor} has no native bf16 (it needs {BF16_CAPABILITY[0]}.0)"
+        if requested == "bf16":
+            return Precision("fp16", requested, f"{why}: emulated bf16 would be many times slower, so fp16 with a "
+                                                "loss scaler runs instead; set train.precision=auto or fp16 to "
+                                                "silence this warning, fp32 for full precision")
+        return Precision("fp16", requested, f"{why}: fp16 with a loss scaler" if requested == "auto"
+                         else f"{why}; fp16 as configured, with a loss scaler")
+    if device.type == "cpu":
+        half = "bf16" if requested == "auto" else requested
+        if native_cpu_half(half):
+            return Precision(half, requested, f"this CPU has native {half} kernels")
+        return Precision("fp32", requested, f"this CPU has no native {half} kernels: {half} would be many times "
+                                            "slower than fp32")
+    if requested == "auto":
+        return Precision("fp32", requested, f"no half precision is chosen for a {device.type} device")
+    return Precision(requested, requested, "as configured")
+
+
+_warned: set[Precision] = set()
 
 
 def effective_precision(device: torch.device, precision: str) -> str:
-    """The precision a run really uses: ``precision``, except fp32 for bf16/fp16 on a CPU that lacks
-    native kernels for it (GPUs and recent server CPUs keep it)."""
-    if device.type == "cpu" and precision != "fp32" and not native_cpu_half(precision):
-        return "fp32"
-    return precision
+    """The name of :func:`resolve_precision`'s choice. An explicit request the device cannot honour is warned
+    about once per process (inference calls this for every batch)."""
+    chosen = resolve_precision(device, precision)
+    if chosen.overridden and chosen not in _warned:
+        _warned.add(chosen)
+        # Met at the first training or inference step, while a bar runs: a note of its own, not cut into the bar.
+        note(f"warning: {chosen.describe()}")
+    return chosen.name
 
 
 def autocast(device: torch.device, precision: str):
-    """The mixed-precision context: nothing for fp32, ``torch.autocast`` for bf16/fp16."""
+    """The mixed-precision context of ``precision`` on ``device`` (:func:`effective_precision`: ``auto`` resolved):
+    nothing for fp32, ``torch.autocast`` for bf16/fp16."""
     precision = effective_precision(device, precision)
     if precision == "fp32":
         return nullcontext()

@@ -196,9 +196,11 @@ class RunFolder:
         return [(f, found[f]) for f in wanted]
 
     # -- the saved config -----------------------------------------------------------------------------
-    def save_config(self, cfg: Config, fold: int, vocabulary: Vocabulary | None = None) -> None:
-        """The resolved config, in the fold folder and at the run folder's top, and the label vocabulary (which
-        every fold of a run must share: their scores are averaged column by column)."""
+    def save_config(self, cfg: Config, fold: int, vocabulary: Vocabulary | None = None,
+                    comment: str | None = None) -> None:
+        """The resolved config, in the fold folder and at the run folder's top (``comment``: a line above it, such
+        as the precision the run resolved and why), and the label vocabulary (which every fold of a run must
+        share: their scores are averaged column by column)."""
         if vocabulary is not None:
             saved = self.load_vocabulary()
             if saved is not None and saved.codes != vocabulary.codes:
@@ -206,8 +208,8 @@ class RunFolder:
                                     f"({len(saved)} labels; the data now gives {len(vocabulary)}); train into a new "
                                     "run.dir, or restore the data")
             self.save_vocabulary(vocabulary)
-        save_config(cfg, self.config(fold))
-        save_config(cfg, self.config())
+        save_config(cfg, self.config(fold), comment)
+        save_config(cfg, self.config(), comment)
 
     def save_vocabulary(self, vocabulary: Vocabulary) -> Path:
         """Write the label vocabulary (index, code, name), as :meth:`load_vocabulary` reads it."""

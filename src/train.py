@@ -10,7 +10,9 @@ continues from ``last.pt`` exactly where it stopped, mid-epoch included; without
 checkpoints is refused (``train.overwrite=true`` trains that fold again from scratch).
 
 Mixed precision is torch.amp, the successor of NVIDIA Apex's ``amp``: ``torch.autocast`` for bf16/fp16
-and one ``torch.amp.GradScaler`` (fp16 only) over all parameters of backbone, modifier and head.
+and one ``torch.amp.GradScaler`` (fp16 only) over all parameters of backbone, modifier and head. The precision
+is the device's (``train.precision=auto``: :func:`src.model.resolve_precision`), printed at the start and saved
+at the top of the fold's ``config.yaml``, whose ``train.precision`` is the one the run used.
 """
 
 from __future__ import annotations
@@ -64,7 +66,17 @@ from src.metrics import (
     metric_curve,
     nonfinite_rows,
 )
-from src.model import autocast, build_model, check_backbone, effective_precision, infer, param_groups, resolve_device
+from src.model import (
+    Precision,
+    autocast,
+    build_model,
+    check_backbone,
+    effective_precision,
+    infer,
+    param_groups,
+    resolve_device,
+    resolve_precision,
+)
 from src.pack import open_packed
 from src.progress import bar as progress_bar
 from src.progress import note
@@ -207,6 +219,8 @@ class FoldParts:
     batch_augment: BatchAugment | None = None
     # train.augment.mix: mixup/cutmix of each training batch on the device, after the policy; None when off.
     batch_mix: BatchMix | None = None
+    # The precision the run uses and why (cfg.train.precision already holds its name).
+    precision: Precision | None = None
 
     def __post_init__(self) -> None:
         if self.forward is None:  # (not `or`: a compiled module has no truth value)
@@ -233,14 +247,21 @@ PER_CLASS_LOG_MAX = 50
 
 
 def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SINGLE) -> FoldParts:
-    """Data split, label embedding, model, loss, optimizer, schedule, scaler, EMA and datasets of one fold.
+    """Data split, precision (resolved for the device), label embedding, model, loss, optimizer, schedule, scaler,
+    EMA and datasets of one fold.
     Under torch.distributed (``dist``): DDP over the whole network, the sampler sharded by rank, the model
     placed on this rank's GPU."""
     cfg = resolve_accumulation(cfg, dist)
-    tc = cfg.train
-    device = resolve_device(tc.device)
+    device = resolve_device(cfg.train.device)
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
+    # The precision resolved once, for this device: the run's config says what it used (auto -> bf16/fp16/fp32),
+    # and the loop, validation, checkpoints and resume see that name.
+    precision = resolve_precision(device, cfg.train.precision)
+    if dist.main and (progress or precision.overridden):
+        note(f"{'warning' if precision.overridden else 'note'}: {precision.describe()}")
+    cfg = override(cfg, **{"train.precision": precision.name})
+    tc = cfg.train
     seed_everything(tc.seed)  # before the model: initial weights follow the seed, the same on every rank
     cfg, table, vocabulary = load_training_data(cfg)  # openimages/csv: data.num_classes from the vocabulary
     folds = load_folds(cfg, table)
@@ -303,7 +324,7 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
         embedding=embedding,
         model=model, loss_fn=loss_fn,
         optimizer=optimizer, scheduler=scheduler,
-        scaler=torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16"),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision.name == "fp16"),
         # EMA warm-up with power 1: decay t / (t + 1), a plain mean of every step so far, until its time
         # constant reaches the horizon; from then on a fixed-horizon EMA. Both scale with the schedule.
         ema=ema,
@@ -315,7 +336,7 @@ def build_parts(cfg: Config, fold: int, progress: bool = True, dist: Dist = SING
         sampler=EpochSampler(len(train_table), tc.seed, dist.rank, dist.world_size, weights=rarity_weights(
             train_table["labels"], n_classes, tc.sampler_power) if tc.sampler == "rare" else None),
         steps_per_epoch=steps_per_epoch, dist=dist, forward=forward,
-        batch_augment=BatchAugment(tc.augment) if on_device else None,
+        batch_augment=BatchAugment(tc.augment) if on_device else None, precision=precision,
         batch_mix=BatchMix(tc.augment, lambda targets: kind.mix_targets(loss_fn, targets)) if mixing else None,
     )
 
@@ -756,7 +777,8 @@ class Trainer:
             note(f"note: train.resume=true but {last} does not exist: starting fresh")
         run_name = folder.root.name
         if self.dist.main:
-            folder.save_config(self.cfg, self.fold, p.vocabulary)
+            folder.save_config(self.cfg, self.fold, p.vocabulary,
+                               comment=p.precision.describe() if p.precision is not None else None)
             if self.dist.world_size > 1:
                 say(f"distributed: {self.dist.world_size} processes x batch {tc.batch_size} x {tc.accum_steps} "
                     f"accumulation = {self.dist.world_size * tc.batch_size * tc.accum_steps} images per step")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from src.config import load_config
+from src.model import resolve_precision
 from src.train import Trainer, TrainingDiverged, build_parts, train
 from tests.conftest import TINY_CLASSES, tiny_config
 from tests.helpers import assert_same, write_folds
@@ -162,6 +163,10 @@ def test_training_writes_its_outputs(reference_run):
 
     cfg = load_config(folder / "config.yaml")
     assert cfg.run.dir == str(folder.parent) and cfg.train.epochs == EPOCHS
+    # The run says which precision it used and why: the demo's auto, resolved for this CPU.
+    used = resolve_precision(torch.device("cpu"), "auto")
+    assert (folder / "config.yaml").read_text().startswith(f"# {used.describe()}\n")
+    assert cfg.train.precision == used.name
     assert load_config(folder.parent / "config.yaml") == cfg
 
     oof = pd.read_csv(folder / "oof.csv", dtype={"Id": str})
