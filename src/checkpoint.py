@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.config import Config, PipelineError, flatten
+from src.config import Config, PipelineError, flatten_saved
 from src.files import Staging, write_atomic
 from src.progress import note
 
@@ -87,7 +87,7 @@ def restore_rng_states(states: dict) -> None:
 # -- resume compatibility -----------------------------------------------------------------------------
 # Keys whose change makes a checkpoint's weights or its position in the data order meaningless.
 RESUME_MUST_MATCH = ("data.num_classes", "model.backbone", "model.in_chans", "model.modifier", "loss.name",
-                     "loss.embedding_dim", "train.batch_size", "train.accum_steps", "train.seed", "folds")
+                     "loss.embedding_dim", "train.batch_size", "train.accum_steps", "train.seed", "train.sampler", "folds")
 RESUME_IGNORED = ("train.resume", "train.stop_after_steps", "train.time_limit")
 
 
@@ -95,7 +95,7 @@ def check_resumable(saved: dict, current: dict, path: Path, saved_world: int = 1
     """Refuse to resume ``path`` under a config that changes the model or the data order, naming the keys;
     mention other changed keys. The batch compared is the global one (per-process batch x processes), so a
     run saved by 2 processes x batch 8 resumes in 1 process x batch 16 and the other way round."""
-    saved_flat, current_flat = flatten(saved), flatten(current)
+    saved_flat, current_flat = flatten_saved(saved), flatten_saved(current)
     for flat, world in ((saved_flat, saved_world), (current_flat, current_world)):
         if "train.batch_size" in flat:
             flat["train.batch_size"] = flat["train.batch_size"] * world

@@ -640,6 +640,12 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def flatten_saved(tree: dict) -> dict:
+    """A config saved by an earlier version, flattened, with the keys it lacks at today's schema defaults: a new
+    key's default keeps the old behaviour, so a saved run or study is not "changed" by a key added since."""
+    return flatten(Config().model_dump(mode="json")) | flatten(tree)
+
+
 def override(cfg: Config, **changes: Any) -> Config:
     """A copy of ``cfg`` with dotted keys changed, e.g. ``override(cfg, **{"train.epochs": 1})``."""
     tree = cfg.model_dump()

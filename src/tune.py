@@ -60,7 +60,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from src.cli import cli_parser, run_cli
-from src.config import Config, ConfigError, PipelineError, flatten, load_config, override, parse_duration
+from src.config import Config, ConfigError, PipelineError, flatten, flatten_saved, load_config, override, parse_duration
 from src.data import train_sources
 from src.files import Staging, ensure_writable
 from src.pack import find_cache
@@ -301,7 +301,7 @@ def _check_same_study(study: optuna.Study, cfg: Config, space_tree: dict) -> Non
     """Refuse to add trials made under another base config or space: the study could not compare them."""
     saved_cfg, saved_space = study.user_attrs.get("base_config"), study.user_attrs.get("space")
     if saved_cfg is not None:
-        old, new = flatten(saved_cfg), flatten(cfg.model_dump(mode="json"))
+        old, new = flatten_saved(saved_cfg), flatten(cfg.model_dump(mode="json"))
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
                          and not any(k == p or k.startswith(p + ".") for p in MAY_DIFFER))
         if changed:

@@ -3,6 +3,7 @@ resume, a second writer, a worker that meets a bad image, and kill -9 in the mid
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import signal
@@ -21,7 +22,7 @@ import src.predict
 import src.train
 from src.checkpoint import check_resumable
 from src.cli import run_cli, user_message
-from src.config import PipelineError, load_config, override
+from src.config import Config, PipelineError, load_config, override
 from src.files import Staging, WriteError
 from src.folds import load_folds, make_folds
 from src.formats import id_problem, parse_target
@@ -324,3 +325,15 @@ def test_a_schedule_of_a_few_dozen_updates_is_warned_about(tiny_data, tmp_path, 
         capsys.readouterr().err
     src.train.build_parts(override(cfg, **{"train.global_batch": 4, "train.epochs": 30}), 0, progress=True)
     assert "optimizer steps in all" not in capsys.readouterr().err
+
+
+def test_a_key_added_since_a_run_was_saved_is_not_a_change_at_its_default(tmp_path):
+    """A checkpoint (or a study) saved before a key existed resumes when the key is at its default, which keeps the
+    old behaviour; set to something else, it is named."""
+    current = Config().model_dump(mode="json")
+    saved = copy.deepcopy(current)
+    del saved["train"]["sampler"], saved["train"]["augment"]["mix"]  # as saved before these keys were added
+    check_resumable(saved, current, tmp_path / "last.pt")
+    current["train"]["sampler"] = "rare"
+    with pytest.raises(PipelineError, match="train.sampler: 'uniform' -> 'rare'"):
+        check_resumable(saved, current, tmp_path / "last.pt")
