@@ -87,7 +87,8 @@ def restore_rng_states(states: dict) -> None:
 # -- resume compatibility -----------------------------------------------------------------------------
 # Keys whose change makes a checkpoint's weights or its position in the data order meaningless.
 RESUME_MUST_MATCH = ("data.num_classes", "model.backbone", "model.in_chans", "model.modifier", "loss.name",
-                     "loss.embedding_dim", "train.batch_size", "train.accum_steps", "train.seed", "train.sampler", "folds")
+                     "loss.embedding_dim", "train.batch_size", "train.accum_steps", "train.seed", "train.sampler",
+                     "folds")
 RESUME_IGNORED = ("train.resume", "train.stop_after_steps", "train.time_limit")
 
 
