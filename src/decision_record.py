@@ -13,6 +13,8 @@ needs without the OOF files or another pass over them::
     oof_cross_fold    fitted on the other folds' rows: the honest estimate of the test score
     runs              the experiments (run folder, weight, folds) ensembled; checkpoint: best or last
     submission        the path predict wrote and the sha256 of its bytes
+    overrides         predict.overrides: the duplicates file, how many test rows took a labelled duplicate's labels,
+                      and per row its Id, labels, the Ids they came from and the distance (null when off)
     config            the resolved config predict ran with (after the label vocabulary set data.num_classes)
 
 ``src.submit`` checks a submission against it (same bytes, same config) and logs the estimate; ``src.bundle``
@@ -64,7 +66,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def decision_record(cfg: Config, strategy: str, decision: Decision, result: dict, label_rate: np.ndarray,
-                    refs: Sequence[RunRef], submission: pd.DataFrame) -> dict:
+                    refs: Sequence[RunRef], submission: pd.DataFrame, overrides: dict | None = None) -> dict:
     """The record of one prediction: ``result`` is the strategy's entry of ``compare_strategies``."""
     thresholds = None if decision.thresholds is None else np.broadcast_to(
         np.asarray(decision.thresholds, dtype=float), (len(label_rate),)).tolist()
@@ -85,6 +87,7 @@ def decision_record(cfg: Config, strategy: str, decision: Decision, result: dict
         "runs": runs,
         "checkpoint": cfg.predict.checkpoint,
         "submission": {"path": cfg.submission.path, "sha256": csv_sha256(submission), "rows": len(submission)},
+        "overrides": overrides,
         "written": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": cfg.model_dump(mode="json"),
     }

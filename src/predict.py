@@ -31,9 +31,10 @@ import torch
 from src.checkpoint import load_checkpoint, model_weights
 from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError, RunRef, override
-from src.data import Vocabulary, label_csr, with_vocabulary
+from src.data import Vocabulary, label_csr, train_only_rows, with_vocabulary
 from src.dataset import RGBYDataset, make_loader
 from src.decision_record import REFIT_ON_TEST, decision_path, decision_record, write_record
+from src.duplicates import apply_overrides, duplicate_overrides
 from src.files import Staging, ensure_writable, ensure_writable_file, remove_stale_temps
 from src.formats import label_separator, load_test_table, load_training_data, submission_columns, validate_submission
 from src.metrics import binary_csr, count_labels, get_metric, nonfinite_rows
@@ -339,6 +340,8 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     cfg, train_table, _ = load_training_data(with_vocabulary(cfg, vocabulary), vocabulary)
     test_table = load_test_table(cfg.data)
     m = cfg.data.num_classes
+    # Read before any inference: a missing or stale duplicates file stops predict at once.
+    overrides = duplicate_overrides(cfg, test_table, train_table) if cfg.predict.overrides else None
 
     # Many-class scores made here (each fold's test scores, re-scored OOF rows) go to a scratch folder as inference
     # makes them and are read back a block of rows at a time; the folder goes when predict ends (its finalizer on
@@ -346,7 +349,8 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     scratch = tempfile.TemporaryDirectory(prefix="scores-", suffix=f".{os.getpid()}.tmp", dir=cfg.run.dir)
     test_scores, oof, refs = score_experiments(cfg, test_table, train_table, device, progress, Path(scratch.name))
     oof_true, oof_scores = oof_truth(oof, train_table, m)
-    train_labels = label_csr(train_table["labels"], m)
+    # The competition's label rates: a train-only source (another distribution) is left out, as from the OOF rows.
+    train_labels = label_csr(train_table["labels"][~train_only_rows(cfg.data, train_table)], m)
     train_rate = label_rates(cfg, train_labels, vocabulary)
     results = compare_strategies(oof_true, oof_scores, oof.folds, train_rate, cfg.predict, cfg.metric)
     chosen, why = choose_strategy(cfg.predict.threshold, results)
@@ -355,6 +359,8 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     decision = results[chosen]["decision"] if chosen not in REFIT_ON_TEST else decision_for(
         chosen, ThresholdInputs(oof_true, oof_scores, test_scores, train_rate), cfg.predict, cfg.metric)
     predicted = decision.apply(test_scores)
+    if overrides is not None:
+        predicted = apply_overrides(predicted, overrides)
     submission = make_submission(test_table, predicted, vocabulary, submission_columns(cfg.data),
                                  label_separator(cfg.data))
     degenerate = degenerate_reasons(predicted, train_labels)
@@ -363,6 +369,9 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     # last. A failure on the way leaves every previous output as it was.
     out = RunFolder(cfg.run.dir)
     header = report_header(cfg, refs, oof, len(test_table), chosen, decision)
+    if overrides is not None:
+        header += (f"\n\nOverrides (predict.overrides): {len(overrides.rows)} of {len(test_table)} test rows take the "
+                   f"labels of a labelled near-duplicate ({cfg.folds.duplicates_path}) instead of the decision.")
     if degenerate:
         header += "\n\n**Warning: the submission looks degenerate:** " + "; ".join(degenerate) + "."
     with Staging() as staging:
@@ -379,7 +388,9 @@ def predict(cfg: Config, progress: bool = True) -> Path:
                 "(predict.force=true).")
         # The decision as applied, the config and the submission's hash, beside it: src.submit checks against it,
         # src.bundle ships it.
-        record = decision_record(cfg, chosen, decision, results[chosen], train_rate, refs, submission)
+        overridden = None if overrides is None else overrides.record(test_table["Id"], vocabulary,
+                                                                     cfg.folds.duplicates_path)
+        record = decision_record(cfg, chosen, decision, results[chosen], train_rate, refs, submission, overridden)
         staging.file(decision_path(out.root), lambda tmp: write_record(tmp, record))
         sub_path = staging.file(cfg.submission.path, lambda tmp: submission.to_csv(tmp, index=False))
         staging.commit()
@@ -396,7 +407,8 @@ def predict(cfg: Config, progress: bool = True) -> Path:
                                           len(listed) < len(classes) else "") + "):")
         print(listed.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print(f"\nwrote {sub_path} ({len(submission)} rows, {count_labels(predicted, 1).mean():.2f} labels per image), "
-              f"{out.test_scores} and the report in {out.report}/")
+              f"{out.test_scores} and the report in {out.report}/"
+              + (f"; {len(overrides.rows)} row(s) took a duplicate's labels" if overrides is not None else ""))
     return sub_path
 
 

@@ -162,7 +162,9 @@ def default_message(record: dict, config_hash: str) -> str:
     """A description that says what was sent (and lets --refresh find it again)."""
     estimate = record.get("oof_cross_fold")
     oof = f"oof {record.get('metric', 'metric')} {estimate:.4f}, " if estimate is not None else ""
-    return f"{record['strategy']} ({oof}cross-fold) | {runs_text(record)} | config {config_hash}"
+    overrides = (record.get("overrides") or {}).get("rows")
+    leak = f" | overrides {overrides}" if overrides else ""
+    return f"{record['strategy']} ({oof}cross-fold){leak} | {runs_text(record)} | config {config_hash}"
 
 
 def one_line(text: str) -> str:
