@@ -40,11 +40,17 @@ from src.progress import note
 PAIR_COLUMNS = ["id_a", "source_a", "id_b", "source_b", "distance"]
 
 
+# What image_hashes says of an absent image, as the folds stage needs them (``{path}``: the file).
+ABSENT_FOR_FOLDS = ("folds.group_duplicates=true hashes every training image, and {path} is absent: restore the "
+                    "images, or set folds.group_duplicates=false (the folds then need only the labels), or use the "
+                    "folds file made where the images were")
+
+
 def image_hashes(table: pd.DataFrame, fmt: DatasetFormat, progress: bool = True,
-                 needed_by: str = "folds.group_duplicates=true") -> np.ndarray:
+                 absent: str = ABSENT_FOR_FOLDS) -> np.ndarray:
     """64-bit perceptual hash (imagehash.phash) of each sample's image that ``fmt`` hashes (``hash_file``: HPA's
-    green plane; a one-file image's luminance), as uint64. ``needed_by`` names the setting in the error for an
-    absent image."""
+    green plane; a one-file image's luminance), as uint64. An absent image stops with ``absent`` (its ``{path}``
+    filled in)."""
     hashes = np.zeros(len(table), dtype=np.uint64)
     for row, files in enumerate(progress_bar(table["files"], total=len(table), desc="hashing images",
                                              disable=not progress, mininterval=1.0)):
@@ -52,19 +58,22 @@ def image_hashes(table: pd.DataFrame, fmt: DatasetFormat, progress: bool = True,
         try:
             image = Image.open(path)
         except FileNotFoundError:
-            raise PipelineError(f"{needed_by} hashes every image, and {path} is absent: restore the images, or set "
-                                "folds.group_duplicates=false (the folds then need only the labels), or use the "
-                                "files made where the images were") from None
+            raise PipelineError(absent.format(path=path)) from None
         with image:
             bits = imagehash.phash(image.convert("L")).hash.flatten()
         hashes[row] = np.packbits(bits).view(">u8")[0]
     return hashes
 
 
-def hash_pairs(left: np.ndarray, right: np.ndarray, max_distance: int, chunk: int = 2048
+# Cells (pairs) of one block of hash_pairs: 2^24 keep its XOR array at 128 MB whatever the number of hashes.
+BLOCK_CELLS = 1 << 24
+
+
+def hash_pairs(left: np.ndarray, right: np.ndarray, max_distance: int, chunk: int | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair (i, j) with ``left[i]`` and ``right[j]`` at most ``max_distance`` bits apart, and the distance:
-    all n x m XOR + popcounts, ``chunk`` rows of ``left`` at a time (memory ~ chunk x m bytes)."""
+    all n x m XOR + popcounts, ``chunk`` rows of ``left`` at a time (default: ``BLOCK_CELLS`` pairs a block)."""
+    chunk = chunk or max(1, BLOCK_CELLS // max(1, len(right)))
     rows, cols, distances = [], [], []
     for start in range(0, len(left), chunk):
         distance = np.bitwise_count(left[start:start + chunk, None] ^ right[None, :])
@@ -77,11 +86,11 @@ def hash_pairs(left: np.ndarray, right: np.ndarray, max_distance: int, chunk: in
     return np.concatenate(rows), np.concatenate(cols), np.concatenate(distances)
 
 
-def duplicate_groups(hashes: np.ndarray, max_distance: int, chunk: int = 2048) -> np.ndarray:
+def duplicate_groups(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     """Group id per sample: samples whose hashes differ in at most ``max_distance`` bits are linked
-    (transitively). Pairwise Hamming distances are computed in chunks, so 31k images take seconds."""
+    (transitively). Pairwise Hamming distances are computed in blocks (``hash_pairs``), so 31k images take seconds."""
     groups = DisjointSet(range(len(hashes)))
-    rows, cols, _ = hash_pairs(hashes, hashes, max_distance, chunk)
+    rows, cols, _ = hash_pairs(hashes, hashes, max_distance)
     for i, j in zip(rows[rows < cols].tolist(), cols[rows < cols].tolist()):
         groups.merge(i, j)
     roots = np.array([groups[i] for i in range(len(hashes))])
@@ -101,7 +110,9 @@ def find_duplicates(cfg: Config, progress: bool = True) -> pd.DataFrame:
     names = source_names(cfg)
     table = pd.concat([train_table.assign(source=train_table["source"].map(names)),
                        test_table.assign(source=test_source(cfg.data).name)], ignore_index=True)
-    hashes = image_hashes(table, get_format(cfg.data), progress, needed_by="python -m src.duplicates")
+    hashes = image_hashes(table, get_format(cfg.data), progress,
+                          absent="python -m src.duplicates hashes every training and test image, and {path} is "
+                                 "absent: run it where the images are")
     rows, cols, distances = hash_pairs(hashes, hashes, cfg.folds.duplicate_distance)
     keep = rows < cols
     a, b = rows[keep], cols[keep]
