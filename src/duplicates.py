@@ -220,7 +220,7 @@ def apply_overrides(predicted, overrides: Overrides):
         kept = np.ones(n, dtype=bool)
         kept[overrides.rows] = False
         copied = sparse.csr_matrix((np.ones(len(rows), dtype=np.uint8), (rows, cols)), shape=(n, m))
-        kept_rows = sparse.diags(kept.astype(np.uint8)) @ sparse.csr_matrix(predicted, dtype=np.uint8)
+        kept_rows = sparse.diags(kept.astype(np.uint8), dtype=np.uint8) @ sparse.csr_matrix(predicted, dtype=np.uint8)
         return (kept_rows + copied).astype(bool).tocsr()
     result = np.array(predicted, dtype=bool, copy=True)
     result[overrides.rows] = False

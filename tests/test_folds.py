@@ -21,6 +21,7 @@ from src.folds import (
     TRAIN_ONLY,
     assign_folds,
     balance,
+    column_groups,
     fold_table,
     load_folds,
     make_folds,
@@ -489,42 +490,42 @@ def test_union_groups_is_the_connected_components():
     np.testing.assert_array_equal(union_groups(np.array([2, 0, 2])), [0, 1, 0])
 
 
-def test_group_column_from_a_side_csv_composes_with_duplicates(data, tmp_path):
+def test_group_column_from_a_side_csv_composes_with_duplicates(tiny_data, tmp_path):
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
     targets = read_targets(data)
-    rng = np.random.default_rng(0)
     ids = targets["Id"].tolist()
-    antibody = [f"HPA{k // 4:04d}" for k in range(len(ids))]  # groups of four neighbours ...
-    side = pd.DataFrame({"Id": ids, "antibody": antibody}).iloc[:-5]  # ... and five samples without one
-    side.to_csv(tmp_path / "antibodies.csv", index=False)
-    # An exact copy of sample 0 under a new Id, in the group of samples 8..11: groups HPA0000 and HPA0002 are
-    # then one component, the copy's group too.
-    _near_duplicate(data, ids[0], "copy0", changed_pixels=0, rng=rng)
+    antibody = [f"HPA{k // 4:04d}" for k in range(len(ids))]  # groups of four neighbours, and ...
+    side = pd.DataFrame({"Id": ids, "antibody": antibody}).iloc[:-3]  # ... three samples without one
+    # An exact copy of sample 0 under a new Id, in the group of samples 8..11: with group_duplicates the groups
+    # HPA0000 and HPA0002 are one component.
+    _near_duplicate(data, ids[0], "copy0", changed_pixels=0, rng=np.random.default_rng(0))
     pd.concat([targets, pd.DataFrame({"Id": ["copy0"], "Target": [targets["Target"][0]]})]).to_csv(
         data / "train.csv", index=False)
     pd.concat([side, pd.DataFrame({"Id": ["copy0"], "antibody": ["HPA0002"]})]).to_csv(
         tmp_path / "antibodies.csv", index=False)
     keys = ["folds.group_column=antibody", f"folds.group_csv={tmp_path / 'antibodies.csv'}"]
-    folds = make_folds(fresh_config(data, tmp_path, *keys), progress=False).set_index("Id")["fold"]
-    assert (folds.loc[ids[:-5]].groupby(antibody[:-5]).nunique() == 1).all()
-    assert folds.loc[ids[:4]].nunique() == 1
-    both = make_folds(fresh_config(data, tmp_path, *keys, "folds.group_duplicates=true"), progress=False)
+    cfg = tiny_config(data, tmp_path, *keys)
+    groups = column_groups(cfg, load_train_table(cfg.data))
+    assert len(set(groups[-4:-1].tolist())) == 3 and not set(groups[-4:-1].tolist()) & set(groups[:-4].tolist())
+    folds = make_folds(cfg, progress=False).set_index("Id")["fold"]
+    assert (folds.loc[ids[:-3]].groupby(antibody[:-3]).nunique() == 1).all()
+    both = make_folds(tiny_config(data, tmp_path, *keys, "folds.group_duplicates=true"), progress=False)
     both = both.set_index("Id")["fold"]
-    assert (both.loc[ids[:-5]].groupby(antibody[:-5]).nunique() == 1).all()
+    assert (both.loc[ids[:-3]].groupby(antibody[:-3]).nunique() == 1).all()
     assert both.loc[ids[:4] + ids[8:12] + ["copy0"]].nunique() == 1
-    labels = label_csr([tuple(map(int, t.split())) for t in read_targets(data)["Target"]], NUM_CLASSES)
-    shuffled = np.random.default_rng(0).permutation(both.to_numpy())  # a random split of the same sizes
-    assert balance(labels, both.to_numpy(), N_SPLITS)["mean_dev"] < 0.5 * balance(labels, shuffled, N_SPLITS)["mean_dev"]
+    assert abs(int((both == 0).sum()) - len(both) / 2) <= 4  # groups of four: halves within one group
 
 
-def test_group_column_read_from_the_label_csv_and_its_errors(data, tmp_path):
+def test_group_column_read_from_the_label_csv_and_its_errors(tiny_data, tmp_path):
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
     targets = read_targets(data)
-    targets["plate"] = [f"p{k % 50}" for k in range(len(targets))]
+    targets["plate"] = [f"p{k % 12}" for k in range(len(targets))]
     targets.to_csv(data / "train.csv", index=False)
-    folds = make_folds(fresh_config(data, tmp_path, "folds.group_column=plate"), progress=False)["fold"].to_numpy()
+    folds = make_folds(tiny_config(data, tmp_path, "folds.group_column=plate"), progress=False)["fold"].to_numpy()
     assert (pd.Series(folds).groupby(targets["plate"]).nunique() == 1).all()
     with pytest.raises(PipelineError, match=r"train\.csv: no column 'antibody' \(folds.group_column\)"):
-        make_folds(fresh_config(data, tmp_path, "folds.group_column=antibody"), progress=False)
+        make_folds(tiny_config(data, tmp_path, "folds.group_column=antibody"), progress=False)
     pd.DataFrame({"Id": [targets["Id"][0]] * 2, "plate": ["a", "b"]}).to_csv(tmp_path / "side.csv", index=False)
     with pytest.raises(PipelineError, match="has more than one value of 'plate'"):
-        make_folds(fresh_config(data, tmp_path, "folds.group_column=plate", f"folds.group_csv={tmp_path / 'side.csv'}"),
+        make_folds(tiny_config(data, tmp_path, "folds.group_column=plate", f"folds.group_csv={tmp_path / 'side.csv'}"),
                    progress=False)
