@@ -69,18 +69,24 @@ def image_hashes(table: pd.DataFrame, fmt: DatasetFormat, progress: bool = True,
 BLOCK_CELLS = 1 << 24
 
 
-def hash_pairs(left: np.ndarray, right: np.ndarray, max_distance: int, chunk: int | None = None
+def hash_pairs(left: np.ndarray, right: np.ndarray | None, max_distance: int, chunk: int | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair (i, j) with ``left[i]`` and ``right[j]`` at most ``max_distance`` bits apart, and the distance:
-    all n x m XOR + popcounts, ``chunk`` rows of ``left`` at a time (default: ``BLOCK_CELLS`` pairs a block)."""
+    all n x m XOR + popcounts, ``chunk`` rows of ``left`` at a time (default: ``BLOCK_CELLS`` pairs a block).
+    ``right`` None: the pairs i < j within ``left``, each block of rows against the rows from its first on
+    (half the work of ``left`` against itself)."""
+    within = right is None
+    right = left if within else right
     chunk = chunk or max(1, BLOCK_CELLS // max(1, len(right)))
     rows, cols, distances = [], [], []
     for start in range(0, len(left), chunk):
-        distance = np.bitwise_count(left[start:start + chunk, None] ^ right[None, :])
+        first = start if within else 0
+        distance = np.bitwise_count(left[start:start + chunk, None] ^ right[None, first:])
         i, j = np.nonzero(distance <= max_distance)
-        rows.append(i + start)
-        cols.append(j)
-        distances.append(distance[i, j])
+        keep = i + start < j + first if within else slice(None)
+        rows.append(i[keep] + start)
+        cols.append(j[keep] + first)
+        distances.append(distance[i[keep], j[keep]])
     if not rows:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8)
     return np.concatenate(rows), np.concatenate(cols), np.concatenate(distances)
@@ -90,8 +96,8 @@ def duplicate_groups(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     """Group id per sample: samples whose hashes differ in at most ``max_distance`` bits are linked
     (transitively). Pairwise Hamming distances are computed in blocks (``hash_pairs``), so 31k images take seconds."""
     groups = DisjointSet(range(len(hashes)))
-    rows, cols, _ = hash_pairs(hashes, hashes, max_distance)
-    for i, j in zip(rows[rows < cols].tolist(), cols[rows < cols].tolist()):
+    rows, cols, _ = hash_pairs(hashes, None, max_distance)
+    for i, j in zip(rows.tolist(), cols.tolist()):
         groups.merge(i, j)
     roots = np.array([groups[i] for i in range(len(hashes))])
     return np.unique(roots, return_inverse=True)[1]
@@ -113,12 +119,10 @@ def find_duplicates(cfg: Config, progress: bool = True) -> pd.DataFrame:
     hashes = image_hashes(table, get_format(cfg.data), progress,
                           absent="python -m src.duplicates hashes every training and test image, and {path} is "
                                  "absent: run it where the images are")
-    rows, cols, distances = hash_pairs(hashes, hashes, cfg.folds.duplicate_distance)
-    keep = rows < cols
-    a, b = rows[keep], cols[keep]
+    a, b, distances = hash_pairs(hashes, None, cfg.folds.duplicate_distance)
     pairs = pd.DataFrame({"id_a": table["Id"].to_numpy()[a], "source_a": table["source"].to_numpy()[a],
                           "id_b": table["Id"].to_numpy()[b], "source_b": table["source"].to_numpy()[b],
-                          "distance": distances[keep]}, columns=PAIR_COLUMNS)
+                          "distance": distances}, columns=PAIR_COLUMNS)
     path = Path(cfg.folds.duplicates_path)
     try:
         write_atomic(path, lambda tmp: pairs.to_csv(tmp, index=False))

@@ -31,6 +31,12 @@ def test_hash_pairs_finds_every_pair_within_the_distance_in_any_block_size():
         rows, cols, distances = hash_pairs(left, right, 3, chunk)
         assert set(zip(rows.tolist(), cols.tolist(), distances.tolist())) == expected
     assert all(len(part) == 0 for part in hash_pairs(left[:0], right, 3))
+    # Within one array: each pair once, i < j, whatever the block size.
+    both = np.concatenate([left, right])
+    within = {(i, j, d) for i, j, d in zip(*(part.tolist() for part in hash_pairs(both, both, 3))) if i < j}
+    assert (50, 0, 3) not in within and (0, 50, 3) in within
+    for chunk in (None, 1, 7, 64):
+        assert set(zip(*(part.tolist() for part in hash_pairs(both, None, 3, chunk)))) == within
 
 
 @pytest.mark.parametrize("as_sparse", [False, True])
