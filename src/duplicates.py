@@ -171,10 +171,10 @@ class Overrides:
     distances: list[int]
 
     def record(self, test_ids: pd.Series, vocabulary: Vocabulary, path: str) -> dict:
-        """What decision.json keeps of them: the file, the count, and per row the Id, labels and where from."""
+        """What decision.json keeps of them: the file, the count, and per row the Id, label codes and where from."""
         ids = test_ids.to_numpy()
         return {"file": path, "rows": len(self.rows),
-                "images": [{"Id": str(ids[row]), "labels": vocabulary.decode(labels), "from": sources,
+                "images": [{"Id": str(ids[row]), "labels": [vocabulary.codes[c] for c in labels], "from": sources,
                             "distance": distance}
                            for row, labels, sources, distance in zip(self.rows.tolist(), self.labels, self.sources,
                                                                      self.distances)]}
@@ -230,6 +230,24 @@ def apply_overrides(predicted, overrides: Overrides):
     result[overrides.rows] = False
     result[rows, cols] = True
     return result
+
+
+def apply_recorded_overrides(record: dict, predicted, test_ids: pd.Series, vocabulary: Vocabulary):
+    """``predicted`` with the overrides a decision record keeps (``Overrides.record``) applied to the rows of
+    ``test_ids`` they name, as predict applied them (an inference bundle on the same test set writes the same
+    submission); Ids not in ``test_ids`` are left out and noted. ``predicted`` unchanged when there are none."""
+    images = (record.get("overrides") or {}).get("images") or []
+    row_of = {sample_id: row for row, sample_id in enumerate(test_ids)}
+    present = [image for image in images if image["Id"] in row_of]
+    if len(present) < len(images):
+        note(f"note: {len(images) - len(present)} of the {len(images)} recorded overrides name test Ids not in this "
+             "test set: left out")
+    if not present:
+        return predicted
+    overrides = Overrides(np.array([row_of[image["Id"]] for image in present], dtype=np.int64),
+                          [tuple(vocabulary.index[code] for code in image["labels"]) for image in present],
+                          [image["from"] for image in present], [image["distance"] for image in present])
+    return apply_overrides(predicted, overrides)
 
 
 def main() -> None:

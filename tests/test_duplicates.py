@@ -13,7 +13,14 @@ from scipy import sparse
 
 from src.config import PipelineError, override
 from src.data import Vocabulary
-from src.duplicates import Overrides, apply_overrides, duplicate_overrides, find_duplicates, hash_pairs
+from src.duplicates import (
+    Overrides,
+    apply_overrides,
+    apply_recorded_overrides,
+    duplicate_overrides,
+    find_duplicates,
+    hash_pairs,
+)
 from src.formats import load_test_table, load_train_table
 from src.submit import default_message
 from tests.conftest import tiny_config
@@ -52,9 +59,15 @@ def test_apply_overrides_replaces_exactly_the_overridden_rows(as_sparse):
     expected[3] = [True, True, False, False, False]
     np.testing.assert_array_equal(result, expected)
     assert predicted[:, 0].all() and not predicted[:, 1:].any()  # the input is left as it was
-    record = overrides.record(pd.Series(["t0", "t1", "t2", "t3"]), Vocabulary.numbered(5), "dups.csv")
-    assert record["rows"] == 2 and record["images"][1] == {"Id": "t3", "labels": "0 1", "from": ["b", "c"],
-                                                           "distance": 2}
+    ids, vocabulary = pd.Series(["t0", "t1", "t2", "t3"]), Vocabulary(tuple("abcde"), tuple("abcde"))
+    record = {"overrides": overrides.record(ids, vocabulary, "dups.csv")}
+    assert record["overrides"]["rows"] == 2
+    assert record["overrides"]["images"][1] == {"Id": "t3", "labels": ["a", "b"], "from": ["b", "c"], "distance": 2}
+    # What a bundle does with the record: the same rows, by Id, on a test set in another order and with an Id less.
+    replayed = apply_recorded_overrides(record, given[[3, 0, 2]], ids[[3, 0, 2]].reset_index(drop=True), vocabulary)
+    replayed = replayed.toarray() if as_sparse else replayed
+    np.testing.assert_array_equal(replayed, expected[[3, 0, 2]])
+    assert apply_recorded_overrides({"overrides": None}, given, ids, vocabulary) is given
 
 
 def test_the_duplicates_file_pairs_a_copied_test_image_with_its_source_and_overrides_take_its_labels(tiny_data,

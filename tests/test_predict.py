@@ -290,7 +290,7 @@ def test_overrides_give_a_copied_test_image_its_source_labels_counted_and_record
     decided = [" ".join(map(str, np.flatnonzero(row))) for row in apply_record(record, scores, cfg)]
     assert decided[3] != expected and on["Predicted"].drop(index=3).tolist() == decided[:3] + decided[4:]
     assert record["overrides"]["rows"] == 1
-    assert record["overrides"]["images"] == [{"Id": test_table["Id"][3], "labels": expected, "from": [source["Id"]],
-                                              "distance": 0}]
+    assert record["overrides"]["images"] == [{"Id": test_table["Id"][3], "labels": expected.split(),
+                                              "from": [source["Id"]], "distance": 0}]
     report = (Path(cfg.run.dir) / "report" / "report.md").read_text()
     assert "Overrides (predict.overrides): 1 of 12 test rows" in report
