@@ -119,10 +119,10 @@ def find_duplicates(cfg: Config, progress: bool = True) -> pd.DataFrame:
     hashes = image_hashes(table, get_format(cfg.data), progress,
                           absent="python -m src.duplicates hashes every training and test image, and {path} is "
                                  "absent: run it where the images are")
-    a, b, distances = hash_pairs(hashes, None, cfg.folds.duplicate_distance)
-    pairs = pd.DataFrame({"id_a": table["Id"].to_numpy()[a], "source_a": table["source"].to_numpy()[a],
-                          "id_b": table["Id"].to_numpy()[b], "source_b": table["source"].to_numpy()[b],
-                          "distance": distances}, columns=PAIR_COLUMNS)
+    first, second, distances = hash_pairs(hashes, None, cfg.folds.duplicate_distance)
+    ids, sources = table["Id"].to_numpy(), table["source"].to_numpy()
+    pairs = pd.DataFrame({"id_a": ids[first], "source_a": sources[first], "id_b": ids[second],
+                          "source_b": sources[second], "distance": distances}, columns=PAIR_COLUMNS)
     path = Path(cfg.folds.duplicates_path)
     try:
         write_atomic(path, lambda tmp: pairs.to_csv(tmp, index=False))
