@@ -60,6 +60,7 @@ from src.decision_record import (
     read_record,
     record_decision,
 )
+from src.duplicates import apply_recorded_overrides
 from src.ensemble import weighted_mean
 from src.files import Staging, ensure_writable, save_config, write_atomic
 from src.formats import label_separator, load_test_table, submission_columns
@@ -527,7 +528,7 @@ def predict_from_bundle(bundle_dir: str | Path, data_dir: str | Path, out: str |
     # predict's own arithmetic (mean over folds, then the weighted mean over experiments), so the scores, and
     # with them the submission, are predict's to the bit on the same machine.
     test_scores = combine_scores([scores for _, scores in per_run], partial(weighted_mean, [w for w, _ in per_run]))
-    predicted = apply_record(record, test_scores, cfg)
+    predicted = apply_recorded_overrides(record, apply_record(record, test_scores, cfg), test_table["Id"], vocabulary)
     submission = make_submission(test_table, predicted, vocabulary, submission_columns(cfg.data),
                                  label_separator(cfg.data))
     written = write_atomic(out, lambda tmp: submission.to_csv(tmp, index=False))

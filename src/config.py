@@ -35,6 +35,10 @@ class ExtraSource(Section):
     csv: str
     images: str
     ext: Literal["png", "jpg"] = "png"
+    # folds: its rows join the folds like the competition's. train_only: trained on in every fold and never
+    # validated on (the folds file gives them no fold); validation, OOF, thresholds and the report see the
+    # competition's rows only (1st place HPA trained on the external HPAv18 images this way: docs/winners.md).
+    role: Literal["folds", "train_only"] = "folds"
 
 
 class DataConfig(Section):
@@ -93,6 +97,14 @@ class FoldsConfig(Section):
     group_duplicates: bool = False
     # Max Hamming distance between perceptual hashes of the green channel that counts as a duplicate.
     duplicate_distance: int = Field(4, ge=0)
+    # Samples sharing a value of this column never span two folds (1st place HPA split by antibody): a column of
+    # the training label csv(s), or of folds.group_csv when set (a csv with Id and this column). Composes with
+    # group_duplicates (a group is a connected component of both). null: no grouping by column.
+    group_column: str | None = None
+    group_csv: str | None = None
+    # Where `python -m src.duplicates` writes the near-duplicate pairs between the training sources and the test
+    # set (predict.overrides reads it).
+    duplicates_path: str = "input/duplicates.csv"
     # What to do with a class that has fewer samples than folds: fail, or keep going and warn.
     rare_classes: Literal["error", "warn"] = "error"
     # The stratifier: iterstrat (MultilabelStratifiedKFold on a dense matrix; ~40 s at 100k x 500, and the
@@ -100,6 +112,12 @@ class FoldsConfig(Section):
     # stratification on a sparse matrix, 1.7 M x 7 178 in ~13 s on 2 cores), or auto: iterstrat up to
     # src.folds.AUTO_ITERSTRAT_MAX_CELLS samples x classes (HPA), fast above.
     method: Literal["auto", "iterstrat", "fast"] = "auto"
+
+    @model_validator(mode="after")
+    def _group_csv_needs_a_column(self) -> FoldsConfig:
+        if self.group_csv is not None and self.group_column is None:
+            raise ValueError("folds.group_csv is set but folds.group_column is not: name the column to group by")
+        return self
 
 
 class ModifierConfig(Section):
@@ -358,6 +376,9 @@ class PredictConfig(Section):
     # Write a submission that looks degenerate (the same labels on nearly every row, or predicted label rates
     # far from the training rates on most classes) instead of stopping with exit 2. Also: predict --force.
     force: bool = False
+    # A test image that is a near-duplicate of a labelled image (folds.duplicates_path, written by
+    # `python -m src.duplicates`) takes that image's labels instead of the decision's (1st place HPA).
+    overrides: bool = False
 
     @model_validator(mode="after")
     def _label_bounds(self) -> PredictConfig:

@@ -110,6 +110,13 @@ def train_sources(cfg: DataConfig) -> list[Source]:
     return sources
 
 
+def train_only_rows(cfg: DataConfig, table: pd.DataFrame) -> np.ndarray:
+    """Boolean per row of a training table: the row comes from an extra source with ``role: train_only``
+    (trained on in every fold, never validated on). All False without such sources."""
+    csvs = {str(Path(extra.csv)) for extra in cfg.extra if extra.role == "train_only"}
+    return table["source"].isin(csvs).to_numpy() if csvs else np.zeros(len(table), dtype=bool)
+
+
 def test_source(cfg: DataConfig) -> Source:
     root = Path(cfg.dir)
     return Source("test", root / cfg.sample_submission, root / cfg.test_images)

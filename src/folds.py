@@ -10,64 +10,34 @@ with one vectorised step per label, for Open Images sizes (1.7 M x 7 178 in ~13 
 would take hours and the dense matrix alone is 12 GB). Only ``folds.path`` is written, so ``data.dir``
 may be read-only (as on Kaggle). With ``folds.group_duplicates`` near-duplicate
 images (perceptual hash of the green channel within ``folds.duplicate_distance`` bits) share a fold, so
-duplicates do not leak between training and validation.
+duplicates do not leak between training and validation; with ``folds.group_column`` samples sharing a value of
+that column (e.g. the antibody) do too, and both together group by connected components. Grouped by a column,
+groups are stratified as weighted units (``stratify_groups``: their label counts and sizes).
+
+Rows of a ``data.extra`` source with ``role: train_only`` take no part in the split: the file lists them with an
+empty fold, and ``load_folds`` gives them ``TRAIN_ONLY`` (-1), so the training split of fold N is every row not
+in fold N (train-only rows included) and its validation rows are competition rows only.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import imagehash
 import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
-from PIL import Image
 from scipy import sparse
-from scipy.cluster.hierarchy import DisjointSet
+from scipy.sparse.csgraph import connected_components
 
 from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError
-from src.data import label_csr
+from src.data import label_csr, train_only_rows, train_sources
+from src.duplicates import duplicate_groups, image_hashes
 from src.files import WriteError, write_atomic
-from src.formats import DatasetFormat, get_format, load_training_data
+from src.formats import get_format, load_training_data
 from src.metrics import binary_csr
-from src.progress import bar as progress_bar
 from src.progress import note
 from src.validate import require_valid
-
-
-def image_hashes(table: pd.DataFrame, fmt: DatasetFormat, progress: bool = True) -> np.ndarray:
-    """64-bit perceptual hash (imagehash.phash) of each sample's image that ``fmt`` hashes (``hash_file``: HPA's
-    green plane; a one-file image's luminance), as uint64."""
-    hashes = np.zeros(len(table), dtype=np.uint64)
-    for row, files in enumerate(progress_bar(table["files"], total=len(table), desc="hashing green channels",
-                                             disable=not progress, mininterval=1.0)):
-        path = fmt.hash_file(files)
-        try:
-            image = Image.open(path)
-        except FileNotFoundError:
-            raise PipelineError(f"folds.group_duplicates=true hashes every training image, and {path} is absent: "
-                                "restore the images, or set folds.group_duplicates=false (the folds then need only "
-                                "the labels), or use the folds file made where the images were") from None
-        with image:
-            bits = imagehash.phash(image.convert("L")).hash.flatten()
-        hashes[row] = np.packbits(bits).view(">u8")[0]
-    return hashes
-
-
-def duplicate_groups(hashes: np.ndarray, max_distance: int, chunk: int = 2048) -> np.ndarray:
-    """Group id per sample: samples whose hashes differ in at most ``max_distance`` bits are linked
-    (transitively). Pairwise Hamming distances are computed in chunks, so 31k images take seconds."""
-    groups = DisjointSet(range(len(hashes)))
-    for start in range(0, len(hashes), chunk):
-        block = hashes[start : start + chunk, None] ^ hashes[None, :]
-        rows, cols = np.nonzero(np.bitwise_count(block) <= max_distance)
-        for i, j in zip(rows + start, cols):
-            if i < j:
-                groups.merge(int(i), int(j))
-    roots = np.array([groups[i] for i in range(len(hashes))])
-    return np.unique(roots, return_inverse=True)[1]
-
 
 # folds.method=auto runs iterstrat up to this many cells (groups x classes) and stratify_sparse above. iterstrat
 # places samples one at a time in Python and recounts the remaining labels of all samples for every label it
@@ -171,16 +141,69 @@ def stratify_sparse(labels, n_splits: int, seed: int) -> np.ndarray:
     return result
 
 
+def stratify_groups(counts, sizes: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
+    """Fold index per group, from each group's label counts (a g x m matrix, dense or sparse: how many of its
+    samples have each label) and its size in samples: iterative stratification (Sechidis et al. 2011) over
+    weighted units, which neither iterstrat nor ``stratify_sparse`` takes (both count a group once).
+
+    The label with the fewest samples not yet placed comes first; its groups, largest first, go one at a time
+    to the fold that most wants that label (in samples), ties to the fold that most wants samples, then random;
+    each placed group counts all its samples against every fold demand. Groups without labels fill the folds'
+    remaining sizes last, largest first. A Python step per group: ~10 us each, 31k groups in a fraction of a
+    second. Deterministic by ``seed``."""
+    counts = sparse.csr_matrix(counts, dtype=np.float64)
+    sizes = np.asarray(sizes, dtype=np.float64)
+    n_groups, m = counts.shape
+    if n_groups < n_splits:
+        raise PipelineError(f"only {n_groups} sample group(s) for {n_splits} folds")
+    rng = np.random.default_rng(seed)
+    support = np.asarray(counts.sum(axis=0)).ravel()
+    label_demand = np.outer(support, np.full(n_splits, 1.0 / n_splits))  # m x k samples still wanted
+    size_demand = np.full(n_splits, sizes.sum() / n_splits)
+    remaining = support.copy()
+    by_label = counts.tocsc()
+    label_tie_break = rng.random(m) * 0.5  # below one sample: only breaks ties between equally rare labels
+    fold = np.full(n_groups, -1, dtype=np.int64)
+
+    def place(group: int, wanted: np.ndarray) -> None:
+        target = int(np.lexsort((rng.random(n_splits), size_demand, wanted))[-1])
+        fold[group] = target
+        a, b = counts.indptr[group], counts.indptr[group + 1]
+        label_demand[counts.indices[a:b], target] -= counts.data[a:b]
+        remaining[counts.indices[a:b]] -= counts.data[a:b]
+        size_demand[target] -= sizes[group]
+
+    while (remaining > 0.5).any():
+        label = int(np.argmin(np.where(remaining > 0.5, remaining + label_tie_break, np.inf)))
+        a, b = by_label.indptr[label], by_label.indptr[label + 1]
+        members, amount = by_label.indices[a:b], by_label.data[a:b]
+        waiting = fold[members] < 0
+        members, amount = members[waiting], amount[waiting]
+        for group in members[np.lexsort((rng.random(len(members)), -amount))].tolist():
+            place(group, label_demand[label])
+        remaining[label] = 0  # every group with it is placed (float sums can leave a residue)
+    unlabelled = np.flatnonzero(fold < 0)
+    for group in unlabelled[np.lexsort((rng.random(len(unlabelled)), -sizes[unlabelled]))].tolist():
+        place(group, size_demand)
+    return fold
+
+
 def assign_folds(labels, n_splits: int, seed: int, groups: np.ndarray | None = None,
-                 method: str = "iterstrat") -> np.ndarray:
+                 method: str = "iterstrat", weighted: bool = False) -> np.ndarray:
     """Fold index per sample, stratified over the binary ``labels`` (dense n x m array or scipy sparse);
     a group stays in one fold. ``method``: ``iterstrat``, ``fast`` (``stratify_sparse``) or ``auto``
-    (``resolve_method``). Groups are stratified as units labelled with the union of their samples' labels."""
+    (``resolve_method``). Groups are stratified as units labelled with the union of their samples' labels, or,
+    ``weighted``, by their label counts and sizes (``stratify_groups``; ``method`` is then not used)."""
     if groups is None:
         groups = np.arange(labels.shape[0])
     n_groups = int(groups.max()) + 1
     if n_groups < n_splits:
         raise PipelineError(f"only {n_groups} sample group(s) for {n_splits} folds")
+    if weighted:
+        members = sparse.csr_matrix((np.ones(len(groups)), (groups, np.arange(len(groups)))),
+                                    shape=(n_groups, len(groups)))
+        return stratify_groups(members @ binary_csr(labels), np.bincount(groups, minlength=n_groups),
+                               n_splits, seed)[groups]
     method = resolve_method(method, n_groups, labels.shape[1])
     if method == "fast":
         members = sparse.csr_matrix((np.ones(len(groups), dtype=np.uint8), (groups, np.arange(len(groups)))),
@@ -196,6 +219,77 @@ def assign_folds(labels, n_splits: int, seed: int, groups: np.ndarray | None = N
     for fold, (_, val_index) in enumerate(splitter.split(np.zeros(n_groups), group_labels)):
         group_fold[val_index] = fold
     return group_fold[groups]
+
+
+def union_groups(*groupings: np.ndarray) -> np.ndarray:
+    """Group index per sample linking two samples that share a group in any of ``groupings`` (each a group
+    index per sample): the connected components, numbered 0.. in order of first appearance."""
+    n = len(groupings[0])
+    rows, cols, offset = [], [], n
+    for groups in groupings:
+        rows.append(np.arange(n))
+        cols.append(offset + groups)
+        offset += int(groups.max()) + 1 if n else 0
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    graph = sparse.csr_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(offset, offset))
+    _, component = connected_components(graph, directed=False)
+    _, first, inverse = np.unique(component[:n], return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first))[inverse]
+
+
+def column_groups(cfg: Config, table: pd.DataFrame) -> np.ndarray:
+    """Group index per row of ``table`` by its value of ``folds.group_column``, read from ``folds.group_csv``
+    (columns Id and the group column) or else from the training label csvs the rows come from (the format's Id
+    column). A row without a value (absent Id, empty cell) is a group of its own, and noted."""
+    column = cfg.folds.group_column
+    if cfg.folds.group_csv:
+        files = [(Path(cfg.folds.group_csv), "Id")]
+    else:
+        used, id_column = set(table["source"]), get_format(cfg.data).train_columns(cfg.data)[0]
+        files = [(source.csv, id_column) for source in train_sources(cfg.data) if str(source.csv) in used]
+    values: dict[str, str] = {}
+    for path, id_column in files:
+        try:
+            header = pd.read_csv(path, nrows=0).columns
+        except (FileNotFoundError, pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise PipelineError(f"{path} (folds.group_column={column!r}): not a readable csv "
+                                f"({type(exc).__name__})") from None
+        if id_column not in header or column not in header:
+            raise PipelineError(f"{path}: no column {column!r} (folds.group_column) or {id_column!r} (the Id); it has "
+                                f"{list(header)[:10]}. Name an existing column, or give folds.group_csv (Id,{column})")
+        frame = pd.read_csv(path, usecols=[id_column, column], dtype=str, keep_default_na=False)
+        frame = frame.apply(lambda cells: cells.str.strip()).drop_duplicates()
+        frame = frame[frame[column] != ""]
+        twice = frame[id_column].duplicated()
+        if twice.any():
+            raise PipelineError(f"{path}: Id {frame[id_column][twice].iloc[0]!r} has more than one value of {column!r} "
+                                "(folds.group_column): a sample belongs to one group")
+        values.update(zip(frame[id_column], frame[column]))
+    value = table["Id"].map(values)
+    codes = pd.factorize(value)[0]  # NaN (no value): -1
+    alone = np.flatnonzero(codes < 0)
+    if len(alone):
+        note(f"note: {len(alone)} sample(s) have no {column!r} (folds.group_column) in {files[0][0]}"
+             f"{' ...' if len(files) > 1 else ''}: each is a group of its own")
+        codes[alone] = codes.max() + 1 + np.arange(len(alone))
+    return codes
+
+
+def fold_groups(cfg: Config, table: pd.DataFrame, progress: bool = True) -> np.ndarray | None:
+    """The groups that ``folds.group_duplicates`` and ``folds.group_column`` ask for (their union when both),
+    a group index per row of ``table``; None when neither is set."""
+    groupings = []
+    if cfg.folds.group_duplicates:
+        groupings.append(duplicate_groups(image_hashes(table, get_format(cfg.data), progress),
+                                          cfg.folds.duplicate_distance))
+        print(f"duplicate grouping: {len(table)} samples in {groupings[-1].max() + 1} groups")
+    if cfg.folds.group_column:
+        groupings.append(column_groups(cfg, table))
+        print(f"grouping by {cfg.folds.group_column}: {len(table)} samples in {groupings[-1].max() + 1} groups")
+    if len(groupings) == 2:
+        groupings = [union_groups(*groupings)]
+        print(f"both groupings together: {groupings[0].max() + 1} groups")
+    return groupings[0] if groupings else None
 
 
 def fold_counts(labels, folds: np.ndarray, n_splits: int | None = None) -> np.ndarray:
@@ -235,6 +329,8 @@ def balance(labels, folds: np.ndarray, n_splits: int) -> dict[str, float]:
             "empty_pairs": int((counts[stratifiable] == 0).sum())}
 
 
+# load_folds' fold of a train-only row: trained on in every fold (folds != N), validated in none (folds == N).
+TRAIN_ONLY = -1
 # Up to this many classes make_folds prints the full class x fold table; above, a balance summary.
 PRINT_TABLE_MAX_CLASSES = 100
 
@@ -257,13 +353,15 @@ def _listing(classes: list[tuple[int, int]], shown: int = 20) -> str:
 
 
 def make_folds(cfg: Config, progress: bool = True) -> pd.DataFrame:
-    """Validate the data, split it into folds and write ``cfg.folds.path``; returns ``Id,fold``. The folds need
-    only the labels: a source whose image files are all absent (a packed cache used without them) is noted, not
-    refused, unless ``folds.group_duplicates`` needs its images."""
+    """Validate the data, split it into folds and write ``cfg.folds.path``; returns ``Id,fold`` (rows of train-only
+    sources with no fold). The folds need only the labels: a source whose image files are all absent (a packed
+    cache used without them) is noted, not refused, unless ``folds.group_duplicates`` needs its images."""
     require_valid(cfg, progress=progress, absent_ok=True)
     cfg, table, _ = load_training_data(cfg)  # openimages/csv: data.num_classes from the label vocabulary
+    train_only = train_only_rows(cfg.data, table)
+    competition = table[~train_only].reset_index(drop=True)  # the rows that are split and validated on
     # Sparse whatever the size: 1.7 M x 7 178 dense would be 12 GB; iterstrat densifies its (small) input.
-    labels = label_csr(table["labels"], cfg.data.num_classes)
+    labels = label_csr(competition["labels"], cfg.data.num_classes)
     support = np.bincount(labels.indices, minlength=cfg.data.num_classes)
     rare = [(c, int(n)) for c, n in enumerate(support) if 0 < n < cfg.folds.n_splits]
     if rare:
@@ -276,17 +374,21 @@ def make_folds(cfg: Config, progress: bool = True) -> pd.DataFrame:
     absent = np.flatnonzero(support == 0).tolist()
     if absent:
         shown = ", ".join(map(str, absent[:20])) + (f", ... ({len(absent)} in all)" if len(absent) > 20 else "")
-        note(f"warning: class(es) [{shown}] have no training samples")
-    groups = None
-    if cfg.folds.group_duplicates:
-        groups = duplicate_groups(image_hashes(table, get_format(cfg.data), progress), cfg.folds.duplicate_distance)
-        print(f"duplicate grouping: {len(table)} samples in {groups.max() + 1} groups")
-    n_units = len(table) if groups is None else int(groups.max()) + 1
-    method = resolve_method(cfg.folds.method, n_units, cfg.data.num_classes)
+        note(f"warning: class(es) [{shown}] have no {'competition ' if train_only.any() else ''}training samples")
+    groups = fold_groups(cfg, competition, progress)
+    n_units = len(competition) if groups is None else int(groups.max()) + 1
+    weighted = cfg.folds.group_column is not None
+    method = "stratify_groups" if weighted else resolve_method(cfg.folds.method, n_units, cfg.data.num_classes)
     print(f"stratifying {n_units} {'samples' if groups is None else 'sample groups'} x {cfg.data.num_classes} "
-          f"classes with {method} (folds.method={cfg.folds.method})")
-    folds = assign_folds(labels, cfg.folds.n_splits, cfg.folds.seed, groups, method=method)
-    result = pd.DataFrame({"Id": table["Id"], "fold": folds})
+          f"classes with {method} (folds.method={cfg.folds.method}{', folds.group_column' if weighted else ''})")
+    folds = assign_folds(labels, cfg.folds.n_splits, cfg.folds.seed, groups, method=method, weighted=weighted)
+    fold_column = folds
+    if train_only.any():  # an empty cell: trained on in every fold (load_folds: TRAIN_ONLY)
+        fold_column = pd.array(np.full(len(table), pd.NA, dtype=object), dtype="Int64")
+        fold_column[np.flatnonzero(~train_only)] = folds
+        print(f"{int(train_only.sum())} train-only sample(s) (data.extra role train_only): no fold, trained on "
+              "in every fold")
+    result = pd.DataFrame({"Id": table["Id"], "fold": fold_column})
     path = Path(cfg.folds.path)
     try:
         write_atomic(path, lambda tmp: result.to_csv(tmp, index=False))
@@ -333,14 +435,22 @@ def require_fold(cfg: Config, fold: int) -> None:
 
 
 def load_folds(cfg: Config, table: pd.DataFrame) -> np.ndarray:
-    """Fold index for each row of ``table``, read from ``cfg.folds.path`` (the folds stage writes it)."""
+    """Fold index for each row of ``table``, read from ``cfg.folds.path`` (the folds stage writes it); ``TRAIN_ONLY``
+    for a row of a train-only source, whose fold cell is empty (or which the file does not list: the split of the
+    competition rows does not depend on it). Every other row must have a fold."""
     path, folds = Path(cfg.folds.path), read_folds_file(cfg)
     by_id = {sample_id: int(fold) for sample_id, fold in zip(folds["Id"], folds["fold"]) if pd.notna(fold)}
-    missing = [sample_id for sample_id in table["Id"] if sample_id not in by_id]
+    train_only = train_only_rows(cfg.data, table)
+    missing = [sample_id for sample_id, only in zip(table["Id"], train_only) if not only and sample_id not in by_id]
     if missing:
         raise PipelineError(f"{path}: {len(missing)} training Id(s) have no fold (e.g. {missing[:3]}); "
                             "the data changed since the folds were made: rerun `python -m src.folds`")
-    return np.array([by_id[sample_id] for sample_id in table["Id"]], dtype=np.int64)
+    split = [sample_id for sample_id, only in zip(table["Id"], train_only) if only and sample_id in by_id]
+    if split:
+        raise PipelineError(f"{path}: {len(split)} Id(s) of train-only source(s) have a fold (e.g. {split[:3]}): the "
+                            "folds were made while their data.extra role was folds; rerun `python -m src.folds`")
+    return np.array([TRAIN_ONLY if only else by_id[sample_id] for sample_id, only in zip(table["Id"], train_only)],
+                    dtype=np.int64)
 
 
 def main() -> None:

@@ -393,6 +393,9 @@ class OpenImagesFormat(DatasetFormat):
     name = "openimages"
     demo_id_chars = 16  # Open Images ImageIDs: 16 hex digits
 
+    def train_columns(self, cfg: DataConfig) -> tuple[str, str]:
+        return "ImageID", "LabelName"
+
     def submission_columns(self, cfg: DataConfig) -> tuple[str, str]:
         return "image_id", "labels"
 

@@ -33,9 +33,10 @@ import torch
 from src.checkpoint import load_fingerprinted, model_weights
 from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError, RunRef, override
-from src.data import Vocabulary, label_csr, with_vocabulary
+from src.data import Vocabulary, label_csr, train_only_rows, with_vocabulary
 from src.dataset import RGBYDataset, make_loader
 from src.decision_record import REFIT_ON_TEST, decision_path, decision_record, write_record
+from src.duplicates import apply_overrides, duplicate_overrides
 from src.ensemble import (
     Blend,
     BlendSetting,
@@ -481,6 +482,8 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     test_table = load_test_table(cfg.data)
     m = cfg.data.num_classes
     check_blend_config(cfg.predict, m)
+    # Read before any inference: a missing or stale duplicates file stops predict at once.
+    overrides = duplicate_overrides(cfg, test_table, train_table) if cfg.predict.overrides else None
 
     # Many-class scores made here (each fold's test scores, re-scored OOF rows) go to a scratch folder as inference
     # makes them and are read back a block of rows at a time; the folder goes when predict ends (its finalizer on
@@ -493,7 +496,8 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     ids, folds, rows = align_oof([run.oof for run in runs])
     oof_parts = [run.oof.scores if at is None else take_rows(run.oof.scores, at) for run, at in zip(runs, rows)]
     oof_true = ids_truth(ids, train_table, m)
-    train_labels = label_csr(train_table["labels"], m)
+    # The competition's label rates: a train-only source (another distribution) is left out, as from the OOF rows.
+    train_labels = label_csr(train_table["labels"][~train_only_rows(cfg.data, train_table)], m)
     train_rate = label_rates(cfg, train_labels, vocabulary)
     # The rows the blend and the decision are fitted on: the holdout when there is one (the test domain), else OOF.
     if holdout_table is None:
@@ -516,6 +520,8 @@ def predict(cfg: Config, progress: bool = True) -> Path:
     decision = results[chosen]["decision"] if chosen not in REFIT_ON_TEST else decision_for(
         chosen, ThresholdInputs(fit_true, fit_scores, test_scores, train_rate), cfg.predict, cfg.metric)
     predicted = decision.apply(test_scores)
+    if overrides is not None:
+        predicted = apply_overrides(predicted, overrides)
     submission = make_submission(test_table, predicted, vocabulary, submission_columns(cfg.data),
                                  label_separator(cfg.data))
     degenerate = degenerate_reasons(predicted, train_labels)
@@ -532,6 +538,9 @@ def predict(cfg: Config, progress: bool = True) -> Path:
         header += (f"\n\nHoldout: {len(holdout_table)} labelled test-domain rows (data.holdout); the blend and the "
                    "decision are fitted on them and chosen by their holdout estimates (the holdout columns; "
                    "cross-fold: random parts of the holdout); the OOF columns score the same blend on the OOF rows.")
+    if overrides is not None:
+        header += (f"\n\nOverrides (predict.overrides): {len(overrides.rows)} of {len(test_table)} test rows take the "
+                   f"labels of a labelled near-duplicate ({cfg.folds.duplicates_path}) instead of the decision.")
     if degenerate:
         header += "\n\n**Warning: the submission looks degenerate:** " + "; ".join(degenerate) + "."
     with Staging() as staging:
@@ -550,10 +559,12 @@ def predict(cfg: Config, progress: bool = True) -> Path:
                 "(predict.force=true).")
         # The decision as applied, the config and the submission's hash, beside it: src.submit checks against it,
         # src.bundle ships it.
+        overridden = None if overrides is None else overrides.record(test_table["Id"], vocabulary,
+                                                                     cfg.folds.duplicates_path)
         record = decision_record(cfg, chosen, decision, oof_results[chosen], train_rate, refs, submission,
                                  ensemble=fitted.record(cfg, fitted_on), run_weights=blend.run_weights,
                                  holdout=None if holdout_table is None else results[chosen],
-                                 checkpoints=[run.checkpoints for run in runs])
+                                 checkpoints=[run.checkpoints for run in runs], overrides=overridden)
         staging.file(decision_path(out.root), lambda tmp: write_record(tmp, record))
         sub_path = staging.file(cfg.submission.path, lambda tmp: submission.to_csv(tmp, index=False))
         staging.commit()
@@ -570,7 +581,8 @@ def predict(cfg: Config, progress: bool = True) -> Path:
                                           len(listed) < len(classes) else "") + "):")
         print(listed.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print(f"\nwrote {sub_path} ({len(submission)} rows, {count_labels(predicted, 1).mean():.2f} labels per image), "
-              f"{out.test_scores} and the report in {out.report}/")
+              f"{out.test_scores} and the report in {out.report}/"
+              + (f"; {len(overrides.rows)} row(s) took a duplicate's labels" if overrides is not None else ""))
     return sub_path
 
 

@@ -214,7 +214,9 @@ def default_message(record: dict, config_hash: str) -> str:
     oof = f"oof {record.get('metric', 'metric')} {estimate:.4f}, " if estimate is not None else ""
     ensemble = record.get("ensemble")  # weights searched or a stack: what the runs' weights alone do not say
     blend = f" | ensemble {ensemble['describe']}" if ensemble and ensemble.get("method") != "hand" else ""
-    return f"{record['strategy']} ({oof}cross-fold) | {runs_text(record)}{blend} | config {config_hash}"
+    overrides = (record.get("overrides") or {}).get("rows")
+    leak = f" | overrides {overrides}" if overrides else ""
+    return f"{record['strategy']} ({oof}cross-fold){leak} | {runs_text(record)}{blend} | config {config_hash}"
 
 
 def one_line(text: str) -> str:

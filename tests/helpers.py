@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -9,6 +10,7 @@ import torch
 
 from src.config import Config
 from src.formats import load_train_table
+from src.images import CHANNELS
 
 
 def write_folds(cfg: Config, n_train: int) -> tuple[list[str], list[str]]:
@@ -42,3 +44,9 @@ def assert_same(actual, expected, where: str = "") -> None:
             assert_same(a, e, f"{where}[{i}]")
     else:
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def copy_train_image_to_test(data: Path, train_id: str, test_id: str) -> None:
+    """Overwrite a test image's planes with a training image's: the test image is then an exact copy."""
+    for channel in CHANNELS:
+        shutil.copy(data / "train" / f"{train_id}_{channel}.png", data / "test" / f"{test_id}_{channel}.png")

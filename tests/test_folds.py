@@ -18,13 +18,16 @@ from src.data import DataError, label_csr, label_matrix
 from src.demo import make_demo_dataset
 from src.folds import (
     AUTO_ITERSTRAT_MAX_CELLS,
+    TRAIN_ONLY,
     assign_folds,
     balance,
+    column_groups,
     fold_table,
     load_folds,
     make_folds,
     resolve_method,
     stratify_sparse,
+    union_groups,
 )
 from src.formats import load_train_table
 from src.images import CHANNELS
@@ -390,3 +393,139 @@ def test_fast_method_end_to_end_and_auto_picks_iterstrat_on_small_data(tiny_data
     # The switch point itself.
     assert resolve_method("auto", AUTO_ITERSTRAT_MAX_CELLS // 500, 500) == "iterstrat"
     assert resolve_method("auto", AUTO_ITERSTRAT_MAX_CELLS // 500 + 1, 500) == "fast"
+
+
+# -- train-only sources (data.extra role train_only) ---------------------------------------------------------
+
+def _with_train_only_source(tiny_data: Path, root: Path, n_extra: int = 16) -> tuple[Path, list[str]]:
+    """A copy of the tiny data set plus an extra source of ``n_extra`` images (copies of training images under new
+    Ids, with their labels) in its own folder and csv; returns the data folder and the extra Ids."""
+    data = Path(shutil.copytree(tiny_data, root / "data"))
+    targets = read_targets(data).iloc[:n_extra]
+    (root / "extra").mkdir()
+    ids = [f"ext{k:04d}" for k in range(n_extra)]
+    for original, new in zip(targets["Id"], ids):
+        for channel in CHANNELS:
+            shutil.copy(data / "train" / f"{original}_{channel}.png", root / "extra" / f"{new}_{channel}.png")
+    pd.DataFrame({"Id": ids, "Target": targets["Target"].tolist()}).to_csv(root / "extra.csv", index=False)
+    return data, ids
+
+
+def _extra(root: Path, role: str) -> str:
+    return f"data.extra=[{{csv: {root / 'extra.csv'}, images: {root / 'extra'}, role: {role}}}]"
+
+
+def test_train_only_rows_train_in_every_fold_and_are_never_validated(tiny_data, tmp_path):
+    from src.train import build_parts, train  # torch: only this test needs it
+
+    data, extra_ids = _with_train_only_source(tiny_data, tmp_path)
+    cfg = tiny_config(data, tmp_path, _extra(tmp_path, "train_only"))
+    made = make_folds(cfg, progress=False).set_index("Id")["fold"]
+    # The folds file lists them with an empty fold; the competition rows are split exactly as without them.
+    assert made.loc[extra_ids].isna().all()
+    written = pd.read_csv(cfg.folds.path, dtype=str, keep_default_na=False).set_index("Id")["fold"]
+    assert (written.loc[extra_ids] == "").all()
+    alone = make_folds(tiny_config(data, tmp_path / "alone"), progress=False).set_index("Id")["fold"]
+    pd.testing.assert_series_equal(made.drop(extra_ids).astype(int), alone.astype(int), check_dtype=False)
+    for fold in range(cfg.folds.n_splits):
+        parts = build_parts(cfg, fold, progress=False)
+        assert set(extra_ids) <= set(parts.train_set.ids)
+        assert not set(extra_ids) & set(parts.val_set.ids)
+        assert set(parts.val_set.ids) == set(alone.index[alone == fold])
+    train(cfg, 0, progress=False)
+    oof = pd.read_csv(Path(cfg.run.dir) / "fold0" / "oof.csv", dtype={"Id": str})
+    assert not set(extra_ids) & set(oof["Id"]) and set(oof["Id"]) == set(alone.index[alone == 0])
+
+
+def test_load_folds_refuses_a_fold_for_a_train_only_row_and_a_competition_row_without_one(tiny_data, tmp_path):
+    data, extra_ids = _with_train_only_source(tiny_data, tmp_path, n_extra=4)
+    as_folds = tiny_config(data, tmp_path, _extra(tmp_path, "folds"))
+    make_folds(as_folds, progress=False)  # the extra rows get folds
+    train_only = tiny_config(data, tmp_path, _extra(tmp_path, "train_only"))
+    table = load_train_table(train_only.data)
+    with pytest.raises(PipelineError, match=r"4 Id\(s\) of train-only source\(s\) have a fold .*rerun"):
+        load_folds(train_only, table)
+    make_folds(train_only, progress=False)
+    folds = load_folds(train_only, table)
+    assert (folds[table["Id"].isin(extra_ids).to_numpy()] == TRAIN_ONLY).all() and (folds[:-4] >= 0).all()
+    # A folds file without the train-only rows is fine (the split does not depend on them); one without a
+    # competition row is not.
+    written = pd.read_csv(train_only.folds.path, dtype=str, keep_default_na=False)
+    written[~written["Id"].isin(extra_ids)].to_csv(train_only.folds.path, index=False)
+    np.testing.assert_array_equal(load_folds(train_only, table), folds)
+    written.iloc[1:].to_csv(train_only.folds.path, index=False)
+    with pytest.raises(PipelineError, match=r"1 training Id\(s\) have no fold"):
+        load_folds(train_only, table)
+
+
+# -- groups: folds.group_column, weighted group stratification, union with near-duplicates ------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_weighted_groups_never_split_and_keep_the_label_balance(seed):
+    k, n = 5, 2000
+    rng = np.random.default_rng(seed)
+    labels = power_law_labels(n, 20, k, seed=seed)
+    sizes = np.minimum(rng.geometric(0.3, n), 15)  # antibody-like: most groups small, some of a dozen images
+    groups = rng.permutation(np.repeat(np.arange(n), sizes)[:n])
+    folds = assign_folds(labels, k, seed, groups, weighted=True)
+    # The property: every group in exactly one fold.
+    assert (pd.Series(folds).groupby(groups).nunique() == 1).all()
+    np.testing.assert_array_equal(assign_folds(labels, k, seed, groups, weighted=True), folds)
+    # Label balance: a class's fold counts within 8% of n_c/k on average (ungrouped: 2-3%), where whole groups
+    # dealt out at random miss by ~30%; fold sizes within 5% of n/k (groups of up to 15 samples).
+    stats = balance(labels, folds, k)
+    random_stats = balance(labels, rng.integers(0, k, groups.max() + 1)[groups], k)
+    assert stats["mean_dev"] < 0.08 and stats["mean_dev"] < 0.3 * random_stats["mean_dev"], (stats, random_stats)
+    assert np.abs(np.bincount(folds, minlength=k) - n / k).max() <= 0.05 * n / k
+    # Groups as units labelled with their labels' union (as near-duplicate groups are) balance worse: 9-13%.
+    units = balance(labels, assign_folds(labels, k, seed, groups, method="iterstrat"), k)
+    assert stats["mean_dev"] < 0.7 * units["mean_dev"]
+
+
+def test_union_groups_is_the_connected_components():
+    by_column = np.array([0, 0, 1, 1, 2, 3, 4])
+    by_duplicate = np.array([0, 1, 1, 2, 3, 4, 3])
+    # 0-1 share a column value, 1-2 a duplicate, 2-3 a column value; 4 and 6 are duplicates; 5 is alone.
+    np.testing.assert_array_equal(union_groups(by_column, by_duplicate), [0, 0, 0, 0, 1, 2, 1])
+    np.testing.assert_array_equal(union_groups(np.array([2, 0, 2])), [0, 1, 0])
+
+
+def test_group_column_from_a_side_csv_composes_with_duplicates(tiny_data, tmp_path):
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    targets = read_targets(data)
+    ids = targets["Id"].tolist()
+    antibody = [f"HPA{k // 4:04d}" for k in range(len(ids))]  # groups of four neighbours, and ...
+    side = pd.DataFrame({"Id": ids, "antibody": antibody}).iloc[:-3]  # ... three samples without one
+    # An exact copy of sample 0 under a new Id, in the group of samples 8..11: with group_duplicates the groups
+    # HPA0000 and HPA0002 are one component.
+    _near_duplicate(data, ids[0], "copy0", changed_pixels=0, rng=np.random.default_rng(0))
+    pd.concat([targets, pd.DataFrame({"Id": ["copy0"], "Target": [targets["Target"][0]]})]).to_csv(
+        data / "train.csv", index=False)
+    pd.concat([side, pd.DataFrame({"Id": ["copy0"], "antibody": ["HPA0002"]})]).to_csv(
+        tmp_path / "antibodies.csv", index=False)
+    keys = ["folds.group_column=antibody", f"folds.group_csv={tmp_path / 'antibodies.csv'}"]
+    cfg = tiny_config(data, tmp_path, *keys)
+    groups = column_groups(cfg, load_train_table(cfg.data))
+    assert len(set(groups[-4:-1].tolist())) == 3 and not set(groups[-4:-1].tolist()) & set(groups[:-4].tolist())
+    folds = make_folds(cfg, progress=False).set_index("Id")["fold"]
+    assert (folds.loc[ids[:-3]].groupby(antibody[:-3]).nunique() == 1).all()
+    both = make_folds(tiny_config(data, tmp_path, *keys, "folds.group_duplicates=true"), progress=False)
+    both = both.set_index("Id")["fold"]
+    assert (both.loc[ids[:-3]].groupby(antibody[:-3]).nunique() == 1).all()
+    assert both.loc[ids[:4] + ids[8:12] + ["copy0"]].nunique() == 1
+    assert abs(int((both == 0).sum()) - len(both) / 2) <= 4  # groups of four: halves within one group
+
+
+def test_group_column_read_from_the_label_csv_and_its_errors(tiny_data, tmp_path):
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    targets = read_targets(data)
+    targets["plate"] = [f"p{k % 12}" for k in range(len(targets))]
+    targets.to_csv(data / "train.csv", index=False)
+    folds = make_folds(tiny_config(data, tmp_path, "folds.group_column=plate"), progress=False)["fold"].to_numpy()
+    assert (pd.Series(folds).groupby(targets["plate"]).nunique() == 1).all()
+    with pytest.raises(PipelineError, match=r"train\.csv: no column 'antibody' \(folds.group_column\)"):
+        make_folds(tiny_config(data, tmp_path, "folds.group_column=antibody"), progress=False)
+    pd.DataFrame({"Id": [targets["Id"][0]] * 2, "plate": ["a", "b"]}).to_csv(tmp_path / "side.csv", index=False)
+    with pytest.raises(PipelineError, match="has more than one value of 'plate'"):
+        make_folds(tiny_config(data, tmp_path, "folds.group_column=plate", f"folds.group_csv={tmp_path / 'side.csv'}"),
+                   progress=False)

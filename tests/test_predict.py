@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,12 +13,15 @@ import torch
 
 from src.config import PipelineError, override
 from src.data import Vocabulary
+from src.decision_record import apply_record
+from src.duplicates import find_duplicates
 from src.folds import make_folds
 from src.formats import load_test_table, load_train_table, validate_submission
 from src.model import d4_view
 from src.predict import degenerate_reasons, predict, predict_run
 from src.train import train
 from tests.conftest import TINY_CLASSES, tiny_config
+from tests.helpers import copy_train_image_to_test
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +61,9 @@ def test_predict_writes_valid_submission_and_report(trained):
             (f"{run}/report/{png}", b"\x89PNG\r\n\x1a\n")
     assert "oof_f1" in open(f"{run}/report/report.md").read()
     assert str(path) == trained.submission.path
+    # predict.overrides off (the default): nothing overridden, nothing recorded or reported of it.
+    assert json.loads(open(f"{run}/decision.json").read())["overrides"] is None
+    assert "Overrides" not in open(f"{run}/report/report.md").read()
     # predict.threshold=auto (the default): the best cross-fold estimate is applied, and the report says so.
     chosen = strategies.loc[strategies["chosen"] == "<-"].iloc[0]
     assert chosen["oof_macro_f1_cross_fold"] == strategies["oof_macro_f1_cross_fold"].max()
@@ -305,3 +312,28 @@ def test_holdout_fits_the_blend_and_decision_beside_a_score_pair_made_elsewhere(
     bad.to_csv(pair["test"], index=False)
     with pytest.raises(PipelineError, match=r"teammate_test.csv: column 'cow' is not a label of the run"):
         predict(override(cfg, **{"predict.runs": [{"scores": pair}, {"dir": trained.run.dir}]}), progress=False)
+
+
+def test_overrides_give_a_copied_test_image_its_source_labels_counted_and_recorded(trained, tmp_path):
+    data = Path(shutil.copytree(trained.data.dir, tmp_path / "data"))
+    cfg = override(trained, **{"data.dir": str(data), "folds.duplicates_path": str(tmp_path / "dups.csv"),
+                               "predict.tta": ["identity"], "submission.path": str(tmp_path / "on.csv"),
+                               "predict.overrides": True})
+    train_table, test_table = load_train_table(cfg.data), load_test_table(cfg.data)
+    source = train_table.iloc[int(np.argmax(train_table["labels"].map(len)))]  # the most labels: unlike a guess
+    copy_train_image_to_test(data, source["Id"], test_table["Id"][3])
+    find_duplicates(cfg, progress=False)
+    predict(cfg, progress=False)
+    on = read_submission(cfg)
+    expected = " ".join(map(str, source["labels"]))
+    assert on["Predicted"][3] == expected
+    # What the decision alone gives (predict.overrides off): every other row as submitted, row 3 not the copy's.
+    record = json.loads((Path(cfg.run.dir) / "decision.json").read_text())
+    scores = pd.read_csv(Path(cfg.run.dir) / "test_probs.csv", dtype={"Id": str}).iloc[:, 1:].to_numpy()
+    decided = [" ".join(map(str, np.flatnonzero(row))) for row in apply_record(record, scores, cfg)]
+    assert decided[3] != expected and on["Predicted"].drop(index=3).tolist() == decided[:3] + decided[4:]
+    assert record["overrides"]["rows"] == 1
+    assert record["overrides"]["images"] == [{"Id": test_table["Id"][3], "labels": expected.split(),
+                                              "from": [source["Id"]], "distance": 0}]
+    report = (Path(cfg.run.dir) / "report" / "report.md").read_text()
+    assert "Overrides (predict.overrides): 1 of 12 test rows" in report
