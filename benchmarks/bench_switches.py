@@ -16,7 +16,8 @@ between the two and predicts with ``predict.checkpoint=averaged``. Recorded per 
 - peak MiB: the row's peak resident memory. Each row runs in a child process (this module with ``--one ROW``,
   started through a launcher of a few MiB so this process's memory is not counted in it) whose own peak is read
   with ``os.wait4``, so one row's memory cannot hide another's; the peak is the largest of the row's process and
-  its DataLoader workers, not their sum (it includes importing torch and the libraries, about 1 GiB).
+  its DataLoader workers, not their sum; the table's header gives the floor under it (a process that only
+  imports this module: torch and the libraries, about 1 GiB).
   ``--no-isolate`` runs the rows in this process and reads its peak since the row began (``/proc``'s VmHWM,
   reset per row) instead.
 
@@ -367,6 +368,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         (work_dir / "folds.csv").unlink(missing_ok=True)  # one split per run, of this run's --folds
         bench = prepare(args, work_dir)
         print(f"data        {bench.data_dir} ({time.perf_counter() - start:.0f} s); {bench.summary}", flush=True)
+        if args.isolate:  # the floor under every row's peak: what its process holds before it trains anything
+            _, import_mib = run_isolated([sys.executable, "-c", "import benchmarks.bench_switches"], cwd=REPO_ROOT)
+            bench.summary += f"; a process that only imports this benchmark peaks at {import_mib:.0f} MiB"
         out = Path(args.out) if args.out else work_dir / "results" if args.smoke else DEFAULT_OUT
         rows = []
         for switch in args.switches:
