@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -144,8 +145,8 @@ class Bench:
     shared: list[str]  # config overrides every row gets
     test_ids: list[str]
     codes: list[str]
-    test_y: object
-    train_y: object
+    test_y: np.ndarray
+    train_y: np.ndarray
     summary: str
 
 
