@@ -145,17 +145,46 @@ def run_recipe(name: str, cfg: Config, test_ids: list[str], codes: list[str], tr
     start = time.perf_counter()
     submission = predict(override(cfg, **{"predict.folds": [0], "predict.force": True}), progress=progress)
     predict_seconds = time.perf_counter() - start
-    strategies = pd.read_csv(Path(cfg.run.dir) / "report" / "strategies.csv", keep_default_na=False)
-    chosen = strategies[strategies["chosen"] == "<-"].iloc[0]
-    cross_fold = chosen.filter(like="cross_fold").iloc[0]
-    submitted = label_sets(Path(submission), cfg.data)
-    predicted = multi_hot([submitted[i] for i in test_ids], codes)  # the rows of test_y
-    row = scored_row(name, float(cross_fold), test_y, predicted, train_y, train_seconds / 60, score,
-                     f"OOF {chosen['strategy']}",
+    strategy, cross_fold = chosen_strategy(cfg)
+    predicted = submitted_matrix(Path(submission), cfg, test_ids, codes)
+    row = scored_row(name, cross_fold, test_y, predicted, train_y, train_seconds / 60, score,
+                     f"OOF {strategy}",
                      f"best epoch {result['best_epoch']}/{cfg.train.epochs} ({result.get('best_weights', 'raw')})",
                      f"{result['steps']} steps", f"predict {predict_seconds:.0f} s")
     print(f"  -> test {row.test_metric:.4f}, training {train_seconds:.0f} s", flush=True)
     return row, train_seconds
+
+
+def chosen_strategy(cfg: Config) -> tuple[str, float]:
+    """(name, cross-fold OOF metric) of the threshold strategy the last prediction of ``cfg``'s run chose, from
+    its report."""
+    strategies = pd.read_csv(Path(cfg.run.dir) / "report" / "strategies.csv", keep_default_na=False)
+    chosen = strategies[strategies["chosen"] == "<-"].iloc[0]
+    return str(chosen["strategy"]), float(chosen.filter(like="cross_fold").iloc[0])
+
+
+def submitted_matrix(submission: Path, cfg: Config, test_ids: list[str], codes: list[str]) -> np.ndarray:
+    """A submission as a multi-hot matrix over ``codes``, its rows in the order of ``test_ids``."""
+    submitted = label_sets(submission, cfg.data)
+    return multi_hot([submitted[i] for i in test_ids], codes)
+
+
+def hidden_labels(kind: str, data_dir: Path, cfg: Config, test_ids: list[str], codes: list[str]) -> np.ndarray:
+    """The set's hidden test labels as a multi-hot matrix over ``codes``, its rows in the order of ``test_ids``."""
+    truth = label_sets(solution_file(kind, data_dir), cfg.data, solution=kind != MANY_LABEL)
+    return multi_hot([truth[i] for i in test_ids], codes)
+
+
+def cpu_precision(choice: str) -> str:
+    """``--precision``: auto is what ``train.precision: auto`` picks on this CPU (bf16 where it has native bf16
+    kernels, else fp32)."""
+    return choice if choice != "auto" else resolve_precision(torch.device("cpu"), "auto").name
+
+
+def shared_overrides(data_keys: list[str], work_dir: Path, precision: str) -> list[str]:
+    """What every config row of a run shares: the set's data keys, one folds file, the CPU, W&B off."""
+    return data_keys + [f"folds.path={work_dir / 'folds.csv'}", "train.device=cpu", f"train.precision={precision}",
+                        "wandb.mode=disabled", "data.cache_dir=null"]
 
 
 def plain_timm_loop(train_x: torch.Tensor, train_y: np.ndarray, normalise, seconds: float, backbone: str,
@@ -290,7 +319,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     limit_cpu_threads(args.threads)
-    precision = args.precision if args.precision != "auto" else resolve_precision(torch.device("cpu"), "auto").name
+    precision = cpu_precision(args.precision)
     bf16 = precision == "bf16"
     metric, score = set_metric(args.set)
     with work_folder(args.work_dir, "bench_recipes_") as work_dir:
@@ -300,8 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         data_keys = ensure_set(args.set, data_dir, args.train_images, args.test_images, args.image_size,
                                args.data_seed)
         print(f"data        {args.set}: {data_dir} ({time.perf_counter() - start:.0f} s)", flush=True)
-        shared = data_keys + [f"folds.path={work_dir / 'folds.csv'}", "train.device=cpu",
-                              f"train.precision={precision}", "wandb.mode=disabled", "data.cache_dir=null"]
+        shared = shared_overrides(data_keys, work_dir, precision)
         smoke = SMOKE_OVERRIDES if args.smoke else []
         configs = {}
         for key in [k for k in args.rows if k in RECIPES]:
@@ -325,9 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         fit_table, val_table = train_table[folds != 0], train_table[folds == 0]
         all_train_y = label_matrix(train_table["labels"], num_classes)
         fit_y, val_y = (label_matrix(t["labels"], num_classes) for t in (fit_table, val_table))
-        solution = solution_file(args.set, data_dir)
-        truth = label_sets(solution, split_cfg.data, solution=args.set != MANY_LABEL)
-        test_y = multi_hot([truth[i] for i in test_table["Id"]], codes)
+        test_y = hidden_labels(args.set, data_dir, split_cfg, test_table["Id"].tolist(), codes)
         print(f"folds       {split_cfg.folds.n_splits}; fold 0: {len(fit_table)} train, {len(val_table)} validation; "
               f"{len(test_table)} test; {describe_device(torch.device('cpu'))}; {precision}", flush=True)
 

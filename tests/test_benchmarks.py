@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -266,3 +267,51 @@ def test_bench_scale(capsys):
     assert [row["stage"] for row in rows] == ["labels", "pack", "folds", "train", "validation", "predict",
                                               "decision search"]
     assert "800 test rows" in rows[5]["note"]
+
+
+def test_bench_switches_trains_every_fold_of_each_row_and_compares_it_with_base(capsys, tmp_path, monkeypatch):
+    from benchmarks import bench_switches
+    from src import report
+
+    def no_plot(*args, **kwargs) -> Path:
+        path = next(a for a in args if isinstance(a, Path))
+        path.touch()
+        return path
+
+    # The report's plots (src.report's tests draw them) would take most of this test's time: empty files instead.
+    for plot in ("plot_strategies", "plot_per_class_f1", "plot_f1_vs_threshold", "plot_label_rates"):
+        monkeypatch.setattr(report, plot, no_plot)
+    # In this process (a child process per row would spend seconds importing torch); the isolation is below.
+    rows = bench_switches.main(["--smoke", "--threads", "0", "--no-isolate", "--rows", "base,rare",
+                                "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert has_line(out, r"^\| row \| OOF macro-F1 cross-fold \| test macro-F1 \| OOF vs base \| test vs base \| "
+                         r"s/epoch \| peak MiB \| notes \|$")
+    assert has_line(out, rf"^\| base: small-data recipe as shipped \| {NUMBER} \| {NUMBER} \| \+0\.0000 \| \+0\.0000 "
+                         rf"\| {NUMBER} \| \d+ \| OOF \w+; best epochs \d/\d of 1")
+    assert has_line(out, rf"^\| rare: .* \| {NUMBER} \| {NUMBER} \| [+-]{NUMBER} \| [+-]{NUMBER} \| {NUMBER} \| \d+ \| "
+                         r"`train.sampler=rare train.sampler_power=0.5`")
+    table = pd.read_csv(tmp_path / "switches_hpa.csv")
+    assert table["key"].tolist() == ["base", "rare"] and table["test_metric"].between(0, 1).all()
+    assert table["test_vs_base"].iloc[1] == pytest.approx(table["test_metric"].iloc[1] - table["test_metric"].iloc[0],
+                                                          abs=1e-3)
+    assert (table["peak_mib"] > 0).all() and rows[0].seconds_per_epoch > 0
+    assert (tmp_path / "switches_hpa.md").read_text().startswith("# Switches on real images: hpa")
+    with pytest.raises(SystemExit, match="unknown row"):
+        bench_switches.parse_rows("base,nope", smoke=False)
+    assert [s.key for s in bench_switches.parse_rows("xb", smoke=False)] == ["base", "crops"]
+
+
+def test_bench_switches_reads_each_child_process_peak_on_its_own():
+    import sys
+
+    from benchmarks.bench_switches import run_isolated
+
+    def child(mib: int) -> list[str]:
+        return [sys.executable, "-c", f"b = bytearray({mib} * 2**20); b[::4096] = b'x' * len(b[::4096])"]
+
+    status, big = run_isolated(child(200))
+    # getrusage(RUSAGE_CHILDREN) would report the larger, earlier child's peak for the small one too.
+    _, small = run_isolated(child(20))
+    assert status == 0 and big > 200 > small
+    assert run_isolated([sys.executable, "-c", "raise SystemExit(3)"])[0] == 3
