@@ -283,7 +283,7 @@ def test_bench_switches_trains_every_fold_of_each_row_and_compares_it_with_base(
         monkeypatch.setattr(report, plot, no_plot)
     # In this process (a child process per row would spend seconds importing torch); the isolation is below.
     rows = bench_switches.main(["--smoke", "--threads", "0", "--no-isolate", "--rows", "base,rare",
-                                "--out", str(tmp_path)])
+                                "--out", str(tmp_path), "--work-dir", str(tmp_path / "work")])
     out = capsys.readouterr().out
     assert has_line(out, r"^\| row \| OOF macro-F1 cross-fold \| test macro-F1 \| OOF vs base \| test vs base \| "
                          r"s/epoch \| peak MiB \| notes \|$")
@@ -300,6 +300,17 @@ def test_bench_switches_trains_every_fold_of_each_row_and_compares_it_with_base(
     with pytest.raises(SystemExit, match="unknown row"):
         bench_switches.parse_rows("base,nope", smoke=False)
     assert [s.key for s in bench_switches.parse_rows("xb", smoke=False)] == ["base", "crops"]
+
+    # The ensembles of those two runs (benchmarks.bench_ensembles): every way, auto's test = the way it picked.
+    from benchmarks import bench_ensembles
+    ways = bench_ensembles.main(["--smoke", "--threads", "0", "--runs", "base,rare", "--work-dir",
+                                 str(tmp_path / "work"), "--out", str(tmp_path)])
+    assert [w.name for w in ways] == ["run base", "run rare", "hand", "equal", "search", "stack", "auto"]
+    by_name = {w.name: w for w in ways}
+    picked = by_name["auto"].notes.split()[2]
+    assert by_name["auto"].cross_fold == by_name[picked].cross_fold
+    assert by_name["auto"].cross_fold == max(by_name[w].cross_fold for w in ("hand", "equal", "search", "stack"))
+    assert (tmp_path / "ensembles_hpa.md").is_file()
 
 
 def test_bench_switches_reads_each_child_process_peak_on_its_own():
