@@ -143,6 +143,10 @@ def pseudo_labels(cfg: Config, out: str | Path | None = None, precision: float =
                                       min_positives)
     labels = confident_labels(test_scores, thresholds)
     kept = np.flatnonzero(np.diff(labels.indptr) > 0)
+    if not len(kept):  # a csv of a header alone is no source: training would refuse it
+        raise PipelineError(f"no test row has a label at OOF precision >= {precision:g} (thresholds for "
+                            f"{int(np.isfinite(thresholds).sum())} of {len(thresholds)} classes): nothing written; "
+                            "lower --precision or --min-positives")
     bounds = labels.indptr.tolist()
     codes = [tuple(vocabulary.codes[c] for c in labels.indices[bounds[row]:bounds[row + 1]]) for row in kept]
     images = Path(cfg.data.dir) / cfg.data.test_images
@@ -178,7 +182,7 @@ def pseudo_labels(cfg: Config, out: str | Path | None = None, precision: float =
                      lambda tmp: tmp.write_text(json.dumps(provenance, indent=1) + "\n"))
         staging.commit()
     if progress:
-        print(f"thresholds at OOF precision >= {precision:g} (at least {min_positives} true positives) for "
+        print(f"thresholds at OOF precision >= {precision:g} (at least {min_positives} true positive(s)) for "
               f"{len(provenance['thresholds'])} of {len(thresholds)} classes; {len(kept)} of {len(test_table)} test "
               f"rows kept with {labels.nnz} labels, {len(test_table) - len(kept)} rows without a confident label "
               "dropped (not kept as all-negative)")
