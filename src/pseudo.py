@@ -121,6 +121,12 @@ def pseudo_labels(cfg: Config, out: str | Path | None = None, precision: float =
         raise PipelineError(f"--min-positives {min_positives}: expected at least 1")
     folder = RunFolder(cfg.run.dir)
     record = read_record(folder.root)
+    out = Path(out) if out is not None else folder.pseudo
+    ensure_writable(out, "pseudo-labels")
+    csv_path = out / CSV_NAME
+    if csv_path.exists() and not provenance_path(csv_path).is_file():  # replace only what src.pseudo wrote
+        raise PipelineError(f"{csv_path} exists and has no {provenance_path(csv_path).name} beside it: it was not "
+                            "written by src.pseudo; choose another --out, or move it away")
     vocabulary = run_vocabulary(cfg)
     cfg, train_table, _ = load_training_data(with_vocabulary(cfg, vocabulary), vocabulary)
     differences = config_differences(record["config"], cfg.model_dump(mode="json"))
@@ -152,9 +158,6 @@ def pseudo_labels(cfg: Config, out: str | Path | None = None, precision: float =
     images = Path(cfg.data.dir) / cfg.data.test_images
     frame = get_format(cfg.data).label_csv(cfg.data, test_table.iloc[kept], codes, images)
 
-    out = Path(out) if out is not None else folder.pseudo
-    ensure_writable(out, "pseudo-labels")
-    csv_path = out / CSV_NAME
     per_class = np.asarray(labels.sum(axis=0)).ravel()
     decision = decision_path(folder.root)
     provenance = {

@@ -354,6 +354,9 @@ def test_pseudo_labels_train_the_next_round_and_are_recorded(trained, tmp_path):
     with pytest.raises(PipelineError, match="no test row has a label at OOF precision >= 1 .*nothing written"):
         pseudo_labels(first, tmp_path / "none", precision=1.0, min_positives=1000, progress=False)
     assert not (tmp_path / "none" / "pseudo_labels.csv").exists()
+    (tmp_path / "none" / "pseudo_labels.csv").write_text("mine\n")  # not src.pseudo's: never replaced
+    with pytest.raises(PipelineError, match="has no pseudo_labels.csv.provenance.json beside it"):
+        pseudo_labels(first, tmp_path / "none", precision=0.3, min_positives=1, progress=False)
     csv = pseudo_labels(first, tmp_path / "pseudo", precision=0.3, min_positives=1, progress=False)
     provenance = json.loads(provenance_path(csv).read_text())
     pseudo = pd.read_csv(csv, dtype=str)
