@@ -10,7 +10,7 @@ import pytest
 from scipy import sparse
 
 from src import pseudo
-from src.config import DataConfig
+from src.config import DataConfig, override
 from src.data import Source
 from src.formats import get_format
 from src.pseudo import confident_labels, precision_thresholds
@@ -84,3 +84,31 @@ def test_bad_precision_is_one_clear_error(tiny_cfg):
         pseudo.pseudo_labels(tiny_cfg, precision=1.5)
     assert not Path(tiny_cfg.run.dir).exists()
 
+
+
+def test_oof_scores_are_the_runs_fold_tables_blended_as_recorded(tiny_cfg, tmp_path):
+    """The OOF scores a prediction fitted on: each run's fold tables (rows matched by Id across runs), with the
+    recorded searched weights, else the hand weights; a stack's cross-fitted scores are not kept: refused."""
+    ids = np.array(["a", "b", "c", "d"])
+    a, b = np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6], [0.7, 0.8]]), np.array([[0.9, 0.0], [0.8, 0.1],
+                                                                              [0.7, 0.2], [0.6, 0.3]])
+    for name, scores, order in (("a", a, [0, 1, 2, 3]), ("b", b, [3, 2, 1, 0])):  # run b lists its rows reversed
+        for fold, rows in ((0, order[:2]), (1, order[2:])):
+            path = tmp_path / name / f"fold{fold}" / "oof.csv"
+            path.parent.mkdir(parents=True)
+            pd.DataFrame({"Id": ids[rows], "0": scores[rows, 0], "1": scores[rows, 1]}).to_csv(path, index=False)
+    cfg = override(tiny_cfg, **{"predict.runs": [{"dir": str(tmp_path / "a")},
+                                                        {"dir": str(tmp_path / "b"), "weight": 3}]})
+    runs = [{"dir": str(tmp_path / "a"), "folds": [0, 1], "weight": 1.0},
+            {"dir": str(tmp_path / "b"), "folds": [0, 1], "weight": 3.0}]
+    record = {"runs": runs, "checkpoint": "best", "ensemble": None}
+
+    def oof(ensemble):
+        return pseudo.recorded_oof(cfg, {**record, "ensemble": ensemble}, None, None, None)
+
+    hand = oof(None)
+    assert hand.ids.tolist() == ["a", "b", "c", "d"] and hand.folds.tolist() == [0, 0, 1, 1]
+    np.testing.assert_allclose(hand.scores, (a + 3 * b) / 4)
+    np.testing.assert_allclose(oof({"weights": [0.75, 0.25], "stack": None}).scores, 0.75 * a + 0.25 * b)
+    with pytest.raises(pseudo.PipelineError, match="a stacked prediction"):
+        oof({"weights": None, "stack": {"own": [], "intercept": []}})
