@@ -21,6 +21,9 @@ needs without the OOF files or another pass over them::
     submission        the path predict wrote and the sha256 of its bytes
     overrides         predict.overrides: the duplicates file, how many test rows took a labelled duplicate's labels,
                       and per row its Id, labels, the Ids they came from and the distance (null when off)
+    pseudo_labels     the pseudo-label sources (src.pseudo) the runs' folds trained on, each with its provenance: the
+                      prediction that made it (run folder, decision.json and submission sha256), thresholds, rows
+                      kept and dropped (null when none)
     config            the resolved config predict ran with (after the label vocabulary set data.num_classes)
 
 ``src.submit`` checks a submission against it (same bytes, same config) and logs the estimate; ``src.bundle``
@@ -74,12 +77,14 @@ def file_sha256(path: str | Path) -> str:
 def decision_record(cfg: Config, strategy: str, decision: Decision, result: dict, label_rate: np.ndarray,
                     refs: Sequence[RunRef], submission: pd.DataFrame, ensemble: dict | None = None,
                     run_weights: Sequence[float] | None = None, holdout: dict | None = None,
-                    checkpoints: Sequence[list[dict]] | None = None, overrides: dict | None = None) -> dict:
+                    checkpoints: Sequence[list[dict]] | None = None, overrides: dict | None = None,
+                    pseudo_labels: list[dict] | None = None) -> dict:
     """The record of one prediction: ``result`` is the strategy's entry of ``compare_strategies`` on OOF
     (``holdout``: on data.holdout); ``ensemble``: how the runs were combined when not by hand weights alone
     (``src.ensemble.Blend.record``), ``run_weights`` the weights applied (default: the hand weights);
     ``checkpoints`` per experiment, each fold's checkpoint as predict read it (``{"fold", "size", "sha256"}``);
-    ``overrides``: the test rows that took a labelled near-duplicate's labels (predict.overrides)."""
+    ``overrides``: the test rows that took a labelled near-duplicate's labels (predict.overrides);
+    ``pseudo_labels``: the provenance of each pseudo-label source the runs trained on."""
     thresholds = None if decision.thresholds is None else np.broadcast_to(
         np.asarray(decision.thresholds, dtype=float), (len(label_rate),)).tolist()
     weights = list(run_weights) if run_weights is not None else [ref.weight for ref in refs]
@@ -106,6 +111,7 @@ def decision_record(cfg: Config, strategy: str, decision: Decision, result: dict
         "checkpoint": cfg.predict.checkpoint,
         "submission": {"path": cfg.submission.path, "sha256": csv_sha256(submission), "rows": len(submission)},
         "overrides": overrides,
+        "pseudo_labels": pseudo_labels or None,
         "written": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": cfg.model_dump(mode="json"),
     }

@@ -241,6 +241,19 @@ class DatasetFormat:
         separator = self.label_separator(cfg)
         return tuple(dict.fromkeys(t.strip() for t in cell.split(separator) if t.strip())), None
 
+    def label_csv(self, cfg: DataConfig, table: pd.DataFrame, codes: Sequence[tuple[str, ...]], images: Path
+                  ) -> pd.DataFrame:
+        """A training csv in this layout for the samples of ``table`` (Id, files: a test table) with the label codes
+        ``codes`` (one tuple per row), their images under ``images``: :meth:`read_source` reads it back as a
+        source with that image folder (src.pseudo's pseudo-labels)."""
+        id_column, label_column = self.train_columns(cfg)
+        frame = pd.DataFrame({id_column: table["Id"].to_numpy(),
+                              label_column: [self.label_separator(cfg).join(row) for row in codes]})
+        path_column = self.path_column(cfg)
+        if path_column:
+            frame[path_column] = [Path(os.path.relpath(files[0], images)).as_posix() for files in table["files"]]
+        return frame
+
     def read_source(self, cfg: DataConfig, source: Source, split: str) -> LabelTable:
         """The samples of one source (``split``: train or test) with their raw label codes (column ``codes``);
         rows with problems are reported and left out."""
@@ -410,6 +423,12 @@ class OpenImagesFormat(DatasetFormat):
         if frame.empty:
             problems.append(Problem(str(source.csv), "no usable rows"))
         return LabelTable(frame, problems)
+
+    def label_csv(self, cfg: DataConfig, table: pd.DataFrame, codes: Sequence[tuple[str, ...]], images: Path
+                  ) -> pd.DataFrame:
+        """One row per image and positive label (Confidence 1), Source ``pseudo``; images ``<ImageID><image_ext>``."""
+        rows = [(sample_id, "pseudo", code, 1) for sample_id, row in zip(table["Id"], codes) for code in row]
+        return pd.DataFrame(rows, columns=["ImageID", "Source", "LabelName", "Confidence"])
 
     def write_demo_tables(self, folder: Path, demo: DemoLabels) -> None:
         """``train_human_labels.csv`` (positives and verified negatives), ``class-descriptions.csv`` (also

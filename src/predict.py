@@ -274,6 +274,16 @@ def score_run(cfg: Config, ref: RunRef, test_table: pd.DataFrame, train_table: p
     return RunScores(ref, test, oof, holdout, used)
 
 
+def pseudo_sources(runs: list[RunScores]) -> list[dict]:
+    """The provenance of each pseudo-label source (src.pseudo) the folds predict used trained on, once each."""
+    found = {}
+    for run in runs:
+        for used in run.checkpoints:
+            for source in RunFolder(run.ref.dir).pseudo_labels(used["fold"]):
+                found.setdefault((source["csv"], source.get("csv_sha256")), source)
+    return list(found.values())
+
+
 def fold_mean(parts: list[np.ndarray]) -> np.ndarray:
     """An experiment's test scores: the mean over its folds."""
     return np.mean(parts, axis=0)
@@ -564,7 +574,8 @@ def predict(cfg: Config, progress: bool = True) -> Path:
         record = decision_record(cfg, chosen, decision, oof_results[chosen], train_rate, refs, submission,
                                  ensemble=fitted.record(cfg, fitted_on), run_weights=blend.run_weights,
                                  holdout=None if holdout_table is None else results[chosen],
-                                 checkpoints=[run.checkpoints for run in runs], overrides=overridden)
+                                 checkpoints=[run.checkpoints for run in runs], overrides=overridden,
+                                 pseudo_labels=pseudo_sources(runs))
         staging.file(decision_path(out.root), lambda tmp: write_record(tmp, record))
         sub_path = staging.file(cfg.submission.path, lambda tmp: submission.to_csv(tmp, index=False))
         staging.commit()

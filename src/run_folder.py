@@ -14,6 +14,8 @@
                                   written by validation batch by batch as scores-*.tmp, then renamed)
         history.csv               one row per epoch
         config.yaml               resolved config of this fold's run
+        pseudo_labels.json        with a data.extra source made by src.pseudo: that source's provenance (which
+                                  prediction made its labels), copied from its <csv>.provenance.json by training
         label_embedding.npz       loss.name=label_embedding only: the fold's label vectors, and their plots
         label_similarity.png,     (written with it, by src.report)
         label_map.png
@@ -23,6 +25,7 @@
       report/                     the prediction report (written by src.report)
       decision.json               the decision predict applied, with its config and the submission's hash
                                   (written by src.predict; its format is src.decision_record's)
+      pseudo/                     src.pseudo's default output: pseudo_labels.csv and its .provenance.json
       lr_find/                    the learning-rate range test (src.lr_find): table and plot
       tune.db                     the hyperparameter studies (src.tune; optuna's SQLite storage, the default)
       tune/<study>/<trial>/       one run folder per trial (fold<tune.fold>/ as above); report/: the study report
@@ -35,13 +38,15 @@ they live.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from src.config import Config, PipelineError, RunRef, load_config, override
+from src.config import Config, DataConfig, PipelineError, RunRef, load_config, override
 from src.data import Vocabulary
 from src.files import folder_lock, save_config, write_atomic
 from src.formats import get_format
@@ -60,6 +65,11 @@ LR_FIND_DIR = "lr_find"
 TUNE_DIR = "tune"
 TUNE_STORAGE_FILE = "tune.db"
 LOCK_FILE = ".lock"
+# The provenance of the data.extra sources made by src.pseudo, as the fold's training read it.
+PSEUDO_FILE = "pseudo_labels.json"
+PSEUDO_DIR = "pseudo"
+# Beside a label csv made by src.pseudo: which prediction made it (read by training, copied into the fold folder).
+PROVENANCE_SUFFIX = ".provenance.json"
 # Validation scores of each checkpoint, so predict tunes thresholds on the model it applies them to.
 OOF_FILES = {"best": "oof.csv", "last": "oof_last.csv", "averaged": "oof_averaged.csv"}
 # train.keep_epochs' weights, one file per epoch, and src.average's checkpoint made from them.
@@ -69,7 +79,7 @@ AVERAGED = "averaged"
 EMBEDDING_PLOTS = {"similarity": "label_similarity.png", "map": "label_map.png"}
 # What a fold folder holds after training, in the order a summary lists them (and what train.overwrite removes).
 FOLD_FILES = ("best.pt", "last.pt", OOF_FILES["best"], OOF_FILES["last"], HISTORY_FILE, CONFIG_FILE, EMBEDDING_FILE,
-              *EMBEDDING_PLOTS.values())
+              *EMBEDDING_PLOTS.values(), PSEUDO_FILE)
 
 
 class RunFolder:
@@ -99,6 +109,20 @@ class RunFolder:
             if number.isdigit():
                 found[int(number)] = path
         return dict(sorted(found.items()))
+
+    def pseudo_record(self, fold: int) -> Path:
+        """Where fold ``fold`` records the provenance of the pseudo-label sources it trained on."""
+        return self.fold(fold) / PSEUDO_FILE
+
+    def pseudo_labels(self, fold: int) -> list[dict]:
+        """The provenance of each pseudo-label source fold ``fold`` trained on (none: an empty list)."""
+        path = self.pseudo_record(fold)
+        return json.loads(path.read_text()) if path.is_file() else []
+
+    @property
+    def pseudo(self) -> Path:
+        """src.pseudo's default output folder."""
+        return self.root / PSEUDO_DIR
 
     def history(self, fold: int) -> Path:
         return self.fold(fold) / HISTORY_FILE
@@ -210,6 +234,12 @@ class RunFolder:
             self.save_vocabulary(vocabulary)
         save_config(cfg, self.config(fold), comment)
         save_config(cfg, self.config(), comment)
+        # Which predictions made the pseudo-labels this fold trains on (predict copies them into decision.json).
+        sources, record = source_provenance(cfg.data), self.pseudo_record(fold)
+        if sources:
+            write_atomic(record, lambda tmp: tmp.write_text(json.dumps(sources, indent=1) + "\n"))
+        else:
+            record.unlink(missing_ok=True)
 
     def save_vocabulary(self, vocabulary: Vocabulary) -> Path:
         """Write the label vocabulary (index, code, name), as :meth:`load_vocabulary` reads it."""
@@ -231,6 +261,31 @@ class RunFolder:
             raise PipelineError(f"{self.root} holds no trained run ({CONFIG_FILE} not found); "
                                 "train it first (bash scripts/train_fold.sh N)")
         return override(load_config(path), **{"model.pretrained": False})
+
+
+def provenance_path(csv: str | Path) -> Path:
+    """Where the provenance of a label csv made by src.pseudo lies: beside it, ``<csv>.provenance.json``."""
+    return Path(f"{csv}{PROVENANCE_SUFFIX}")
+
+
+def source_provenance(data: DataConfig) -> list[dict]:
+    """The provenance of each ``data.extra`` source that has one (``csv``: the source's csv as configured). A csv
+    whose bytes are no longer those the provenance names is refused: its labels are not that prediction's."""
+    found = []
+    for extra in data.extra:
+        path = provenance_path(extra.csv)
+        if not path.is_file():
+            continue
+        try:
+            provenance = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise PipelineError(f"{path} is not valid JSON ({exc}); run `python -m src.pseudo` again") from None
+        if hashlib.sha256(Path(extra.csv).read_bytes()).hexdigest() != provenance.get("csv_sha256"):
+            raise PipelineError(f"{extra.csv} changed since src.pseudo wrote it (its sha256 is not the one {path} "
+                                "names): run `python -m src.pseudo` again, or remove that file if the labels are "
+                                "your own now")
+        found.append({"csv": extra.csv, **provenance})
+    return found
 
 
 def saved_vocabulary(folder: RunFolder) -> Vocabulary:

@@ -216,7 +216,10 @@ def default_message(record: dict, config_hash: str) -> str:
     blend = f" | ensemble {ensemble['describe']}" if ensemble and ensemble.get("method") != "hand" else ""
     overrides = (record.get("overrides") or {}).get("rows")
     leak = f" | overrides {overrides}" if overrides else ""
-    return f"{record['strategy']} ({oof}cross-fold){leak} | {runs_text(record)}{blend} | config {config_hash}"
+    pseudo = "".join(f" | pseudo {source['rows']['kept']} rows from {source['run_dir']}"
+                     for source in record.get("pseudo_labels") or [])
+    return (f"{record['strategy']} ({oof}cross-fold){leak} | {runs_text(record)}{blend}{pseudo} | "
+            f"config {config_hash}")
 
 
 def one_line(text: str) -> str:

@@ -13,13 +13,16 @@ import torch
 
 from src.config import PipelineError, override
 from src.data import Vocabulary
-from src.decision_record import apply_record
+from src.decision_record import apply_record, file_sha256
 from src.duplicates import find_duplicates
 from src.folds import make_folds
 from src.formats import load_test_table, load_train_table, validate_submission
 from src.model import d4_view
 from src.predict import degenerate_reasons, predict, predict_run
-from src.train import train
+from src.pseudo import pseudo_labels
+from src.run_folder import provenance_path, source_provenance
+from src.submit import default_message
+from src.train import Trainer, build_parts, train
 from tests.conftest import TINY_CLASSES, tiny_config
 from tests.helpers import copy_train_image_to_test
 
@@ -337,3 +340,51 @@ def test_overrides_give_a_copied_test_image_its_source_labels_counted_and_record
                                               "from": [source["Id"]], "distance": 0}]
     report = (Path(cfg.run.dir) / "report" / "report.md").read_text()
     assert "Overrides (predict.overrides): 1 of 12 test rows" in report
+
+
+@pytest.mark.slow
+def test_pseudo_labels_train_the_next_round_and_are_recorded(trained, tmp_path):
+    """Round one's confident test labels (a low precision target, so the untrained model keeps some) become a
+    train-only source: the next round trains on those rows in every fold, never validates on them, and its fold
+    folder, decision.json and submission message name the prediction that made them."""
+    first = override(trained, **{"predict.tta": ["identity"], "run.dir": str(tmp_path / "round1"),
+                                 "predict.runs": [{"dir": trained.run.dir}],
+                                 "submission.path": str(tmp_path / "s1.csv")})
+    predict(first, progress=False)
+    with pytest.raises(PipelineError, match="no test row has a label at OOF precision >= 1 .*nothing written"):
+        pseudo_labels(first, tmp_path / "none", precision=1.0, min_positives=1000, progress=False)
+    assert not (tmp_path / "none" / "pseudo_labels.csv").exists()
+    (tmp_path / "none" / "pseudo_labels.csv").write_text("mine\n")  # not src.pseudo's: never replaced
+    with pytest.raises(PipelineError, match="has no pseudo_labels.csv.provenance.json beside it"):
+        pseudo_labels(first, tmp_path / "none", precision=0.3, min_positives=1, progress=False)
+    csv = pseudo_labels(first, tmp_path / "pseudo", precision=0.3, min_positives=1, progress=False)
+    provenance = json.loads(provenance_path(csv).read_text())
+    pseudo = pd.read_csv(csv, dtype=str)
+    assert list(pseudo.columns) == ["Id", "Target"] and 0 < len(pseudo) == provenance["rows"]["kept"]
+    assert provenance["rows"]["kept"] + provenance["rows"]["dropped"] == 12 and (pseudo["Target"] != "").all()
+    assert provenance["decision_sha256"] == file_sha256(tmp_path / "round1" / "decision.json")
+    assert provenance["submission"]["sha256"] == file_sha256(tmp_path / "s1.csv")
+    # Each kept label clears its class's threshold; a row keeps every label that does.
+    scores = pd.read_csv(tmp_path / "round1" / "test_probs.csv", dtype={"Id": str}).set_index("Id")
+    thresholds = pd.Series(provenance["thresholds"], dtype=float).reindex(scores.columns, fill_value=np.inf)
+    expected = {i: " ".join(scores.columns[row >= thresholds]) for i, row in scores.iterrows()}
+    assert dict(zip(pseudo["Id"], pseudo["Target"])) == {i: t for i, t in expected.items() if t}
+
+    extra = [{"csv": str(csv), "images": f"{trained.data.dir}/test", "role": "train_only"}]
+    second = override(trained, **{"data.extra": extra, "run.dir": str(tmp_path / "round2"), "predict.folds": [0],
+                                  "predict.tta": ["identity"], "submission.path": str(tmp_path / "s2.csv")})
+    parts = build_parts(second, 0, progress=False)
+    assert set(pseudo["Id"]) <= set(parts.train_table["Id"]) and not set(pseudo["Id"]) & set(parts.val_table["Id"])
+    Trainer(parts, progress=False).fit()
+    oof_ids = set(pd.read_csv(tmp_path / "round2" / "fold0" / "oof.csv", dtype={"Id": str})["Id"])
+    assert oof_ids and not oof_ids & set(pseudo["Id"])
+    recorded = json.loads((tmp_path / "round2" / "fold0" / "pseudo_labels.json").read_text())
+    assert recorded == [{"csv": str(csv), **provenance}]
+    predict(second, progress=False)
+    record = json.loads((tmp_path / "round2" / "decision.json").read_text())
+    assert record["pseudo_labels"] == recorded
+    assert f" | pseudo {len(pseudo)} rows from {tmp_path / 'round1'} | " in default_message(record, "abc")
+    # Labels changed after src.pseudo wrote them are no longer that prediction's: training refuses them.
+    csv.write_text(csv.read_text().replace("Target", "Target ", 1))
+    with pytest.raises(PipelineError, match="changed since src.pseudo wrote it"):
+        source_provenance(second.data)
