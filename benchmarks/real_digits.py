@@ -62,9 +62,8 @@ def draw_cells(labels: list[int], cells, pools: dict[int, np.ndarray], size: int
         y0 = (cell // 2) * half + rng.integers(0, half - side + 1)
         x0 = (cell % 2) * half + rng.integers(0, half - side + 1)
         ink_mask[y0 : y0 + side, x0 : x0 + side] = np.maximum(ink_mask[y0 : y0 + side, x0 : x0 + side], glyph)
-    paper, ink = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    while np.abs(paper - ink).mean() < 60:  # keep the writing readable
-        ink = rng.uniform(0, 255, 3)
+    # Dark ink on light paper, as handwriting is, each in a random tint.
+    paper, ink = rng.uniform(150, 255, 3), rng.uniform(0, 110, 3)
     image = paper[None, None] * (1 - ink_mask[..., None]) + ink[None, None] * ink_mask[..., None]
     image += rng.normal(0, rng.uniform(2, 12), image.shape)
     return image.clip(0, 255).astype(np.uint8)
