@@ -29,7 +29,16 @@ import json
 import shutil
 from pathlib import Path
 
-from src.bundle import BUNDLES_DIR, LICENSE, METADATA_FILE, PLACEHOLDER_OWNER, REPO_ROOT, copy_src, dataset_slug
+from src.bundle import (
+    BUNDLES_DIR,
+    LICENSE,
+    METADATA_FILE,
+    PLACEHOLDER_OWNER,
+    REPO_ROOT,
+    copy_src,
+    dataset_slug,
+    pinned_versions,
+)
 from src.cli import cli_parser, config_from_args, run_cli
 from src.config import Config, PipelineError
 from src.files import Staging, ensure_writable, save_config
@@ -48,13 +57,8 @@ DEFAULT_TIME_LIMIT = "11h"
 
 
 def pinned_for_kaggle(requirements: Path = REPO_ROOT / REQUIREMENTS_FILE) -> dict[str, str]:
-    """``{package: version}`` of requirements-kaggle.txt."""
-    pins = {}
-    for line in requirements.read_text().splitlines():
-        name, sep, version = line.split("#")[0].strip().partition("==")
-        if sep:
-            pins[name.strip().lower()] = version.strip()
-    return pins
+    """``{package: version}`` of requirements-kaggle.txt (read as the bundle reads requirements.txt)."""
+    return pinned_versions(requirements)
 
 
 def cell(kind: str, number: int, source: str, tags: tuple[str, ...] = ()) -> dict:
