@@ -57,7 +57,7 @@ def set_metric(kind: str):
 
 def oriented(kind: str) -> bool:
     """Whether the set's images have an up and a left (no flips or right-angle turns preserve the labels)."""
-    return kind == "digits"
+    return kind in ("digits", MANY_LABEL)  # handwriting; in the many-label set a flip also moves the cell labels
 
 
 def label_sets(csv_path: Path, data: DataConfig, solution: bool = False) -> dict[str, set[str]]:
