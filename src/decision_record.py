@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from src.config import Config, PipelineError, RunRef, flatten
+from src.config import Config, PipelineError, RunRef, flatten_saved
 from src.metrics import get_metric
 from src.run_folder import RunFolder
 from src.thresholds import Decision, ThresholdInputs, decision_for
@@ -155,8 +155,9 @@ def apply_record(record: dict, scores: np.ndarray, cfg: Config) -> np.ndarray:
 
 
 def config_differences(recorded: dict, current: dict) -> list[str]:
-    """Each key (but ``IGNORED_KEYS``) whose value differs, as "key: <then> then, <now> now"."""
-    then, now = flatten(recorded), flatten(current)
+    """Each key (but ``IGNORED_KEYS``) whose value differs, as "key: <then> then, <now> now"; a key the record
+    predates counts at its schema default (``flatten_saved``), as for a resumed checkpoint."""
+    then, now = flatten_saved(recorded), flatten_saved(current)
     ignored = lambda key: any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)  # noqa: E731
     return [f"{key}: {then.get(key, '(absent)')!r} then, {now.get(key, '(absent)')!r} now"
             for key in sorted(set(then) | set(now)) if not ignored(key) and then.get(key) != now.get(key)]

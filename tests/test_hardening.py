@@ -23,6 +23,7 @@ import src.train
 from src.checkpoint import check_resumable
 from src.cli import run_cli, user_message
 from src.config import Config, PipelineError, load_config, override
+from src.decision_record import config_differences
 from src.files import Staging, WriteError
 from src.folds import load_folds, make_folds
 from src.formats import id_problem, parse_target
@@ -334,6 +335,8 @@ def test_a_key_added_since_a_run_was_saved_is_not_a_change_at_its_default(tmp_pa
     saved = copy.deepcopy(current)
     del saved["train"]["sampler"], saved["train"]["augment"]["mix"]  # as saved before these keys were added
     check_resumable(saved, current, tmp_path / "last.pt")
+    assert config_differences(saved, current) == []  # a decision record made before the keys: the same config
     current["train"]["sampler"] = "rare"
+    assert config_differences(saved, current) == ["train.sampler: 'uniform' then, 'rare' now"]
     with pytest.raises(PipelineError, match="train.sampler: 'uniform' -> 'rare'"):
         check_resumable(saved, current, tmp_path / "last.pt")
