@@ -105,6 +105,7 @@ RECIPES = {
     "n": ("many-label recipe, round three", BENCH_CONFIGS / "openimages_round3.yaml", []),
 }
 ROWS = "aboefcdmnk"
+VARIED_ROWS = "bm"  # the shipped recipes, which --recipe-overrides varies
 MANY_LABEL_ROWS = "mnk"  # the rows of the many-label set (its own layout and metric); the others' rows elsewhere
 # The tiny run of --smoke: the sizes of tests/conftest.py's tiny config.
 SMOKE_OVERRIDES = ["folds.n_splits=2", "folds.rare_classes=warn", "train.epochs=1", "train.batch_size=8",
@@ -290,7 +291,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="every row alike; auto: bf16 if the CPU has native bf16 kernels, else fp32")
     parser.add_argument("--seed", type=int, default=42, help="fastai, plain loop and logistic regression")
     parser.add_argument("--recipe-overrides", nargs="*", default=[], metavar="key=value",
-                        help="extra overrides of recipe (b) only (a variation of the small-data recipe)")
+                        help="extra overrides of the set's own recipe only, (b) or on the many-label set (m): a "
+                             "variation of the shipped recipe")
     add_threads_option(parser)
     parser.set_defaults(threads=2)
     parser.add_argument("--work-dir", help="keep the runs here (default: a temp folder, removed)")
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
             if key == "a" or args.smoke:  # the others keep their own backbone unless the run is a smoke run
                 extra = [*extra, f"model.backbone={args.backbone}"]
             paths = [f"run.dir={work_dir / 'runs' / key}", f"submission.path={work_dir / f'submission_{key}.csv'}"]
-            variation = args.recipe_overrides if key == "b" else []
+            variation = args.recipe_overrides if key in VARIED_ROWS else []
             configs[key] = (f"({key}) {name}", load_config(config_file, shared + paths + extra + smoke + variation))
         # One fold-0 split for every row: the folds of the main config's settings.
         split_file = "openimages_demo.yaml" if args.set == MANY_LABEL else "small_data.yaml"
@@ -434,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"({args.set}, seed {args.data_seed}), {num_classes} classes, scored by {metric}; fold 0 of "
                   f"{split_cfg.folds.n_splits}: {len(fit_table)} train, {len(val_table)} validation. "
                   f"{describe_device(torch.device('cpu'))}; precision {precision}."
-                  + (f" Recipe (b) overrides: `{' '.join(args.recipe_overrides)}`." if args.recipe_overrides else ""))
+                  + (f" Recipe (b)/(m) overrides: `{' '.join(args.recipe_overrides)}`."
+                     if args.recipe_overrides else ""))
         (out / f"recipes_{args.set}.md").write_text(markdown(rows, header, comparisons, metric))
         print(f"wrote {out / f'recipes_{args.set}.csv'}, {out / f'recipes_{args.set}.md'}")
 
