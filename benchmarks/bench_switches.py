@@ -34,8 +34,9 @@ x. crops: ``train.augment.crop`` = 3/4 of the image side, whole images at predic
    (bestfitting).
 
 Writes ``switches_<set>.csv`` and ``switches_<set>.md`` to ``--out`` (after each row, so a long run that stops
-keeps the rows it finished) and prints the table. W&B is off. ``--threads`` defaults to 2: the benchmark is meant
-to have the machine to itself.
+keeps the rows it finished; ``--add`` adds rows to the table there, refused unless it was measured with the same
+settings, each row recording the command that measured it) and prints the table. W&B is off. ``--threads``
+defaults to 2: the benchmark is meant to have the machine to itself.
 
 ``--smoke``: 48 train / 12 test images of 32 px, 2 folds, ``test_resnet``, one epoch of batch 8, no TTA, rows
 base and rare (unless ``--rows``). Every step end to end, no meaningful figure.
@@ -136,6 +137,8 @@ class Row:
     peak_mib: float = math.nan
     overrides: str = ""
     notes: list[str] = field(default_factory=list)
+    command: str = ""  # the arguments of the run that measured the row
+    settings: str = ""  # what rows of one table must share: set, sizes, folds, epochs, backbone, CPU, precision
 
 
 @dataclass
@@ -305,11 +308,33 @@ def table_lines(rows: list[Row], metric: str) -> list[str]:
     return lines
 
 
+def earlier_rows(out: Path, args: argparse.Namespace, settings: str) -> list[Row]:
+    """``--add``: the rows of the set's table in ``out`` that this run does not measure again; refused unless
+    they were measured with this run's settings (a row differs from base by its switch alone)."""
+    path = out / f"switches_{args.set}.csv"
+    if not path.is_file():
+        raise SystemExit(f"--add: no earlier table {path} to add rows to")
+    frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    if "settings" not in frame or set(frame["settings"]) != {settings}:
+        raise SystemExit(f"--add: {path} was measured with other settings than this run's ({settings}): "
+                         f"{', '.join(map(str, sorted(set(frame.get('settings', ['(not recorded)'])))))}")
+    again = {s.key for s in args.switches}
+    return [Row(**(record | {"notes": [n for n in str(record["notes"]).split("; ") if n and n != "nan"],
+                             "overrides": "" if pd.isna(record["overrides"]) else record["overrides"]}))
+            for record in frame.to_dict("records") if record["key"] not in again]
+
+
+def in_switch_order(rows: list[Row]) -> list[Row]:
+    order = {s.key: i for i, s in enumerate(SWITCHES)}
+    return sorted(rows, key=lambda r: order[r.key])
+
+
 def write_tables(rows: list[Row], out: Path, args: argparse.Namespace, summary: str, metric: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame([asdict(r) | {"notes": "; ".join(r.notes)} for r in rows])
     frame.to_csv(out / f"switches_{args.set}.csv", index=False, float_format="%.4f")
-    header = [f"# Switches on real images: {args.set}", "", f"`python -m benchmarks.bench_switches {args.argv}`", "",
+    commands = [f"`python -m benchmarks.bench_switches {c}`" for c in dict.fromkeys(r.command for r in rows)]
+    header = [f"# Switches on real images: {args.set}", "", "\n\n".join(commands), "",
               summary + ". Each row is the small-data recipe with one switch on; same folds and seeds. OOF: the "
               "chosen threshold strategy's cross-fold figure; s/epoch: training pass only; peak MiB: "
               + ("each row's own process." if args.isolate else "this process since the row began."), ""]
@@ -341,6 +366,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", help="keep the runs here (default: a temp folder, removed)")
     parser.add_argument("--out", help="where switches_<set>.csv/.md go (default: benchmarks/results/switches; "
                                       "with --smoke, the temp folder)")
+    parser.add_argument("--add", action="store_true",
+                        help="add these rows to the set's table in --out (measured with the same settings), keeping "
+                             "its other rows: the base row need not be trained again")
     parser.add_argument("--progress", action="store_true", help="show training and prediction progress")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: run this row, write it to --result
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -373,9 +401,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
             _, import_mib = run_isolated([sys.executable, "-c", "import benchmarks.bench_switches"], cwd=REPO_ROOT)
             bench.summary += f"; a process that only imports this benchmark peaks at {import_mib:.0f} MiB"
         out = Path(args.out) if args.out else work_dir / "results" if args.smoke else DEFAULT_OUT
-        rows = []
+        settings = bench.summary.split("; a process")[0]
+        rows = earlier_rows(out, args, settings) if args.add else []
         for switch in args.switches:
-            rows.append(measured_row(switch, bench, args, work_dir))
+            row = measured_row(switch, bench, args, work_dir)
+            row.command, row.settings = args.argv, settings
+            rows = in_switch_order([*rows, row])
             path = write_tables(with_differences(rows), out, args, bench.summary, metric)
         print("\n" + "\n".join(table_lines(rows, metric)))
         print(f"wrote {out / f'switches_{args.set}.csv'}, {path}")

@@ -297,6 +297,19 @@ def test_bench_switches_trains_every_fold_of_each_row_and_compares_it_with_base(
                                                           abs=1e-3)
     assert (table["peak_mib"] > 0).all() and rows[0].seconds_per_epoch > 0
     assert (tmp_path / "switches_hpa.md").read_text().startswith("# Switches on real images: hpa")
+    # --add: a row measured later joins the table beside the earlier base, in switch order; other settings refused.
+    common = ["--smoke", "--threads", "0", "--no-isolate", "--out", str(tmp_path), "--work-dir", str(tmp_path / "w2")]
+    bench_switches.main([*common, "--add", "--rows", "hard_bce"])
+    added = pd.read_csv(tmp_path / "switches_hpa.csv")
+    assert added["key"].tolist() == ["base", "rare", "hard_bce"]
+    kept = ["key", "oof_metric", "test_metric", "overrides", "notes"]
+    assert added[kept].iloc[:2].equals(table[kept])  # the earlier rows as they were
+    assert added["test_vs_base"].iloc[2] == pytest.approx(added["test_metric"].iloc[2] - added["test_metric"].iloc[0],
+                                                          abs=1e-3)
+    header = (tmp_path / "switches_hpa.md").read_text()
+    assert "--rows base,rare" in header and "--add --rows hard_bce" in header
+    with pytest.raises(SystemExit, match="other settings"):
+        bench_switches.main([*common, "--add", "--rows", "mixup", "--data-seed", "1"])
     with pytest.raises(SystemExit, match="unknown row"):
         bench_switches.parse_rows("base,nope", smoke=False)
     assert [s.key for s in bench_switches.parse_rows("xb", smoke=False)] == ["base", "crops"]
