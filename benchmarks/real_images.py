@@ -106,9 +106,10 @@ def render_image(labels: list[int], classes: list[np.ndarray], distractors: list
 
 
 def make_real_dataset(out: str | Path, n_train: int = 600, n_test: int = 200, size: int = 128,
-                      num_classes: int = 9, seed: int = 0, progress: bool = True) -> Path:
+                      num_classes: int = 9, seed: int = 0, progress: bool = True, id_prefix: str = "") -> Path:
     """Write train.csv, sample_submission.csv, test_solution.csv (hidden truth), train/ and test/ to ``out``
-    (built in a ``.partial`` sibling and renamed into place)."""
+    (built in a ``.partial`` sibling and renamed into place). ``id_prefix`` starts every Id (an extra source's
+    Ids must not collide with the competition's)."""
     if not 1 <= num_classes <= len(CLASS_SOURCES):
         raise ValueError(f"num_classes must be 1..{len(CLASS_SOURCES)}, got {num_classes}")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else importing albumentations asks PyPI for news
@@ -124,7 +125,7 @@ def make_real_dataset(out: str | Path, n_train: int = 600, n_test: int = 200, si
         classes = [load_source(name, size, split) for name in CLASS_SOURCES[:num_classes]]
         distractors = [load_source(name, size) for name in DISTRACTOR_SOURCES]
         for index in tqdm(range(count), desc=f"{split} images -> {out}", disable=not progress):
-            sample_id, labels = f"{split}{index:05d}", sample_labels(num_classes, rng)
+            sample_id, labels = f"{id_prefix}{split}{index:05d}", sample_labels(num_classes, rng)
             write_rgby(tmp / split, sample_id, render_image(labels, classes, distractors, size, rng))
             rows[split].append((sample_id, " ".join(map(str, labels))))
     return finish_dataset(tmp, out, rows)

@@ -299,15 +299,18 @@ def test_bench_switches_trains_every_fold_of_each_row_and_compares_it_with_base(
     assert (tmp_path / "switches_hpa.md").read_text().startswith("# Switches on real images: hpa")
     # --add: a row measured later joins the table beside the earlier base, in switch order; other settings refused.
     common = ["--smoke", "--threads", "0", "--no-isolate", "--out", str(tmp_path), "--work-dir", str(tmp_path / "w2")]
-    bench_switches.main([*common, "--add", "--rows", "hard_bce"])
+    bench_switches.main([*common, "--add", "--rows", "extra"])
     added = pd.read_csv(tmp_path / "switches_hpa.csv")
-    assert added["key"].tolist() == ["base", "rare", "hard_bce"]
+    assert added["key"].tolist() == ["base", "rare", "extra"]
     kept = ["key", "oof_metric", "test_metric", "overrides", "notes"]
     assert added[kept].iloc[:2].equals(table[kept])  # the earlier rows as they were
     assert added["test_vs_base"].iloc[2] == pytest.approx(added["test_metric"].iloc[2] - added["test_metric"].iloc[0],
                                                           abs=1e-3)
     header = (tmp_path / "switches_hpa.md").read_text()
-    assert "--rows base,rare" in header and "--add --rows hard_bce" in header
+    assert "--rows base,rare" in header and "--add --rows extra" in header
+    # The extra row trained on the train-only source in every fold; its OOF holds the competition's rows only.
+    extra_run = tmp_path / "w2" / "runs" / "extra"
+    assert all(pd.read_csv(extra_run / f"fold{k}" / "oof.csv")["Id"].str.startswith("train").all() for k in (0, 1))
     with pytest.raises(SystemExit, match="other settings"):
         bench_switches.main([*common, "--add", "--rows", "mixup", "--data-seed", "1"])
     with pytest.raises(SystemExit, match="unknown row"):
