@@ -241,6 +241,7 @@ def many_label_demo(tmp_path_factory) -> dict[str, Path]:
 # openimages runs BCE and the label embedding end to end in tests/test_benchmarks.py (benchmarks.many_labels).
 @pytest.mark.parametrize("fmt, loss", [("csv", "label_embedding")])
 def test_many_label_formats_run_folds_train_predict_end_to_end(many_label_demo, tmp_path, fmt, loss):
+    from src.average import average
     from src.predict import predict
 
     overrides = [f"data.dir={many_label_demo[fmt]}", "data.image_size=32", f"data.cache_dir={tmp_path / 'cache'}",
@@ -248,10 +249,12 @@ def test_many_label_formats_run_folds_train_predict_end_to_end(many_label_demo, 
                  "train.epochs=1", "train.batch_size=8", "train.num_workers=0", "train.device=cpu",
                  "train.precision=fp32", "train.warmup_fraction=0", "wandb.mode=disabled", "predict.force=true",
                  f"run.dir={tmp_path / 'run'}", f"submission.path={tmp_path / 'submission.csv'}", f"loss.name={loss}",
-                 "loss.embedding_dim=8", "predict.folds=[0]"]  # one fold: the other formats' stages, not ensembles
+                 "loss.embedding_dim=8", "predict.folds=[0]",  # one fold: the other formats' stages, not ensembles
+                 "train.keep_epochs=1", "predict.checkpoint=averaged"]  # averaging reads the vocabulary's size
     cfg = load_config(REPO_ROOT / "configs" / f"{fmt}_demo.yaml", overrides)
     make_folds(cfg, progress=False)
     train(cfg, 0, progress=False)
+    average(cfg, 0, progress=False)
     path = predict(cfg, progress=False)
 
     folder = RunFolder(cfg.run.dir)
