@@ -100,6 +100,7 @@ def average(cfg: Config, fold: int, ema: bool = False, progress: bool = True) ->
     with folder.lock(fold):
         weights = average_weights(kept_weights())
         parts = build_parts(cfg, fold, progress=False)
+        cfg = parts.cfg  # resolved as training resolves it (data.num_classes from the vocabulary in csv/openimages)
         trainer = Trainer(parts, progress=False)
         model = parts.model
         try:
@@ -109,8 +110,7 @@ def average(cfg: Config, fold: int, ema: bool = False, progress: bool = True) ->
                                 f"(model.backbone={cfg.model.backbone}): run with the config the fold was trained "
                                 f"with ({str(exc).splitlines()[0]})") from None
         if has_batchnorm(model):
-            # parts.cfg: num_classes resolved from the label vocabulary (null in a csv/openimages config)
-            clean = RGBYDataset(parts.train_table, parts.cfg.data.num_classes, cfg.data.image_size,
+            clean = RGBYDataset(parts.train_table, cfg.data.num_classes, cfg.data.image_size,
                                 packed=open_packed(cfg.data, parts.train_table), channels=cfg.model.in_chans)
             loader = make_loader(clean, cfg.train.batch_size, cfg.train.num_workers, cfg.train.seed, parts.device)
             refresh_batchnorm(model, progress_bar(loader, desc="BatchNorm statistics", disable=not progress,
