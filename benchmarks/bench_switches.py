@@ -334,13 +334,14 @@ def earlier_rows(out: Path, args: argparse.Namespace, settings: str) -> list[Row
     path = out / f"switches_{args.set}.csv"
     if not path.is_file():
         raise SystemExit(f"--add: no earlier table {path} to add rows to")
-    frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    frame = pd.read_csv(path)
     if "settings" not in frame or set(frame["settings"]) != {settings}:
         raise SystemExit(f"--add: {path} was measured with other settings than this run's ({settings}): "
                          f"{', '.join(map(str, sorted(set(frame.get('settings', ['(not recorded)'])))))}")
+    text = ["overrides", "notes"]  # written empty when a row has none
+    frame[text] = frame[text].fillna("")
     again = {s.key for s in args.switches}
-    return [Row(**(record | {"notes": [n for n in str(record["notes"]).split("; ") if n and n != "nan"],
-                             "overrides": "" if pd.isna(record["overrides"]) else record["overrides"]}))
+    return [Row(**(record | {"notes": [n for n in record["notes"].split("; ") if n]}))
             for record in frame.to_dict("records") if record["key"] not in again]
 
 
@@ -418,12 +419,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
         start = time.perf_counter()
         (work_dir / "folds.csv").unlink(missing_ok=True)  # one split per run, of this run's --folds
         bench = prepare(args, work_dir)
+        settings = bench.summary  # what a row shares with the table it joins (before the import peak is added)
         print(f"data        {bench.data_dir} ({time.perf_counter() - start:.0f} s); {bench.summary}", flush=True)
         if args.isolate:  # the floor under every row's peak: what its process holds before it trains anything
             _, import_mib = run_isolated([sys.executable, "-c", "import benchmarks.bench_switches"], cwd=REPO_ROOT)
             bench.summary += f"; a process that only imports this benchmark peaks at {import_mib:.0f} MiB"
         out = Path(args.out) if args.out else work_dir / "results" if args.smoke else DEFAULT_OUT
-        settings = bench.summary.split("; a process")[0]
         rows = earlier_rows(out, args, settings) if args.add else []
         for switch in args.switches:
             row = measured_row(switch, bench, args, work_dir)
